@@ -1,0 +1,38 @@
+# Bowline's entry points. Builds are cached outside the clone, under
+# $(BOWLINE_CACHE): the Go module and build caches, the local cluster's
+# binaries, and Cargo's target directory.
+
+BOWLINE_CACHE ?= $(HOME)/.cache/bowline
+CARGO_TARGET_DIR ?= $(BOWLINE_CACHE)/target
+export BOWLINE_CACHE CARGO_TARGET_DIR
+
+CARGO ?= cargo
+
+.PHONY: demo cluster test lint unit k8s deps
+
+## demo: bring the local cluster up, deploy a sample workload, show it, stop.
+demo: k8s
+	$(CARGO) run --locked -q -p bowline-tests --bin bowline-cluster -- --demo
+
+## cluster: bring the local cluster up and keep it until Ctrl-C.
+cluster: k8s
+	$(CARGO) run --locked -q -p bowline-tests --bin bowline-cluster
+
+## test: formatting, clippy (warnings are errors), then every test.
+test: lint k8s
+	$(CARGO) test --locked --workspace
+
+lint: deps
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+## k8s: build (or find, when up to date) the local cluster's binaries.
+k8s: deps
+	bash tests/k8s/build.sh
+
+## deps: what the builds need besides cargo and go.
+deps:
+	@command -v go >/dev/null || { echo "Go 1.24 or newer is required (https://go.dev/dl/)"; exit 1; }
+	@command -v cargo >/dev/null || { echo "Rust is required (https://rustup.rs)"; exit 1; }
+	@$(CARGO) fmt --version >/dev/null 2>&1 || rustup component add rustfmt
+	@$(CARGO) clippy --version >/dev/null 2>&1 || rustup component add clippy

@@ -1,0 +1,76 @@
+//! Bowline's end-to-end tests and the local Kubernetes cluster they run on.
+//!
+//! - [`cluster`]: a real cluster (etcd, kube-apiserver, kube-controller-manager,
+//!   kube-scheduler, kwok) started as local processes, shared per test binary.
+//! - [`binaries`]: where those components' binaries come from (built from the
+//!   Go modules pinned in `tests/k8s` and `tests/kwok`).
+//! - [`pki`]: the cluster's CA, serving and client certificates, and the
+//!   ServiceAccount signing key.
+//! - [`process`]: child processes that cannot outlive their parent.
+
+pub mod binaries;
+pub mod cluster;
+pub mod pki;
+pub mod process;
+
+use std::path::{Path, PathBuf};
+
+pub use cluster::{ClusterOptions, LocalCluster};
+
+/// What can go wrong while starting or using the local cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("local cluster binaries: {0}")]
+    Binaries(String),
+
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("starting {name}: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+
+    #[error("{name} exited during start-up ({status}); its log ends:\n{log_tail}")]
+    Exited {
+        name: String,
+        status: String,
+        log_tail: String,
+    },
+
+    #[error("{component} did not become ready in time; its log ends:\n{log_tail}")]
+    NotReady { component: String, log_tail: String },
+
+    #[error("timed out waiting for {0}")]
+    Timeout(String),
+
+    #[error("generating certificates: {0}")]
+    Pki(#[from] rcgen::Error),
+
+    #[error("kubeconfig: {0}")]
+    Kubeconfig(#[from] kube::config::KubeconfigError),
+
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+
+    #[error("encoding an object: {0}")]
+    Json(#[from] serde_json::Error),
+
+    #[error("the shared local cluster failed to start: {0}")]
+    Shared(String),
+}
+
+impl Error {
+    fn io(path: &Path, source: std::io::Error) -> Self {
+        Self::Io {
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
