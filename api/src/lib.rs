@@ -1,7 +1,10 @@
 //! Bowline's Kubernetes API.
 //!
-//! Every custom resource type Bowline serves lives here, with its validation:
-//! the install API (`install.bowline.dev`: MeshInstallation, MeshRevision,
-//! MeshRevisionTag) and the Istio-compatible traffic and security API
-//! (`networking.istio.io`, `security.istio.io`). The `crdgen` binary writes
-//! their CustomResourceDefinitions to `config/crd/`.
+//! - [`install`]: `install.bowline.dev/v1alpha1`, Bowline's own API —
+//!   MeshInstallation, the mesh a platform team asks for.
+//! - [`crds`]: every CustomResourceDefinition Bowline serves, as the `crdgen`
+//!   binary writes them to `config/crd/`.
+
+pub mod crds;
+pub mod install;
+mod schema;

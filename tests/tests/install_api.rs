@@ -1,0 +1,176 @@
+//! The MeshInstallation CRD on the real API server: what the schema and its
+//! CEL rules refuse, with the message a user sees.
+
+use anyhow::ensure;
+use bowline_api::install::MeshInstallation;
+use bowline_tests::LocalCluster;
+use bowline_tests::cluster::wait_until;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::{Value, json};
+
+async fn client_with_crds() -> anyhow::Result<Client> {
+    let cluster = LocalCluster::shared()?;
+    let client = cluster.client().await?;
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in bowline_api::crds::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply("bowline-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        wait_until(&format!("CRD {name} to be Established"), || async {
+            let crd = crds.get(&name).await?;
+            Ok(crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True"))
+        })
+        .await?;
+    }
+    Ok(client)
+}
+
+/// Untyped, so that the test can send what the Rust type would not allow.
+fn mesh(name: &str, spec: Value) -> anyhow::Result<DynamicObject> {
+    Ok(serde_json::from_value(json!({
+        "apiVersion": "install.bowline.dev/v1alpha1",
+        "kind": "MeshInstallation",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))?)
+}
+
+fn untyped(client: Client) -> Api<DynamicObject> {
+    Api::all_with(client, &ApiResource::erase::<MeshInstallation>(&()))
+}
+
+/// Creates the object and returns the API server's refusal message.
+async fn refused(api: &Api<DynamicObject>, object: &DynamicObject) -> anyhow::Result<String> {
+    match api.create(&PostParams::default(), object).await {
+        Err(kube::Error::Api(status)) => {
+            ensure!(status.code == 422, "refused as invalid: {status:?}");
+            Ok(status.message)
+        }
+        other => anyhow::bail!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn schema_refuses_malformed_fields() -> anyhow::Result<()> {
+    let api = untyped(client_with_crds().await?);
+
+    let message = refused(&api, &mesh("bad-version", json!({"version": "latest"}))?).await?;
+    ensure!(
+        message.contains("spec.version"),
+        "names the field: {message}"
+    );
+
+    let message = refused(
+        &api,
+        &mesh(
+            "bad-profile",
+            json!({"version": "v0.1.0", "profile": "huge"}),
+        )?,
+    )
+    .await?;
+    ensure!(
+        message.contains("spec.profile") && message.contains("\"demo\""),
+        "lists the profiles: {message}"
+    );
+
+    let message = refused(
+        &api,
+        &mesh(
+            "twin-gateways",
+            json!({"version": "v0.1.0", "components": {"ingressGateways": [{"name": "a"}, {"name": "a"}]}}),
+        )?,
+    )
+    .await?;
+    ensure!(
+        message.contains("spec.components.ingressGateways") && message.contains("Duplicate value"),
+        "duplicate gateway names: {message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn cel_rules_refuse_what_the_schema_cannot_say() -> anyhow::Result<()> {
+    let client = client_with_crds().await?;
+    let api = untyped(client.clone());
+
+    let message = refused(
+        &api,
+        &mesh(
+            "shared-gateway-name",
+            json!({"version": "v0.1.0", "components": {
+                "ingressGateways": [{"name": "edge"}],
+                "egressGateways": [{"name": "edge"}],
+            }}),
+        )?,
+    )
+    .await?;
+    ensure!(
+        message.contains("spec.components.egressGateways")
+            && message.contains("gateway names must be unique across both lists"),
+        "{message}"
+    );
+
+    let message = refused(
+        &api,
+        &mesh(
+            "negative-grace",
+            json!({"version": "v0.1.0", "updateStrategy": {"inactiveRevisionDeletionGracePeriodSeconds": -1}}),
+        )?,
+    )
+    .await?;
+    ensure!(message.contains("must be 0 or more"), "{message}");
+
+    // The namespace is chosen at creation, then never changed.
+    let api: Api<MeshInstallation> = Api::all(client);
+    let created: MeshInstallation = serde_json::from_value(json!({
+        "apiVersion": "install.bowline.dev/v1alpha1",
+        "kind": "MeshInstallation",
+        "metadata": {"name": "moving"},
+        "spec": {"version": "v0.1.0", "namespace": "mesh-a"},
+    }))?;
+    let created = api.create(&PostParams::default(), &created).await?;
+    let mut moved = created.clone();
+    moved.spec.namespace = Some("mesh-b".into());
+    match api.replace("moving", &PostParams::default(), &moved).await {
+        Err(kube::Error::Api(status)) => ensure!(
+            status
+                .message
+                .contains("spec.namespace is chosen when the MeshInstallation is created"),
+            "{}",
+            status.message
+        ),
+        other => anyhow::bail!("moving the namespace must be refused, got {other:?}"),
+    }
+    let mut dropped = created.clone();
+    dropped.spec.namespace = None;
+    match api
+        .replace("moving", &PostParams::default(), &dropped)
+        .await
+    {
+        Err(kube::Error::Api(status)) => ensure!(
+            status
+                .message
+                .contains("spec.namespace is chosen when the MeshInstallation is created"),
+            "{}",
+            status.message
+        ),
+        other => anyhow::bail!("removing the namespace must be refused, got {other:?}"),
+    }
+    let mut relabelled = created;
+    relabelled.spec.profile = Some(bowline_api::install::Profile::Minimal);
+    api.replace("moving", &PostParams::default(), &relabelled)
+        .await
+        .map_err(|e| anyhow::anyhow!("other changes stay allowed: {e}"))?;
+    Ok(())
+}
