@@ -44,7 +44,7 @@ pub struct KubernetesSettings {
     /// checked by the operator, not the schema, to keep the CRD small).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::schema::any_object")]
-    pub affinity: Option<Affinity>,
+    pub affinity: Option<serde_json::Value>,
 
     /// The component's Service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -65,6 +65,37 @@ pub struct KubernetesSettings {
     pub service_annotations: BTreeMap<String, String>,
 }
 
+impl KubernetesSettings {
+    /// The affinity as a core/v1 Affinity. The field is kept untyped in the
+    /// object (see [`crate::schema`]) so that a malformed one makes only its
+    /// own installation invalid; `path` names it in the error.
+    pub fn affinity(&self, path: &str) -> Result<Option<Affinity>, String> {
+        self.affinity
+            .clone()
+            .map(serde_json::from_value)
+            .transpose()
+            .map_err(|e| format!("{path}.affinity: not a valid core/v1 Affinity: {e}"))
+    }
+}
+
+impl HpaSpec {
+    /// The metrics as autoscaling/v2 MetricSpecs; `path` names the field in
+    /// the error.
+    pub fn metrics(&self, path: &str) -> Result<Vec<MetricSpec>, String> {
+        self.metrics
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                serde_json::from_value(m.clone()).map_err(|e| {
+                    format!(
+                        "{path}.hpaSpec.metrics[{i}]: not a valid autoscaling/v2 MetricSpec: {e}"
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
 /// The bounds and targets of a HorizontalPodAutoscaler; the operator points
 /// it at the component's Deployment.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -83,7 +114,7 @@ pub struct HpaSpec {
     /// operator, not the schema). Defaults to 80 % average CPU utilization.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::schema::list_of_any_object")]
-    pub metrics: Vec<MetricSpec>,
+    pub metrics: Vec<serde_json::Value>,
 }
 
 /// A PodDisruptionBudget: set one of the two.

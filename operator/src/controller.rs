@@ -1,0 +1,388 @@
+//! The MeshInstallation controller: reconcile = resolve, render, apply,
+//! prune, then write status — written even when a step failed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bowline_api::install::{MeshInstallation, MeshInstallationStatus};
+use futures::StreamExt;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::runtime::reflector::Store;
+use kube::runtime::{Controller, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+
+use crate::apply::{self, FIELD_MANAGER};
+use crate::error::{Error, Result, backoff};
+use crate::metrics::Metrics;
+use crate::profile::{self, Resolved};
+use crate::render::{self, DEFAULT_REVISION};
+use crate::status::{self, Outcome};
+
+/// Keeps the installation until its cluster-scoped objects are removed.
+pub const FINALIZER: &str = "install.bowline.dev/cleanup";
+/// How often an installation is looked at when nothing happens.
+const RESYNC: Duration = Duration::from_secs(300);
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Every MeshInstallation, for conflicts between them.
+    pub installations: Store<MeshInstallation>,
+    /// Consecutive transient failures per installation, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context").finish_non_exhaustive()
+    }
+}
+
+/// Runs the controller until the process is asked to stop.
+pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
+    let installations: Api<MeshInstallation> = Api::all(client.clone());
+    let owned = watcher::Config::default().labels(&format!(
+        "{}={}",
+        render::meta::MANAGED_BY_LABEL,
+        render::meta::MANAGED_BY
+    ));
+    let controller = Controller::new(installations, watcher::Config::default());
+    let context = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+        installations: controller.store(),
+        failures: Mutex::default(),
+    });
+    // Owning every kind it renders puts back what others delete or change.
+    controller
+        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
+        .owns(Api::<Service>::all(client.clone()), owned.clone())
+        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
+        .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
+        .owns(Api::<Role>::all(client.clone()), owned.clone())
+        .owns(Api::<RoleBinding>::all(client.clone()), owned.clone())
+        .owns(
+            Api::<HorizontalPodAutoscaler>::all(client.clone()),
+            owned.clone(),
+        )
+        .owns(
+            Api::<PodDisruptionBudget>::all(client.clone()),
+            owned.clone(),
+        )
+        .owns(Api::<ClusterRole>::all(client.clone()), owned.clone())
+        .owns(
+            Api::<ClusterRoleBinding>::all(client.clone()),
+            owned.clone(),
+        )
+        .owns(
+            Api::<MutatingWebhookConfiguration>::all(client.clone()),
+            owned.clone(),
+        )
+        .owns(
+            Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+            owned,
+        )
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, context)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile failed");
+            }
+        })
+        .await;
+}
+
+async fn reconcile(installation: Arc<MeshInstallation>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let api: Api<MeshInstallation> = Api::all(ctx.client.clone());
+    let result = finalizer(&api, FINALIZER, installation, |event| async {
+        match event {
+            Finalizer::Apply(installation) => apply(&installation, &ctx).await,
+            Finalizer::Cleanup(installation) => cleanup(&installation, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics
+        .observe(started.elapsed(), result.as_ref().err());
+    result
+}
+
+fn error_policy(installation: Arc<MeshInstallation>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_invalid_spec() {
+        return Action::await_change();
+    }
+    let mut failures = ctx.failures.lock().unwrap_or_else(|e| e.into_inner());
+    let attempt = failures.entry(installation.name_any()).or_insert(0);
+    *attempt += 1;
+    tracing::warn!(installation = %installation.name_any(), error = %error, attempt, "reconcile failed, retrying");
+    Action::requeue(backoff(*attempt))
+}
+
+/// Installs or updates everything, then writes status.
+async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action> {
+    let name = installation.name_any();
+    let resolved = profile::resolve(&installation.spec);
+    let result = match &resolved {
+        Ok(resolved) => install(installation, resolved, ctx).await,
+        Err(e) => Err(Error::InvalidSpec(e.to_string())),
+    };
+
+    let outcome = match &result {
+        Ok(_) => Outcome::Applied,
+        Err(e) if e.is_invalid_spec() => Outcome::Invalid(e.to_string()),
+        Err(e) => Outcome::Failed {
+            reason: e.condition_reason().into(),
+            message: e.to_string(),
+        },
+    };
+    let resolved = resolved
+        .ok()
+        .filter(|_| !matches!(outcome, Outcome::Invalid(_)));
+    let components = match &resolved {
+        Some(resolved) => component_statuses(installation, resolved, &ctx.client).await?,
+        None => Vec::new(),
+    };
+    let previous = installation.status.as_ref();
+    let new_status = status::compute(
+        previous,
+        installation.meta().generation,
+        &outcome,
+        components,
+        resolved.as_ref().map(|r| r.spec.clone()),
+        resolved.as_ref().map(|_| DEFAULT_REVISION.to_string()),
+        Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    if previous != Some(&new_status) {
+        write_status(installation, &new_status, &ctx.client).await?;
+    }
+
+    match result {
+        Ok(applied) => {
+            ctx.failures
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(&name);
+            if !applied.is_empty() {
+                let (reason, verb) = match previous.and_then(|p| p.resolved.as_ref()) {
+                    None => ("Installed", "installed"),
+                    Some(old) if old.version != installation.spec.version => {
+                        ("Upgraded", "upgraded to")
+                    }
+                    Some(_) => ("Applied", "applied"),
+                };
+                let note = format!(
+                    "{verb} {}: {}",
+                    installation.spec.version,
+                    applied.join(", ")
+                );
+                publish(ctx, installation, EventType::Normal, reason, "Apply", note).await;
+            }
+            Ok(Action::requeue(RESYNC))
+        }
+        Err(e) => {
+            let changed = previous
+                .and_then(|p| p.conditions.iter().find(|c| c.type_ == status::RECONCILED))
+                .is_none_or(|c| c.message != e.to_string());
+            if changed {
+                publish(
+                    ctx,
+                    installation,
+                    EventType::Warning,
+                    e.condition_reason(),
+                    "Apply",
+                    e.to_string(),
+                )
+                .await;
+            }
+            if e.is_invalid_spec() {
+                tracing::warn!(installation = %name, error = %e, "invalid spec; waiting for it to change");
+                Ok(Action::await_change())
+            } else {
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Namespace, apply, prune. Returns what changed, for the event.
+async fn install(
+    installation: &MeshInstallation,
+    resolved: &Resolved,
+    ctx: &Context,
+) -> Result<Vec<String>> {
+    let name = installation.name_any();
+    check_namespace_conflict(installation, resolved, &ctx.installations)?;
+    let mut changed: Vec<String> =
+        apply::ensure_namespace(&ctx.client, resolved.namespace(), &name)
+            .await?
+            .into_iter()
+            .collect();
+    let objects = render::render(installation, resolved, DEFAULT_REVISION)?;
+    changed.extend(apply::apply_all(&ctx.client, &objects).await?.changed);
+    let pruned = apply::prune(&ctx.client, &name, &objects).await?;
+    if !pruned.is_empty() {
+        publish(
+            ctx,
+            installation,
+            EventType::Normal,
+            "Pruned",
+            "Prune",
+            format!("deleted {}", pruned.join(", ")),
+        )
+        .await;
+    }
+    Ok(changed)
+}
+
+/// Only one installation may use a namespace: the oldest keeps it.
+fn check_namespace_conflict(
+    installation: &MeshInstallation,
+    resolved: &Resolved,
+    installations: &Store<MeshInstallation>,
+) -> Result<()> {
+    let namespace = resolved.namespace();
+    let key = |m: &MeshInstallation| (m.meta().creation_timestamp.clone(), m.name_any());
+    let owner = installations
+        .state()
+        .into_iter()
+        .filter(|other| other.meta().deletion_timestamp.is_none())
+        .filter(|other| {
+            other
+                .spec
+                .namespace
+                .as_deref()
+                .unwrap_or(bowline_api::install::DEFAULT_NAMESPACE)
+                == namespace
+        })
+        .min_by_key(|other| key(other));
+    match owner {
+        Some(owner)
+            if owner.name_any() != installation.name_any() && key(&owner) < key(installation) =>
+        {
+            Err(Error::InvalidSpec(format!(
+                "spec.namespace: {namespace} is already used by MeshInstallation {}; choose another namespace",
+                owner.name_any()
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
+async fn component_statuses(
+    installation: &MeshInstallation,
+    resolved: &Resolved,
+    client: &Client,
+) -> Result<Vec<bowline_api::install::ComponentStatus>> {
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), resolved.namespace());
+    let mut statuses = Vec::new();
+    for component in render::components(installation, resolved, DEFAULT_REVISION) {
+        let deployment = deployments
+            .get_opt(&component.deployment)
+            .await
+            .map_err(Error::kube(format!(
+                "reading Deployment {}",
+                component.deployment
+            )))?;
+        statuses.push(status::component_status(&component, deployment.as_ref()));
+    }
+    Ok(statuses)
+}
+
+async fn write_status(
+    installation: &MeshInstallation,
+    status: &MeshInstallationStatus,
+    client: &Client,
+) -> Result<()> {
+    let api: Api<MeshInstallation> = Api::all(client.clone());
+    let patch = json!({
+        "apiVersion": MeshInstallation::api_version(&()),
+        "kind": MeshInstallation::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &installation.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(patch),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "writing the status of MeshInstallation {}",
+        installation.name_any()
+    )))?;
+    Ok(())
+}
+
+/// Removes what the installation made: every labelled object (cluster-scoped
+/// ones included; garbage collection would get the namespaced ones anyway)
+/// and the namespace if it created it. CRDs stay: deleting them would delete
+/// every user's mesh configuration.
+async fn cleanup(installation: &MeshInstallation, ctx: &Context) -> Result<Action> {
+    let name = installation.name_any();
+    let deleted = apply::prune(&ctx.client, &name, &[]).await?;
+    let namespace = installation
+        .status
+        .as_ref()
+        .and_then(|s| s.resolved.as_ref())
+        .and_then(|r| r.namespace.clone())
+        .or_else(|| installation.spec.namespace.clone())
+        .unwrap_or_else(|| bowline_api::install::DEFAULT_NAMESPACE.into());
+    let namespace_deleted = apply::delete_created_namespace(&ctx.client, &namespace, &name).await?;
+    let mut note = format!("deleted {} objects", deleted.len());
+    if namespace_deleted {
+        note.push_str(&format!(" and namespace {namespace}"));
+    }
+    publish(
+        ctx,
+        installation,
+        EventType::Normal,
+        "Deleted",
+        "Delete",
+        note,
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Records an Event on the installation. A failure to record is logged, not
+/// fatal: events are for people, the status is the record.
+async fn publish(
+    ctx: &Context,
+    installation: &MeshInstallation,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx
+        .recorder
+        .publish(&event, &installation.object_ref(&()))
+        .await
+    {
+        tracing::warn!(error = %e, reason, "could not record an event");
+    }
+}

@@ -1,0 +1,167 @@
+//! `bowline-operator`: runs the operator, or prints what it would apply.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use axum::Router;
+use axum::routing::get;
+use bowline_api::install::MeshInstallation;
+use bowline_operator::metrics::Metrics;
+use bowline_operator::render::DEFAULT_REVISION;
+use bowline_operator::{controller, profile, release, render};
+use clap::{Parser, Subcommand};
+use kube::Client;
+use kube::runtime::events::Reporter;
+use kube_lease_manager::LeaseManagerBuilder;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "bowline-operator",
+    about = "Installs and upgrades the Bowline service mesh"
+)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Args {
+    /// Without a subcommand, the operator runs.
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print every object a MeshInstallation file would make, as YAML.
+    Render {
+        /// The MeshInstallation, as YAML.
+        #[arg(short = 'f', long = "filename")]
+        file: PathBuf,
+    },
+    /// Print the CustomResourceDefinitions the operator serves.
+    Crds,
+    /// List the releases the operator can install.
+    Versions,
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// Where /metrics, /healthz and /readyz are served.
+    #[arg(long, env = "BOWLINE_OPERATOR_HTTP", default_value = "0.0.0.0:8080")]
+    http_address: SocketAddr,
+
+    /// Take a Lease before reconciling, so that only one replica writes.
+    #[arg(long, env = "BOWLINE_OPERATOR_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    leader_elect: bool,
+
+    /// The namespace of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "bowline-system")]
+    namespace: String,
+
+    /// This replica's name in the Lease and in Events.
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+}
+
+const LEASE_NAME: &str = "bowline-operator-leader";
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let Some(command) = args.command else {
+        return run(args.run).await;
+    };
+    match command {
+        Command::Render { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let mut installation: MeshInstallation = serde_saphyr::from_str(&text)
+                .with_context(|| format!("{} is not a MeshInstallation", file.display()))?;
+            installation
+                .metadata
+                .uid
+                .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+            let resolved = profile::resolve(&installation.spec)?;
+            let objects = render::render(&installation, &resolved, DEFAULT_REVISION)?;
+            print!("{}", render::to_yaml(&objects)?);
+            Ok(())
+        }
+        Command::Crds => {
+            for crd in bowline_api::crds::all() {
+                print!("---\n{}", bowline_api::crds::to_yaml(&crd)?);
+            }
+            Ok(())
+        }
+        Command::Versions => {
+            for release in release::all() {
+                println!("{}\t{}", release.version, release.tag);
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API")?;
+    let metrics = Arc::new(Metrics::default());
+    let identity = args
+        .identity
+        .clone()
+        .unwrap_or_else(|| format!("bowline-operator-{}", std::process::id()));
+
+    let served = Arc::clone(&metrics);
+    let app = Router::new()
+        .route("/metrics", get(move || std::future::ready(served.encode())))
+        .route("/healthz", get(|| std::future::ready("ok")))
+        .route("/readyz", get(|| std::future::ready("ok")));
+    let listener = tokio::net::TcpListener::bind(args.http_address)
+        .await
+        .with_context(|| format!("listening on {}", args.http_address))?;
+    tracing::info!(address = %args.http_address, "serving /metrics, /healthz and /readyz");
+    tokio::spawn(async move { axum::serve(listener, app).await });
+
+    let reporter = Reporter {
+        controller: "bowline-operator".into(),
+        instance: Some(identity.clone()),
+    };
+    if !args.leader_elect {
+        controller::run(client, metrics, reporter).await;
+        return Ok(());
+    }
+
+    let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
+        .with_namespace(&args.namespace)
+        .with_identity(&identity)
+        .build()
+        .await
+        .context("setting up leader election")?;
+    let (mut leader, _task) = manager.watch().await;
+    tracing::info!(
+        identity,
+        lease = LEASE_NAME,
+        namespace = args.namespace,
+        "waiting to become the leader"
+    );
+    while !*leader.borrow_and_update() {
+        leader.changed().await.context("leader election stopped")?;
+    }
+    tracing::info!(identity, "leading");
+    tokio::select! {
+        _ = controller::run(client, metrics, reporter) => Ok(()),
+        _ = async {
+            while *leader.borrow_and_update() {
+                if leader.changed().await.is_err() {
+                    break;
+                }
+            }
+        } => bail!("lost the leader Lease; exiting so that another replica takes over"),
+    }
+}

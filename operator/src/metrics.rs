@@ -1,0 +1,79 @@
+//! The operator's own metrics, served on `/metrics` in the OpenMetrics text
+//! format.
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::Error;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub reason: &'static str,
+}
+
+/// Reconcile counts, errors by reason, and how long reconciles take.
+#[derive(Debug)]
+pub struct Metrics {
+    pub reconciles: Counter,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub duration: Histogram,
+    pub registry: Registry,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let reconciles = Counter::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        // 5 ms to about 40 s.
+        let duration = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        let mut registry = Registry::with_prefix("bowline_operator");
+        registry.register(
+            "reconciles",
+            "Reconciles of MeshInstallations",
+            reconciles.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles, by reason",
+            errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "How long a reconcile takes",
+            duration.clone(),
+        );
+        Self {
+            reconciles,
+            errors,
+            duration,
+            registry,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn observe(&self, elapsed: Duration, error: Option<&Error>) {
+        self.reconciles.inc();
+        self.duration.observe(elapsed.as_secs_f64());
+        if let Some(error) = error {
+            self.errors
+                .get_or_create(&ErrorLabels {
+                    reason: error.metric_label(),
+                })
+                .inc();
+        }
+    }
+
+    /// The OpenMetrics text of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

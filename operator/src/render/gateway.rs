@@ -1,0 +1,236 @@
+//! Ingress and egress gateways: the proxy in gateway mode, its Service, and
+//! the right to read the TLS Secrets that Gateway resources name.
+
+use std::collections::BTreeMap;
+
+use bowline_api::install::{GatewayComponent, ServiceType};
+use k8s_openapi::api::core::v1::{
+    ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, Probe, ProjectedVolumeSource,
+    ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::controlplane::{ControlPlaneNames, MESH_UID, role_ref, rule, subject};
+use super::meta::{Managed, Target};
+use super::workload::{self, Workload, env, env_from_field, port};
+use crate::error::Result;
+
+/// Which way a gateway faces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    Ingress,
+    Egress,
+}
+
+impl Direction {
+    /// The `istio` label Gateway resources select on.
+    pub fn istio_label(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingressgateway",
+            Self::Egress => "egressgateway",
+        }
+    }
+
+    fn field(self) -> &'static str {
+        match self {
+            Self::Ingress => "ingressGateways",
+            Self::Egress => "egressGateways",
+        }
+    }
+
+    /// `ingressGateway/<name>` or `egressGateway/<name>`, as status names it.
+    pub fn component_name(self, gateway: &str) -> String {
+        match self {
+            Self::Ingress => format!("ingressGateway/{gateway}"),
+            Self::Egress => format!("egressGateway/{gateway}"),
+        }
+    }
+}
+
+/// The enabled gateways of the resolved spec, each with its direction and
+/// its index in its list (for error messages).
+pub fn enabled<'a>(target: &Target<'a>) -> Vec<(Direction, usize, &'a GatewayComponent)> {
+    let Some(components) = target.resolved.spec.components.as_ref() else {
+        return Vec::new();
+    };
+    fn list(
+        direction: Direction,
+        gateways: &Option<Vec<GatewayComponent>>,
+    ) -> Vec<(Direction, usize, &GatewayComponent)> {
+        gateways
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, g)| g.enabled.unwrap_or(true))
+            .map(|(i, g)| (direction, i, g))
+            .collect()
+    }
+    let mut all = list(Direction::Ingress, &components.ingress_gateways);
+    all.extend(list(Direction::Egress, &components.egress_gateways));
+    all
+}
+
+/// Every object of one gateway.
+pub fn render(
+    target: &Target<'_>,
+    direction: Direction,
+    index: usize,
+    gateway: &GatewayComponent,
+) -> Result<Vec<Managed>> {
+    let component = match direction {
+        Direction::Ingress => "ingressgateway",
+        Direction::Egress => "egressgateway",
+    };
+    let name = gateway.name.as_str();
+    let service_account = format!("{name}-service-account");
+    let sds_role = format!("{name}-sds");
+
+    let mut pod_labels = gateway.labels.clone();
+    pod_labels.extend([
+        ("app".to_string(), name.to_string()),
+        ("istio".to_string(), direction.istio_label().to_string()),
+        ("sidecar.istio.io/inject".to_string(), "false".to_string()),
+    ]);
+
+    let mut objects = vec![
+        Managed::new(&ServiceAccount {
+            metadata: target.meta(&service_account, component),
+            ..Default::default()
+        })?,
+        Managed::new(&Role {
+            metadata: target.meta(&sds_role, component),
+            rules: Some(vec![rule(&[""], &["secrets"], &["get", "watch", "list"])]),
+        })?,
+        Managed::new(&RoleBinding {
+            metadata: target.meta(&sds_role, component),
+            role_ref: role_ref("Role", &sds_role),
+            subjects: Some(vec![subject(&service_account, target.namespace())]),
+        })?,
+    ];
+
+    let workload = Workload {
+        name: name.to_string(),
+        component,
+        pod_labels,
+        selector_keys: &["app", "istio"],
+        pod_annotations: BTreeMap::from([
+            ("prometheus.io/scrape".into(), "true".into()),
+            ("prometheus.io/port".into(), "15020".into()),
+            ("prometheus.io/path".into(), "/stats/prometheus".into()),
+        ]),
+        container: container(target),
+        volumes: identity_volumes(),
+        service_account,
+        run_as: MESH_UID,
+        settings: &gateway.k8s,
+        settings_path: format!("spec.components.{}[{index}]", direction.field()),
+    };
+    objects.extend(workload::deployment_objects(target, &workload)?);
+    let (service_type, mut ports) = match direction {
+        Direction::Ingress => (
+            ServiceType::LoadBalancer,
+            vec![port("status-port", 15021, 15021)],
+        ),
+        Direction::Egress => (ServiceType::ClusterIP, Vec::new()),
+    };
+    // Gateways bind 8080 and 8443: they run as non-root.
+    ports.extend([port("http2", 80, 8080), port("https", 443, 8443)]);
+    objects.push(workload::service(target, &workload, service_type, ports)?);
+    Ok(objects)
+}
+
+fn container(target: &Target<'_>) -> Container {
+    let names = ControlPlaneNames::new(target);
+    Container {
+        // Istio's name for the proxy container, which Kiali and the
+        // dashboards look for.
+        name: "istio-proxy".into(),
+        image: Some(target.resolved.image("proxy")),
+        args: Some(vec!["gateway".into()]),
+        ports: Some(
+            [
+                ("http2", 8080),
+                ("https", 8443),
+                ("status-port", 15021),
+                ("http-envoy-prom", 15090),
+            ]
+            .into_iter()
+            .map(|(name, port)| ContainerPort {
+                name: Some(name.into()),
+                container_port: port,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            })
+            .collect(),
+        ),
+        env: Some(vec![
+            env(
+                "DISCOVERY_ADDRESS",
+                names.discovery_address(target.namespace()),
+            ),
+            env("CA_ADDRESS", names.discovery_address(target.namespace())),
+            env_from_field("POD_NAME", "metadata.name"),
+            env_from_field("POD_NAMESPACE", "metadata.namespace"),
+            env_from_field("INSTANCE_IP", "status.podIP"),
+            env_from_field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            env("ISTIO_META_CLUSTER_ID", "Kubernetes"),
+        ]),
+        readiness_probe: Some(Probe {
+            http_get: Some(HTTPGetAction {
+                path: Some("/healthz/ready".into()),
+                port: IntOrString::Int(15021),
+                ..Default::default()
+            }),
+            initial_delay_seconds: Some(1),
+            period_seconds: Some(2),
+            failure_threshold: Some(30),
+            ..Default::default()
+        }),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "istio-token".into(),
+                mount_path: "/var/run/secrets/tokens".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+            VolumeMount {
+                name: "istiod-ca-cert".into(),
+                mount_path: "/var/run/secrets/istio".into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
+        ]),
+        ..Default::default()
+    }
+}
+
+/// What a proxy needs to get its identity: a ServiceAccount token for the
+/// CA's audience, and the mesh's root certificate.
+pub fn identity_volumes() -> Vec<Volume> {
+    vec![
+        Volume {
+            name: "istio-token".into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some("istio-ca".into()),
+                        expiration_seconds: Some(43200),
+                        path: "istio-token".into(),
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: "istiod-ca-cert".into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: "istio-ca-root-cert".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    ]
+}

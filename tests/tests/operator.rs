@@ -1,0 +1,471 @@
+//! The operator on the local cluster: each profile installs and becomes
+//! Ready, drift is put back, a switched-off addon is pruned, an invalid spec
+//! stalls without tearing anything down, and deletion leaves nothing behind.
+//!
+//! One operator runs for the whole test binary; each test installs into its
+//! own mesh namespace, so the installations do not meet.
+
+use std::sync::OnceLock;
+
+use anyhow::{Context, ensure};
+use bowline_api::install::{MeshInstallation, MeshInstallationStatus};
+use bowline_tests::LocalCluster;
+use bowline_tests::cluster::wait_until;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::rbac::v1::ClusterRole;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::Reporter;
+use serde_json::{Value, json};
+
+/// Applies the CRDs and starts one operator, on a thread and runtime of its
+/// own, for every test here.
+fn operator() -> anyhow::Result<&'static LocalCluster> {
+    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+    let cluster = LocalCluster::shared()?;
+    STARTED
+        .get_or_init(|| {
+            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().expect("runtime");
+                runtime.block_on(async move {
+                    let started = async {
+                        let client = cluster.client().await?;
+                        install_crds(&client).await?;
+                        anyhow::Ok(client)
+                    }
+                    .await;
+                    match started {
+                        Ok(client) => {
+                            let _ = ready_tx.send(Ok(()));
+                            let reporter = Reporter {
+                                controller: "bowline-operator".into(),
+                                instance: Some("tests".into()),
+                            };
+                            bowline_operator::controller::run(client, Default::default(), reporter)
+                                .await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e.to_string()));
+                        }
+                    }
+                });
+            });
+            ready_rx
+                .recv()
+                .unwrap_or_else(|_| Err("the operator thread died".into()))
+        })
+        .clone()
+        .map_err(anyhow::Error::msg)?;
+    Ok(cluster)
+}
+
+async fn install_crds(client: &Client) -> anyhow::Result<()> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in bowline_api::crds::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply("bowline-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        wait_until(&format!("CRD {name} to be Established"), || async {
+            Ok(crds
+                .get(&name)
+                .await?
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True"))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// A MeshInstallation named `name` installing into a namespace of the same
+/// name (unique per test).
+async fn create_mesh(
+    client: &Client,
+    name: &str,
+    spec: Value,
+) -> anyhow::Result<Api<MeshInstallation>> {
+    let api: Api<MeshInstallation> = Api::all(client.clone());
+    let mut spec = spec;
+    spec["namespace"] = json!(name);
+    let mesh: MeshInstallation = serde_json::from_value(json!({
+        "apiVersion": "install.bowline.dev/v1alpha1",
+        "kind": "MeshInstallation",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))?;
+    api.create(&PostParams::default(), &mesh).await?;
+    Ok(api)
+}
+
+fn condition<'a>(status: &'a MeshInstallationStatus, type_: &str) -> Option<&'a str> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.as_str())
+}
+
+async fn wait_ready(
+    api: &Api<MeshInstallation>,
+    name: &str,
+) -> anyhow::Result<MeshInstallationStatus> {
+    wait_until(&format!("MeshInstallation {name} to be Ready"), || async {
+        let mesh = api.get(name).await?;
+        let status = mesh.status.unwrap_or_default();
+        Ok(condition(&status, "Ready") == Some("True")
+            && status.observed_generation == mesh.metadata.generation)
+    })
+    .await?;
+    Ok(api.get_status(name).await?.status.unwrap_or_default())
+}
+
+fn deployment_names(status: &MeshInstallationStatus) -> Vec<String> {
+    status.components.iter().map(|c| c.name.clone()).collect()
+}
+
+#[tokio::test]
+async fn every_profile_installs_and_becomes_ready() -> anyhow::Result<()> {
+    let cluster = operator()?;
+    let client = cluster.client().await?;
+    let expected: [(&str, &[&str]); 4] = [
+        (
+            "default",
+            &["controlPlane", "ingressGateway/istio-ingressgateway"],
+        ),
+        ("minimal", &["controlPlane"]),
+        ("empty", &[]),
+        (
+            "demo",
+            &[
+                "controlPlane",
+                "ingressGateway/istio-ingressgateway",
+                "egressGateway/istio-egressgateway",
+                "addon/prometheus",
+                "addon/grafana",
+                "addon/jaeger",
+                "addon/kiali",
+            ],
+        ),
+    ];
+    for (profile, components) in expected {
+        let name = format!("profile-{profile}");
+        let api = create_mesh(
+            &client,
+            &name,
+            json!({"version": "v0.1.0", "profile": profile}),
+        )
+        .await?;
+        let status = wait_ready(&api, &name).await?;
+        ensure!(
+            deployment_names(&status) == components,
+            "{profile}: {:?}",
+            status.components
+        );
+        ensure!(
+            status.state.as_deref() == Some("Healthy"),
+            "{profile}: {status:?}"
+        );
+        ensure!(
+            status
+                .resolved
+                .as_ref()
+                .and_then(|r| r.profile)
+                .map(|p| p.as_str())
+                == Some(profile),
+            "the resolved configuration is in status"
+        );
+        let spec = api.get(&name).await?.spec;
+        ensure!(
+            spec.components.is_none() && spec.mesh_config.is_none(),
+            "the operator never writes to spec"
+        );
+    }
+
+    // The control plane of the default profile, as a user would look for it.
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "profile-default");
+    let istiod = deployments.get("istiod").await?;
+    let image = istiod
+        .spec
+        .and_then(|s| s.template.spec)
+        .map(|p| p.containers[0].image.clone());
+    ensure!(
+        image == Some(Some("ghcr.io/bowline-mesh/controlplane:0.1.0".into())),
+        "{image:?}"
+    );
+    Api::<MutatingWebhookConfiguration>::all(client.clone())
+        .get("istio-sidecar-injector-profile-default")
+        .await
+        .context("the injection webhook")?;
+
+    let output = cluster
+        .kubectl()
+        .args(["get", "meshinstallation", "profile-demo"])
+        .output()?;
+    let stdout = String::from_utf8(output.stdout)?;
+    let header: Vec<&str> = stdout
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        header
+            == [
+                "NAME", "VERSION", "PROFILE", "READY", "ACTIVE", "STATUS", "AGE"
+            ],
+        "{stdout}"
+    );
+    let row: Vec<&str> = stdout
+        .lines()
+        .nth(1)
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    ensure!(
+        row[..6]
+            == [
+                "profile-demo",
+                "v0.1.0",
+                "demo",
+                "True",
+                "default",
+                "Healthy"
+            ],
+        "{stdout}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn drift_is_put_back() -> anyhow::Result<()> {
+    let cluster = operator()?;
+    let client = cluster.client().await?;
+    let name = "drift";
+    let api = create_mesh(
+        &client,
+        name,
+        json!({"version": "v0.1.0", "profile": "minimal"}),
+    )
+    .await?;
+    wait_ready(&api, name).await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), name);
+
+    let before = deployments.get("istiod").await?.metadata.uid;
+    deployments
+        .delete("istiod", &DeleteParams::default())
+        .await?;
+    wait_until("the deleted control plane to come back", || async {
+        Ok(deployments
+            .get_opt("istiod")
+            .await?
+            .is_some_and(|d| d.metadata.uid != before))
+    })
+    .await?;
+
+    deployments
+        .patch(
+            "istiod",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 5}})),
+        )
+        .await?;
+    wait_until(
+        "the scaled control plane to return to 1 replica",
+        || async {
+            Ok(deployments
+                .get("istiod")
+                .await?
+                .spec
+                .and_then(|s| s.replicas)
+                == Some(1))
+        },
+    )
+    .await?;
+    wait_ready(&api, name).await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn switching_an_addon_off_prunes_it() -> anyhow::Result<()> {
+    let cluster = operator()?;
+    let client = cluster.client().await?;
+    let name = "prune";
+    let api = create_mesh(
+        &client,
+        name,
+        json!({"version": "v0.1.0", "profile": "minimal", "addons": {"kiali": {"enabled": true}}}),
+    )
+    .await?;
+    wait_ready(&api, name).await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), name);
+    let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
+    ensure!(deployments.get_opt("kiali").await?.is_some());
+    ensure!(
+        cluster_roles
+            .get_opt(&format!("kiali-{name}"))
+            .await?
+            .is_some()
+    );
+
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"addons": {"kiali": {"enabled": false}}}})),
+    )
+    .await?;
+    wait_until("kiali to be pruned", || async {
+        Ok(deployments.get_opt("kiali").await?.is_none()
+            && cluster_roles
+                .get_opt(&format!("kiali-{name}"))
+                .await?
+                .is_none())
+    })
+    .await?;
+    let status = wait_ready(&api, name).await?;
+    ensure!(
+        deployment_names(&status) == ["controlPlane"],
+        "{:?}",
+        status.components
+    );
+    ensure!(
+        deployments.get_opt("istiod").await?.is_some(),
+        "the rest stays"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalid_spec_stalls_and_keeps_what_runs() -> anyhow::Result<()> {
+    let cluster = operator()?;
+    let client = cluster.client().await?;
+    let name = "stalled";
+    let api = create_mesh(
+        &client,
+        name,
+        json!({"version": "v0.1.0", "profile": "minimal"}),
+    )
+    .await?;
+    wait_ready(&api, name).await?;
+
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"version": "v9.9.9"}})),
+    )
+    .await?;
+    wait_until("the installation to be Stalled", || async {
+        let status = api.get(name).await?.status.unwrap_or_default();
+        Ok(condition(&status, "Stalled") == Some("True"))
+    })
+    .await?;
+    let status = api.get_status(name).await?.status.unwrap_or_default();
+    let stalled = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stalled")
+        .context("Stalled")?;
+    ensure!(
+        stalled
+            .message
+            .starts_with("spec.version: v9.9.9 is not a release"),
+        "names the field: {}",
+        stalled.message
+    );
+    ensure!(status.state.as_deref() == Some("InvalidSpec"), "{status:?}");
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), name);
+    ensure!(
+        deployments.get_opt("istiod").await?.is_some(),
+        "the running control plane stays"
+    );
+
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"version": "v0.1.0"}})),
+    )
+    .await?;
+    let status = wait_ready(&api, name).await?;
+    ensure!(condition(&status, "Stalled") == Some("False"), "{status:?}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_second_installation_in_the_same_namespace_stalls() -> anyhow::Result<()> {
+    let cluster = operator()?;
+    let client = cluster.client().await?;
+    let first = create_mesh(
+        &client,
+        "shared-ns",
+        json!({"version": "v0.1.0", "profile": "empty"}),
+    )
+    .await?;
+    wait_ready(&first, "shared-ns").await?;
+    let second: MeshInstallation = serde_json::from_value(json!({
+        "apiVersion": "install.bowline.dev/v1alpha1",
+        "kind": "MeshInstallation",
+        "metadata": {"name": "shared-ns-too"},
+        "spec": {"version": "v0.1.0", "profile": "empty", "namespace": "shared-ns"},
+    }))?;
+    first.create(&PostParams::default(), &second).await?;
+    wait_until("the second installation to be Stalled", || async {
+        let status = first.get("shared-ns-too").await?.status.unwrap_or_default();
+        Ok(status.conditions.iter().any(|c| {
+            c.type_ == "Stalled"
+                && c.status == "True"
+                && c.message.contains(
+                    "spec.namespace: shared-ns is already used by MeshInstallation shared-ns",
+                )
+        }))
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn deletion_removes_everything_it_created() -> anyhow::Result<()> {
+    let cluster = operator()?;
+    let client = cluster.client().await?;
+    let name = "deleted";
+    let api = create_mesh(
+        &client,
+        name,
+        json!({"version": "v0.1.0", "profile": "demo"}),
+    )
+    .await?;
+    wait_ready(&api, name).await?;
+    let selector = format!("install.bowline.dev/installation={name}");
+    let lp = kube::api::ListParams::default().labels(&selector);
+    let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
+    let validators: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    ensure!(!cluster_roles.list(&lp).await?.items.is_empty());
+
+    api.delete(name, &DeleteParams::default()).await?;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    wait_until(
+        "the installation and everything it made to be gone",
+        || async {
+            Ok(api.get_opt(name).await?.is_none()
+                && cluster_roles.list(&lp).await?.items.is_empty()
+                && validators.list(&lp).await?.items.is_empty()
+                && namespaces
+                    .get_opt(name)
+                    .await?
+                    .is_none_or(|ns| ns.metadata.deletion_timestamp.is_some()))
+        },
+    )
+    .await?;
+    Ok(())
+}
