@@ -105,10 +105,10 @@ async fn apply_one(client: &Client, managed: &Managed) -> Result<bool> {
         Some(live) if live.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash) => {
             let desired_value = encode(&desired, managed)?;
             let live_value = encode(live, managed)?;
-            if is_subset(&desired_value, &live_value) {
+            let Some(field) = first_difference(&desired_value, &live_value, "") else {
                 return Ok(false);
-            }
-            tracing::info!(object = %managed.describe(), "correcting drift");
+            };
+            tracing::info!(object = %managed.describe(), field, "correcting drift");
         }
         Some(_) => {}
         None => {
@@ -165,15 +165,39 @@ fn content_hash(object: &DynamicObject) -> Result<String> {
 /// API server adds defaults, so `live` may hold more; lists must match
 /// element by element.
 pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    first_difference(desired, live, "").is_none()
+}
+
+/// The path of the first field of `desired` that `live` does not hold as
+/// rendered, for logs that say what drifted.
+pub fn first_difference(desired: &Value, live: &Value, path: &str) -> Option<String> {
     match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d
+        (Value::Object(d), Value::Object(l)) => d.iter().find_map(|(k, dv)| {
+            let here = format!("{path}.{k}");
+            match l.get(k) {
+                Some(lv) => first_difference(dv, lv, &here),
+                // The API server drops nulls and empty lists and maps.
+                None if is_empty(dv) => None,
+                None => Some(here),
+            }
+        }),
+        (Value::Array(d), Value::Array(l)) if d.len() == l.len() => d
             .iter()
-            .all(|(k, dv)| l.get(k).is_some_and(|lv| is_subset(dv, lv)) || dv.is_null()),
-        (Value::Array(d), Value::Array(l)) => {
-            d.len() == l.len() && d.iter().zip(l).all(|(dv, lv)| is_subset(dv, lv))
-        }
-        (Value::Number(d), Value::Number(l)) => d.as_f64() == l.as_f64(),
-        _ => desired == live,
+            .zip(l)
+            .enumerate()
+            .find_map(|(i, (dv, lv))| first_difference(dv, lv, &format!("{path}[{i}]"))),
+        (Value::Number(d), Value::Number(l)) if d.as_f64() == l.as_f64() => None,
+        _ if desired == live => None,
+        _ => Some(path.to_string()),
+    }
+}
+
+fn is_empty(value: &Value) -> bool {
+    match value {
+        Value::Null => true,
+        Value::Array(items) => items.is_empty(),
+        Value::Object(fields) => fields.is_empty(),
+        _ => false,
     }
 }
 
@@ -299,6 +323,10 @@ mod tests {
         let live = json!({"spec": {"replicas": 1, "revisionHistoryLimit": 10,
             "template": {"containers": [{"name": "a", "imagePullPolicy": "IfNotPresent"}]}}});
         assert!(is_subset(&desired, &live));
+        assert!(
+            is_subset(&json!({"env": [], "labels": {}}), &json!({})),
+            "empties are dropped"
+        );
     }
 
     #[test]

@@ -102,8 +102,12 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
-            if let Err(e) = result {
-                tracing::debug!(error = %e, "reconcile failed");
+            match result {
+                Ok(_) => {}
+                // Logged with its backoff by error_policy.
+                Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A watch that fails (RBAC, a missing CRD) stops reconciles.
+                Err(e) => tracing::warn!(error = %e, "controller"),
             }
         })
         .await;
@@ -361,6 +365,24 @@ async fn cleanup(installation: &MeshInstallation, ctx: &Context) -> Result<Actio
     Ok(Action::await_change())
 }
 
+/// The Events API refuses notes longer than this many bytes.
+const MAX_EVENT_NOTE: usize = 1024;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked with an
+/// ellipsis when cut.
+fn truncate(mut text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut end = max - '…'.len_utf8();
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    text.truncate(end);
+    text.push('…');
+    text
+}
+
 /// Records an Event on the installation. A failure to record is logged, not
 /// fatal: events are for people, the status is the record.
 async fn publish(
@@ -374,7 +396,7 @@ async fn publish(
     let event = Event {
         type_,
         reason: reason.into(),
-        note: Some(note),
+        note: Some(truncate(note, MAX_EVENT_NOTE)),
         action: action.into(),
         secondary: None,
     };
@@ -384,5 +406,18 @@ async fn publish(
         .await
     {
         tracing::warn!(error = %e, reason, "could not record an event");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_event_notes_are_cut_to_what_the_api_accepts() {
+        let cut = truncate("é".repeat(600), MAX_EVENT_NOTE);
+        assert!(cut.len() <= MAX_EVENT_NOTE);
+        assert!(cut.ends_with('…'));
+        assert_eq!(truncate("short".into(), MAX_EVENT_NOTE), "short");
     }
 }

@@ -6,14 +6,38 @@
 //! - [`apply`]: server-side apply, drift detection, pruning, the namespace.
 //! - [`status`]: conditions and component readiness, computed purely.
 //! - [`controller`]: the reconciler that puts these together.
-//! - [`metrics`]: the operator's own metrics.
+//! - [`metrics`]: the operator's own metrics, API requests included.
+//! - [`leader`]: leader election, so that one replica of several writes.
 //! - [`error`]: the one error type, and whether an error is worth retrying.
 
 pub mod apply;
 pub mod controller;
 pub mod error;
+pub mod leader;
 pub mod metrics;
 pub mod profile;
 pub mod release;
 pub mod render;
 pub mod status;
+
+use std::sync::Arc;
+
+use kube::client::ClientBuilder;
+use kube::{Client, Config};
+use tower::ServiceBuilder;
+
+/// A client whose every request is counted in `metrics` (by method, and
+/// writes apart), so that what a reconcile costs the API server is measured.
+pub fn counting_client(
+    config: Config,
+    metrics: Arc<metrics::Metrics>,
+) -> Result<Client, kube::Error> {
+    let counter =
+        ServiceBuilder::new().map_request(move |request: http::Request<kube::client::Body>| {
+            metrics.observe_request(request.method());
+            request
+        });
+    Ok(ClientBuilder::try_from(config)?
+        .with_layer(&counter)
+        .build())
+}

@@ -4,17 +4,15 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use axum::Router;
 use axum::routing::get;
 use bowline_api::install::MeshInstallation;
 use bowline_operator::metrics::Metrics;
 use bowline_operator::render::DEFAULT_REVISION;
-use bowline_operator::{controller, profile, release, render};
+use bowline_operator::{controller, leader, profile, release, render};
 use clap::{Parser, Subcommand};
-use kube::Client;
 use kube::runtime::events::Reporter;
-use kube_lease_manager::LeaseManagerBuilder;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -64,8 +62,6 @@ struct RunArgs {
     identity: Option<String>,
 }
 
-const LEASE_NAME: &str = "bowline-operator-leader";
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -108,10 +104,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let client = Client::try_default()
-        .await
-        .context("connecting to the Kubernetes API")?;
     let metrics = Arc::new(Metrics::default());
+    let config = kube::Config::infer()
+        .await
+        .context("finding the Kubernetes API")?;
+    let client = bowline_operator::counting_client(config, Arc::clone(&metrics))?;
     let identity = args
         .identity
         .clone()
@@ -137,31 +134,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         return Ok(());
     }
 
-    let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
-        .with_namespace(&args.namespace)
-        .with_identity(&identity)
-        .build()
-        .await
-        .context("setting up leader election")?;
-    let (mut leader, _task) = manager.watch().await;
-    tracing::info!(
-        identity,
-        lease = LEASE_NAME,
-        namespace = args.namespace,
-        "waiting to become the leader"
-    );
-    while !*leader.borrow_and_update() {
-        leader.changed().await.context("leader election stopped")?;
-    }
-    tracing::info!(identity, "leading");
-    tokio::select! {
-        _ = controller::run(client, metrics, reporter) => Ok(()),
-        _ = async {
-            while *leader.borrow_and_update() {
-                if leader.changed().await.is_err() {
-                    break;
-                }
-            }
-        } => bail!("lost the leader Lease; exiting so that another replica takes over"),
-    }
+    leader::run_as_leader(
+        client.clone(),
+        &args.namespace,
+        &identity,
+        controller::run(client, metrics, reporter),
+    )
+    .await?;
+    Ok(())
 }

@@ -16,12 +16,29 @@ pub struct ErrorLabels {
     pub reason: &'static str,
 }
 
-/// Reconcile counts, errors by reason, and how long reconciles take.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// The HTTP method: GET (get, list, watch), POST, PUT, PATCH, DELETE.
+    pub method: String,
+}
+
+/// Requests that change something: every method but GET, HEAD and OPTIONS.
+pub fn is_write(method: &http::Method) -> bool {
+    !matches!(
+        *method,
+        http::Method::GET | http::Method::HEAD | http::Method::OPTIONS
+    )
+}
+
+/// Reconcile counts, errors by reason, how long reconciles take, and the
+/// requests the operator sends to the API server.
 #[derive(Debug)]
 pub struct Metrics {
     pub reconciles: Counter,
     pub errors: Family<ErrorLabels, Counter>,
     pub duration: Histogram,
+    pub api_requests: Family<RequestLabels, Counter>,
+    pub api_writes: Counter,
     pub registry: Registry,
 }
 
@@ -47,10 +64,24 @@ impl Default for Metrics {
             "How long a reconcile takes",
             duration.clone(),
         );
+        let api_requests = Family::<RequestLabels, Counter>::default();
+        let api_writes = Counter::default();
+        registry.register(
+            "api_requests",
+            "Requests sent to the Kubernetes API server, by method",
+            api_requests.clone(),
+        );
+        registry.register(
+            "api_writes",
+            "Requests sent to the Kubernetes API server that change something",
+            api_writes.clone(),
+        );
         Self {
             reconciles,
             errors,
             duration,
+            api_requests,
+            api_writes,
             registry,
         }
     }
@@ -66,6 +97,18 @@ impl Metrics {
                     reason: error.metric_label(),
                 })
                 .inc();
+        }
+    }
+
+    /// Counts one request to the API server.
+    pub fn observe_request(&self, method: &http::Method) {
+        self.api_requests
+            .get_or_create(&RequestLabels {
+                method: method.as_str().into(),
+            })
+            .inc();
+        if is_write(method) {
+            self.api_writes.inc();
         }
     }
 

@@ -177,6 +177,17 @@ impl LocalCluster {
     /// say) instead of the admin certificate: what it may do is what RBAC
     /// grants that token.
     pub async fn client_with_token(&self, token: &str) -> Result<Client, Error> {
+        Ok(Client::try_from(self.config_with_token(token).await?)?)
+    }
+
+    /// The admin client's configuration, for building a client of one's own.
+    pub async fn config(&self) -> Result<Config, Error> {
+        let file = Kubeconfig::read_from(&self.kubeconfig)?;
+        Ok(Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?)
+    }
+
+    /// The configuration of a client that authenticates with `token`.
+    pub async fn config_with_token(&self, token: &str) -> Result<Config, Error> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         let path = self
             .dir
@@ -189,8 +200,7 @@ impl LocalCluster {
                 ..Default::default()
             });
         }
-        let config = Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?;
-        Ok(Client::try_from(config)?)
+        Ok(Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?)
     }
 
     /// The admin kubeconfig (cluster-admin through the `system:masters` group).

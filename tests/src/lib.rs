@@ -7,9 +7,11 @@
 //! - [`pki`]: the cluster's CA, serving and client certificates, and the
 //!   ServiceAccount signing key.
 //! - [`process`]: child processes that cannot outlive their parent.
+//! - [`operator`]: the Bowline operator run in-process against the cluster.
 
 pub mod binaries;
 pub mod cluster;
+pub mod operator;
 pub mod pki;
 pub mod process;
 

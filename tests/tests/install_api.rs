@@ -4,35 +4,14 @@
 use anyhow::ensure;
 use bowline_api::install::MeshInstallation;
 use bowline_tests::LocalCluster;
-use bowline_tests::cluster::wait_until;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use bowline_tests::operator::install_crds;
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 use serde_json::{Value, json};
 
 async fn client_with_crds() -> anyhow::Result<Client> {
-    let cluster = LocalCluster::shared()?;
-    let client = cluster.client().await?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in bowline_api::crds::all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.patch(
-            &name,
-            &PatchParams::apply("bowline-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        wait_until(&format!("CRD {name} to be Established"), || async {
-            let crd = crds.get(&name).await?;
-            Ok(crd
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True"))
-        })
-        .await?;
-    }
+    let client = LocalCluster::shared()?.client().await?;
+    install_crds(&client).await?;
     Ok(client)
 }
 

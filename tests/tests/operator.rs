@@ -11,83 +11,42 @@ use anyhow::{Context, ensure};
 use bowline_api::install::{MeshInstallation, MeshInstallationStatus};
 use bowline_tests::LocalCluster;
 use bowline_tests::cluster::wait_until;
+use bowline_tests::operator::{Operator, install_crds, operator_token};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::rbac::v1::ClusterRole;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::Reporter;
 use serde_json::{Value, json};
 
-/// Applies the CRDs and starts one operator, on a thread and runtime of its
-/// own, for every test here.
+/// Applies the CRDs and config/rbac, and starts one operator for every test
+/// here, authenticated as its own ServiceAccount: everything these tests see
+/// it do, that RBAC allows.
 fn operator() -> anyhow::Result<&'static LocalCluster> {
-    static STARTED: OnceLock<Result<(), String>> = OnceLock::new();
+    static STARTED: OnceLock<Result<Operator, String>> = OnceLock::new();
     let cluster = LocalCluster::shared()?;
     STARTED
         .get_or_init(|| {
-            let (ready_tx, ready_rx) = std::sync::mpsc::channel();
             std::thread::spawn(move || {
-                let runtime = tokio::runtime::Runtime::new().expect("runtime");
-                runtime.block_on(async move {
-                    let started = async {
+                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                runtime
+                    .block_on(async {
                         let client = cluster.client().await?;
                         install_crds(&client).await?;
-                        anyhow::Ok(client)
-                    }
-                    .await;
-                    match started {
-                        Ok(client) => {
-                            let _ = ready_tx.send(Ok(()));
-                            let reporter = Reporter {
-                                controller: "bowline-operator".into(),
-                                instance: Some("tests".into()),
-                            };
-                            bowline_operator::controller::run(client, Default::default(), reporter)
-                                .await;
-                        }
-                        Err(e) => {
-                            let _ = ready_tx.send(Err(e.to_string()));
-                        }
-                    }
-                });
-            });
-            ready_rx
-                .recv()
-                .unwrap_or_else(|_| Err("the operator thread died".into()))
+                        let token = operator_token(cluster, &client).await?;
+                        Operator::start(cluster.config_with_token(&token).await?, None)
+                    })
+                    .map_err(|e| e.to_string())
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the operator start-up thread panicked".into()))
         })
-        .clone()
-        .map_err(anyhow::Error::msg)?;
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(cluster)
-}
-
-async fn install_crds(client: &Client) -> anyhow::Result<()> {
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    for crd in bowline_api::crds::all() {
-        let name = crd.metadata.name.clone().unwrap_or_default();
-        crds.patch(
-            &name,
-            &PatchParams::apply("bowline-tests").force(),
-            &Patch::Apply(&crd),
-        )
-        .await?;
-        wait_until(&format!("CRD {name} to be Established"), || async {
-            Ok(crds
-                .get(&name)
-                .await?
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True"))
-        })
-        .await?;
-    }
-    Ok(())
 }
 
 /// A MeshInstallation named `name` installing into a namespace of the same
@@ -122,14 +81,16 @@ async fn wait_ready(
     api: &Api<MeshInstallation>,
     name: &str,
 ) -> anyhow::Result<MeshInstallationStatus> {
-    wait_until(&format!("MeshInstallation {name} to be Ready"), || async {
+    let waited = wait_until(&format!("MeshInstallation {name} to be Ready"), || async {
         let mesh = api.get(name).await?;
         let status = mesh.status.unwrap_or_default();
         Ok(condition(&status, "Ready") == Some("True")
             && status.observed_generation == mesh.metadata.generation)
     })
-    .await?;
-    Ok(api.get_status(name).await?.status.unwrap_or_default())
+    .await;
+    let status = api.get_status(name).await?.status.unwrap_or_default();
+    waited.with_context(|| format!("its status: {:#?}", status.conditions))?;
+    Ok(status)
 }
 
 fn deployment_names(status: &MeshInstallationStatus) -> Vec<String> {

@@ -72,10 +72,8 @@ pub fn deployment_objects(target: &Target<'_>, w: &Workload<'_>) -> Result<Vec<M
 fn deployment(target: &Target<'_>, w: &Workload<'_>) -> Result<Deployment> {
     let mut container = w.container.clone();
     container.resources = w.settings.resources.clone().or(container.resources);
-    container.env = Some(merge_env(
-        container.env.take().unwrap_or_default(),
-        &w.settings.env,
-    ));
+    let env = merge_env(container.env.take().unwrap_or_default(), &w.settings.env);
+    container.env = (!env.is_empty()).then_some(env);
     container.security_context = Some(SecurityContext {
         allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),

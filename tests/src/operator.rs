@@ -1,0 +1,211 @@
+//! Running the Bowline operator against a local cluster, in-process, with
+//! its metrics at hand (API requests included).
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use bowline_operator::metrics::Metrics;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::Reporter;
+use kube::{Client, Config};
+use tokio::sync::oneshot;
+
+use crate::Error;
+use crate::cluster::wait_until;
+
+/// Leader election settings for an instance.
+#[derive(Clone, Debug)]
+pub struct Leader {
+    pub namespace: String,
+    pub identity: String,
+}
+
+/// One operator instance on a thread and runtime of its own; dropping it
+/// stops it.
+#[derive(Debug)]
+pub struct Operator {
+    pub metrics: Arc<Metrics>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Operator {
+    /// Starts an instance that talks to the API server as `config` says:
+    /// with leader election when `leader` is given.
+    pub fn start(config: Config, leader: Option<Leader>) -> Result<Self, Error> {
+        // Its logs go with the test's output (warnings and up, or RUST_LOG).
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "warn".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let metrics = Arc::new(Metrics::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let reporter = Reporter {
+            controller: "bowline-operator".into(),
+            instance: leader.as_ref().map(|l| l.identity.clone()),
+        };
+        let run_metrics = Arc::clone(&metrics);
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e.to_string()));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                // A client's connection pool lives on the runtime that made
+                // it: make them here, on the instance's own runtime.
+                let clients =
+                    bowline_operator::counting_client(config.clone(), Arc::clone(&run_metrics))
+                        .and_then(|counted| Ok((counted, kube::Client::try_from(config)?)));
+                let (client, lease_client) = match clients {
+                    Ok(clients) => clients,
+                    Err(e) => {
+                        let _ = started_tx.send(Err(e.to_string()));
+                        return;
+                    }
+                };
+                let _ = started_tx.send(Ok(()));
+                let work = bowline_operator::controller::run(client, run_metrics, reporter);
+                match leader {
+                    None => {
+                        tokio::select! { _ = work => {}, _ = stopped => {} }
+                    }
+                    Some(leader) => {
+                        // The Lease's own requests are not the controller's:
+                        // they go through a client that is not counted.
+                        let leading = bowline_operator::leader::run_as_leader(
+                            lease_client,
+                            &leader.namespace,
+                            &leader.identity,
+                            work,
+                        );
+                        tokio::select! {
+                            result = leading => {
+                                if let Err(e) = result {
+                                    tracing::warn!(error = %e, "operator instance stopped leading");
+                                }
+                            }
+                            _ = stopped => {}
+                        }
+                    }
+                }
+            });
+        });
+        started_rx
+            .recv()
+            .unwrap_or_else(|_| Err("the operator thread died".into()))
+            .map_err(Error::Shared)?;
+        Ok(Self {
+            metrics,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+
+    /// Write requests this instance has sent so far.
+    pub fn writes(&self) -> u64 {
+        self.metrics.api_writes.get()
+    }
+
+    /// Reconciles this instance has finished so far.
+    pub fn reconciles(&self) -> u64 {
+        self.metrics.reconciles.get()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// Applies Bowline's CRDs and waits until the API server serves them.
+pub async fn install_crds(client: &Client) -> Result<(), Error> {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    for crd in bowline_api::crds::all() {
+        let name = crd.metadata.name.clone().unwrap_or_default();
+        crds.patch(
+            &name,
+            &PatchParams::apply("bowline-tests").force(),
+            &Patch::Apply(&crd),
+        )
+        .await?;
+        wait_until(&format!("CRD {name} to be Established"), || async {
+            Ok(crds
+                .get(&name)
+                .await?
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True"))
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// The operator's namespace, where config/rbac puts its ServiceAccount.
+pub const OPERATOR_NAMESPACE: &str = "bowline-system";
+
+/// Applies config/rbac with the built kubectl, as an administrator would,
+/// and returns a token of the operator's ServiceAccount: a client with it
+/// may do exactly what that RBAC grants.
+pub async fn operator_token(
+    cluster: &crate::LocalCluster,
+    client: &Client,
+) -> Result<String, Error> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use kube::api::PostParams;
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    if namespaces.get_opt(OPERATOR_NAMESPACE).await?.is_none() {
+        let namespace =
+            serde_json::from_value(serde_json::json!({"metadata": {"name": OPERATOR_NAMESPACE}}))?;
+        match namespaces.create(&PostParams::default(), &namespace).await {
+            Ok(_) => {}
+            Err(kube::Error::Api(status)) if status.is_already_exists() => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let rbac = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/rbac");
+    let output = cluster
+        .kubectl()
+        .args(["apply", "--server-side", "-f"])
+        .arg(&rbac)
+        .output()
+        .map_err(|e| Error::Spawn {
+            name: "kubectl".into(),
+            source: e,
+        })?;
+    if !output.status.success() {
+        return Err(Error::Binaries(format!(
+            "kubectl apply -f {}: {}",
+            rbac.display(),
+            String::from_utf8_lossy(&output.stderr)
+        )));
+    }
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
+    let request: TokenRequest =
+        serde_json::from_value(serde_json::json!({"spec": {"expirationSeconds": 7200}}))?;
+    let token = accounts
+        .create_token_request("bowline-operator", &PostParams::default(), &request)
+        .await?
+        .status
+        .map(|s| s.token)
+        .unwrap_or_default();
+    Ok(token)
+}
