@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint unit k8s deps
+.PHONY: demo cluster test lint k8s deps bench-operator
 
 ## demo: bring the local cluster up, deploy a sample workload, show it, stop.
 demo: k8s
@@ -25,6 +25,12 @@ test: lint k8s
 lint: deps
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+
+## bench-operator: time a demo install, count API requests, measure memory.
+bench-operator: k8s
+	$(CARGO) build --locked --release -p bowline-operator
+	$(CARGO) run --locked --release -q -p bowline-tests --bin bench-operator -- \
+		--operator $(CARGO_TARGET_DIR)/release/bowline-operator
 
 ## k8s: build (or find, when up to date) the local cluster's binaries.
 k8s: deps

@@ -1,0 +1,215 @@
+//! Benchmarks the operator on the local cluster: the release build of
+//! `bowline-operator` runs as a process (so its memory is its own), installs
+//! the demo profile, and is then poked into no-op reconciles.
+//!
+//! Prints: time from apply to Ready, API requests for the install and per
+//! no-op reconcile, and the operator's resident memory idle and at its peak.
+//! Run it with `make bench-operator`.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bowline_api::install::MeshInstallation;
+use bowline_tests::cluster::{free_port, wait_until};
+use bowline_tests::operator::install_crds;
+use bowline_tests::{ClusterOptions, LocalCluster};
+use clap::Parser;
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+struct Args {
+    /// The bowline-operator binary to measure (a release build).
+    #[arg(long, env = "BOWLINE_OPERATOR_BIN")]
+    operator: PathBuf,
+
+    /// Installs (each followed by a deletion) to time.
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+
+    /// No-op reconciles to count requests over.
+    #[arg(long, default_value_t = 20)]
+    noops: u64,
+}
+
+/// The operator process; killed on drop.
+struct OperatorProcess {
+    child: Child,
+    metrics_url: String,
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl OperatorProcess {
+    fn metric(&self, name: &str) -> anyhow::Result<f64> {
+        let output = Command::new("curl")
+            .args(["-sf", &self.metrics_url])
+            .output()?;
+        let text = String::from_utf8(output.stdout)?;
+        Ok(text
+            .lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// Resident and peak resident memory, in MiB.
+    fn memory(&self) -> anyhow::Result<(f64, f64)> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
+        let kib = |key: &str| -> f64 {
+            status
+                .lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Ok((kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0))
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let cluster = LocalCluster::start(ClusterOptions::default()).await?;
+    let client = cluster.client().await?;
+    install_crds(&client).await?;
+
+    let port = free_port()?;
+    let operator = OperatorProcess {
+        child: Command::new(&args.operator)
+            .args([
+                "--leader-elect=false",
+                &format!("--http-address=127.0.0.1:{port}"),
+            ])
+            .env("KUBECONFIG", cluster.kubeconfig())
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting {}", args.operator.display()))?,
+        metrics_url: format!("http://127.0.0.1:{port}/metrics"),
+    };
+    wait_until("the operator's metrics endpoint", || async {
+        Ok(operator.metric("bowline_operator_reconciles").is_ok())
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (idle_rss, _) = operator.memory()?;
+
+    let api: Api<MeshInstallation> = Api::all(client.clone());
+    let mut ready_times = Vec::new();
+    let mut install_requests = Vec::new();
+    for round in 0..args.rounds {
+        let name = format!("bench-{round}");
+        let mesh: MeshInstallation = serde_json::from_value(json!({
+            "apiVersion": "install.bowline.dev/v1alpha1",
+            "kind": "MeshInstallation",
+            "metadata": {"name": name},
+            "spec": {"version": "v0.1.0", "profile": "demo", "namespace": name},
+        }))?;
+        let before = operator.metric("bowline_operator_api_requests_total")?;
+        let started = Instant::now();
+        api.create(&PostParams::default(), &mesh).await?;
+        wait_until("the demo installation to be Ready", || async {
+            let status = api.get(&name).await?.status.unwrap_or_default();
+            Ok(status
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True"))
+        })
+        .await?;
+        ready_times.push(started.elapsed());
+        install_requests.push(operator.metric("bowline_operator_api_requests_total")? - before);
+        if round + 1 < args.rounds {
+            api.delete(&name, &DeleteParams::default()).await?;
+            wait_until("the installation to be deleted", || async {
+                Ok(api.get_opt(&name).await?.is_none())
+            })
+            .await?;
+        }
+    }
+
+    // No-op reconciles: touch the last installation's metadata.
+    let name = format!("bench-{}", args.rounds - 1);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let requests_before = operator.metric("bowline_operator_api_requests_total")?;
+    let writes_before = operator.metric("bowline_operator_api_writes_total")?;
+    let reconciles_before = operator.metric("bowline_operator_reconciles_total")?;
+    for i in 0..args.noops {
+        api.patch(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"annotations": {"bench.bowline.dev/touch": i.to_string()}}}),
+            ),
+        )
+        .await?;
+        let target = reconciles_before + (i + 1) as f64;
+        wait_until("a reconcile", || async {
+            Ok(operator
+                .metric("bowline_operator_reconciles_total")
+                .unwrap_or(0.0)
+                >= target)
+        })
+        .await?;
+    }
+    let reconciles = operator.metric("bowline_operator_reconciles_total")? - reconciles_before;
+    let requests = operator.metric("bowline_operator_api_requests_total")? - requests_before;
+    let writes = operator.metric("bowline_operator_api_writes_total")? - writes_before;
+    let (rss, peak) = operator.memory()?;
+    if reconciles < 1.0 {
+        bail!("no reconcile was observed");
+    }
+
+    let mut sorted = ready_times.clone();
+    sorted.sort();
+    let demo = api.get(&name).await?;
+    let resolved = bowline_operator::profile::resolve(&demo.spec)?;
+    let objects = bowline_operator::render::render(
+        &demo,
+        &resolved,
+        bowline_operator::render::DEFAULT_REVISION,
+    )?;
+    let deployments = objects
+        .iter()
+        .filter(|o| o.resource.kind == "Deployment")
+        .count();
+    println!(
+        "bowline-operator benchmark (demo profile: {} objects, {deployments} Deployments; {} rounds)",
+        objects.len(),
+        args.rounds
+    );
+    println!(
+        "  apply -> Ready          median {:.2} s   (each: {})",
+        sorted[sorted.len() / 2].as_secs_f64(),
+        ready_times
+            .iter()
+            .map(|t| format!("{:.2}", t.as_secs_f64()))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "  API requests, install   {}",
+        install_requests
+            .iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!(
+        "  no-op reconcile         {:.1} requests, {:.1} writes per reconcile ({reconciles:.0} reconciles)",
+        requests / reconciles,
+        writes / reconciles
+    );
+    println!(
+        "  operator RSS            {idle_rss:.1} MiB idle, {rss:.1} MiB after, {peak:.1} MiB peak"
+    );
+    Ok(())
+}
