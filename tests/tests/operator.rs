@@ -436,16 +436,29 @@ async fn deletion_does_not_hang_when_the_namespace_is_already_going() -> anyhow:
     let cluster = operator()?;
     let client = cluster.client().await?;
     let name = "ns-gone";
-    let api = create_mesh(&client, name, json!({"version": "v0.1.0", "profile": "minimal"})).await?;
+    let api = create_mesh(
+        &client,
+        name,
+        json!({"version": "v0.1.0", "profile": "minimal"}),
+    )
+    .await?;
     wait_ready(&api, name).await?;
 
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces.delete(name, &DeleteParams::default()).await?;
     api.delete(name, &DeleteParams::default()).await?;
-    wait_until("the installation to be deleted", || async { Ok(api.get_opt(name).await?.is_none()) }).await?;
-    let lp = kube::api::ListParams::default().labels(&format!("install.bowline.dev/installation={name}"));
+    wait_until("the installation to be deleted", || async {
+        Ok(api.get_opt(name).await?.is_none())
+    })
+    .await?;
+    let lp = kube::api::ListParams::default()
+        .labels(&format!("install.bowline.dev/installation={name}"));
     ensure!(
-        Api::<ClusterRole>::all(client).list(&lp).await?.items.is_empty(),
+        Api::<ClusterRole>::all(client)
+            .list(&lp)
+            .await?
+            .items
+            .is_empty(),
         "its cluster-scoped objects went too"
     );
     Ok(())

@@ -90,6 +90,8 @@ struct AddonWorkload<'a> {
     config_mount: Option<&'a str>,
     /// Writable directories (the root filesystem is read-only).
     scratch: &'a [&'a str],
+    /// Further volumes and where they are mounted.
+    volumes: Vec<(Volume, VolumeMount)>,
     run_as: i64,
     service_account: Option<String>,
 }
@@ -113,6 +115,10 @@ fn addon_workload<'a>(k8s: &'a KubernetesSettings, w: AddonWorkload<'_>) -> Work
             read_only: Some(true),
             ..Default::default()
         });
+    }
+    for (volume, mount) in w.volumes {
+        volumes.push(volume);
+        mounts.push(mount);
     }
     for (i, path) in w.scratch.iter().enumerate() {
         let volume = format!("scratch-{i}");
@@ -272,6 +278,7 @@ fn prometheus(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Manag
             scratch: &["/prometheus"],
             run_as: 65534,
             service_account: Some(addon.name().into()),
+            volumes: Vec::new(),
         },
     );
     objects.extend(workload::deployment_objects(target, &w)?);
@@ -313,8 +320,11 @@ fn prometheus_config(target: &Target<'_>) -> Value {
                 "relabel_configs": [{
                     "source_labels": ["__meta_kubernetes_service_label_app", "__meta_kubernetes_endpoint_port_name"],
                     "action": "keep",
-                    "regex": "istiod;http-monitoring",
-                }],
+                                        "regex": "istiod;http-monitoring",
+                },
+                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+                {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+                ],
             },
             {
                 "job_name": "proxies",
@@ -364,11 +374,51 @@ fn grafana(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>
             "editable": false,
         }],
     });
-    let mut objects = vec![config_map(
-        target,
-        addon,
-        &[("datasources.yaml", datasources)],
-    )?];
+    let providers = json!({
+        "apiVersion": 1,
+        "providers": [{
+            "name": "bowline",
+            "folder": "Bowline",
+            "type": "file",
+            "disableDeletion": true,
+            "options": {"path": GRAFANA_DASHBOARDS},
+        }],
+    });
+    let mut objects = vec![
+        config_map(
+            target,
+            addon,
+            &[
+                ("datasources.yaml", datasources),
+                ("dashboards.yaml", providers),
+            ],
+        )?,
+        Managed::new(&ConfigMap {
+            metadata: target.meta("grafana-dashboards", addon.name()),
+            data: Some(dashboards()?),
+            ..Default::default()
+        })?,
+    ];
+    let provisioning = Volume {
+        name: "provisioning".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: addon.name().into(),
+            items: Some(vec![
+                key_to_path("datasources.yaml", "datasources/datasources.yaml"),
+                key_to_path("dashboards.yaml", "dashboards/dashboards.yaml"),
+            ]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let dashboard_files = Volume {
+        name: "dashboards".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: "grafana-dashboards".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
     let w = addon_workload(
         k8s,
         AddonWorkload {
@@ -385,10 +435,20 @@ fn grafana(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>
                 env("GF_SECURITY_ADMIN_USER", "-"),
             ],
             readiness: ("/api/health", 3000),
-            config_mount: Some("/etc/grafana/provisioning/datasources"),
+            config_mount: None,
             scratch: &["/var/lib/grafana", "/tmp"],
             run_as: 472,
             service_account: None,
+            volumes: vec![
+                (
+                    provisioning,
+                    read_only_mount("provisioning", "/etc/grafana/provisioning"),
+                ),
+                (
+                    dashboard_files,
+                    read_only_mount("dashboards", GRAFANA_DASHBOARDS),
+                ),
+            ],
         },
     );
     objects.extend(workload::deployment_objects(target, &w)?);
@@ -399,6 +459,87 @@ fn grafana(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>
         vec![port("http", 3000, 3000)],
     )?);
     Ok(objects)
+}
+
+/// Where Grafana finds the dashboard files.
+const GRAFANA_DASHBOARDS: &str = "/etc/grafana/dashboards/bowline";
+
+/// The mesh, service, workload and control-plane dashboards, embedded from
+/// `config/dashboards/` and completed with what every panel repeats: the
+/// Prometheus data source, ids and query refIds. File name -> JSON.
+pub fn dashboards() -> Result<BTreeMap<String, String>> {
+    const SOURCES: [(&str, &str); 4] = [
+        ("mesh", include_str!("../../../config/dashboards/mesh.yaml")),
+        (
+            "service",
+            include_str!("../../../config/dashboards/service.yaml"),
+        ),
+        (
+            "workload",
+            include_str!("../../../config/dashboards/workload.yaml"),
+        ),
+        (
+            "controlplane",
+            include_str!("../../../config/dashboards/controlplane.yaml"),
+        ),
+    ];
+    let datasource = json!({"type": "prometheus", "uid": "prometheus"});
+    let mut files = BTreeMap::new();
+    for (name, yaml) in SOURCES {
+        let mut dashboard: Value = serde_saphyr::from_str(yaml).map_err(|e| {
+            Error::InvalidSpec(format!(
+                "config/dashboards/{name}.yaml does not parse (an operator bug): {e}"
+            ))
+        })?;
+        for (id, panel) in dashboard["panels"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+            .enumerate()
+        {
+            panel["id"] = json!(id + 1);
+            panel["datasource"] = datasource.clone();
+            for (i, query) in panel["targets"]
+                .as_array_mut()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                query["refId"] = json!(char::from(b'A' + i as u8).to_string());
+                query["datasource"] = datasource.clone();
+            }
+        }
+        for variable in dashboard["templating"]["list"]
+            .as_array_mut()
+            .into_iter()
+            .flatten()
+        {
+            variable["datasource"] = datasource.clone();
+        }
+        let text = serde_json::to_string_pretty(&dashboard).map_err(|source| Error::Encode {
+            what: format!("dashboard {name}"),
+            source,
+        })?;
+        files.insert(format!("{name}.json"), text);
+    }
+    Ok(files)
+}
+
+fn key_to_path(key: &str, path: &str) -> k8s_openapi::api::core::v1::KeyToPath {
+    k8s_openapi::api::core::v1::KeyToPath {
+        key: key.into(),
+        path: path.into(),
+        ..Default::default()
+    }
+}
+
+fn read_only_mount(volume: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    }
 }
 
 fn jaeger(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>> {
@@ -426,6 +567,7 @@ fn jaeger(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>>
             scratch: &["/tmp"],
             run_as: 10001,
             service_account: None,
+            volumes: Vec::new(),
         },
     );
     let mut objects = workload::deployment_objects(target, &w)?;
@@ -525,6 +667,7 @@ fn kiali(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>> 
             scratch: &[],
             run_as: 1000,
             service_account: Some(addon.name().into()),
+            volumes: Vec::new(),
         },
     );
     objects.extend(workload::deployment_objects(target, &w)?);
@@ -535,4 +678,111 @@ fn kiali(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>> 
         vec![port("http", 20001, 20001), port("http-metrics", 9090, 9090)],
     )?);
     Ok(objects)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The metric names in a PromQL expression: the identifiers left once
+    /// label matchers `{..}`, grouping lists `by (..)`, strings, numbers,
+    /// durations and PromQL's own functions and keywords are set aside.
+    fn metric_names(expr: &str) -> Vec<String> {
+        const PROMQL: [&str; 14] = [
+            "sum",
+            "rate",
+            "irate",
+            "increase",
+            "histogram_quantile",
+            "round",
+            "or",
+            "and",
+            "unless",
+            "vector",
+            "by",
+            "without",
+            "max",
+            "min",
+        ];
+        let mut names = Vec::new();
+        let mut rest = expr;
+        let mut grouping = false;
+        while let Some(c) = rest.chars().next() {
+            if c == '{' || c == '"' || c == '[' || (c == '(' && grouping) {
+                let close = match c {
+                    '{' => '}',
+                    '[' => ']',
+                    '(' => ')',
+                    _ => '"',
+                };
+                let end = rest[1..].find(close).map_or(rest.len(), |i| i + 2);
+                rest = &rest[end..];
+                grouping = false;
+            } else if c.is_ascii_alphabetic() || c == '_' {
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                let word = &rest[..end];
+                grouping = word == "by" || word == "without";
+                if !PROMQL.contains(&word) {
+                    names.push(word.to_string());
+                }
+                rest = &rest[end..];
+            } else {
+                if !c.is_whitespace() {
+                    grouping = false;
+                }
+                rest = &rest[c.len_utf8()..];
+            }
+        }
+        names
+    }
+
+    /// Every metric the dashboards query is one the mesh exports: Istio's
+    /// standard proxy metrics, Istio's control-plane names, or the process
+    /// and `up` series Prometheus has for every target.
+    #[test]
+    fn dashboards_query_only_metrics_the_mesh_exports() {
+        let files = dashboards().unwrap();
+        assert_eq!(files.len(), 4);
+        for (file, text) in files {
+            let dashboard: Value = serde_json::from_str(&text).unwrap();
+            assert!(
+                dashboard["uid"]
+                    .as_str()
+                    .is_some_and(|u| u.starts_with("bowline-")),
+                "{file}"
+            );
+            let panels = dashboard["panels"].as_array().unwrap();
+            assert!(!panels.is_empty(), "{file}");
+            for panel in panels {
+                assert_eq!(panel["datasource"]["uid"], "prometheus");
+                let targets = panel["targets"].as_array().unwrap();
+                assert!(!targets.is_empty(), "{file}: {}", panel["title"]);
+                for target in targets {
+                    let expr = target["expr"].as_str().unwrap();
+                    let names = metric_names(expr);
+                    assert!(!names.is_empty(), "{file}: no metric in {expr}");
+                    for name in names {
+                        assert!(
+                            ["istio_", "pilot_", "citadel_", "process_", "up"]
+                                .iter()
+                                .any(|p| name.starts_with(p)),
+                            "{file}: {name} in {expr}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn metric_names_are_found_in_promql() {
+        assert_eq!(
+            metric_names(
+                "sum by (le) (rate(istio_requests_total{reporter=\"source\"}[1m])) / sum(up{job=\"x\"})"
+            ),
+            ["istio_requests_total", "up"]
+        );
+    }
 }
