@@ -463,3 +463,130 @@ async fn deletion_does_not_hang_when_the_namespace_is_already_going() -> anyhow:
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn fields_the_control_plane_owns_are_left_alone() -> anyhow::Result<()> {
+    let cluster = operator()?;
+    let client = cluster.client().await?;
+    let name = "webhooks";
+    let api = create_mesh(
+        &client,
+        name,
+        json!({"version": "v0.1.0", "profile": "minimal"}),
+    )
+    .await?;
+    wait_ready(&api, name).await?;
+    let validators: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let injectors: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let validator_name = format!("istio-validator-{name}");
+    let injector_name = format!("istio-sidecar-injector-{name}");
+
+    let policies = |v: &ValidatingWebhookConfiguration| -> Vec<Option<String>> {
+        v.webhooks
+            .iter()
+            .flatten()
+            .map(|w| w.failure_policy.clone())
+            .collect()
+    };
+    let created = validators.get(&validator_name).await?;
+    ensure!(
+        policies(&created)
+            .iter()
+            .all(|p| p.as_deref() == Some("Ignore")),
+        "created with Ignore, so that config applies before the control plane serves: {:?}",
+        policies(&created)
+    );
+
+    // What the control plane does once it serves: fill in the caBundle and
+    // make validation strict.
+    let mut validator = created.clone();
+    // Without the operator's hash, the next reconcile applies the object
+    // again rather than finding it as rendered.
+    validator.metadata.annotations = None;
+    for webhook in validator.webhooks.iter_mut().flatten() {
+        webhook.failure_policy = Some("Fail".into());
+        webhook.client_config.ca_bundle = Some(k8s_openapi::ByteString(b"bundle".to_vec()));
+    }
+    validators
+        .replace(
+            &validator_name,
+            &PostParams {
+                field_manager: Some("bowline-controlplane".into()),
+                ..Default::default()
+            },
+            &validator,
+        )
+        .await?;
+    let mut injector = injectors.get(&injector_name).await?;
+    injector.metadata.annotations = None;
+    for webhook in injector.webhooks.iter_mut().flatten() {
+        webhook.client_config.ca_bundle = Some(k8s_openapi::ByteString(b"bundle".to_vec()));
+    }
+    injectors
+        .replace(
+            &injector_name,
+            &PostParams {
+                field_manager: Some("bowline-controlplane".into()),
+                ..Default::default()
+            },
+            &injector,
+        )
+        .await?;
+
+    // The change to the webhooks makes the operator apply them again.
+    let hash = "install.bowline.dev/applied-hash";
+    wait_until("the operator to apply the webhooks again", || async {
+        Ok(validators
+            .get(&validator_name)
+            .await?
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key(hash)
+            && injectors
+                .get(&injector_name)
+                .await?
+                .metadata
+                .annotations
+                .unwrap_or_default()
+                .contains_key(hash))
+    })
+    .await?;
+    let validator = validators.get(&validator_name).await?;
+    ensure!(
+        policies(&validator)
+            .iter()
+            .all(|p| p.as_deref() == Some("Fail")),
+        "failurePolicy stays the control plane's: {:?}",
+        policies(&validator)
+    );
+    let bundles = |hooks: Vec<Option<k8s_openapi::ByteString>>| {
+        hooks
+            .iter()
+            .all(|b| b.as_ref().is_some_and(|b| b.0 == b"bundle"))
+    };
+    ensure!(
+        bundles(
+            validator
+                .webhooks
+                .iter()
+                .flatten()
+                .map(|w| w.client_config.ca_bundle.clone())
+                .collect()
+        ),
+        "the validator's caBundle stays"
+    );
+    let injector = injectors.get(&injector_name).await?;
+    ensure!(
+        bundles(
+            injector
+                .webhooks
+                .iter()
+                .flatten()
+                .map(|w| w.client_config.ca_bundle.clone())
+                .collect()
+        ),
+        "the injector's caBundle stays"
+    );
+    Ok(())
+}
