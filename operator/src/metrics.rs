@@ -112,6 +112,20 @@ impl Metrics {
         }
     }
 
+    /// Requests sent to the API server so far, of every method.
+    pub fn api_requests_total(&self) -> u64 {
+        ["GET", "POST", "PUT", "PATCH", "DELETE"]
+            .into_iter()
+            .map(|method| {
+                self.api_requests
+                    .get_or_create(&RequestLabels {
+                        method: method.into(),
+                    })
+                    .get()
+            })
+            .sum()
+    }
+
     /// The OpenMetrics text of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
