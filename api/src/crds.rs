@@ -3,11 +3,15 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::install::MeshInstallation;
+use crate::install::{MeshInstallation, MeshRevision, MeshRevisionTag};
 
 /// The CRDs, in the order they are applied.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![MeshInstallation::crd()]
+    vec![
+        MeshInstallation::crd(),
+        MeshRevision::crd(),
+        MeshRevisionTag::crd(),
+    ]
 }
 
 /// The file name under `config/crd/` of one CRD: `<group>_<plural>.yaml`.

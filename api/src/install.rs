@@ -2,8 +2,10 @@
 
 mod installation;
 mod mesh_config;
+mod revision;
 mod settings;
 
 pub use installation::*;
 pub use mesh_config::*;
+pub use revision::*;
 pub use settings::*;

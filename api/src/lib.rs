@@ -1,7 +1,8 @@
 //! Bowline's Kubernetes API.
 //!
 //! - [`install`]: `install.bowline.dev/v1alpha1`, Bowline's own API —
-//!   MeshInstallation, the mesh a platform team asks for.
+//!   MeshInstallation, the mesh a platform team asks for; MeshRevision, each
+//!   control-plane revision it runs; MeshRevisionTag, a stable name for one.
 //! - [`crds`]: every CustomResourceDefinition Bowline serves, as the `crdgen`
 //!   binary writes them to `config/crd/`.
 

@@ -153,3 +153,69 @@ async fn cel_rules_refuse_what_the_schema_cannot_say() -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("other changes stay allowed: {e}"))?;
     Ok(())
 }
+
+#[tokio::test]
+async fn revision_tags_are_checked_by_the_api_server() -> anyhow::Result<()> {
+    use bowline_api::install::MeshRevisionTag;
+    let client = client_with_crds().await?;
+    let tags: Api<DynamicObject> =
+        Api::all_with(client, &ApiResource::erase::<MeshRevisionTag>(&()));
+    let tag = |name: &str, kind: &str| -> anyhow::Result<DynamicObject> {
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "install.bowline.dev/v1alpha1",
+            "kind": "MeshRevisionTag",
+            "metadata": {"name": name},
+            "spec": {"targetRef": {"kind": kind, "name": "default"}},
+        }))?)
+    };
+    let message = refused(&tags, &tag("prod-stable", "Deployment")?).await?;
+    ensure!(message.contains("spec.targetRef.kind"), "{message}");
+    let long = "t".repeat(64);
+    let message = refused(&tags, &tag(&long, "MeshInstallation")?).await?;
+    ensure!(
+        message.contains("value of the istio.io/rev label"),
+        "{message}"
+    );
+    tags.create(
+        &PostParams::default(),
+        &tag("prod-stable", "MeshInstallation")?,
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_revision_spec_cannot_change() -> anyhow::Result<()> {
+    use bowline_api::install::MeshRevision;
+    let client = client_with_crds().await?;
+    let revisions: Api<DynamicObject> =
+        Api::all_with(client, &ApiResource::erase::<MeshRevision>(&()));
+    let revision = |version: &str| -> anyhow::Result<DynamicObject> {
+        Ok(serde_json::from_value(json!({
+            "apiVersion": "install.bowline.dev/v1alpha1",
+            "kind": "MeshRevision",
+            "metadata": {"name": "mesh-v0-1-0"},
+            "spec": {"installation": "mesh", "version": version, "namespace": "istio-system",
+                     "config": {"version": version, "profile": "minimal"}},
+        }))?)
+    };
+    let created = revisions
+        .create(&PostParams::default(), &revision("v0.1.0")?)
+        .await?;
+    let mut changed = revision("v0.2.0")?;
+    changed.metadata.resource_version = created.metadata.resource_version;
+    match revisions
+        .replace("mesh-v0-1-0", &PostParams::default(), &changed)
+        .await
+    {
+        Err(kube::Error::Api(status)) => {
+            ensure!(
+                status.message.contains("a MeshRevision's spec is fixed"),
+                "{}",
+                status.message
+            )
+        }
+        other => anyhow::bail!("changing a revision must be refused, got {other:?}"),
+    }
+    Ok(())
+}
