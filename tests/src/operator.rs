@@ -12,7 +12,7 @@ use kube::{Client, Config};
 use tokio::sync::oneshot;
 
 use crate::Error;
-use crate::cluster::wait_until;
+use crate::cluster::wait_established;
 
 /// Leader election settings for an instance.
 #[derive(Clone, Debug)]
@@ -142,17 +142,7 @@ pub async fn install_crds(client: &Client) -> Result<(), Error> {
             &Patch::Apply(&crd),
         )
         .await?;
-        wait_until(&format!("CRD {name} to be Established"), || async {
-            Ok(crds
-                .get(&name)
-                .await?
-                .status
-                .and_then(|s| s.conditions)
-                .unwrap_or_default()
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True"))
-        })
-        .await?;
+        wait_established(&crds, &name).await?;
     }
     Ok(())
 }

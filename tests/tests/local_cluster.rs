@@ -4,7 +4,7 @@
 
 use anyhow::{Context, ensure};
 use bowline_tests::LocalCluster;
-use bowline_tests::cluster::wait_until;
+use bowline_tests::cluster::{wait_established, wait_until};
 use k8s_openapi::api::apps::v1::{Deployment, ReplicaSet};
 use k8s_openapi::api::authentication::v1::{SelfSubjectReview, TokenRequest, TokenReview};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret, ServiceAccount};
@@ -66,16 +66,7 @@ async fn crd_schema_and_cel_rules_are_enforced() -> anyhow::Result<()> {
         },
     }))?;
     crds.create(&PostParams::default(), &crd).await?;
-    wait_until("the Widget CRD to be Established", || async {
-        let crd = crds.get("widgets.tests.bowline.dev").await?;
-        Ok(crd
-            .status
-            .and_then(|s| s.conditions)
-            .unwrap_or_default()
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True"))
-    })
-    .await?;
+    wait_established(&crds, "widgets.tests.bowline.dev").await?;
 
     let gvk = GroupVersionKind::gvk("tests.bowline.dev", "v1", "Widget");
     let widgets: Api<DynamicObject> =

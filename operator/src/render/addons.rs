@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 
 use bowline_api::install::{AddonComponent, KubernetesSettings, ServiceType};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    HTTPGetAction, Probe, ServiceAccount, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, HTTPGetAction, Probe,
+    ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use super::controlplane::{ISTIO_GROUPS, role_ref, rule, subject};
 use super::meta::{Managed, Target};
-use super::workload::{self, Workload, env, port};
+use super::workload::{self, Workload, container_ports, env, port};
 use crate::error::{Error, Result};
 
 /// The addons, in the order they are rendered.
@@ -147,17 +147,7 @@ fn addon_workload<'a>(k8s: &'a KubernetesSettings, w: AddonWorkload<'_>) -> Work
             image: Some(w.image.into()),
             args: (!w.args.is_empty()).then_some(w.args),
             env: Some(w.env),
-            ports: Some(
-                w.ports
-                    .iter()
-                    .map(|(port_name, port)| ContainerPort {
-                        name: Some(port_name.to_string()),
-                        container_port: *port,
-                        protocol: Some("TCP".into()),
-                        ..Default::default()
-                    })
-                    .collect(),
-            ),
+            ports: container_ports(w.ports),
             readiness_probe: Some(Probe {
                 http_get: Some(HTTPGetAction {
                     path: Some(w.readiness.0.into()),
@@ -176,6 +166,17 @@ fn addon_workload<'a>(k8s: &'a KubernetesSettings, w: AddonWorkload<'_>) -> Work
         settings: k8s,
         settings_path: format!("spec.addons.{}", w.addon.name()),
     }
+}
+
+/// An addon's Deployment (with its HPA and PDB) and its ClusterIP Service.
+fn deployment_and_service(
+    target: &Target<'_>,
+    w: &Workload<'_>,
+    ports: Vec<k8s_openapi::api::core::v1::ServicePort>,
+) -> Result<Vec<Managed>> {
+    let mut objects = workload::deployment_objects(target, w)?;
+    objects.push(workload::service(target, w, ServiceType::ClusterIP, ports)?);
+    Ok(objects)
 }
 
 /// A ConfigMap named after the addon, holding `files` as YAML or JSON.
@@ -281,11 +282,9 @@ fn prometheus(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Manag
             volumes: Vec::new(),
         },
     );
-    objects.extend(workload::deployment_objects(target, &w)?);
-    objects.push(workload::service(
+    objects.extend(deployment_and_service(
         target,
         &w,
-        ServiceType::ClusterIP,
         vec![port("http", 9090, 9090)],
     )?);
     Ok(objects)
@@ -451,11 +450,9 @@ fn grafana(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>
             ],
         },
     );
-    objects.extend(workload::deployment_objects(target, &w)?);
-    objects.push(workload::service(
+    objects.extend(deployment_and_service(
         target,
         &w,
-        ServiceType::ClusterIP,
         vec![port("http", 3000, 3000)],
     )?);
     Ok(objects)
@@ -670,11 +667,9 @@ fn kiali(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>> 
             volumes: Vec::new(),
         },
     );
-    objects.extend(workload::deployment_objects(target, &w)?);
-    objects.push(workload::service(
+    objects.extend(deployment_and_service(
         target,
         &w,
-        ServiceType::ClusterIP,
         vec![port("http", 20001, 20001), port("http-metrics", 9090, 9090)],
     )?);
     Ok(objects)

@@ -13,8 +13,8 @@ use k8s_openapi::api::admissionregistration::v1::{
     ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
 };
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, Probe,
-    SecretVolumeSource, ServiceAccount, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, HTTPGetAction, Probe, SecretVolumeSource,
+    ServiceAccount, Volume, VolumeMount,
 };
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelecto
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::meta::{DEFAULT_REVISION, Managed, Target};
-use super::workload::{self, Workload, env, env_from_field, port};
+use super::workload::{self, Workload, container_ports, env, env_from_field, port};
 use crate::error::{Error, Result};
 
 pub const COMPONENT: &str = "controlplane";
@@ -178,22 +178,12 @@ fn container(target: &Target<'_>, names: &ControlPlaneNames) -> Container {
     Container {
         name: "discovery".into(),
         image: Some(target.resolved.image("controlplane")),
-        ports: Some(
-            [
-                ("grpc-xds", 15010),
-                ("tls-xds", 15012),
-                ("http-monitoring", 15014),
-                ("https-webhook", 15017),
-            ]
-            .into_iter()
-            .map(|(name, port)| ContainerPort {
-                name: Some(name.into()),
-                container_port: port,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            })
-            .collect(),
-        ),
+        ports: container_ports(&[
+            ("grpc-xds", 15010),
+            ("tls-xds", 15012),
+            ("http-monitoring", 15014),
+            ("https-webhook", 15017),
+        ]),
         env: Some(vec![
             env("REVISION", target.revision),
             env_from_field("POD_NAME", "metadata.name"),

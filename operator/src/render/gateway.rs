@@ -5,15 +5,15 @@ use std::collections::BTreeMap;
 
 use bowline_api::install::{GatewayComponent, ServiceType};
 use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, Probe, ProjectedVolumeSource,
-    ServiceAccount, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+    ConfigMapVolumeSource, Container, HTTPGetAction, Probe, ProjectedVolumeSource, ServiceAccount,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::controlplane::{ControlPlaneNames, MESH_UID, role_ref, rule, subject};
 use super::meta::{Managed, Target};
-use super::workload::{self, Workload, env, env_from_field, port};
+use super::workload::{self, Workload, container_ports, env, env_from_field, port};
 use crate::error::Result;
 
 /// Which way a gateway faces.
@@ -148,22 +148,12 @@ fn container(target: &Target<'_>) -> Container {
         name: "istio-proxy".into(),
         image: Some(target.resolved.image("proxy")),
         args: Some(vec!["gateway".into()]),
-        ports: Some(
-            [
-                ("http2", 8080),
-                ("https", 8443),
-                ("status-port", 15021),
-                ("http-envoy-prom", 15090),
-            ]
-            .into_iter()
-            .map(|(name, port)| ContainerPort {
-                name: Some(name.into()),
-                container_port: port,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            })
-            .collect(),
-        ),
+        ports: container_ports(&[
+            ("http2", 8080),
+            ("https", 8443),
+            ("status-port", 15021),
+            ("http-envoy-prom", 15090),
+        ]),
         env: Some(vec![
             env(
                 "DISCOVERY_ADDRESS",

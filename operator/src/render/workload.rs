@@ -12,8 +12,8 @@ use k8s_openapi::api::autoscaling::v2::{
     MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    Capabilities, Container, ContainerPort, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -264,6 +264,21 @@ pub fn service(
         }),
         ..Default::default()
     })
+}
+
+/// TCP container ports, by name.
+pub fn container_ports(ports: &[(&str, i32)]) -> Option<Vec<ContainerPort>> {
+    Some(
+        ports
+            .iter()
+            .map(|(name, port)| ContainerPort {
+                name: Some(name.to_string()),
+                container_port: *port,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            })
+            .collect(),
+    )
 }
 
 /// A TCP Service port named for Istio's protocol selection.
