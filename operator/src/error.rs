@@ -88,5 +88,17 @@ impl Error {
 /// How long to wait before retrying after the `attempt`-th consecutive
 /// transient failure: 1 s doubling to 5 minutes.
 pub fn backoff(attempt: u32) -> Duration {
-    Duration::from_secs(1u64 << attempt.min(8)).min(Duration::from_secs(300))
+    let doubled = 1u64 << attempt.saturating_sub(1).min(9);
+    Duration::from_secs(doubled).min(Duration::from_secs(300))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_from_a_second_to_five_minutes() {
+        let waits: Vec<u64> = (1..=11).map(|a| backoff(a).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300]);
+    }
 }
