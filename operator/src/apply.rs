@@ -16,16 +16,15 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
-use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
-};
+use kube::api::{Api, ApiResource, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::core::NamespaceResourceScope;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::Value;
 
+use crate::cache::Caches;
 use crate::error::{Error, Result};
 use crate::render::Managed;
-use crate::render::meta::{INSTALLATION_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
+use crate::render::meta::{MANAGED_BY, MANAGED_BY_LABEL};
 
 /// The field manager of everything the operator applies.
 pub const FIELD_MANAGER: &str = "bowline-operator";
@@ -77,10 +76,10 @@ fn api_for(client: &Client, resource: &ApiResource, namespace: Option<&str>) -> 
 }
 
 /// Applies every object that is not already as rendered.
-pub async fn apply_all(client: &Client, objects: &[Managed]) -> Result<Applied> {
+pub async fn apply_all(client: &Client, caches: &Caches, objects: &[Managed]) -> Result<Applied> {
     let mut applied = Applied::default();
     for managed in objects {
-        if apply_one(client, managed).await? {
+        if apply_one(client, caches, managed).await? {
             applied.changed.push(managed.describe());
         }
     }
@@ -88,7 +87,7 @@ pub async fn apply_all(client: &Client, objects: &[Managed]) -> Result<Applied> 
 }
 
 /// Applies one object if needed; says whether it wrote.
-async fn apply_one(client: &Client, managed: &Managed) -> Result<bool> {
+async fn apply_one(client: &Client, caches: &Caches, managed: &Managed) -> Result<bool> {
     let api = api_for(client, &managed.resource, managed.namespace().as_deref());
     let name = managed.name();
     let mut desired = managed.object.clone();
@@ -97,11 +96,10 @@ async fn apply_one(client: &Client, managed: &Managed) -> Result<bool> {
         .annotations_mut()
         .insert(APPLIED_HASH_ANNOTATION.into(), hash.clone());
 
-    let live = api
-        .get_opt(&name)
-        .await
-        .map_err(Error::kube(format!("reading {}", managed.describe())))?;
-    match &live {
+    // The cache may lag behind a write of a moment ago: the worst that does
+    // is one apply too many.
+    let live = caches.get(&managed.resource, managed.namespace().as_deref(), &name);
+    match live.as_deref() {
         Some(live) if live.annotations().get(APPLIED_HASH_ANNOTATION) == Some(&hash) => {
             let desired_value = encode(&desired, managed)?;
             let live_value = encode(live, managed)?;
@@ -202,41 +200,35 @@ fn is_empty(value: &Value) -> bool {
 }
 
 /// Deletes what the operator made for `installation` and did not render this
-/// time. Returns what it deleted.
-pub async fn prune(client: &Client, installation: &str, kept: &[Managed]) -> Result<Vec<String>> {
+/// time, as its caches know it. Returns what it deleted.
+pub async fn prune(
+    client: &Client,
+    caches: &Caches,
+    installation: &str,
+    kept: &[Managed],
+) -> Result<Vec<String>> {
     let kept: BTreeSet<(String, Option<String>, String)> = kept
         .iter()
         .map(|m| (m.resource.kind.clone(), m.namespace(), m.name()))
         .collect();
-    let selector = format!("{INSTALLATION_LABEL}={installation},{MANAGED_BY_LABEL}={MANAGED_BY}");
     let mut deleted = Vec::new();
-    for (resource, _) in managed_kinds() {
-        let api: Api<DynamicObject> = Api::all_with(client.clone(), &resource);
-        let listed = api
-            .list_metadata(&ListParams::default().labels(&selector))
+    for (resource, object) in caches.of_installation(installation) {
+        let name = object.name_any();
+        let namespace = object.namespace();
+        if kept.contains(&(resource.kind.clone(), namespace.clone(), name.clone())) {
+            continue;
+        }
+        let what = match &namespace {
+            Some(ns) => format!("{} {ns}/{name}", resource.kind),
+            None => format!("{} {name}", resource.kind),
+        };
+        match api_for(client, &resource, namespace.as_deref())
+            .delete(&name, &DeleteParams::background())
             .await
-            .map_err(Error::kube(format!(
-                "listing {}s of {installation}",
-                resource.kind
-            )))?;
-        for object in listed.items {
-            let name = object.name_any();
-            let namespace = object.namespace();
-            if kept.contains(&(resource.kind.clone(), namespace.clone(), name.clone())) {
-                continue;
-            }
-            let what = match &namespace {
-                Some(ns) => format!("{} {ns}/{name}", resource.kind),
-                None => format!("{} {name}", resource.kind),
-            };
-            match api_for(client, &resource, namespace.as_deref())
-                .delete(&name, &DeleteParams::background())
-                .await
-            {
-                Ok(_) => deleted.push(what),
-                Err(kube::Error::Api(status)) if status.is_not_found() => {}
-                Err(e) => return Err(Error::kube(format!("deleting {what}"))(e)),
-            }
+        {
+            Ok(_) => deleted.push(what),
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            Err(e) => return Err(Error::kube(format!("deleting {what}"))(e)),
         }
     }
     Ok(deleted)

@@ -7,16 +7,9 @@ use std::time::{Duration, Instant};
 
 use bowline_api::install::{MeshInstallation, MeshInstallationStatus};
 use futures::StreamExt;
-use k8s_openapi::api::admissionregistration::v1::{
-    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
-};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ApiResource, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
@@ -26,6 +19,7 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::apply::{self, FIELD_MANAGER};
+use crate::cache::Caches;
 use crate::error::{Error, Result, backoff};
 use crate::metrics::Metrics;
 use crate::profile::{self, Resolved};
@@ -44,6 +38,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Every MeshInstallation, for conflicts between them.
     pub installations: Store<MeshInstallation>,
+    /// Every object the operator manages, as its watches see them.
+    pub caches: Caches,
     /// Consecutive transient failures per installation, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -57,48 +53,22 @@ impl std::fmt::Debug for Context {
 /// Runs the controller until the process is asked to stop.
 pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
     let installations: Api<MeshInstallation> = Api::all(client.clone());
-    let owned = watcher::Config::default().labels(&format!(
-        "{}={}",
-        render::meta::MANAGED_BY_LABEL,
-        render::meta::MANAGED_BY
-    ));
-    let controller = Controller::new(installations, watcher::Config::default());
+    let mut controller = Controller::new(installations, watcher::Config::default());
+    let (caches, streams) = Caches::watch(&client);
+    // Owning every kind it renders puts back what others delete or change;
+    // the same watches fill the caches reconciles read from.
+    for (resource, stream) in streams {
+        controller = controller.owns_stream_with(stream, resource);
+    }
     let context = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
         installations: controller.store(),
+        caches,
         failures: Mutex::default(),
     });
-    // Owning every kind it renders puts back what others delete or change.
     controller
-        .owns(Api::<Deployment>::all(client.clone()), owned.clone())
-        .owns(Api::<Service>::all(client.clone()), owned.clone())
-        .owns(Api::<ConfigMap>::all(client.clone()), owned.clone())
-        .owns(Api::<ServiceAccount>::all(client.clone()), owned.clone())
-        .owns(Api::<Role>::all(client.clone()), owned.clone())
-        .owns(Api::<RoleBinding>::all(client.clone()), owned.clone())
-        .owns(
-            Api::<HorizontalPodAutoscaler>::all(client.clone()),
-            owned.clone(),
-        )
-        .owns(
-            Api::<PodDisruptionBudget>::all(client.clone()),
-            owned.clone(),
-        )
-        .owns(Api::<ClusterRole>::all(client.clone()), owned.clone())
-        .owns(
-            Api::<ClusterRoleBinding>::all(client.clone()),
-            owned.clone(),
-        )
-        .owns(
-            Api::<MutatingWebhookConfiguration>::all(client.clone()),
-            owned.clone(),
-        )
-        .owns(
-            Api::<ValidatingWebhookConfiguration>::all(client.clone()),
-            owned,
-        )
         .shutdown_on_signal()
         .run(reconcile, error_policy, context)
         .for_each(|result| async move {
@@ -143,6 +113,7 @@ fn error_policy(installation: Arc<MeshInstallation>, error: &Error, ctx: Arc<Con
 /// Installs or updates everything, then writes status.
 async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action> {
     let name = installation.name_any();
+    ctx.caches.ready().await;
     let resolved = profile::resolve(&installation.spec);
     let result = match &resolved {
         Ok(resolved) => install(installation, resolved, ctx).await,
@@ -161,7 +132,7 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
         .ok()
         .filter(|_| !matches!(outcome, Outcome::Invalid(_)));
     let components = match &resolved {
-        Some(resolved) => component_statuses(installation, resolved, &ctx.client).await?,
+        Some(resolved) => component_statuses(installation, resolved, &ctx.caches)?,
         None => Vec::new(),
     };
     let previous = installation.status.as_ref();
@@ -240,8 +211,12 @@ async fn install(
             .into_iter()
             .collect();
     let objects = render::render(installation, resolved, DEFAULT_REVISION)?;
-    changed.extend(apply::apply_all(&ctx.client, &objects).await?.changed);
-    let pruned = apply::prune(&ctx.client, &name, &objects).await?;
+    changed.extend(
+        apply::apply_all(&ctx.client, &ctx.caches, &objects)
+            .await?
+            .changed,
+    );
+    let pruned = apply::prune(&ctx.client, &ctx.caches, &name, &objects).await?;
     if !pruned.is_empty() {
         publish(
             ctx,
@@ -290,24 +265,26 @@ fn check_namespace_conflict(
     }
 }
 
-async fn component_statuses(
+fn component_statuses(
     installation: &MeshInstallation,
     resolved: &Resolved,
-    client: &Client,
+    caches: &Caches,
 ) -> Result<Vec<bowline_api::install::ComponentStatus>> {
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), resolved.namespace());
-    let mut statuses = Vec::new();
-    for component in render::components(installation, resolved, DEFAULT_REVISION) {
-        let deployment = deployments
-            .get_opt(&component.deployment)
-            .await
-            .map_err(Error::kube(format!(
-                "reading Deployment {}",
-                component.deployment
-            )))?;
-        statuses.push(status::component_status(&component, deployment.as_ref()));
-    }
-    Ok(statuses)
+    let resource = ApiResource::erase::<Deployment>(&());
+    render::components(installation, resolved, DEFAULT_REVISION)
+        .into_iter()
+        .map(|component| {
+            let cached = caches.get(&resource, Some(resolved.namespace()), &component.deployment);
+            let deployment: Option<Deployment> = cached
+                .map(|d| serde_json::to_value(&*d).and_then(serde_json::from_value))
+                .transpose()
+                .map_err(|source| Error::Encode {
+                    what: format!("Deployment {}", component.deployment),
+                    source,
+                })?;
+            Ok(status::component_status(&component, deployment.as_ref()))
+        })
+        .collect()
 }
 
 async fn write_status(
@@ -340,7 +317,8 @@ async fn write_status(
 /// every user's mesh configuration.
 async fn cleanup(installation: &MeshInstallation, ctx: &Context) -> Result<Action> {
     let name = installation.name_any();
-    let deleted = apply::prune(&ctx.client, &name, &[]).await?;
+    ctx.caches.ready().await;
+    let deleted = apply::prune(&ctx.client, &ctx.caches, &name, &[]).await?;
     let namespace = installation
         .status
         .as_ref()

@@ -4,6 +4,7 @@
 //! - [`release`]: the releases the operator can install.
 //! - [`render`]: the pure function from a resolved spec to Kubernetes objects.
 //! - [`apply`]: server-side apply, drift detection, pruning, the namespace.
+//! - [`cache`]: watched caches of the managed objects, which reconciles read.
 //! - [`status`]: conditions and component readiness, computed purely.
 //! - [`controller`]: the reconciler that puts these together.
 //! - [`metrics`]: the operator's own metrics, API requests included.
@@ -11,6 +12,7 @@
 //! - [`error`]: the one error type, and whether an error is worth retrying.
 
 pub mod apply;
+pub mod cache;
 pub mod controller;
 pub mod error;
 pub mod leader;

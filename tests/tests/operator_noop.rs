@@ -1,6 +1,7 @@
-//! A reconcile that has nothing to change sends no write request: not an
-//! apply, not a status patch, not an Event. Counted at the operator's own
-//! client, which sees every request it makes.
+//! A reconcile that has nothing to change sends no write request — not an
+//! apply, not a status patch, not an Event — and reads from its caches, not
+//! from the API server. Counted at the operator's own client, which sees
+//! every request it makes.
 
 use std::time::Duration;
 
@@ -26,7 +27,7 @@ async fn settled(count: impl Fn() -> u64, quiet: Duration) {
 }
 
 #[tokio::test]
-async fn a_no_op_reconcile_makes_zero_write_requests() -> anyhow::Result<()> {
+async fn a_no_op_reconcile_writes_nothing_and_reads_its_caches() -> anyhow::Result<()> {
     let cluster = LocalCluster::shared()?;
     let client = cluster.client().await?;
     install_crds(&client).await?;
@@ -58,6 +59,7 @@ async fn a_no_op_reconcile_makes_zero_write_requests() -> anyhow::Result<()> {
     // Touching the object (not its spec) triggers a reconcile that has
     // nothing to do.
     let (writes, reconciles) = (operator.writes(), operator.reconciles());
+    let requests = operator.metrics.api_requests_total();
     api.patch(
         "noop",
         &PatchParams::default(),
@@ -73,11 +75,19 @@ async fn a_no_op_reconcile_makes_zero_write_requests() -> anyhow::Result<()> {
         Duration::from_secs(2),
     )
     .await;
-    let requests = operator.metrics.encode();
+    let all = operator.metrics.encode();
     ensure!(
         operator.writes() == writes,
-        "{} write requests from a no-op reconcile; requests so far:\n{requests}",
+        "{} write requests from a no-op reconcile; requests so far:\n{all}",
         operator.writes() - writes
+    );
+    let reconciled = operator.reconciles() - reconciles;
+    let per_reconcile =
+        (operator.metrics.api_requests_total() - requests) as f64 / reconciled as f64;
+    // The one read left is the mesh namespace's (it is not cached).
+    ensure!(
+        per_reconcile <= 1.0,
+        "{per_reconcile} requests per no-op reconcile over {reconciled}; requests so far:\n{all}"
     );
     Ok(())
 }
