@@ -49,6 +49,19 @@ fn operator() -> anyhow::Result<&'static LocalCluster> {
     Ok(cluster)
 }
 
+/// A Ready installation of `profile`, named and namespaced `name`.
+async fn installed(name: &str, profile: &str) -> anyhow::Result<(Client, Api<MeshInstallation>)> {
+    let client = operator()?.client().await?;
+    let api = create_mesh(
+        &client,
+        name,
+        json!({"version": "v0.1.0", "profile": profile}),
+    )
+    .await?;
+    wait_ready(&api, name).await?;
+    Ok((client, api))
+}
+
 /// A MeshInstallation named `name` installing into a namespace of the same
 /// name (unique per test).
 async fn create_mesh(
@@ -212,16 +225,8 @@ async fn every_profile_installs_and_becomes_ready() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn drift_is_put_back() -> anyhow::Result<()> {
-    let cluster = operator()?;
-    let client = cluster.client().await?;
     let name = "drift";
-    let api = create_mesh(
-        &client,
-        name,
-        json!({"version": "v0.1.0", "profile": "minimal"}),
-    )
-    .await?;
-    wait_ready(&api, name).await?;
+    let (client, api) = installed(name, "minimal").await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), name);
 
     let before = deployments.get("istiod").await?.metadata.uid;
@@ -310,16 +315,8 @@ async fn switching_an_addon_off_prunes_it() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn an_invalid_spec_stalls_and_keeps_what_runs() -> anyhow::Result<()> {
-    let cluster = operator()?;
-    let client = cluster.client().await?;
     let name = "stalled";
-    let api = create_mesh(
-        &client,
-        name,
-        json!({"version": "v0.1.0", "profile": "minimal"}),
-    )
-    .await?;
-    wait_ready(&api, name).await?;
+    let (client, api) = installed(name, "minimal").await?;
 
     api.patch(
         name,
@@ -433,16 +430,8 @@ async fn deletion_removes_everything_it_created() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn deletion_does_not_hang_when_the_namespace_is_already_going() -> anyhow::Result<()> {
-    let cluster = operator()?;
-    let client = cluster.client().await?;
     let name = "ns-gone";
-    let api = create_mesh(
-        &client,
-        name,
-        json!({"version": "v0.1.0", "profile": "minimal"}),
-    )
-    .await?;
-    wait_ready(&api, name).await?;
+    let (client, api) = installed(name, "minimal").await?;
 
     let namespaces: Api<Namespace> = Api::all(client.clone());
     namespaces.delete(name, &DeleteParams::default()).await?;
@@ -466,16 +455,8 @@ async fn deletion_does_not_hang_when_the_namespace_is_already_going() -> anyhow:
 
 #[tokio::test]
 async fn fields_the_control_plane_owns_are_left_alone() -> anyhow::Result<()> {
-    let cluster = operator()?;
-    let client = cluster.client().await?;
     let name = "webhooks";
-    let api = create_mesh(
-        &client,
-        name,
-        json!({"version": "v0.1.0", "profile": "minimal"}),
-    )
-    .await?;
-    wait_ready(&api, name).await?;
+    let (client, _) = installed(name, "minimal").await?;
     let validators: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     let injectors: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     let validator_name = format!("istio-validator-{name}");
