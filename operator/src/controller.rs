@@ -23,7 +23,7 @@ use crate::cache::Caches;
 use crate::error::{Error, Result, backoff};
 use crate::metrics::Metrics;
 use crate::profile::{self, Resolved};
-use crate::render::{self, DEFAULT_REVISION};
+use crate::render::{self, revision_name};
 use crate::status::{self, Outcome};
 
 /// Keeps the installation until its cluster-scoped objects are removed.
@@ -142,7 +142,7 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
         &outcome,
         components,
         resolved.as_ref().map(|r| r.spec.clone()),
-        resolved.as_ref().map(|_| DEFAULT_REVISION.to_string()),
+        resolved.as_ref().map(|_| revision_name(installation)),
         Time(k8s_openapi::jiff::Timestamp::now()),
     );
     if previous != Some(&new_status) {
@@ -210,7 +210,7 @@ async fn install(
             .await?
             .into_iter()
             .collect();
-    let objects = render::render(installation, resolved, DEFAULT_REVISION)?;
+    let objects = render::render(installation, resolved, &revision_name(installation))?;
     changed.extend(
         apply::apply_all(&ctx.client, &ctx.caches, &objects)
             .await?
@@ -271,7 +271,7 @@ fn component_statuses(
     caches: &Caches,
 ) -> Result<Vec<bowline_api::install::ComponentStatus>> {
     let resource = ApiResource::erase::<Deployment>(&());
-    render::components(installation, resolved, DEFAULT_REVISION)
+    render::components(installation, resolved, &revision_name(installation))
         .into_iter()
         .map(|component| {
             let cached = caches.get(&resource, Some(resolved.namespace()), &component.deployment);

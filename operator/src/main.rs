@@ -9,7 +9,6 @@ use axum::Router;
 use axum::routing::get;
 use bowline_api::install::MeshInstallation;
 use bowline_operator::metrics::Metrics;
-use bowline_operator::render::DEFAULT_REVISION;
 use bowline_operator::{controller, leader, profile, release, render};
 use clap::{Parser, Subcommand};
 use kube::runtime::events::Reporter;
@@ -79,7 +78,11 @@ async fn main() -> anyhow::Result<()> {
                 .uid
                 .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
             let resolved = profile::resolve(&installation.spec)?;
-            let objects = render::render(&installation, &resolved, DEFAULT_REVISION)?;
+            let objects = render::render(
+                &installation,
+                &resolved,
+                &render::revision_name(&installation),
+            )?;
             print!("{}", render::to_yaml(&objects)?);
             Ok(())
         }

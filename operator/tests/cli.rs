@@ -35,7 +35,7 @@ fn render_prints_what_the_sample_installs() {
     );
     assert!(yaml.contains("image: ghcr.io/bowline-mesh/controlplane:0.1.0"));
     assert!(yaml.contains("name: istio-egressgateway"));
-    assert!(yaml.contains("install.bowline.dev/installation: demo"));
+    assert!(yaml.contains("install.bowline.dev/installation: default"));
 }
 
 #[test]

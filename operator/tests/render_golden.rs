@@ -7,11 +7,12 @@ use std::path::PathBuf;
 
 use bowline_api::install::{MeshInstallation, MeshInstallationSpec, Profile};
 use bowline_operator::profile;
-use bowline_operator::render::{self, DEFAULT_REVISION};
+use bowline_operator::render;
 
 fn installation(profile: Profile) -> MeshInstallation {
+    // Named `default`: Istio's default revision, the one most meshes run.
     let mut mesh = MeshInstallation::new(
-        "mesh",
+        "default",
         MeshInstallationSpec {
             version: "v0.1.0".into(),
             profile: Some(profile),
@@ -29,7 +30,8 @@ fn every_profile_renders_its_golden_objects() {
     for profile in Profile::ALL {
         let mesh = installation(profile);
         let resolved = profile::resolve(&mesh.spec).expect("resolves");
-        let objects = render::render(&mesh, &resolved, DEFAULT_REVISION).expect("renders");
+        let objects =
+            render::render(&mesh, &resolved, &render::revision_name(&mesh)).expect("renders");
         let yaml = render::to_yaml(&objects).expect("YAML");
         let path = dir.join(format!("{}.yaml", profile.as_str()));
         if update {

@@ -44,6 +44,12 @@ async fn refused(api: &Api<DynamicObject>, object: &DynamicObject) -> anyhow::Re
 async fn schema_refuses_malformed_fields() -> anyhow::Result<()> {
     let api = untyped(client_with_crds().await?);
 
+    let message = refused(&api, &mesh("1st-mesh", json!({"version": "v0.1.0"}))?).await?;
+    ensure!(
+        message.contains("is its control-plane revision"),
+        "the name is checked: {message}"
+    );
+
     let message = refused(&api, &mesh("bad-version", json!({"version": "latest"}))?).await?;
     ensure!(
         message.contains("spec.version"),

@@ -170,7 +170,7 @@ async fn every_profile_installs_and_becomes_ready() -> anyhow::Result<()> {
 
     // The control plane of the default profile, as a user would look for it.
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "profile-default");
-    let istiod = deployments.get("istiod").await?;
+    let istiod = deployments.get("istiod-profile-default").await?;
     let image = istiod
         .spec
         .and_then(|s| s.template.spec)
@@ -215,7 +215,7 @@ async fn every_profile_installs_and_becomes_ready() -> anyhow::Result<()> {
                 "v0.1.0",
                 "demo",
                 "True",
-                "default",
+                "profile-demo",
                 "Healthy"
             ],
         "{stdout}"
@@ -228,14 +228,15 @@ async fn drift_is_put_back() -> anyhow::Result<()> {
     let name = "drift";
     let (client, api) = installed(name, "minimal").await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), name);
+    let istiod = format!("istiod-{name}");
 
-    let before = deployments.get("istiod").await?.metadata.uid;
+    let before = deployments.get(&istiod).await?.metadata.uid;
     deployments
-        .delete("istiod", &DeleteParams::default())
+        .delete(&istiod, &DeleteParams::default())
         .await?;
     wait_until("the deleted control plane to come back", || async {
         Ok(deployments
-            .get_opt("istiod")
+            .get_opt(&istiod)
             .await?
             .is_some_and(|d| d.metadata.uid != before))
     })
@@ -243,7 +244,7 @@ async fn drift_is_put_back() -> anyhow::Result<()> {
 
     deployments
         .patch(
-            "istiod",
+            &istiod,
             &PatchParams::default(),
             &Patch::Merge(json!({"spec": {"replicas": 5}})),
         )
@@ -252,7 +253,7 @@ async fn drift_is_put_back() -> anyhow::Result<()> {
         "the scaled control plane to return to 1 replica",
         || async {
             Ok(deployments
-                .get("istiod")
+                .get(&istiod)
                 .await?
                 .spec
                 .and_then(|s| s.replicas)
@@ -307,7 +308,10 @@ async fn switching_an_addon_off_prunes_it() -> anyhow::Result<()> {
         status.components
     );
     ensure!(
-        deployments.get_opt("istiod").await?.is_some(),
+        deployments
+            .get_opt(&format!("istiod-{name}"))
+            .await?
+            .is_some(),
         "the rest stays"
     );
     Ok(())
@@ -345,7 +349,10 @@ async fn an_invalid_spec_stalls_and_keeps_what_runs() -> anyhow::Result<()> {
     ensure!(status.state.as_deref() == Some("InvalidSpec"), "{status:?}");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), name);
     ensure!(
-        deployments.get_opt("istiod").await?.is_some(),
+        deployments
+            .get_opt(&format!("istiod-{name}"))
+            .await?
+            .is_some(),
         "the running control plane stays"
     );
 
@@ -459,7 +466,7 @@ async fn fields_the_control_plane_owns_are_left_alone() -> anyhow::Result<()> {
     let (client, _) = installed(name, "minimal").await?;
     let validators: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
     let injectors: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    let validator_name = format!("istio-validator-{name}");
+    let validator_name = format!("istio-validator-{name}-{name}");
     let injector_name = format!("istio-sidecar-injector-{name}");
 
     let policies = |v: &ValidatingWebhookConfiguration| -> Vec<Option<String>> {

@@ -17,7 +17,8 @@ const NAMESPACE_IMMUTABLE: &str = "spec.namespace is chosen when the MeshInstall
 
 /// A mesh: which release, which profile, and what to change of it. The
 /// operator installs it and keeps it installed; it never writes to spec, so
-/// GitOps tools see no drift.
+/// GitOps tools see no drift. Its name is the name of its control-plane
+/// revision: the installation named `default` runs Istio's default revision.
 // Each printer column repeats `type_ = "string"`, which clippy takes for a
 // duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
@@ -64,10 +65,12 @@ const NAMESPACE_IMMUTABLE: &str = "spec.namespace is chosen when the MeshInstall
         description = "Healthy, or why not"
     ),
     printcolumn(
-        name = "Age",
+                name = "Age",
         type_ = "date",
         json_path = ".metadata.creationTimestamp"
-    )
+    ),
+    validation = Rule::new("size(self.metadata.name) <= 56 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("a MeshInstallation's name is its control-plane revision (istiod-<name>, istio.io/rev=<name>): at most 56 lowercase letters, digits and dashes, starting with a letter")
 )]
 // The namespace is chosen at creation: a rule here (it may not be added or
 // removed) and one on the field (it may not change). One rule comparing the

@@ -632,6 +632,7 @@ fn kiali(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>> 
         ],
     )?;
     let ns = target.namespace();
+    let control_plane = super::controlplane::ControlPlaneNames::new(target);
     let config = json!({
         "auth": {"strategy": "anonymous"},
         "deployment": {"cluster_wide_access": true, "namespace": ns, "view_only_mode": true},
@@ -643,9 +644,9 @@ fn kiali(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>> 
             "tracing": {"enabled": true, "provider": "jaeger", "use_grpc": false, "internal_url": format!("{}/jaeger", url(target, "tracing", 80)), "external_url": "http://localhost:16686/jaeger"},
             "istio": {
                 "root_namespace": ns,
-                "config_map_name": "istio",
-                "istiod_deployment_name": "istiod",
-                "istio_sidecar_injector_config_map_name": "istio",
+                                "config_map_name": control_plane.mesh_config,
+                "istiod_deployment_name": control_plane.istiod,
+                "istio_sidecar_injector_config_map_name": control_plane.mesh_config,
                 "component_status": {"enabled": false},
             },
         },

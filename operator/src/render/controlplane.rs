@@ -54,17 +54,12 @@ impl ControlPlaneNames {
     pub fn new(target: &Target<'_>) -> Self {
         let suffix = target.revision_suffix();
         let ns = target.namespace();
-        // Istio names the injector without its namespace in istio-system.
-        let ns_suffix = if ns == bowline_api::install::DEFAULT_NAMESPACE {
-            String::new()
-        } else {
-            format!("-{ns}")
-        };
         Self {
             istiod: format!("istiod{suffix}"),
             mesh_config: format!("istio{suffix}"),
             cluster_role: format!("istiod{suffix}-{ns}"),
-            injector: format!("istio-sidecar-injector{suffix}{ns_suffix}"),
+            // Revision names are unique in the cluster, and so is this.
+            injector: format!("istio-sidecar-injector{suffix}"),
             validator: format!("istio-validator{suffix}-{ns}"),
         }
     }
@@ -486,5 +481,104 @@ fn validation_webhook(
                 })
                 .collect(),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bowline_api::install::{MeshInstallation, MeshInstallationSpec, Profile};
+
+    use super::*;
+    use crate::profile;
+
+    fn injector(installation: &str) -> MutatingWebhookConfiguration {
+        let mut mesh = MeshInstallation::new(
+            installation,
+            MeshInstallationSpec {
+                version: "v0.1.0".into(),
+                profile: Some(Profile::Minimal),
+                ..Default::default()
+            },
+        );
+        mesh.metadata.uid = Some("uid".into());
+        let resolved = profile::resolve(&mesh.spec).unwrap();
+        let revision = crate::render::revision_name(&mesh);
+        let target = Target {
+            installation: &mesh,
+            resolved: &resolved,
+            revision: &revision,
+        };
+        injection_webhook(&target, &ControlPlaneNames::new(&target))
+    }
+
+    fn selects(hook: &MutatingWebhook, key: &str, operator: &str, value: Option<&str>) -> bool {
+        let requirements = hook
+            .namespace_selector
+            .iter()
+            .chain(hook.object_selector.iter())
+            .flat_map(|s| s.match_expressions.iter().flatten());
+        requirements.into_iter().any(|r| {
+            r.key == key
+                && r.operator == operator
+                && value.is_none_or(|v| r.values.iter().flatten().any(|x| x == v))
+        })
+    }
+
+    #[test]
+    fn the_default_revision_also_answers_istio_injection_enabled() {
+        let hook = injector("default");
+        assert_eq!(
+            hook.metadata.name.as_deref(),
+            Some("istio-sidecar-injector")
+        );
+        let hooks = hook.webhooks.unwrap();
+        assert_eq!(hooks.len(), 4);
+        assert!(
+            hooks
+                .iter()
+                .any(|h| selects(h, "istio-injection", "In", Some("enabled")))
+        );
+        assert!(
+            hooks
+                .iter()
+                .any(|h| selects(h, "istio.io/rev", "In", Some("default")))
+        );
+        for hook in &hooks {
+            assert_eq!(hook.client_config.service.as_ref().unwrap().name, "istiod");
+            assert!(
+                hook.client_config.ca_bundle.is_none(),
+                "the control plane fills it"
+            );
+        }
+    }
+
+    #[test]
+    fn a_named_revision_answers_only_its_own_label() {
+        let hook = injector("canary");
+        assert_eq!(
+            hook.metadata.name.as_deref(),
+            Some("istio-sidecar-injector-canary")
+        );
+        let hooks = hook.webhooks.unwrap();
+        assert_eq!(hooks.len(), 2);
+        assert!(
+            !hooks
+                .iter()
+                .any(|h| selects(h, "istio-injection", "In", Some("enabled")))
+        );
+        for hook in &hooks {
+            assert!(
+                selects(hook, "istio.io/rev", "In", Some("canary"))
+                    || selects(hook, "istio.io/rev", "DoesNotExist", None)
+            );
+            assert!(
+                selects(hook, "sidecar.istio.io/inject", "NotIn", Some("false")),
+                "an opted-out pod is never injected"
+            );
+            assert_eq!(
+                hook.client_config.service.as_ref().unwrap().name,
+                "istiod-canary"
+            );
+        }
     }
 }

@@ -22,9 +22,17 @@ pub const INSTALLATION_LABEL: &str = "install.bowline.dev/installation";
 /// The control-plane revision an object belongs to (Istio's label).
 pub const REVISION_LABEL: &str = "istio.io/rev";
 
-/// The revision of the control plane in InPlace mode: Istio's name for the
-/// revision that `istio-injection=enabled` selects.
+/// Istio's default revision: the one `istio-injection=enabled` selects.
 pub const DEFAULT_REVISION: &str = "default";
+
+/// The control-plane revision of an installation that updates in place: the
+/// installation's own name, as the Sail operator names it. So the
+/// installation named `default` runs Istio's default revision (`istiod`,
+/// selected by `istio-injection=enabled`), and installations side by side
+/// never share a revision.
+pub fn revision_name(installation: &MeshInstallation) -> String {
+    installation.name_any()
+}
 
 /// One object the operator manages, ready to apply.
 #[derive(Clone, Debug, PartialEq)]

@@ -175,7 +175,7 @@ async fn main() -> anyhow::Result<()> {
     let objects = bowline_operator::render::render(
         &demo,
         &resolved,
-        bowline_operator::render::DEFAULT_REVISION,
+        &bowline_operator::render::revision_name(&demo),
     )?;
     let deployments = objects
         .iter()

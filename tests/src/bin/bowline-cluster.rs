@@ -95,7 +95,7 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<Operator> {
         &[
             "wait",
             "--for=condition=Ready",
-            "meshinstallation/demo",
+            "meshinstallation/default",
             "--timeout=120s",
         ],
     )?;
