@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 
+use bowline_api::install::MeshRevision;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
@@ -65,6 +66,7 @@ pub fn managed_kinds() -> Vec<(ApiResource, bool)> {
         cluster::<ClusterRoleBinding>(),
         cluster::<MutatingWebhookConfiguration>(),
         cluster::<ValidatingWebhookConfiguration>(),
+        cluster::<MeshRevision>(),
     ]
 }
 

@@ -7,13 +7,21 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use kube::api::{Api, ApiResource, DynamicObject};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{Api, ApiResource, DynamicObject, PartialObjectMeta};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
 use crate::apply::managed_kinds;
-use crate::render::meta::{INSTALLATION_LABEL, MANAGED_BY, MANAGED_BY_LABEL};
+use crate::render::meta::{
+    DEFAULT_REVISION, INSTALLATION_LABEL, MANAGED_BY, MANAGED_BY_LABEL, REVISION_LABEL,
+};
+
+/// Istio's namespace label for injection by the default revision.
+pub const INJECTION_LABEL: &str = "istio-injection";
+/// The annotation sidecar injection puts on every pod it injects.
+pub const INJECTION_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 
 /// A watch stream that keeps one cache up to date, for the controller to
 /// poll.
@@ -90,5 +98,128 @@ impl Caches {
                     .map(move |o| (resource.clone(), o))
             })
             .collect()
+    }
+}
+
+/// Who uses the revisions: every Namespace, and every Pod labelled with a
+/// revision, as metadata only (a Pod's spec and status are not needed).
+#[derive(Clone, Debug)]
+pub struct Usage {
+    namespaces: Store<PartialObjectMeta<Namespace>>,
+    pods: Store<PartialObjectMeta<Pod>>,
+}
+
+/// What uses one revision.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RevisionUsage {
+    /// Namespaces whose labels select the revision, sorted.
+    pub namespaces: Vec<String>,
+    /// Pods injected by the revision (labelled with it, and carrying the
+    /// injection's status annotation).
+    pub workloads: i64,
+}
+
+/// Streams that keep [`Usage`] up to date, for the controller to poll.
+pub type NamespaceStream = BoxStream<'static, Result<PartialObjectMeta<Namespace>, watcher::Error>>;
+pub type PodStream = BoxStream<'static, Result<PartialObjectMeta<Pod>, watcher::Error>>;
+
+impl Usage {
+    pub fn watch(client: &Client) -> (Self, NamespaceStream, PodStream) {
+        let namespace_writer = Writer::default();
+        let pod_writer = Writer::default();
+        let usage = Self {
+            namespaces: namespace_writer.as_reader(),
+            pods: pod_writer.as_reader(),
+        };
+        // `Api<PartialObjectMeta<_>>` asks for metadata only.
+        let namespaces = watcher(
+            Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff()
+        .reflect(namespace_writer)
+        .touched_objects()
+        .boxed();
+        let pods = watcher(
+            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
+            watcher::Config::default().labels(REVISION_LABEL),
+        )
+        .default_backoff()
+        .reflect(pod_writer)
+        .touched_objects()
+        .boxed();
+        (usage, namespaces, pods)
+    }
+
+    pub async fn ready(&self) {
+        let _ = self.namespaces.wait_until_ready().await;
+        let _ = self.pods.wait_until_ready().await;
+    }
+
+    /// What uses `revision`, with Istio's precedence: a namespace labelled
+    /// `istio-injection` follows that label (`enabled` means the default
+    /// revision) whatever its `istio.io/rev` says.
+    pub fn of(&self, revision: &str) -> RevisionUsage {
+        let mut namespaces: Vec<String> = self
+            .namespaces
+            .state()
+            .iter()
+            .filter(|ns| namespace_selects(ns.labels(), revision))
+            .map(|ns| ns.name_any())
+            .collect();
+        namespaces.sort();
+        // Injected pods: the mesh's own (control plane, gateways, addons)
+        // carry the revision label too, but no injection status.
+        let workloads = self
+            .pods
+            .state()
+            .iter()
+            .filter(|pod| {
+                pod.labels().get(REVISION_LABEL).map(String::as_str) == Some(revision)
+                    && pod.annotations().contains_key(INJECTION_STATUS_ANNOTATION)
+            })
+            .count() as i64;
+        RevisionUsage {
+            namespaces,
+            workloads,
+        }
+    }
+}
+
+/// Whether a namespace with `labels` injects its pods from `revision`.
+pub fn namespace_selects(
+    labels: &std::collections::BTreeMap<String, String>,
+    revision: &str,
+) -> bool {
+    match labels.get(INJECTION_LABEL) {
+        Some(injection) => injection == "enabled" && revision == DEFAULT_REVISION,
+        None => labels.get(REVISION_LABEL).map(String::as_str) == Some(revision),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn istio_injection_wins_over_the_revision_label() {
+        let enabled = labels(&[("istio-injection", "enabled"), ("istio.io/rev", "canary")]);
+        assert!(namespace_selects(&enabled, "default"));
+        assert!(!namespace_selects(&enabled, "canary"));
+        let disabled = labels(&[("istio-injection", "disabled"), ("istio.io/rev", "canary")]);
+        assert!(!namespace_selects(&disabled, "canary"));
+        assert!(!namespace_selects(&disabled, "default"));
+        let revision = labels(&[("istio.io/rev", "canary")]);
+        assert!(namespace_selects(&revision, "canary"));
+        assert!(!namespace_selects(&labels(&[]), "default"));
     }
 }

@@ -5,7 +5,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bowline_api::install::{MeshInstallation, MeshInstallationStatus};
+use bowline_api::install::{
+    MeshInstallation, MeshInstallationStatus, MeshRevision, MeshRevisionStatus,
+};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -13,13 +15,13 @@ use kube::api::{Api, ApiResource, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::apply::{self, FIELD_MANAGER};
-use crate::cache::Caches;
+use crate::cache::{Caches, Usage};
 use crate::error::{Error, Result, backoff};
 use crate::metrics::Metrics;
 use crate::profile::{self, Resolved};
@@ -40,6 +42,8 @@ pub struct Context {
     pub installations: Store<MeshInstallation>,
     /// Every object the operator manages, as its watches see them.
     pub caches: Caches,
+    /// Namespaces and injected Pods, for what uses each revision.
+    pub usage: Usage,
     /// Consecutive transient failures per installation, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -60,12 +64,31 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
     for (resource, stream) in streams {
         controller = controller.owns_stream_with(stream, resource);
     }
+    // What uses a revision changes with Namespaces and Pods. A pod keeps its
+    // revision label for life; a namespace may drop it, so a namespace
+    // change looks at every installation.
+    let (usage, namespaces, pods) = Usage::watch(&client);
+    let every_installation = controller.store();
+    let controller = controller
+        .watches_stream(namespaces, move |_| {
+            every_installation
+                .state()
+                .iter()
+                .map(|i| ObjectRef::from_obj(i.as_ref()))
+                .collect::<Vec<_>>()
+        })
+        .watches_stream(pods, |pod| {
+            pod.labels()
+                .get(render::meta::REVISION_LABEL)
+                .map(|revision| ObjectRef::new(revision))
+        });
     let context = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client.clone(), reporter),
         metrics,
         installations: controller.store(),
         caches,
+        usage,
         failures: Mutex::default(),
     });
     controller
@@ -76,6 +99,8 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
                 Ok(_) => {}
                 // Logged with its backoff by error_policy.
                 Err(kube::runtime::controller::Error::ReconcilerFailed(..)) => {}
+                // A change to an object whose installation is gone.
+                Err(kube::runtime::controller::Error::ObjectNotFound(..)) => {}
                 // A watch that fails (RBAC, a missing CRD) stops reconciles.
                 Err(e) => tracing::warn!(error = %e, "controller"),
             }
@@ -147,6 +172,13 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
     );
     if previous != Some(&new_status) {
         write_status(installation, &new_status, &ctx.client).await?;
+    }
+    if let Some(control_plane) = new_status
+        .components
+        .iter()
+        .find(|c| c.name == "controlPlane")
+    {
+        write_revision_status(installation, control_plane, ctx).await?;
     }
 
     match result {
@@ -285,6 +317,55 @@ fn component_statuses(
             Ok(status::component_status(&component, deployment.as_ref()))
         })
         .collect()
+}
+
+/// The status of the installation's revision: its control plane's readiness
+/// and what uses it. Written only when it changed.
+async fn write_revision_status(
+    installation: &MeshInstallation,
+    control_plane: &bowline_api::install::ComponentStatus,
+    ctx: &Context,
+) -> Result<()> {
+    let name = revision_name(installation);
+    let Some(cached) = ctx
+        .caches
+        .get(&ApiResource::erase::<MeshRevision>(&()), None, &name)
+    else {
+        // Not in the cache yet: its creation will bring the next reconcile.
+        return Ok(());
+    };
+    let previous: Option<MeshRevisionStatus> = cached
+        .data
+        .get("status")
+        .cloned()
+        .and_then(|s| serde_json::from_value(s).ok());
+    ctx.usage.ready().await;
+    let status = status::revision(
+        previous.as_ref(),
+        cached.metadata.generation,
+        control_plane,
+        &ctx.usage.of(&name),
+        Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    if previous.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": MeshRevision::api_version(&()),
+        "kind": MeshRevision::kind(&()),
+        "status": status,
+    });
+    Api::<MeshRevision>::all(ctx.client.clone())
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(patch),
+        )
+        .await
+        .map_err(Error::kube(format!(
+            "writing the status of MeshRevision {name}"
+        )))?;
+    Ok(())
 }
 
 async fn write_status(

@@ -6,16 +6,18 @@
 //! "abnormal-true" ones Argo CD and Flux read, `Reconciled` and `Ready` the
 //! ones people read.
 
-use bowline_api::install::{ComponentStatus, MeshInstallationStatus};
+use bowline_api::install::{ComponentStatus, MeshInstallationStatus, MeshRevisionStatus};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use crate::cache::RevisionUsage;
 use crate::render::Component;
 
 pub const RECONCILED: &str = "Reconciled";
 pub const READY: &str = "Ready";
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
+pub const IN_USE: &str = "InUse";
 pub const HEALTHY: &str = "Healthy";
 
 /// How the apply step of a reconcile ended.
@@ -149,14 +151,12 @@ pub fn compute(
     };
 
     let mut conditions = vec![reconciled, ready, reconciling, stalled];
-    for c in &mut conditions {
-        c.last_transition_time = previous
-            .and_then(|p| p.conditions.iter().find(|o| o.type_ == c.type_))
-            .filter(|o| o.status == c.status)
-            .map(|o| o.last_transition_time.clone())
-            .unwrap_or_else(|| now.clone());
-        c.observed_generation = generation;
-    }
+    stamp(
+        &mut conditions,
+        previous.map(|p| p.conditions.as_slice()),
+        generation,
+        now,
+    );
     // The first normal-true condition that is not true says what is wrong.
     let state = conditions
         .iter()
@@ -178,6 +178,99 @@ pub fn compute(
             components
         },
         resolved: resolved.or_else(|| previous.and_then(|p| p.resolved.clone())),
+    }
+}
+
+/// A revision's status: Ready from its control plane, InUse from what
+/// selects it or runs its proxies.
+pub fn revision(
+    previous: Option<&MeshRevisionStatus>,
+    generation: Option<i64>,
+    control_plane: &ComponentStatus,
+    usage: &RevisionUsage,
+    now: Time,
+) -> MeshRevisionStatus {
+    let ready = if control_plane.ready {
+        condition(
+            READY,
+            true,
+            "ControlPlaneReady",
+            "its control plane is available",
+        )
+    } else {
+        condition(
+            READY,
+            false,
+            "ControlPlaneNotReady",
+            control_plane.message.as_deref().unwrap_or("not ready"),
+        )
+    };
+    let in_use = if usage.workloads > 0 || !usage.namespaces.is_empty() {
+        let message = format!(
+            "{} workloads run its proxy; namespaces selecting it: {}",
+            usage.workloads,
+            if usage.namespaces.is_empty() {
+                "none".to_string()
+            } else {
+                usage.namespaces.join(", ")
+            }
+        );
+        condition(IN_USE, true, "UsedByWorkloads", &message)
+    } else {
+        condition(
+            IN_USE,
+            false,
+            "NotInUse",
+            "no namespace selects it and no pod runs its proxy",
+        )
+    };
+    let mut conditions = vec![
+        condition(
+            RECONCILED,
+            true,
+            "ReconcileSucceeded",
+            "its objects are applied",
+        ),
+        ready,
+        in_use,
+    ];
+    stamp(
+        &mut conditions,
+        previous.map(|p| p.conditions.as_slice()),
+        generation,
+        now,
+    );
+    let state = conditions
+        .iter()
+        .filter(|c| c.type_ == RECONCILED || c.type_ == READY)
+        .find(|c| c.status != "True")
+        .map(|c| c.reason.clone())
+        .unwrap_or_else(|| HEALTHY.into());
+    MeshRevisionStatus {
+        observed_generation: generation,
+        conditions,
+        state: Some(state),
+        workloads: usage.workloads,
+        namespaces: usage.namespaces.clone(),
+        tags: Vec::new(),
+    }
+}
+
+/// Keeps the lastTransitionTime of conditions whose status did not change,
+/// so an unchanged reconcile computes an unchanged status.
+fn stamp(
+    conditions: &mut [Condition],
+    previous: Option<&[Condition]>,
+    generation: Option<i64>,
+    now: Time,
+) {
+    for c in conditions {
+        c.last_transition_time = previous
+            .and_then(|p| p.iter().find(|o| o.type_ == c.type_))
+            .filter(|o| o.status == c.status)
+            .map(|o| o.last_transition_time.clone())
+            .unwrap_or_else(|| now.clone());
+        c.observed_generation = generation;
     }
 }
 

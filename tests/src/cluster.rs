@@ -27,6 +27,12 @@ use crate::pki::{CertFiles, ClusterPki, FRONT_PROXY_CLIENT};
 use crate::process::ProcessGroup;
 
 /// The ClusterIP range of Services, and the `kubernetes` Service's address.
+///
+/// Nothing on this machine answers these addresses (nor kwok's Pod IPs), and
+/// packets to them would leave loopback. A test must not make the API server
+/// dial one: a webhook whose Service is in the cluster is called at its
+/// ClusterIP, so a test never creates what a registered webhook matches
+/// unless the webhook's server runs on loopback.
 pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
 /// The range kwok hands Pod IPs out of.

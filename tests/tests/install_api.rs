@@ -191,24 +191,24 @@ async fn revision_tags_are_checked_by_the_api_server() -> anyhow::Result<()> {
 }
 
 #[tokio::test]
-async fn a_revision_spec_cannot_change() -> anyhow::Result<()> {
+async fn a_revision_cannot_move_to_another_namespace() -> anyhow::Result<()> {
     use bowline_api::install::MeshRevision;
     let client = client_with_crds().await?;
     let revisions: Api<DynamicObject> =
         Api::all_with(client, &ApiResource::erase::<MeshRevision>(&()));
-    let revision = |version: &str| -> anyhow::Result<DynamicObject> {
+    let revision = |namespace: &str| -> anyhow::Result<DynamicObject> {
         Ok(serde_json::from_value(json!({
             "apiVersion": "install.bowline.dev/v1alpha1",
             "kind": "MeshRevision",
             "metadata": {"name": "mesh-v0-1-0"},
-            "spec": {"installation": "mesh", "version": version, "namespace": "istio-system",
-                     "config": {"version": version, "profile": "minimal"}},
+                        "spec": {"installation": "mesh", "version": "v0.1.0", "namespace": namespace,
+                     "config": {"version": "v0.1.0", "profile": "minimal"}},
         }))?)
     };
     let created = revisions
-        .create(&PostParams::default(), &revision("v0.1.0")?)
+        .create(&PostParams::default(), &revision("istio-system")?)
         .await?;
-    let mut changed = revision("v0.2.0")?;
+    let mut changed = revision("elsewhere")?;
     changed.metadata.resource_version = created.metadata.resource_version;
     match revisions
         .replace("mesh-v0-1-0", &PostParams::default(), &changed)
@@ -216,7 +216,9 @@ async fn a_revision_spec_cannot_change() -> anyhow::Result<()> {
     {
         Err(kube::Error::Api(status)) => {
             ensure!(
-                status.message.contains("a MeshRevision's spec is fixed"),
+                status
+                    .message
+                    .contains("belongs to one installation and namespace"),
                 "{}",
                 status.message
             )

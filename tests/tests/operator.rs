@@ -578,3 +578,120 @@ async fn fields_the_control_plane_owns_are_left_alone() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn a_revision_reports_what_uses_it() -> anyhow::Result<()> {
+    use bowline_api::install::MeshRevision;
+    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+
+    let name = "used";
+    let (client, _) = installed(name, "minimal").await?;
+    let revisions: Api<MeshRevision> = Api::all(client.clone());
+    let condition_of = |revision: &MeshRevision, type_: &str| {
+        revision
+            .status
+            .iter()
+            .flat_map(|s| s.conditions.iter())
+            .find(|c| c.type_ == type_)
+            .map(|c| c.status.clone())
+    };
+    let waited = wait_until("the revision to be Ready and unused", || async {
+        let revision = revisions.get_opt(name).await?;
+        Ok(revision.is_some_and(|r| {
+            condition_of(&r, "Ready").as_deref() == Some("True")
+                && condition_of(&r, "InUse").as_deref() == Some("False")
+        }))
+    })
+    .await;
+    if let Err(e) = waited {
+        let revision = revisions.get_opt(name).await;
+        anyhow::bail!("{e}; the revision: {revision:#?}");
+    }
+
+    // A pod injected by the revision, and its namespace selecting it.
+    //
+    // The injection webhook is registered for real, and its Service has no
+    // process behind it here: the API server would dial its ClusterIP, an
+    // address outside this machine's loopback. So the pod is created with
+    // what injection leaves on it and opted out of injection, and the
+    // namespace is labelled only afterwards (the webhook acts on creation).
+    let apps = "used-apps";
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": apps}}))?,
+        )
+        .await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), apps);
+    wait_until("the default ServiceAccount", || async {
+        Ok(accounts.get_opt("default").await?.is_some())
+    })
+    .await?;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), apps);
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            // What injection leaves on a pod: the revision label and the
+            // injection status annotation.
+            "metadata": {
+                "name": "app",
+                "labels": {"istio.io/rev": name, "sidecar.istio.io/inject": "false"},
+                "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
+            },
+            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+        }))?,
+    )
+    .await?;
+    namespaces
+        .patch(
+            apps,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"istio.io/rev": name}}})),
+        )
+        .await?;
+    wait_until(
+        "the revision to count the namespace and the pod",
+        || async {
+            let status = revisions.get(name).await?.status.unwrap_or_default();
+            Ok(status.workloads == 1
+                && status.namespaces == [apps]
+                && status
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "InUse" && c.status == "True"))
+        },
+    )
+    .await?;
+    let cluster = operator()?;
+    let output = cluster
+        .kubectl()
+        .args(["get", "meshrevision", name, "--no-headers"])
+        .output()?;
+    let row = String::from_utf8(output.stdout)?;
+    let columns: Vec<&str> = row.split_whitespace().collect();
+    ensure!(
+        columns[..6] == [name, name, "v0.1.0", "True", "True", "1"],
+        "{row}"
+    );
+
+    // Nothing uses it any more.
+    pods.delete("app", &DeleteParams::default().grace_period(0))
+        .await?;
+    namespaces
+        .patch(
+            apps,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"istio.io/rev": null}}})),
+        )
+        .await?;
+    wait_until("the revision to be unused again", || async {
+        let revision = revisions.get(name).await?;
+        Ok(condition_of(&revision, "InUse").as_deref() == Some("False")
+            && revision
+                .status
+                .is_some_and(|s| s.workloads == 0 && s.namespaces.is_empty()))
+    })
+    .await?;
+    Ok(())
+}

@@ -8,10 +8,13 @@ use serde::{Deserialize, Serialize};
 
 use super::installation::MeshInstallationSpec;
 
-/// One control-plane revision. The operator creates one per version of a
-/// MeshInstallation (`<installation>-<version with dots as dashes>` with
-/// RevisionBased updates, `default` with InPlace ones) and deletes it when no
-/// workload has used it for the grace period. Read it; do not write it.
+const FIXED: &str = "a MeshRevision belongs to one installation and namespace for its whole life";
+
+/// One control-plane revision. The operator creates it and deletes it: named
+/// after its MeshInstallation with InPlace updates (its version then changes
+/// in place), `<installation>-<version with dots as dashes>` with
+/// RevisionBased ones, deleted once no workload has used it for the grace
+/// period. Read it; do not write it.
 // Each printer column repeats `type_ = "string"`, which clippy takes for a
 // duplicated attribute.
 #[allow(clippy::duplicated_attributes)]
@@ -63,11 +66,11 @@ use super::installation::MeshInstallationSpec;
         json_path = ".metadata.creationTimestamp"
     )
 )]
-#[x_kube(validation = Rule::new("self == oldSelf").message("a MeshRevision's spec is fixed: the operator makes a new revision for a new version"))]
 #[serde(rename_all = "camelCase")]
 pub struct MeshRevisionSpec {
     /// The MeshInstallation this revision belongs to.
-    #[schemars(length(min = 1, max = 253))]
+    #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message(FIXED))]
     pub installation: String,
 
     /// The release its control plane runs.
@@ -76,10 +79,11 @@ pub struct MeshRevisionSpec {
 
     /// The namespace its control plane runs in.
     #[schemars(length(min = 1, max = 63))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message(FIXED))]
     pub namespace: String,
 
-    /// The installation's resolved configuration when this revision was
-    /// made: a revision keeps the configuration it was created with.
+    /// The installation's resolved configuration this revision's control
+    /// plane runs with.
     #[schemars(schema_with = "crate::schema::any_object")]
     pub config: MeshInstallationSpec,
 }

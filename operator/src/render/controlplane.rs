@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use bowline_api::install::{KubernetesSettings, ServiceType};
+use bowline_api::install::{KubernetesSettings, MeshRevision, MeshRevisionSpec, ServiceType};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhook, MutatingWebhookConfiguration, RuleWithOperations, ServiceReference,
     ValidatingWebhook, ValidatingWebhookConfiguration, WebhookClientConfig,
@@ -21,6 +21,7 @@ use k8s_openapi::api::rbac::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
 
 use super::meta::{DEFAULT_REVISION, Managed, Target};
 use super::workload::{self, Workload, container_ports, env, env_from_field, port};
@@ -83,6 +84,16 @@ pub fn render(target: &Target<'_>) -> Result<Vec<Managed>> {
     let settings = settings.unwrap_or(&default_settings);
 
     let mut objects = vec![
+        Managed::new(&MeshRevision {
+            metadata: target.cluster_meta(target.revision, COMPONENT),
+            spec: MeshRevisionSpec {
+                installation: target.installation.name_any(),
+                version: spec.version.clone(),
+                namespace: target.namespace().into(),
+                config: spec.clone(),
+            },
+            status: None,
+        })?,
         Managed::new(&ServiceAccount {
             metadata: target.meta(&names.istiod, COMPONENT),
             ..Default::default()
