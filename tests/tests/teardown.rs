@@ -12,6 +12,8 @@ use nix::unistd::Pid;
 
 /// Starts `bowline-cluster` with one Node and returns it with the cluster's
 /// directory, read from the `export KUBECONFIG=<dir>/admin.kubeconfig` line.
+/// Its output keeps being read until it exits: a closed pipe would make it
+/// fail on its own, and the test would not test the way it is stopped.
 fn start_cluster() -> anyhow::Result<(Child, PathBuf)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_bowline-cluster"))
         .args(["--nodes", "1"])
@@ -19,8 +21,13 @@ fn start_cluster() -> anyhow::Result<(Child, PathBuf)> {
         .stderr(Stdio::inherit())
         .spawn()?;
     let stdout = child.stdout.take().context("stdout")?;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
+    let (lines, received) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = lines.send(line);
+        }
+    });
+    while let Ok(line) = received.recv_timeout(Duration::from_secs(600)) {
         if let Some(path) = line.strip_prefix("export KUBECONFIG=") {
             let dir = Path::new(path).parent().context("kubeconfig dir")?;
             return Ok((child, dir.to_path_buf()));
