@@ -57,6 +57,10 @@ async fn main() -> anyhow::Result<()> {
         None
     };
 
+    // Listen before saying how to use the cluster: whoever reads that may
+    // send Ctrl-C at once.
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let mut terminate = signal(SignalKind::terminate())?;
     println!(
         "# The local cluster is up (its files: {}).",
         cluster.dir().display()
@@ -66,9 +70,8 @@ async fn main() -> anyhow::Result<()> {
     println!("export PATH={}:$PATH", cluster.binaries().dir().display());
     println!("# Ctrl-C here stops it and removes everything it wrote.");
 
-    let mut terminate = signal(SignalKind::terminate())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = terminate.recv() => {}
     }
     eprintln!("stopping the local cluster");
