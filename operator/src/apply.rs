@@ -161,15 +161,10 @@ fn content_hash(object: &DynamicObject) -> Result<String> {
         .collect())
 }
 
-/// Whether `live` holds every field of `desired` with the same value. The
-/// API server adds defaults, so `live` may hold more; lists must match
-/// element by element.
-pub fn is_subset(desired: &Value, live: &Value) -> bool {
-    first_difference(desired, live, "").is_none()
-}
-
-/// The path of the first field of `desired` that `live` does not hold as
-/// rendered, for logs that say what drifted.
+/// The path of the first field of `desired` that `live` does not hold with
+/// the same value, or None when it holds them all (the no-op case). The API
+/// server adds defaults, so `live` may hold more; lists must match element by
+/// element; the nulls and empty lists and maps it drops count as held.
 pub fn first_difference(desired: &Value, live: &Value, path: &str) -> Option<String> {
     match (desired, live) {
         (Value::Object(d), Value::Object(l)) => d.iter().find_map(|(k, dv)| {
@@ -311,6 +306,10 @@ mod tests {
 
     use super::*;
 
+    fn is_subset(desired: &Value, live: &Value) -> bool {
+        first_difference(desired, live, "").is_none()
+    }
+
     #[test]
     fn a_live_object_with_defaults_added_is_a_subset_match() {
         let desired = json!({"spec": {"replicas": 1, "template": {"containers": [{"name": "a"}]}}});
@@ -324,7 +323,16 @@ mod tests {
     }
 
     #[test]
-    fn drift_is_detected() {
+    fn drift_is_detected_and_named() {
+        assert_eq!(
+            first_difference(
+                &json!({"spec": {"replicas": 1}}),
+                &json!({"spec": {"replicas": 5}}),
+                ""
+            )
+            .as_deref(),
+            Some(".spec.replicas")
+        );
         let desired = json!({"spec": {"replicas": 1}});
         assert!(
             !is_subset(&desired, &json!({"spec": {"replicas": 5}})),

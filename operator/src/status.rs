@@ -151,19 +151,12 @@ pub fn compute(
     };
 
     let mut conditions = vec![reconciled, ready, reconciling, stalled];
-    stamp(
+    let state = finish(
         &mut conditions,
         previous.map(|p| p.conditions.as_slice()),
         generation,
         now,
     );
-    // The first normal-true condition that is not true says what is wrong.
-    let state = conditions
-        .iter()
-        .filter(|c| c.type_ == RECONCILED || c.type_ == READY)
-        .find(|c| c.status != "True")
-        .map(|c| c.reason.clone())
-        .unwrap_or_else(|| HEALTHY.into());
 
     let invalid = matches!(outcome, Outcome::Invalid(_));
     MeshInstallationStatus {
@@ -234,18 +227,12 @@ pub fn revision(
         ready,
         in_use,
     ];
-    stamp(
+    let state = finish(
         &mut conditions,
         previous.map(|p| p.conditions.as_slice()),
         generation,
         now,
     );
-    let state = conditions
-        .iter()
-        .filter(|c| c.type_ == RECONCILED || c.type_ == READY)
-        .find(|c| c.status != "True")
-        .map(|c| c.reason.clone())
-        .unwrap_or_else(|| HEALTHY.into());
     MeshRevisionStatus {
         observed_generation: generation,
         conditions,
@@ -256,15 +243,18 @@ pub fn revision(
     }
 }
 
-/// Keeps the lastTransitionTime of conditions whose status did not change,
-/// so an unchanged reconcile computes an unchanged status.
-fn stamp(
+/// Completes freshly computed conditions and returns the `state`: keeps the
+/// lastTransitionTime of conditions whose status did not change (so an
+/// unchanged reconcile computes an unchanged status), records the generation,
+/// and names the reason of the first of Reconciled and Ready that is not
+/// True, or Healthy.
+fn finish(
     conditions: &mut [Condition],
     previous: Option<&[Condition]>,
     generation: Option<i64>,
     now: Time,
-) {
-    for c in conditions {
+) -> String {
+    for c in conditions.iter_mut() {
         c.last_transition_time = previous
             .and_then(|p| p.iter().find(|o| o.type_ == c.type_))
             .filter(|o| o.status == c.status)
@@ -272,6 +262,12 @@ fn stamp(
             .unwrap_or_else(|| now.clone());
         c.observed_generation = generation;
     }
+    conditions
+        .iter()
+        .filter(|c| c.type_ == RECONCILED || c.type_ == READY)
+        .find(|c| c.status != "True")
+        .map(|c| c.reason.clone())
+        .unwrap_or_else(|| HEALTHY.into())
 }
 
 fn condition(type_: &str, status: bool, reason: &str, message: &str) -> Condition {

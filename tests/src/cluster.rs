@@ -63,7 +63,6 @@ impl Default for ClusterOptions {
 pub struct LocalCluster {
     dir: PathBuf,
     kubeconfig: PathBuf,
-    api_server: String,
     binaries: K8sBinaries,
     processes: ProcessGroup,
 }
@@ -165,7 +164,6 @@ impl LocalCluster {
         let cluster = Self {
             dir,
             kubeconfig,
-            api_server,
             binaries,
             processes,
         };
@@ -189,8 +187,7 @@ impl LocalCluster {
 
     /// The admin client's configuration, for building a client of one's own.
     pub async fn config(&self) -> Result<Config, Error> {
-        let file = Kubeconfig::read_from(&self.kubeconfig)?;
-        Ok(Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?)
+        config_for(&self.kubeconfig, None).await
     }
 
     /// The configuration of a client that authenticates with `token`.
@@ -215,21 +212,12 @@ impl LocalCluster {
         &self.kubeconfig
     }
 
-    pub fn api_server(&self) -> &str {
-        &self.api_server
-    }
-
     pub fn dir(&self) -> &Path {
         &self.dir
     }
 
     pub fn binaries(&self) -> &K8sBinaries {
         &self.binaries
-    }
-
-    /// The pids of every process of this cluster.
-    pub fn pids(&self) -> Vec<u32> {
-        self.processes.pids()
     }
 
     /// The built kubectl, pointed at this cluster as its administrator.
@@ -553,14 +541,17 @@ fn kubeconfig(server: &str, ca: &Path, client: &CertFiles) -> Kubeconfig {
 /// A client with the credentials of `kubeconfig`, talking to `server` when
 /// given (the components' own secure ports trust the same CA).
 async fn client_for(kubeconfig: &Path, server: Option<&str>) -> Result<Client, Error> {
+    Ok(Client::try_from(config_for(kubeconfig, server).await?)?)
+}
+
+async fn config_for(kubeconfig: &Path, server: Option<&str>) -> Result<Config, Error> {
     let mut file = Kubeconfig::read_from(kubeconfig)?;
     if let Some(server) = server {
         for cluster in file.clusters.iter_mut().filter_map(|c| c.cluster.as_mut()) {
             cluster.server = Some(server.into());
         }
     }
-    let config = Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
+    Ok(Config::from_custom_kubeconfig(file, &KubeConfigOptions::default()).await?)
 }
 
 async fn wait_for_health(
@@ -574,7 +565,7 @@ async fn wait_for_health(
         processes.check_running()?;
         let request = http::Request::get(path)
             .body(Vec::new())
-            .map_err(|e| Error::Timeout(format!("building a request for {path}: {e}")))?;
+            .map_err(|e| Error::Request(e.to_string()))?;
         if let Ok(body) = client.request_text(request).await
             && body.trim() == "ok"
         {

@@ -49,6 +49,9 @@ pub enum Error {
     #[error("{component} did not become ready in time; its log ends:\n{log_tail}")]
     NotReady { component: String, log_tail: String },
 
+    #[error("building a request: {0}")]
+    Request(String),
+
     #[error("timed out waiting for {0}")]
     Timeout(String),
 

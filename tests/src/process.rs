@@ -140,13 +140,6 @@ impl ProcessGroup {
         }
         Ok(())
     }
-
-    /// The pids of the children, the watchdog first.
-    pub fn pids(&self) -> Vec<u32> {
-        std::iter::once(self.watchdog.id())
-            .chain(self.children.iter().map(|n| n.child.id()))
-            .collect()
-    }
 }
 
 impl Drop for ProcessGroup {
