@@ -156,44 +156,62 @@ impl Usage {
         let _ = self.pods.wait_until_ready().await;
     }
 
-    /// What uses `revision`, with Istio's precedence: a namespace labelled
-    /// `istio-injection` follows that label (`enabled` means the default
-    /// revision) whatever its `istio.io/rev` says.
-    pub fn of(&self, revision: &str) -> RevisionUsage {
+    /// What uses `revision`, known also by `tags`: the namespaces that
+    /// select it or one of its tags, and the pods it injected.
+    pub fn of(&self, revision: &str, tags: &[String]) -> RevisionUsage {
         let mut namespaces: Vec<String> = self
             .namespaces
             .state()
             .iter()
-            .filter(|ns| namespace_selects(ns.labels(), revision))
+            .filter(|ns| {
+                namespace_selection(ns.labels())
+                    .is_some_and(|name| name == revision || tags.iter().any(|t| t == name))
+            })
             .map(|ns| ns.name_any())
             .collect();
         namespaces.sort();
-        // Injected pods: the mesh's own (control plane, gateways, addons)
-        // carry the revision label too, but no injection status.
-        let workloads = self
-            .pods
+        RevisionUsage {
+            namespaces,
+            workloads: self.injected_pods(revision).len() as i64,
+        }
+    }
+
+    /// The namespaces that select `name` (a revision or a tag), sorted.
+    pub fn selecting(&self, name: &str) -> Vec<String> {
+        let mut namespaces: Vec<String> = self
+            .namespaces
             .state()
             .iter()
+            .filter(|ns| namespace_selection(ns.labels()) == Some(name))
+            .map(|ns| ns.name_any())
+            .collect();
+        namespaces.sort();
+        namespaces
+    }
+
+    /// Pods running a proxy `revision` injected. The mesh's own pods
+    /// (control plane, gateways, addons) carry the revision label too, but
+    /// not injection's status annotation.
+    pub fn injected_pods(&self, revision: &str) -> Vec<Arc<PartialObjectMeta<Pod>>> {
+        self.pods
+            .state()
+            .into_iter()
             .filter(|pod| {
                 pod.labels().get(REVISION_LABEL).map(String::as_str) == Some(revision)
                     && pod.annotations().contains_key(INJECTION_STATUS_ANNOTATION)
             })
-            .count() as i64;
-        RevisionUsage {
-            namespaces,
-            workloads,
-        }
+            .collect()
     }
 }
 
-/// Whether a namespace with `labels` injects its pods from `revision`.
-pub fn namespace_selects(
-    labels: &std::collections::BTreeMap<String, String>,
-    revision: &str,
-) -> bool {
+/// The revision or tag a namespace with `labels` injects its pods from,
+/// with Istio's precedence: a namespace labelled `istio-injection` follows
+/// that label (`enabled` means the default revision, or the tag named
+/// `default`) whatever its `istio.io/rev` says.
+pub fn namespace_selection(labels: &std::collections::BTreeMap<String, String>) -> Option<&str> {
     match labels.get(INJECTION_LABEL) {
-        Some(injection) => injection == "enabled" && revision == DEFAULT_REVISION,
-        None => labels.get(REVISION_LABEL).map(String::as_str) == Some(revision),
+        Some(injection) => (injection == "enabled").then_some(DEFAULT_REVISION),
+        None => labels.get(REVISION_LABEL).map(String::as_str),
     }
 }
 
@@ -213,13 +231,11 @@ mod tests {
     #[test]
     fn istio_injection_wins_over_the_revision_label() {
         let enabled = labels(&[("istio-injection", "enabled"), ("istio.io/rev", "canary")]);
-        assert!(namespace_selects(&enabled, "default"));
-        assert!(!namespace_selects(&enabled, "canary"));
+        assert_eq!(namespace_selection(&enabled), Some("default"));
         let disabled = labels(&[("istio-injection", "disabled"), ("istio.io/rev", "canary")]);
-        assert!(!namespace_selects(&disabled, "canary"));
-        assert!(!namespace_selects(&disabled, "default"));
+        assert_eq!(namespace_selection(&disabled), None);
         let revision = labels(&[("istio.io/rev", "canary")]);
-        assert!(namespace_selects(&revision, "canary"));
-        assert!(!namespace_selects(&labels(&[]), "default"));
+        assert_eq!(namespace_selection(&revision), Some("canary"));
+        assert_eq!(namespace_selection(&labels(&[])), None);
     }
 }

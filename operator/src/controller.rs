@@ -6,30 +6,36 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bowline_api::install::{
-    MeshInstallation, MeshInstallationStatus, MeshRevision, MeshRevisionStatus,
+    ComponentStatus, MeshInstallation, MeshInstallationStatus, MeshRevision, MeshRevisionStatus,
+    MeshRevisionTag, RevisionSummary, RevisionsStatus, TargetKind,
 };
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ApiResource, Patch, PatchParams};
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as Finalizer, finalizer};
 use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::{Controller, watcher};
+use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::apply::{self, FIELD_MANAGER};
-use crate::cache::{Caches, Usage};
+use crate::cache::{Caches, RevisionUsage, Usage};
 use crate::error::{Error, Result, backoff};
 use crate::metrics::Metrics;
 use crate::profile::{self, Resolved};
-use crate::render::{self, revision_name};
-use crate::status::{self, Outcome};
+use crate::render::meta::INSTALLATION_LABEL;
+use crate::render::{self, controlplane};
+use crate::restart;
+use crate::revisions::{self, Plan};
+use crate::status::{self, Outcome, Report};
 
 /// Keeps the installation until its cluster-scoped objects are removed.
 pub const FINALIZER: &str = "install.bowline.dev/cleanup";
+/// Keeps a tag while namespaces still select it.
+pub const TAG_FINALIZER: &str = "install.bowline.dev/tag-in-use";
 /// How often an installation is looked at when nothing happens.
 const RESYNC: Duration = Duration::from_secs(300);
 
@@ -44,6 +50,8 @@ pub struct Context {
     pub caches: Caches,
     /// Namespaces and injected Pods, for what uses each revision.
     pub usage: Usage,
+    /// Every MeshRevisionTag.
+    pub tags: Store<MeshRevisionTag>,
     /// Consecutive transient failures per installation, for backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -68,7 +76,17 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
     // revision label for life; a namespace may drop it, so a namespace
     // change looks at every installation.
     let (usage, namespaces, pods) = Usage::watch(&client);
+    let (tags, tag_writer) = kube::runtime::reflector::store();
+    let tag_stream = watcher(
+        Api::<MeshRevisionTag>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(tag_writer)
+    .touched_objects();
     let every_installation = controller.store();
+    let pod_revisions = caches.clone();
+    let tag_revisions = caches.clone();
     let controller = controller
         .watches_stream(namespaces, move |_| {
             every_installation
@@ -77,10 +95,17 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
                 .map(|i| ObjectRef::from_obj(i.as_ref()))
                 .collect::<Vec<_>>()
         })
-        .watches_stream(pods, |pod| {
+        .watches_stream(pods, move |pod| {
             pod.labels()
                 .get(render::meta::REVISION_LABEL)
-                .map(|revision| ObjectRef::new(revision))
+                .map(|revision| ObjectRef::new(&installation_of(&pod_revisions, revision)))
+        })
+        .watches_stream(tag_stream, move |tag| {
+            let target = &tag.spec.target_ref;
+            Some(ObjectRef::new(&match target.kind {
+                TargetKind::MeshInstallation => target.name.clone(),
+                TargetKind::MeshRevision => installation_of(&tag_revisions, &target.name),
+            }))
         });
     let context = Arc::new(Context {
         client: client.clone(),
@@ -89,6 +114,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
         installations: controller.store(),
         caches,
         usage,
+        tags,
         failures: Mutex::default(),
     });
     controller
@@ -106,6 +132,15 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
             }
         })
         .await;
+}
+
+/// The installation a revision belongs to: its MeshRevision says, and an
+/// InPlace revision not cached yet is named after it.
+fn installation_of(caches: &Caches, revision: &str) -> String {
+    caches
+        .get(&ApiResource::erase::<MeshRevision>(&()), None, revision)
+        .and_then(|r| r.labels().get(INSTALLATION_LABEL).cloned())
+        .unwrap_or_else(|| revision.to_string())
 }
 
 async fn reconcile(installation: Arc<MeshInstallation>, ctx: Arc<Context>) -> Result<Action> {
@@ -139,9 +174,13 @@ fn error_policy(installation: Arc<MeshInstallation>, error: &Error, ctx: Arc<Con
 async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action> {
     let name = installation.name_any();
     ctx.caches.ready().await;
-    let resolved = profile::resolve(&installation.spec);
-    let result = match &resolved {
-        Ok(resolved) => install(installation, resolved, ctx).await,
+    ctx.usage.ready().await;
+    let now = Time(k8s_openapi::jiff::Timestamp::now());
+    let observed = profile::resolve(&installation.spec)
+        .map_err(|e| Error::InvalidSpec(e.to_string()))
+        .and_then(|resolved| observe(installation, resolved, ctx, &now));
+    let result = match &observed {
+        Ok(observed) => install(installation, observed, ctx).await,
         Err(e) => Err(Error::InvalidSpec(e.to_string())),
     };
 
@@ -153,32 +192,65 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
             message: e.to_string(),
         },
     };
-    let resolved = resolved
+    let previous = installation.status.as_ref();
+    let mut report = Report {
+        generation: installation.meta().generation,
+        outcome: outcome.clone(),
+        ..Default::default()
+    };
+    let observed = observed
         .ok()
         .filter(|_| !matches!(outcome, Outcome::Invalid(_)));
-    let components = match &resolved {
-        Some(resolved) => component_statuses(installation, resolved, &ctx.caches)?,
-        None => Vec::new(),
-    };
-    let previous = installation.status.as_ref();
-    let new_status = status::compute(
-        previous,
-        installation.meta().generation,
-        &outcome,
-        components,
-        resolved.as_ref().map(|r| r.spec.clone()),
-        resolved.as_ref().map(|_| revision_name(installation)),
-        Time(k8s_openapi::jiff::Timestamp::now()),
-    );
+    let mut restart = None;
+    if let Some(observed) = &observed {
+        report.components = component_statuses(installation, observed, &ctx.caches)?;
+        report.resolved = Some(observed.resolved.spec.clone());
+        report.active_revision = Some(observed.plan.active.clone());
+        report.waiting_for = observed
+            .plan
+            .waiting()
+            .then(|| observed.plan.desired.clone());
+        report.revisions = Some(revisions_status(observed));
+        report.outdated = observed
+            .revisions
+            .iter()
+            .filter(|r| r.name != observed.plan.active && r.usage.workloads > 0)
+            .map(|r| {
+                (
+                    r.name.clone(),
+                    r.resolved.spec.version.clone(),
+                    r.usage.workloads,
+                )
+            })
+            .collect();
+        if result.is_ok() && !observed.plan.waiting() {
+            restart = restart::step(installation, observed, ctx, &now).await?;
+        }
+        report.workload_restart = restart.as_ref().and_then(|r| r.status.clone());
+    }
+    let new_status = status::compute(previous, report, now.clone());
     if previous != Some(&new_status) {
         write_status(installation, &new_status, &ctx.client).await?;
     }
-    if let Some(control_plane) = new_status
-        .components
-        .iter()
-        .find(|c| c.name == "controlPlane")
-    {
-        write_revision_status(installation, control_plane, ctx).await?;
+    if let Some(observed) = &observed {
+        write_revision_statuses(observed, ctx).await?;
+        write_tag_statuses(observed, ctx, &now).await?;
+        let previous_active = previous.and_then(|p| p.active_revision.as_deref());
+        if let Some(previous_active) = previous_active.filter(|a| *a != observed.plan.active) {
+            publish(
+                ctx,
+                installation,
+                EventType::Normal,
+                "Promoted",
+                "Promote",
+                format!(
+                    "revision {} is Ready and now active (was {previous_active}); tags that \
+                     follow the installation point at it",
+                    observed.plan.active
+                ),
+            )
+            .await;
+        }
     }
 
     match result {
@@ -191,7 +263,7 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
                 let (reason, verb) = match previous.and_then(|p| p.resolved.as_ref()) {
                     None => ("Installed", "installed"),
                     Some(old) if old.version != installation.spec.version => {
-                        ("Upgraded", "upgraded to")
+                        ("Upgraded", "upgrading to")
                     }
                     Some(_) => ("Applied", "applied"),
                 };
@@ -202,7 +274,15 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
                 );
                 publish(ctx, installation, EventType::Normal, reason, "Apply", note).await;
             }
-            Ok(Action::requeue(RESYNC))
+            // Look again when a grace period ends or a restart batch is due.
+            let mut next = RESYNC;
+            if let Some(expiry) = observed.as_ref().and_then(|o| o.plan.next_expiry) {
+                next = next.min(expiry + Duration::from_secs(1));
+            }
+            if let Some(after) = restart.as_ref().and_then(|r| r.requeue) {
+                next = next.min(after);
+            }
+            Ok(Action::requeue(next))
         }
         Err(e) => {
             let changed = previous
@@ -229,20 +309,334 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
     }
 }
 
-/// Namespace, apply, prune. Returns what changed, for the event.
+/// One revision of the installation, as a reconcile sees it.
+#[derive(Clone, Debug)]
+pub struct Revision {
+    pub name: String,
+    /// The configuration it runs.
+    pub resolved: Resolved,
+    /// Its MeshRevision, once the cache has it.
+    pub recorded: Option<MeshRevision>,
+    pub control_plane: ComponentStatus,
+    pub usage: RevisionUsage,
+    /// The status to write to its MeshRevision.
+    pub status: MeshRevisionStatus,
+}
+
+/// A MeshRevisionTag that points at one of the installation's revisions.
+#[derive(Clone, Debug)]
+pub struct Tag {
+    pub tag: Arc<MeshRevisionTag>,
+    /// The revision it points at, or why it cannot point anywhere.
+    pub revision: std::result::Result<String, String>,
+    /// Namespaces that select it.
+    pub namespaces: Vec<String>,
+}
+
+/// What the installation runs, worked out from the caches before anything
+/// is applied.
+#[derive(Clone, Debug)]
+pub struct Observed {
+    pub resolved: Resolved,
+    pub plan: Plan,
+    /// The revisions that keep running, in the plan's order.
+    pub revisions: Vec<Revision>,
+    pub tags: Vec<Tag>,
+}
+
+impl Observed {
+    pub fn active(&self) -> &Revision {
+        self.revisions
+            .iter()
+            .find(|r| r.name == self.plan.active)
+            .unwrap_or(&self.revisions[0])
+    }
+}
+
+/// The revisions, the tags and the plan, from the caches.
+fn observe(
+    installation: &MeshInstallation,
+    resolved: Resolved,
+    ctx: &Context,
+    now: &Time,
+) -> Result<Observed> {
+    let name = installation.name_any();
+    let strategy = resolved
+        .spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.type_)
+        .unwrap_or_default();
+    let desired = revisions::desired(&name, strategy, &resolved.spec.version)?;
+    let revision_kind = ApiResource::erase::<MeshRevision>(&());
+    if let Some(owner) = ctx
+        .caches
+        .get(&revision_kind, None, &desired)
+        .and_then(|r| r.labels().get(INSTALLATION_LABEL).cloned())
+        .filter(|owner| *owner != name)
+    {
+        return Err(Error::InvalidSpec(format!(
+            "spec.version: the revision {desired} belongs to MeshInstallation {owner}; a \
+             revision has one owner: rename this installation or choose another version"
+        )));
+    }
+    let mut recorded: Vec<MeshRevision> = ctx
+        .caches
+        .of_installation(&name)
+        .into_iter()
+        .filter(|(resource, _)| *resource == revision_kind)
+        .map(|(_, object)| decode::<MeshRevision>(&object))
+        .collect::<Result<_>>()?;
+    recorded.sort_by_key(|r| r.name_any());
+
+    let tags = tags_of(&name, ctx);
+    let direct_tags = |revision: &str| -> Vec<String> {
+        tags.iter()
+            .filter(|t| t.revision.as_deref() == Ok(revision))
+            .filter(|t| t.tag.spec.target_ref.kind == TargetKind::MeshRevision)
+            .map(|t| t.tag.name_any())
+            .collect()
+    };
+
+    let mut names: Vec<String> = recorded.iter().map(|r| r.name_any()).collect();
+    if !names.contains(&desired) {
+        names.push(desired.clone());
+    }
+    let mut all = Vec::new();
+    for revision in names {
+        let record = recorded.iter().find(|r| r.name_any() == revision).cloned();
+        let resolved = match &record {
+            Some(record) if revision != desired => Resolved::recorded(&record.spec.config)?,
+            _ => resolved.clone(),
+        };
+        let tags = direct_tags(&revision);
+        all.push(observe_revision(
+            revision, resolved, record, tags, ctx, now,
+        )?);
+    }
+
+    let grace = resolved
+        .spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.inactive_revision_deletion_grace_period_seconds)
+        .map_or(revisions::DEFAULT_GRACE_PERIOD, |s| {
+            Duration::from_secs(s.max(0) as u64)
+        });
+    let existing: Vec<revisions::Existing> = all
+        .iter()
+        .filter(|r| r.recorded.is_some())
+        .map(|r| revisions::Existing {
+            name: r.name.clone(),
+            ready: r.control_plane.ready,
+            unused_since: status::unused_since(&r.status),
+        })
+        .collect();
+    let previous_active = installation
+        .status
+        .as_ref()
+        .and_then(|s| s.active_revision.as_deref());
+    let plan = revisions::plan(&desired, previous_active, &existing, grace, now.0);
+
+    // Tags that follow the installation point at the active revision.
+    let followed: Vec<Tag> = tags
+        .iter()
+        .cloned()
+        .map(|mut t| {
+            if t.tag.spec.target_ref.kind == TargetKind::MeshInstallation && t.revision.is_ok() {
+                t.revision = Ok(plan.active.clone());
+            }
+            t
+        })
+        .collect();
+    let mut revisions: Vec<Revision> = Vec::new();
+    for name in &plan.keep {
+        let Some(revision) = all.iter().find(|r| &r.name == name) else {
+            continue;
+        };
+        let pointing: Vec<String> = followed
+            .iter()
+            .filter(|t| t.revision.as_deref() == Ok(name.as_str()))
+            .map(|t| t.tag.name_any())
+            .collect();
+        if pointing.len() == direct_tags(name).len() {
+            revisions.push(revision.clone());
+        } else {
+            let Revision {
+                name,
+                resolved,
+                recorded,
+                ..
+            } = revision.clone();
+            revisions.push(observe_revision(
+                name, resolved, recorded, pointing, ctx, now,
+            )?);
+        }
+    }
+    Ok(Observed {
+        resolved,
+        plan,
+        revisions,
+        tags: followed,
+    })
+}
+
+fn observe_revision(
+    name: String,
+    resolved: Resolved,
+    recorded: Option<MeshRevision>,
+    tags: Vec<String>,
+    ctx: &Context,
+    now: &Time,
+) -> Result<Revision> {
+    let component = render::Component {
+        name: "controlPlane".into(),
+        deployment: controlplane::istiod_name(&name),
+    };
+    let deployment = ctx
+        .caches
+        .get(
+            &ApiResource::erase::<Deployment>(&()),
+            Some(resolved.namespace()),
+            &component.deployment,
+        )
+        .map(|d| decode::<Deployment>(&d))
+        .transpose()?;
+    let control_plane = status::component_status(&component, deployment.as_ref());
+    let usage = ctx.usage.of(&name, &tags);
+    let previous = recorded.as_ref().and_then(|r| r.status.clone());
+    let status = status::revision(
+        previous.as_ref(),
+        recorded.as_ref().and_then(|r| r.metadata.generation),
+        &control_plane,
+        &usage,
+        &tags,
+        now.clone(),
+    );
+    Ok(Revision {
+        name,
+        resolved,
+        recorded,
+        control_plane,
+        usage,
+        status,
+    })
+}
+
+/// The tags that point at `installation` or at one of its revisions, each
+/// with the revision it resolves to (for a tag following the installation,
+/// settled once the active revision is known) or its conflict.
+fn tags_of(installation: &str, ctx: &Context) -> Vec<Tag> {
+    let revision_kind = ApiResource::erase::<MeshRevision>(&());
+    let owner_of = |revision: &str| {
+        ctx.caches
+            .get(&revision_kind, None, revision)
+            .and_then(|r| r.labels().get(INSTALLATION_LABEL).cloned())
+    };
+    let mut tags: Vec<Tag> = ctx
+        .tags
+        .state()
+        .into_iter()
+        .filter_map(|tag| {
+            let target = &tag.spec.target_ref;
+            let revision = match target.kind {
+                TargetKind::MeshInstallation if target.name == installation => Ok(String::new()),
+                TargetKind::MeshRevision
+                    if owner_of(&target.name).as_deref() == Some(installation) =>
+                {
+                    Ok(target.name.clone())
+                }
+                _ => return None,
+            };
+            let name = tag.name_any();
+            let revision = match owner_of(&name) {
+                Some(owner) => Err(format!(
+                    "{name} is the name of a revision of MeshInstallation {owner}: namespaces \
+                     labelled istio.io/rev={name} already select that revision, so the tag \
+                     cannot; give the tag another name"
+                )),
+                None => revision,
+            };
+            Some(Tag {
+                namespaces: ctx.usage.selecting(&name),
+                tag,
+                revision,
+            })
+        })
+        .collect();
+    tags.sort_by_key(|t| t.tag.name_any());
+    tags
+}
+
+fn revisions_status(observed: &Observed) -> RevisionsStatus {
+    let count =
+        |f: fn(&Revision) -> bool| observed.revisions.iter().filter(|r| f(r)).count() as i32;
+    let mut items: Vec<RevisionSummary> = observed
+        .revisions
+        .iter()
+        .map(|r| RevisionSummary {
+            name: r.name.clone(),
+            version: r.resolved.spec.version.clone(),
+            ready: r.control_plane.ready,
+            in_use: status::unused_since(&r.status).is_none(),
+            workloads: r.usage.workloads,
+        })
+        .collect();
+    items.sort_by_key(|r| r.name != observed.plan.active);
+    RevisionsStatus {
+        total: observed.revisions.len() as i32,
+        ready: count(|r| r.control_plane.ready),
+        in_use: count(|r| status::unused_since(&r.status).is_none()),
+        items,
+    }
+}
+
+/// A cached object as its type.
+fn decode<K: serde::de::DeserializeOwned>(object: &DynamicObject) -> Result<K> {
+    serde_json::to_value(object)
+        .and_then(serde_json::from_value)
+        .map_err(|source| Error::Encode {
+            what: format!(
+                "{} {}",
+                object.types.as_ref().map_or("", |t| t.kind.as_str()),
+                object.name_any()
+            ),
+            source,
+        })
+}
+
+/// Namespace, tags' finalizers, apply, prune. Returns what changed, for the
+/// event.
 async fn install(
     installation: &MeshInstallation,
-    resolved: &Resolved,
+    observed: &Observed,
     ctx: &Context,
 ) -> Result<Vec<String>> {
     let name = installation.name_any();
+    let resolved = &observed.resolved;
     check_namespace_conflict(installation, resolved, &ctx.installations)?;
     let mut changed: Vec<String> =
         apply::ensure_namespace(&ctx.client, resolved.namespace(), &name)
             .await?
             .into_iter()
             .collect();
-    let objects = render::render(installation, resolved, &revision_name(installation))?;
+    let tags = guard_tags(installation, observed, ctx).await?;
+    let active = observed.active();
+    let mesh = render::Mesh {
+        installation,
+        resolved,
+        revisions: observed
+            .revisions
+            .iter()
+            .map(|r| (r.name.as_str(), &r.resolved))
+            .collect(),
+        active: (active.name.as_str(), &active.resolved),
+        tags: tags
+            .iter()
+            .map(|(tag, revision)| (tag.as_str(), revision.as_str()))
+            .collect(),
+    };
+    let objects = render::render_mesh(&mesh)?;
     changed.extend(
         apply::apply_all(&ctx.client, &ctx.caches, &objects)
             .await?
@@ -250,17 +644,100 @@ async fn install(
     );
     let pruned = apply::prune(&ctx.client, &ctx.caches, &name, &objects).await?;
     if !pruned.is_empty() {
+        let mut note = format!("deleted {}", pruned.join(", "));
+        if !observed.plan.expired.is_empty() {
+            note = format!(
+                "revisions {} unused for the grace period: {note}",
+                observed.plan.expired.join(", ")
+            );
+        }
         publish(
             ctx,
             installation,
             EventType::Normal,
             "Pruned",
             "Prune",
-            format!("deleted {}", pruned.join(", ")),
+            note,
         )
         .await;
     }
     Ok(changed)
+}
+
+/// Keeps a tag that namespaces still select from being deleted, the way a
+/// PersistentVolumeClaim in use is kept: it gets a finalizer, removed once
+/// the tag is being deleted and no namespace selects it. Returns the tags to
+/// render, with their revisions.
+async fn guard_tags(
+    installation: &MeshInstallation,
+    observed: &Observed,
+    ctx: &Context,
+) -> Result<Vec<(String, String)>> {
+    let api: Api<MeshRevisionTag> = Api::all(ctx.client.clone());
+    let mut render = Vec::new();
+    for tag in &observed.tags {
+        let name = tag.tag.name_any();
+        let has_finalizer = tag.tag.finalizers().iter().any(|f| f == TAG_FINALIZER);
+        let deleting = tag.tag.meta().deletion_timestamp.is_some();
+        if deleting && tag.namespaces.is_empty() {
+            if has_finalizer {
+                let rest: Vec<&String> = tag
+                    .tag
+                    .finalizers()
+                    .iter()
+                    .filter(|f| *f != TAG_FINALIZER)
+                    .collect();
+                set_finalizers(&api, &tag.tag, json!(rest)).await?;
+            }
+            continue;
+        }
+        if deleting {
+            publish(
+                ctx,
+                installation,
+                EventType::Warning,
+                "TagInUse",
+                "Delete",
+                format!(
+                    "MeshRevisionTag {name} is kept while namespaces select it: {}; relabel \
+                     them (istio.io/rev=<another tag or revision>) and it goes",
+                    tag.namespaces.join(", ")
+                ),
+            )
+            .await;
+        } else if !has_finalizer {
+            let mut all = tag.tag.finalizers().to_vec();
+            all.push(TAG_FINALIZER.into());
+            set_finalizers(&api, &tag.tag, json!(all)).await?;
+        }
+        if let Ok(revision) = &tag.revision {
+            render.push((name, revision.clone()));
+        }
+    }
+    Ok(render)
+}
+
+/// Replaces a tag's finalizers, if nobody changed the tag meanwhile.
+async fn set_finalizers(
+    api: &Api<MeshRevisionTag>,
+    tag: &MeshRevisionTag,
+    finalizers: serde_json::Value,
+) -> Result<()> {
+    let patch = json!({"metadata": {
+        "finalizers": finalizers,
+        "resourceVersion": tag.resource_version(),
+    }});
+    api.patch(
+        &tag.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(patch),
+    )
+    .await
+    .map_err(Error::kube(format!(
+        "setting the finalizers of MeshRevisionTag {}",
+        tag.name_any()
+    )))?;
+    Ok(())
 }
 
 /// Only one installation may use a namespace: the oldest keeps it.
@@ -297,74 +774,88 @@ fn check_namespace_conflict(
     }
 }
 
+/// The components' readiness; the control plane's is the asked-for
+/// revision's.
 fn component_statuses(
     installation: &MeshInstallation,
-    resolved: &Resolved,
+    observed: &Observed,
     caches: &Caches,
-) -> Result<Vec<bowline_api::install::ComponentStatus>> {
+) -> Result<Vec<ComponentStatus>> {
+    let resolved = &observed.resolved;
     let resource = ApiResource::erase::<Deployment>(&());
-    render::components(installation, resolved, &revision_name(installation))
+    render::components(installation, resolved, &observed.plan.desired)
         .into_iter()
         .map(|component| {
-            let cached = caches.get(&resource, Some(resolved.namespace()), &component.deployment);
-            let deployment: Option<Deployment> = cached
-                .map(|d| serde_json::to_value(&*d).and_then(serde_json::from_value))
-                .transpose()
-                .map_err(|source| Error::Encode {
-                    what: format!("Deployment {}", component.deployment),
-                    source,
-                })?;
+            let deployment = caches
+                .get(&resource, Some(resolved.namespace()), &component.deployment)
+                .map(|d| decode::<Deployment>(&d))
+                .transpose()?;
             Ok(status::component_status(&component, deployment.as_ref()))
         })
         .collect()
 }
 
-/// The status of the installation's revision: its control plane's readiness
-/// and what uses it. Written only when it changed.
-async fn write_revision_status(
-    installation: &MeshInstallation,
-    control_plane: &bowline_api::install::ComponentStatus,
-    ctx: &Context,
-) -> Result<()> {
-    let name = revision_name(installation);
-    let Some(cached) = ctx
-        .caches
-        .get(&ApiResource::erase::<MeshRevision>(&()), None, &name)
-    else {
-        // Not in the cache yet: its creation will bring the next reconcile.
-        return Ok(());
-    };
-    let previous: Option<MeshRevisionStatus> = cached
-        .data
-        .get("status")
-        .cloned()
-        .and_then(|s| serde_json::from_value(s).ok());
-    ctx.usage.ready().await;
-    let status = status::revision(
-        previous.as_ref(),
-        cached.metadata.generation,
-        control_plane,
-        &ctx.usage.of(&name),
-        Time(k8s_openapi::jiff::Timestamp::now()),
-    );
-    if previous.as_ref() == Some(&status) {
-        return Ok(());
+/// Each kept revision's status, written when it changed.
+async fn write_revision_statuses(observed: &Observed, ctx: &Context) -> Result<()> {
+    for revision in &observed.revisions {
+        // Not in the cache yet: its creation brings the next reconcile.
+        let Some(recorded) = &revision.recorded else {
+            continue;
+        };
+        if recorded.status.as_ref() == Some(&revision.status) {
+            continue;
+        }
+        let patch = json!({
+            "apiVersion": MeshRevision::api_version(&()),
+            "kind": MeshRevision::kind(&()),
+            "status": revision.status,
+        });
+        Api::<MeshRevision>::all(ctx.client.clone())
+            .patch_status(
+                &revision.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await
+            .map_err(Error::kube(format!(
+                "writing the status of MeshRevision {}",
+                revision.name
+            )))?;
     }
-    let patch = json!({
-        "apiVersion": MeshRevision::api_version(&()),
-        "kind": MeshRevision::kind(&()),
-        "status": status,
-    });
-    Api::<MeshRevision>::all(ctx.client.clone())
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(patch),
-        )
-        .await
-        .map_err(Error::kube(format!(
-            "writing the status of MeshRevision {name}"
-        )))?;
+    Ok(())
+}
+
+/// Each tag's status, written when it changed.
+async fn write_tag_statuses(observed: &Observed, ctx: &Context, now: &Time) -> Result<()> {
+    for tag in &observed.tags {
+        let previous = tag.tag.status.as_ref();
+        let status = status::tag(
+            previous,
+            tag.tag.metadata.generation,
+            tag.revision.as_deref().map_err(String::as_str),
+            tag.namespaces.clone(),
+            now.clone(),
+        );
+        if previous == Some(&status) {
+            continue;
+        }
+        let patch = json!({
+            "apiVersion": MeshRevisionTag::api_version(&()),
+            "kind": MeshRevisionTag::kind(&()),
+            "status": status,
+        });
+        Api::<MeshRevisionTag>::all(ctx.client.clone())
+            .patch_status(
+                &tag.tag.name_any(),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(patch),
+            )
+            .await
+            .map_err(Error::kube(format!(
+                "writing the status of MeshRevisionTag {}",
+                tag.tag.name_any()
+            )))?;
+    }
     Ok(())
 }
 

@@ -3,6 +3,8 @@
 //! - [`profile`]: profiles, and resolving a spec into what gets installed.
 //! - [`release`]: the releases the operator can install.
 //! - [`render`]: the pure function from a resolved spec to Kubernetes objects.
+//! - [`revisions`]: which control-plane revisions run, and which is active.
+//! - [`restart`]: moving injected workloads to the active revision in batches.
 //! - [`apply`]: server-side apply, drift detection, pruning, the namespace.
 //! - [`cache`]: watched caches of the managed objects, which reconciles read.
 //! - [`status`]: conditions and component readiness, computed purely.
@@ -20,6 +22,8 @@ pub mod metrics;
 pub mod profile;
 pub mod release;
 pub mod render;
+pub mod restart;
+pub mod revisions;
 pub mod status;
 
 use std::sync::Arc;

@@ -35,6 +35,15 @@ impl Resolved {
         self.spec.tag.as_deref().unwrap_or(&self.release.tag)
     }
 
+    /// The configuration a MeshRevision records: already resolved, so the
+    /// profile is not merged in again.
+    pub fn recorded(spec: &MeshInstallationSpec) -> Result<Self> {
+        Ok(Self {
+            spec: spec.clone(),
+            release: release::find(&spec.version)?,
+        })
+    }
+
     /// `<hub>/<name>:<tag>`, one of Bowline's images.
     pub fn image(&self, name: &str) -> String {
         format!("{}/{name}:{}", self.hub(), self.tag())

@@ -28,20 +28,72 @@ pub fn render(
     resolved: &Resolved,
     revision: &str,
 ) -> Result<Vec<Managed>> {
-    let target = Target {
+    render_mesh(&Mesh {
         installation,
         resolved,
-        revision,
-    };
+        revisions: vec![(revision, resolved)],
+        active: (revision, resolved),
+        tags: Vec::new(),
+    })
+}
+
+/// An installation with every revision it runs.
+#[derive(Clone, Debug)]
+pub struct Mesh<'a> {
+    pub installation: &'a MeshInstallation,
+    /// The current spec, resolved: gateways and addons follow it.
+    pub resolved: &'a Resolved,
+    /// Every revision that runs, with the configuration it runs: the
+    /// asked-for one with the current spec, older ones with what they were
+    /// last given.
+    pub revisions: Vec<(&'a str, &'a Resolved)>,
+    /// The active revision: gateways and addons run its release and
+    /// gateways get their configuration from it.
+    pub active: (&'a str, &'a Resolved),
+    /// The tags that point at this installation's revisions: (tag, revision).
+    pub tags: Vec<(&'a str, &'a str)>,
+}
+
+/// Every object of an installation that runs several revisions.
+pub fn render_mesh(mesh: &Mesh<'_>) -> Result<Vec<Managed>> {
     let mut objects = Vec::new();
-    if control_plane_enabled(resolved) {
-        objects.extend(controlplane::render(&target)?);
+    for (revision, resolved) in &mesh.revisions {
+        let target = Target {
+            installation: mesh.installation,
+            resolved,
+            revision,
+        };
+        if control_plane_enabled(resolved) {
+            objects.extend(controlplane::render(&target)?);
+            for (tag, _) in mesh.tags.iter().filter(|(_, r)| r == revision) {
+                objects.push(controlplane::tag_webhook(&target, tag)?);
+            }
+        }
     }
+    let (active, active_resolved) = mesh.active;
+    let following = following(mesh.resolved, active_resolved);
+    let target = Target {
+        installation: mesh.installation,
+        resolved: &following,
+        revision: active,
+    };
     for (direction, index, gateway) in gateway::enabled(&target) {
         objects.extend(gateway::render(&target, direction, index, gateway)?);
     }
     objects.extend(addons::render(&target)?);
     Ok(objects)
+}
+
+/// The current spec with the release, hub and tag of the active revision:
+/// what gateways and addons run, so that they move to a new version only
+/// when its control plane has taken over.
+pub fn following(current: &Resolved, active: &Resolved) -> Resolved {
+    let mut resolved = current.clone();
+    resolved.spec.version = active.spec.version.clone();
+    resolved.spec.hub = active.spec.hub.clone();
+    resolved.spec.tag = active.spec.tag.clone();
+    resolved.release = active.release;
+    resolved
 }
 
 /// The enabled components, each with the Deployment that runs it.

@@ -6,7 +6,10 @@
 //! "abnormal-true" ones Argo CD and Flux read, `Reconciled` and `Ready` the
 //! ones people read.
 
-use bowline_api::install::{ComponentStatus, MeshInstallationStatus, MeshRevisionStatus};
+use bowline_api::install::{
+    ComponentStatus, MeshInstallationSpec, MeshInstallationStatus, MeshRevisionStatus,
+    MeshRevisionTagStatus, RevisionsStatus, WorkloadRestartStatus,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
@@ -19,18 +22,17 @@ pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
 pub const IN_USE: &str = "InUse";
 pub const HEALTHY: &str = "Healthy";
+pub const WORKLOADS_UPDATED: &str = "WorkloadsUpdated";
 
 /// How the apply step of a reconcile ended.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub enum Outcome {
+    #[default]
     Applied,
     /// The spec must change first (reason, message naming the field).
     Invalid(String),
     /// Worth retrying (reason, message).
-    Failed {
-        reason: String,
-        message: String,
-    },
+    Failed { reason: String, message: String },
 }
 
 /// One component's readiness from its Deployment: Available, with every
@@ -82,17 +84,45 @@ pub fn component_status(component: &Component, deployment: Option<&Deployment>) 
     }
 }
 
+/// What a reconcile found, for [`compute`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    pub generation: Option<i64>,
+    pub outcome: Outcome,
+    /// Each enabled component; the control plane is the asked-for revision's.
+    pub components: Vec<ComponentStatus>,
+    /// The resolved spec, when it is valid.
+    pub resolved: Option<MeshInstallationSpec>,
+    /// The revision workloads are injected by.
+    pub active_revision: Option<String>,
+    /// The revision the spec asks for, while it is not active yet.
+    pub waiting_for: Option<String>,
+    pub revisions: Option<RevisionsStatus>,
+    /// Injected pods on revisions other than the active one, per revision
+    /// and its version.
+    pub outdated: Vec<(String, String, i64)>,
+    pub workload_restart: Option<WorkloadRestartStatus>,
+}
+
 /// The new status. `previous` keeps the lastTransitionTime of conditions
 /// whose status did not change, so an unchanged reconcile writes nothing.
 pub fn compute(
     previous: Option<&MeshInstallationStatus>,
-    generation: Option<i64>,
-    outcome: &Outcome,
-    components: Vec<ComponentStatus>,
-    resolved: Option<bowline_api::install::MeshInstallationSpec>,
-    active_revision: Option<String>,
+    report: Report,
     now: Time,
 ) -> MeshInstallationStatus {
+    let Report {
+        generation,
+        outcome,
+        components,
+        resolved,
+        active_revision,
+        waiting_for,
+        revisions,
+        outdated,
+        workload_restart,
+    } = report;
+    let outcome = &outcome;
     let not_ready: Vec<&ComponentStatus> = components.iter().filter(|c| !c.ready).collect();
     let all_ready = not_ready.is_empty();
     let not_ready_message = not_ready
@@ -136,6 +166,9 @@ pub fn compute(
     } else {
         condition(READY, false, "ComponentsNotReady", &not_ready_message)
     };
+    let previous_version = previous.and_then(|p| p.version.clone());
+    let asked_version = resolved.as_ref().map(|r| r.version.clone());
+    let upgrading = previous_version.is_some() && previous_version != asked_version;
     let reconciling = match outcome {
         Outcome::Invalid(_) => condition(
             RECONCILING,
@@ -143,14 +176,42 @@ pub fn compute(
             "InvalidSpec",
             "waiting for the spec to change",
         ),
-        _ if all_ready && *outcome == Outcome::Applied => {
-            condition(RECONCILING, false, "ComponentsReady", "")
-        }
         Outcome::Failed { reason, message } => condition(RECONCILING, true, reason, message),
+        _ if waiting_for.is_some() => condition(
+            RECONCILING,
+            true,
+            "WaitingForRevision",
+            &format!(
+                "revision {} is not Ready yet ({}); revision {} stays active until it is",
+                waiting_for.as_deref().unwrap_or_default(),
+                if not_ready_message.is_empty() {
+                    "its control plane is starting"
+                } else {
+                    &not_ready_message
+                },
+                active_revision.as_deref().unwrap_or("none"),
+            ),
+        ),
+        _ if all_ready => condition(RECONCILING, false, "ComponentsReady", ""),
+        _ if upgrading => condition(
+            RECONCILING,
+            true,
+            "Upgrading",
+            &format!(
+                "upgrading from {} to {}: {not_ready_message}",
+                previous_version.as_deref().unwrap_or_default(),
+                asked_version.as_deref().unwrap_or_default()
+            ),
+        ),
         _ => condition(RECONCILING, true, "ComponentsNotReady", &not_ready_message),
     };
+    let workloads = workloads_condition(
+        active_revision.as_deref(),
+        &outdated,
+        workload_restart.as_ref(),
+    );
 
-    let mut conditions = vec![reconciled, ready, reconciling, stalled];
+    let mut conditions = vec![reconciled, ready, reconciling, stalled, workloads];
     let state = finish(
         &mut conditions,
         previous.map(|p| p.conditions.as_slice()),
@@ -159,12 +220,32 @@ pub fn compute(
     );
 
     let invalid = matches!(outcome, Outcome::Invalid(_));
+    let settled = *outcome == Outcome::Applied && all_ready && waiting_for.is_none();
     MeshInstallationStatus {
         observed_generation: generation,
         conditions,
         state: Some(state),
-        active_revision,
         // With an invalid spec nothing was rendered: keep reporting what runs.
+        active_revision: if invalid {
+            previous.and_then(|p| p.active_revision.clone())
+        } else {
+            active_revision
+        },
+        version: if settled {
+            asked_version
+        } else {
+            previous_version
+        },
+        revisions: if invalid {
+            previous.and_then(|p| p.revisions.clone())
+        } else {
+            revisions
+        },
+        workload_restart: if invalid {
+            previous.and_then(|p| p.workload_restart.clone())
+        } else {
+            workload_restart
+        },
         components: if invalid {
             previous.map(|p| p.components.clone()).unwrap_or_default()
         } else {
@@ -174,13 +255,69 @@ pub fn compute(
     }
 }
 
-/// A revision's status: Ready from its control plane, InUse from what
-/// selects it or runs its proxies.
+/// `WorkloadsUpdated`: whether every injected pod runs the active
+/// revision's proxy, and if not, how many do not and what is done about it.
+fn workloads_condition(
+    active: Option<&str>,
+    outdated: &[(String, String, i64)],
+    restart: Option<&WorkloadRestartStatus>,
+) -> Condition {
+    let count: i64 = outdated.iter().map(|(_, _, n)| n).sum();
+    if count == 0 {
+        return condition(
+            WORKLOADS_UPDATED,
+            true,
+            "WorkloadsOnActiveRevision",
+            "every injected workload runs the active revision's proxy",
+        );
+    }
+    let where_ = outdated
+        .iter()
+        .filter(|(_, _, n)| *n > 0)
+        .map(|(revision, version, n)| format!("{n} on {version} (revision {revision})"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let active = active.unwrap_or("the active revision");
+    match restart {
+        Some(r) if r.failed.is_some() => condition(
+            WORKLOADS_UPDATED,
+            false,
+            "RestartFailed",
+            &format!(
+                "{count} workloads still on older revisions: {where_}; restarts stopped: {}",
+                r.failed.as_deref().unwrap_or_default()
+            ),
+        ),
+        Some(r) => condition(
+            WORKLOADS_UPDATED,
+            false,
+            "Restarting",
+            &format!(
+                "{count} workloads still on older revisions: {where_}; restarting them in \
+                 batches onto {active}, {} restarted so far",
+                r.restarted
+            ),
+        ),
+        None => condition(
+            WORKLOADS_UPDATED,
+            false,
+            "WorkloadsOnOldRevision",
+            &format!(
+                "{count} workloads still on older revisions: {where_}; restart them to move \
+                 them to {active} (or set spec.updateStrategy.workloads.restart: Auto)"
+            ),
+        ),
+    }
+}
+
+/// A revision's status: Ready from its control plane, InUse from the tags
+/// that point at it and what selects it or runs its proxies.
 pub fn revision(
     previous: Option<&MeshRevisionStatus>,
     generation: Option<i64>,
     control_plane: &ComponentStatus,
     usage: &RevisionUsage,
+    tags: &[String],
     now: Time,
 ) -> MeshRevisionStatus {
     let ready = if control_plane.ready {
@@ -198,23 +335,27 @@ pub fn revision(
             control_plane.message.as_deref().unwrap_or("not ready"),
         )
     };
-    let in_use = if usage.workloads > 0 || !usage.namespaces.is_empty() {
-        let message = format!(
-            "{} workloads run its proxy; namespaces selecting it: {}",
-            usage.workloads,
-            if usage.namespaces.is_empty() {
+    let in_use = if usage.workloads > 0 || !usage.namespaces.is_empty() || !tags.is_empty() {
+        let list = |items: &[String]| {
+            if items.is_empty() {
                 "none".to_string()
             } else {
-                usage.namespaces.join(", ")
+                items.join(", ")
             }
+        };
+        let message = format!(
+            "{} workloads run its proxy; namespaces selecting it: {}; tags: {}",
+            usage.workloads,
+            list(&usage.namespaces),
+            list(tags),
         );
-        condition(IN_USE, true, "UsedByWorkloads", &message)
+        condition(IN_USE, true, "InUse", &message)
     } else {
         condition(
             IN_USE,
             false,
             "NotInUse",
-            "no namespace selects it and no pod runs its proxy",
+            "no tag points at it, no namespace selects it and no pod runs its proxy",
         )
     };
     let mut conditions = vec![
@@ -239,7 +380,64 @@ pub fn revision(
         state: Some(state),
         workloads: usage.workloads,
         namespaces: usage.namespaces.clone(),
-        tags: Vec::new(),
+        tags: tags.to_vec(),
+    }
+}
+
+/// Since when nothing uses a revision, from its status' InUse condition.
+pub fn unused_since(status: &MeshRevisionStatus) -> Option<k8s_openapi::jiff::Timestamp> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == IN_USE && c.status == "False")
+        .map(|c| c.last_transition_time.0)
+}
+
+/// A tag's status: the revision it points at (none when it is in conflict)
+/// and the namespaces that select it.
+pub fn tag(
+    previous: Option<&MeshRevisionTagStatus>,
+    generation: Option<i64>,
+    revision: std::result::Result<&str, &str>,
+    namespaces: Vec<String>,
+    now: Time,
+) -> MeshRevisionTagStatus {
+    let reconciled = match revision {
+        Ok(revision) => condition(
+            RECONCILED,
+            true,
+            "ReconcileSucceeded",
+            &format!("namespaces labelled with the tag are injected by revision {revision}"),
+        ),
+        Err(conflict) => condition(RECONCILED, false, "Conflict", conflict),
+    };
+    let stalled = match revision {
+        Ok(_) => condition(STALLED, false, "ReconcileSucceeded", ""),
+        Err(conflict) => condition(STALLED, true, "Conflict", conflict),
+    };
+    let in_use = if namespaces.is_empty() {
+        condition(IN_USE, false, "NotInUse", "no namespace selects it")
+    } else {
+        condition(
+            IN_USE,
+            true,
+            "InUse",
+            &format!("namespaces selecting it: {}", namespaces.join(", ")),
+        )
+    };
+    let mut conditions = vec![reconciled, in_use, stalled];
+    let state = finish(
+        &mut conditions,
+        previous.map(|p| p.conditions.as_slice()),
+        generation,
+        now,
+    );
+    MeshRevisionTagStatus {
+        observed_generation: generation,
+        conditions,
+        state: Some(state),
+        revision: revision.ok().map(str::to_string),
+        namespaces,
     }
 }
 
@@ -344,11 +542,12 @@ mod tests {
         let ready = component_status(&component(), Some(&deployment(2, true)));
         let status = compute(
             None,
-            Some(3),
-            &Outcome::Applied,
-            vec![ready],
-            None,
-            None,
+            Report {
+                generation: Some(3),
+                outcome: Outcome::Applied,
+                components: vec![ready],
+                ..Default::default()
+            },
             at(10),
         );
         assert_eq!(status.state.as_deref(), Some(HEALTHY));
@@ -363,20 +562,22 @@ mod tests {
         let ready = component_status(&component(), Some(&deployment(2, true)));
         let before = compute(
             None,
-            Some(1),
-            &Outcome::Applied,
-            vec![ready],
-            None,
-            None,
+            Report {
+                generation: Some(1),
+                outcome: Outcome::Applied,
+                components: vec![ready],
+                ..Default::default()
+            },
             at(10),
         );
         let after = compute(
             Some(&before),
-            Some(2),
-            &Outcome::Invalid("spec.version: v9 is unknown".into()),
-            Vec::new(),
-            None,
-            None,
+            Report {
+                generation: Some(2),
+                outcome: Outcome::Invalid("spec.version: v9 is unknown".into()),
+                components: Vec::new(),
+                ..Default::default()
+            },
             at(20),
         );
         assert_eq!(get(&after, STALLED).status, "True");
@@ -391,25 +592,116 @@ mod tests {
         assert_eq!(get(&after, STALLED).last_transition_time, at(20));
     }
 
+    fn report(components: Vec<ComponentStatus>) -> Report {
+        Report {
+            generation: Some(1),
+            components,
+            resolved: Some(MeshInstallationSpec {
+                version: "v0.2.0".into(),
+                ..Default::default()
+            }),
+            active_revision: Some("m-v0-1-0".into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_waiting_revision_is_named_with_the_active_one() {
+        let unready = component_status(&component(), Some(&deployment(0, false)));
+        let status = compute(
+            None,
+            Report {
+                waiting_for: Some("m-v0-2-0".into()),
+                ..report(vec![unready])
+            },
+            at(10),
+        );
+        let reconciling = get(&status, RECONCILING);
+        assert_eq!(reconciling.reason, "WaitingForRevision");
+        assert!(
+            reconciling.message.starts_with(
+                "revision m-v0-2-0 is not Ready yet (controlPlane: 0/2 replicas ready"
+            ),
+            "{}",
+            reconciling.message
+        );
+        assert!(
+            reconciling
+                .message
+                .ends_with("revision m-v0-1-0 stays active until it is")
+        );
+        assert_eq!(status.version, None, "no version has been fully rolled out");
+    }
+
+    #[test]
+    fn the_version_moves_when_every_component_runs_it() {
+        let previous = MeshInstallationStatus {
+            version: Some("v0.1.0".into()),
+            ..Default::default()
+        };
+        let rolling = component_status(&component(), Some(&deployment(1, true)));
+        let upgrading = compute(Some(&previous), report(vec![rolling]), at(10));
+        assert_eq!(get(&upgrading, RECONCILING).reason, "Upgrading");
+        assert!(
+            get(&upgrading, RECONCILING)
+                .message
+                .starts_with("upgrading from v0.1.0 to v0.2.0: ")
+        );
+        assert_eq!(upgrading.version.as_deref(), Some("v0.1.0"));
+        let ready = component_status(&component(), Some(&deployment(2, true)));
+        let done = compute(Some(&upgrading), report(vec![ready]), at(20));
+        assert_eq!(done.version.as_deref(), Some("v0.2.0"));
+        assert_eq!(get(&done, RECONCILING).status, "False");
+    }
+
+    #[test]
+    fn workloads_on_older_revisions_are_counted() {
+        let ready = component_status(&component(), Some(&deployment(2, true)));
+        let status = compute(
+            None,
+            Report {
+                outdated: vec![("m-v0-1-0".into(), "v0.1.0".into(), 12)],
+                ..report(vec![ready])
+            },
+            at(10),
+        );
+        let workloads = get(&status, WORKLOADS_UPDATED);
+        assert_eq!(workloads.status, "False");
+        assert!(
+            workloads.message.starts_with(
+                "12 workloads still on older revisions: 12 on v0.1.0 (revision m-v0-1-0)"
+            ),
+            "{}",
+            workloads.message
+        );
+        assert_eq!(
+            status.state.as_deref(),
+            Some(HEALTHY),
+            "health is the mesh's, not the workloads'"
+        );
+    }
+
     #[test]
     fn an_unchanged_reconcile_computes_the_same_status() {
         let ready = component_status(&component(), Some(&deployment(1, true)));
         let first = compute(
             None,
-            Some(1),
-            &Outcome::Applied,
-            vec![ready.clone()],
-            None,
-            None,
+            Report {
+                generation: Some(1),
+                outcome: Outcome::Applied,
+                components: vec![ready.clone()],
+                ..Default::default()
+            },
             at(10),
         );
         let second = compute(
             Some(&first),
-            Some(1),
-            &Outcome::Applied,
-            vec![ready],
-            None,
-            None,
+            Report {
+                generation: Some(1),
+                outcome: Outcome::Applied,
+                components: vec![ready],
+                ..Default::default()
+            },
             at(99),
         );
         assert_eq!(first, second);

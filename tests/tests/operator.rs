@@ -198,7 +198,14 @@ async fn every_profile_installs_and_becomes_ready() -> anyhow::Result<()> {
     ensure!(
         header
             == [
-                "NAME", "VERSION", "PROFILE", "READY", "ACTIVE", "STATUS", "AGE"
+                "NAME",
+                "VERSION",
+                "REVISIONS",
+                "READY",
+                "INUSE",
+                "ACTIVE",
+                "STATUS",
+                "AGE"
             ],
         "{stdout}"
     );
@@ -209,12 +216,13 @@ async fn every_profile_installs_and_becomes_ready() -> anyhow::Result<()> {
         .split_whitespace()
         .collect();
     ensure!(
-        row[..6]
+        row[..7]
             == [
                 "profile-demo",
                 "v0.1.0",
-                "demo",
+                "1",
                 "True",
+                "0",
                 "profile-demo",
                 "Healthy"
             ],

@@ -41,16 +41,22 @@ const NAMESPACE_IMMUTABLE: &str = "spec.namespace is chosen when the MeshInstall
         description = "The release installed"
     ),
     printcolumn(
-        name = "Profile",
-        type_ = "string",
-        json_path = ".status.resolved.profile",
-        description = "The profile the spec starts from"
+        name = "Revisions",
+        type_ = "integer",
+        json_path = ".status.revisions.total",
+        description = "Control-plane revisions running"
     ),
     printcolumn(
         name = "Ready",
         type_ = "string",
         json_path = ".status.conditions[?(@.type==\"Ready\")].status",
         description = "Every enabled component is available"
+    ),
+    printcolumn(
+        name = "InUse",
+        type_ = "integer",
+        json_path = ".status.revisions.inUse",
+        description = "Revisions a tag, namespace or pod uses"
     ),
     printcolumn(
         name = "Active",
@@ -264,10 +270,53 @@ pub struct UpdateStrategy {
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub type_: Option<UpdateStrategyType>,
 
-    /// With RevisionBased: how long a revision no workload uses is kept
-    /// before it is deleted. Defaults to 30.
+    /// How long a revision that is no longer active and that nothing uses
+    /// is kept before it is deleted, counted from the moment it stopped
+    /// being used. Defaults to 30.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inactive_revision_deletion_grace_period_seconds: Option<i64>,
+
+    /// What happens to injected workloads still running an older revision's
+    /// proxy once a new revision is active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workloads: Option<WorkloadUpdate>,
+}
+
+/// Moving injected workloads to the active revision: their pods get the new
+/// proxy only when they are recreated.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadUpdate {
+    /// Manual (the default) reports how many workloads still run an older
+    /// revision; Auto also restarts their Deployments, StatefulSets and
+    /// DaemonSets, a batch at a time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart: Option<WorkloadRestart>,
+
+    /// Workloads restarted together. Defaults to 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub batch_size: Option<i32>,
+
+    /// How long to wait after a batch is Available before the next one, as
+    /// a duration such as `30s` or `1m`. Defaults to `0s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub pause_between_batches: Option<String>,
+
+    /// How long a batch may take to become Available before restarts stop
+    /// and the workload that did not make it is reported, e.g. `5m`.
+    /// Defaults to `5m`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^([0-9]+(ms|s|m|h))+$"))]
+    pub batch_timeout: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum WorkloadRestart {
+    #[default]
+    Manual,
+    Auto,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -300,6 +349,21 @@ pub struct MeshInstallationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_revision: Option<String>,
 
+    /// The release every component runs: `spec.version` once every
+    /// component is available on it, the previous one while an upgrade is
+    /// in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+
+    /// The installation's control-plane revisions: counts, and each one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revisions: Option<RevisionsStatus>,
+
+    /// Restarts of workloads that still run an older revision's proxy, when
+    /// `spec.updateStrategy.workloads.restart` is Auto.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_restart: Option<WorkloadRestartStatus>,
+
     /// The readiness of each enabled component.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub components: Vec<ComponentStatus>,
@@ -309,6 +373,61 @@ pub struct MeshInstallationStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "crate::schema::any_object")]
     pub resolved: Option<MeshInstallationSpec>,
+}
+
+/// The revisions of an installation.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionsStatus {
+    /// How many revisions run.
+    pub total: i32,
+    /// How many of them are Ready.
+    pub ready: i32,
+    /// How many of them a tag, namespace or pod uses.
+    pub in_use: i32,
+    /// Each revision, the active one first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub items: Vec<RevisionSummary>,
+}
+
+/// One revision, as the installation sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionSummary {
+    /// The MeshRevision's name, the value of `istio.io/rev`.
+    pub name: String,
+    /// The release it runs.
+    pub version: String,
+    /// Whether its control plane serves.
+    pub ready: bool,
+    /// Whether a tag, namespace or pod uses it.
+    pub in_use: bool,
+    /// Pods that run its proxy.
+    #[serde(default)]
+    pub workloads: i64,
+}
+
+/// Where automatic workload restarts are.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRestartStatus {
+    /// The revision workloads are being moved to.
+    pub revision: String,
+    /// The batch restarted last, as `Kind namespace/name`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batch: Vec<String>,
+    /// When that batch was restarted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_started: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// When that batch was Available, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_finished: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Workloads restarted so far for this revision.
+    #[serde(default)]
+    pub restarted: i32,
+    /// Why restarts stopped, naming the workload, if they did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// The readiness of one component.

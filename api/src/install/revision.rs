@@ -176,10 +176,14 @@ pub struct MeshRevisionTagStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// Reconciled and InUse.
+    /// Reconciled, InUse and Stalled.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
     pub conditions: Vec<Condition>,
+
+    /// `Healthy`, or the reason of the first condition that is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
 
     /// The revision the tag points at now.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -56,7 +56,7 @@ impl ControlPlaneNames {
         let suffix = target.revision_suffix();
         let ns = target.namespace();
         Self {
-            istiod: format!("istiod{suffix}"),
+            istiod: istiod_name(target.revision),
             mesh_config: format!("istio{suffix}"),
             cluster_role: format!("istiod{suffix}-{ns}"),
             // Revision names are unique in the cluster, and so is this.
@@ -68,6 +68,16 @@ impl ControlPlaneNames {
     /// The address proxies reach the control plane at.
     pub fn discovery_address(&self, namespace: &str) -> String {
         format!("{}.{namespace}.svc:15012", self.istiod)
+    }
+}
+
+/// The control plane's Deployment and Service: `istiod`, or
+/// `istiod-<revision>` for a named revision.
+pub fn istiod_name(revision: &str) -> String {
+    if revision == DEFAULT_REVISION {
+        "istiod".into()
+    } else {
+        format!("istiod-{revision}")
     }
 }
 
@@ -378,7 +388,40 @@ fn injection_webhook(
     target: &Target<'_>,
     names: &ControlPlaneNames,
 ) -> MutatingWebhookConfiguration {
-    let rev = target.revision;
+    injection_webhook_for(
+        target,
+        names,
+        target.cluster_meta(&names.injector, COMPONENT),
+        target.revision,
+    )
+}
+
+/// Istio's label on a tag's webhook, naming the tag.
+pub const TAG_LABEL: &str = "istio.io/tag";
+
+/// The injection webhook of a MeshRevisionTag: pods that select `tag`
+/// (`istio.io/rev=<tag>`, and for the tag named `default` also
+/// `istio-injection=enabled`) are injected by `target`'s revision. Named
+/// `istio-revision-tag-<tag>` and labelled with the revision, as Istio's tags
+/// are, so that the revision's control plane fills in its caBundle.
+pub fn tag_webhook(target: &Target<'_>, tag: &str) -> Result<Managed> {
+    let names = ControlPlaneNames::new(target);
+    let mut metadata = target.cluster_meta(&format!("istio-revision-tag-{tag}"), COMPONENT);
+    metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(TAG_LABEL.into(), tag.into());
+    Managed::new(&injection_webhook_for(target, &names, metadata, tag))
+}
+
+/// Injection by `target`'s control plane of the pods that select `rev`, a
+/// revision or a tag.
+fn injection_webhook_for(
+    target: &Target<'_>,
+    names: &ControlPlaneNames,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    rev: &str,
+) -> MutatingWebhookConfiguration {
     let not_opted_out = ("sidecar.istio.io/inject", "NotIn", &["false"][..]);
     let mut selections = vec![
         (
@@ -419,7 +462,7 @@ fn injection_webhook(
         ]);
     }
     MutatingWebhookConfiguration {
-        metadata: target.cluster_meta(&names.injector, COMPONENT),
+        metadata,
         webhooks: Some(
             selections
                 .into_iter()
