@@ -54,6 +54,38 @@ pub struct Context {
     pub tags: Store<MeshRevisionTag>,
     /// Consecutive transient failures per installation, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// The status last written per installation, with the resourceVersion
+    /// the write produced: a reconcile may start before the watch has
+    /// brought that write back, and must not act on the older status (a
+    /// restart batch would be started twice).
+    written: Mutex<HashMap<String, (u64, MeshInstallationStatus)>>,
+}
+
+impl Context {
+    /// The installation with the newest status this operator knows of.
+    fn freshest(&self, installation: &MeshInstallation) -> MeshInstallation {
+        let mut fresh = installation.clone();
+        let seen: Option<u64> = installation.resource_version().and_then(|v| v.parse().ok());
+        let written = self.written.lock().unwrap_or_else(|e| e.into_inner());
+        if let (Some((version, status)), Some(seen)) = (written.get(&installation.name_any()), seen)
+            && *version > seen
+        {
+            fresh.status = Some(status.clone());
+        }
+        fresh
+    }
+
+    fn remember(&self, installation: &MeshInstallation) {
+        if let (Some(version), Some(status)) = (
+            installation.resource_version().and_then(|v| v.parse().ok()),
+            installation.status.clone(),
+        ) {
+            self.written
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(installation.name_any(), (version, status));
+        }
+    }
 }
 
 impl std::fmt::Debug for Context {
@@ -70,7 +102,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
     // Owning every kind it renders puts back what others delete or change;
     // the same watches fill the caches reconciles read from.
     for (resource, stream) in streams {
-        controller = controller.owns_stream_with(stream, resource);
+        controller = controller.watches_stream_with(stream, owning_installation, resource);
     }
     // What uses a revision changes with Namespaces and Pods. A pod keeps its
     // revision label for life; a namespace may drop it, so a namespace
@@ -116,6 +148,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
         usage,
         tags,
         failures: Mutex::default(),
+        written: Mutex::default(),
     });
     controller
         .shutdown_on_signal()
@@ -132,6 +165,21 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
             }
         })
         .await;
+}
+
+/// The installation that owns an object. (Not `owns_stream`: it names a
+/// cluster-scoped owner with its namespaced child's namespace, a key the
+/// controller takes for another object, and would reconcile the same
+/// installation twice at once.)
+fn owning_installation(object: DynamicObject) -> Option<ObjectRef<MeshInstallation>> {
+    object
+        .owner_references()
+        .iter()
+        .find(|o| {
+            o.kind == MeshInstallation::kind(&())
+                && o.api_version == MeshInstallation::api_version(&())
+        })
+        .map(|o| ObjectRef::new(&o.name))
 }
 
 /// The installation a revision belongs to: its MeshRevision says, and an
@@ -172,6 +220,7 @@ fn error_policy(installation: Arc<MeshInstallation>, error: &Error, ctx: Arc<Con
 
 /// Installs or updates everything, then writes status.
 async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action> {
+    let installation = &ctx.freshest(installation);
     let name = installation.name_any();
     ctx.caches.ready().await;
     ctx.usage.ready().await;
@@ -223,14 +272,15 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
                 )
             })
             .collect();
-        if result.is_ok() && !observed.plan.waiting() {
-            restart = restart::step(installation, observed, ctx, &now).await?;
-        }
+        // Independent of the apply: workloads move to the active revision,
+        // which serves whatever happened to the rest.
+        restart = restart::step(installation, observed, ctx, &now).await?;
         report.workload_restart = restart.as_ref().and_then(|r| r.status.clone());
     }
     let new_status = status::compute(previous, report, now.clone());
     if previous != Some(&new_status) {
-        write_status(installation, &new_status, &ctx.client).await?;
+        let written = write_status(installation, &new_status, &ctx.client).await?;
+        ctx.remember(&written);
     }
     if let Some(observed) = &observed {
         write_revision_statuses(observed, ctx).await?;
@@ -786,6 +836,15 @@ fn component_statuses(
     render::components(installation, resolved, &observed.plan.desired)
         .into_iter()
         .map(|component| {
+            // The plan was made from this reading: the same one, so that the
+            // status never says Ready while the plan still waits for it.
+            if let Some(desired) = observed
+                .revisions
+                .iter()
+                .find(|r| r.name == observed.plan.desired && r.control_plane.name == component.name)
+            {
+                return Ok(desired.control_plane.clone());
+            }
             let deployment = caches
                 .get(&resource, Some(resolved.namespace()), &component.deployment)
                 .map(|d| decode::<Deployment>(&d))
@@ -863,7 +922,7 @@ async fn write_status(
     installation: &MeshInstallation,
     status: &MeshInstallationStatus,
     client: &Client,
-) -> Result<()> {
+) -> Result<MeshInstallation> {
     let api: Api<MeshInstallation> = Api::all(client.clone());
     let patch = json!({
         "apiVersion": MeshInstallation::api_version(&()),
@@ -879,8 +938,7 @@ async fn write_status(
     .map_err(Error::kube(format!(
         "writing the status of MeshInstallation {}",
         installation.name_any()
-    )))?;
-    Ok(())
+    )))
 }
 
 /// Removes what the installation made: every labelled object (cluster-scoped
@@ -889,8 +947,25 @@ async fn write_status(
 /// every user's mesh configuration.
 async fn cleanup(installation: &MeshInstallation, ctx: &Context) -> Result<Action> {
     let name = installation.name_any();
+    ctx.written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&name);
     ctx.caches.ready().await;
     let deleted = apply::prune(&ctx.client, &ctx.caches, &name, &[]).await?;
+    // Its tags point nowhere now; nothing is left for them to protect.
+    let tags: Api<MeshRevisionTag> = Api::all(ctx.client.clone());
+    for tag in tags_of(&name, ctx) {
+        if tag.tag.finalizers().iter().any(|f| f == TAG_FINALIZER) {
+            let rest: Vec<&String> = tag
+                .tag
+                .finalizers()
+                .iter()
+                .filter(|f| *f != TAG_FINALIZER)
+                .collect();
+            set_finalizers(&tags, &tag.tag, json!(rest)).await?;
+        }
+    }
     let namespace = installation
         .status
         .as_ref()

@@ -208,6 +208,13 @@ pub async fn step(
             requeue: None,
         }));
     }
+    tracing::info!(
+        installation = %installation.name_any(),
+        revision = %active,
+        batch = ?batch.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        before = status.restarted,
+        "restarting a batch of workloads"
+    );
     status.restarted += batch.len() as i32;
     status.batch = batch.iter().map(ToString::to_string).collect();
     status.batch_started = Some(now.clone());

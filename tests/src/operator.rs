@@ -1,18 +1,21 @@
 //! Running the Bowline operator against a local cluster, in-process, with
 //! its metrics at hand (API requests included).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 
+use anyhow::Context as _;
+use bowline_api::install::{MeshInstallation, MeshInstallationStatus};
 use bowline_operator::metrics::Metrics;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::Reporter;
 use kube::{Client, Config};
+use serde_json::{Value, json};
 use tokio::sync::oneshot;
 
 use crate::Error;
-use crate::cluster::wait_established;
+use crate::cluster::{wait_established, wait_until};
 
 /// Leader election settings for an instance.
 #[derive(Clone, Debug)]
@@ -198,4 +201,76 @@ pub async fn operator_token(
         .map(|s| s.token)
         .unwrap_or_default();
     Ok(token)
+}
+
+/// The local cluster with one operator for every test of the binary,
+/// started on first use: the CRDs and config/rbac applied, the operator
+/// authenticated as its own ServiceAccount, so everything a test sees it do,
+/// that RBAC allows.
+pub fn shared() -> anyhow::Result<&'static crate::LocalCluster> {
+    static STARTED: OnceLock<Result<Operator, String>> = OnceLock::new();
+    let cluster = crate::LocalCluster::shared()?;
+    STARTED
+        .get_or_init(|| {
+            std::thread::spawn(move || {
+                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+                runtime
+                    .block_on(async {
+                        let client = cluster.client().await?;
+                        install_crds(&client).await?;
+                        let token = operator_token(cluster, &client).await?;
+                        Operator::start(cluster.config_with_token(&token).await?, None)
+                    })
+                    .map_err(|e| e.to_string())
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the operator start-up thread panicked".into()))
+        })
+        .as_ref()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(cluster)
+}
+
+/// A MeshInstallation named `name` installing into a namespace of the same
+/// name (unique per test).
+pub async fn create_mesh(
+    client: &Client,
+    name: &str,
+    spec: Value,
+) -> anyhow::Result<Api<MeshInstallation>> {
+    let api: Api<MeshInstallation> = Api::all(client.clone());
+    let mut spec = spec;
+    spec["namespace"] = json!(name);
+    let mesh: MeshInstallation = serde_json::from_value(json!({
+        "apiVersion": "install.bowline.dev/v1alpha1",
+        "kind": "MeshInstallation",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))?;
+    api.create(&PostParams::default(), &mesh).await?;
+    Ok(api)
+}
+
+pub fn condition<'a>(status: &'a MeshInstallationStatus, type_: &str) -> Option<&'a str> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| c.status.as_str())
+}
+
+pub async fn wait_ready(
+    api: &Api<MeshInstallation>,
+    name: &str,
+) -> anyhow::Result<MeshInstallationStatus> {
+    let waited = wait_until(&format!("MeshInstallation {name} to be Ready"), || async {
+        let mesh = api.get(name).await?;
+        let status = mesh.status.unwrap_or_default();
+        Ok(condition(&status, "Ready") == Some("True")
+            && status.observed_generation == mesh.metadata.generation)
+    })
+    .await;
+    let status = api.get_status(name).await?.status.unwrap_or_default();
+    waited.with_context(|| format!("its status: {:#?}", status.conditions))?;
+    Ok(status)
 }

@@ -5,13 +5,10 @@
 //! One operator runs for the whole test binary; each test installs into its
 //! own mesh namespace, so the installations do not meet.
 
-use std::sync::OnceLock;
-
 use anyhow::{Context, ensure};
 use bowline_api::install::{MeshInstallation, MeshInstallationStatus};
-use bowline_tests::LocalCluster;
 use bowline_tests::cluster::wait_until;
-use bowline_tests::operator::{Operator, install_crds, operator_token};
+use bowline_tests::operator::{condition, create_mesh, shared, wait_ready};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
@@ -20,38 +17,11 @@ use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use serde_json::{Value, json};
-
-/// Applies the CRDs and config/rbac, and starts one operator for every test
-/// here, authenticated as its own ServiceAccount: everything these tests see
-/// it do, that RBAC allows.
-fn operator() -> anyhow::Result<&'static LocalCluster> {
-    static STARTED: OnceLock<Result<Operator, String>> = OnceLock::new();
-    let cluster = LocalCluster::shared()?;
-    STARTED
-        .get_or_init(|| {
-            std::thread::spawn(move || {
-                let runtime = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
-                runtime
-                    .block_on(async {
-                        let client = cluster.client().await?;
-                        install_crds(&client).await?;
-                        let token = operator_token(cluster, &client).await?;
-                        Operator::start(cluster.config_with_token(&token).await?, None)
-                    })
-                    .map_err(|e| e.to_string())
-            })
-            .join()
-            .unwrap_or_else(|_| Err("the operator start-up thread panicked".into()))
-        })
-        .as_ref()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(cluster)
-}
+use serde_json::json;
 
 /// A Ready installation of `profile`, named and namespaced `name`.
 async fn installed(name: &str, profile: &str) -> anyhow::Result<(Client, Api<MeshInstallation>)> {
-    let client = operator()?.client().await?;
+    let client = shared()?.client().await?;
     let api = create_mesh(
         &client,
         name,
@@ -62,57 +32,13 @@ async fn installed(name: &str, profile: &str) -> anyhow::Result<(Client, Api<Mes
     Ok((client, api))
 }
 
-/// A MeshInstallation named `name` installing into a namespace of the same
-/// name (unique per test).
-async fn create_mesh(
-    client: &Client,
-    name: &str,
-    spec: Value,
-) -> anyhow::Result<Api<MeshInstallation>> {
-    let api: Api<MeshInstallation> = Api::all(client.clone());
-    let mut spec = spec;
-    spec["namespace"] = json!(name);
-    let mesh: MeshInstallation = serde_json::from_value(json!({
-        "apiVersion": "install.bowline.dev/v1alpha1",
-        "kind": "MeshInstallation",
-        "metadata": {"name": name},
-        "spec": spec,
-    }))?;
-    api.create(&PostParams::default(), &mesh).await?;
-    Ok(api)
-}
-
-fn condition<'a>(status: &'a MeshInstallationStatus, type_: &str) -> Option<&'a str> {
-    status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == type_)
-        .map(|c| c.status.as_str())
-}
-
-async fn wait_ready(
-    api: &Api<MeshInstallation>,
-    name: &str,
-) -> anyhow::Result<MeshInstallationStatus> {
-    let waited = wait_until(&format!("MeshInstallation {name} to be Ready"), || async {
-        let mesh = api.get(name).await?;
-        let status = mesh.status.unwrap_or_default();
-        Ok(condition(&status, "Ready") == Some("True")
-            && status.observed_generation == mesh.metadata.generation)
-    })
-    .await;
-    let status = api.get_status(name).await?.status.unwrap_or_default();
-    waited.with_context(|| format!("its status: {:#?}", status.conditions))?;
-    Ok(status)
-}
-
 fn deployment_names(status: &MeshInstallationStatus) -> Vec<String> {
     status.components.iter().map(|c| c.name.clone()).collect()
 }
 
 #[tokio::test]
 async fn every_profile_installs_and_becomes_ready() -> anyhow::Result<()> {
-    let cluster = operator()?;
+    let cluster = shared()?;
     let client = cluster.client().await?;
     let expected: [(&str, &[&str]); 4] = [
         (
@@ -275,7 +201,7 @@ async fn drift_is_put_back() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn switching_an_addon_off_prunes_it() -> anyhow::Result<()> {
-    let cluster = operator()?;
+    let cluster = shared()?;
     let client = cluster.client().await?;
     let name = "prune";
     let api = create_mesh(
@@ -377,7 +303,7 @@ async fn an_invalid_spec_stalls_and_keeps_what_runs() -> anyhow::Result<()> {
 
 #[tokio::test]
 async fn a_second_installation_in_the_same_namespace_stalls() -> anyhow::Result<()> {
-    let cluster = operator()?;
+    let cluster = shared()?;
     let client = cluster.client().await?;
     let first = create_mesh(
         &client,
@@ -409,7 +335,7 @@ async fn a_second_installation_in_the_same_namespace_stalls() -> anyhow::Result<
 
 #[tokio::test]
 async fn deletion_removes_everything_it_created() -> anyhow::Result<()> {
-    let cluster = operator()?;
+    let cluster = shared()?;
     let client = cluster.client().await?;
     let name = "deleted";
     let api = create_mesh(
@@ -671,7 +597,7 @@ async fn a_revision_reports_what_uses_it() -> anyhow::Result<()> {
         },
     )
     .await?;
-    let cluster = operator()?;
+    let cluster = shared()?;
     let output = cluster
         .kubectl()
         .args(["get", "meshrevision", name, "--no-headers"])
