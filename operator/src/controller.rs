@@ -36,6 +36,8 @@ use crate::status::{self, Outcome, Report};
 pub const FINALIZER: &str = "install.bowline.dev/cleanup";
 /// Keeps a tag while namespaces still select it.
 pub const TAG_FINALIZER: &str = "install.bowline.dev/tag-in-use";
+/// How long a reconcile request waits for more of its kind.
+const DEBOUNCE: Duration = Duration::from_millis(200);
 /// How often an installation is looked at when nothing happens.
 const RESYNC: Duration = Duration::from_secs(300);
 
@@ -97,7 +99,10 @@ impl std::fmt::Debug for Context {
 /// Runs the controller until the process is asked to stop.
 pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
     let installations: Api<MeshInstallation> = Api::all(client.clone());
-    let mut controller = Controller::new(installations, watcher::Config::default());
+    // Pods and Namespaces churn: a burst of their changes (a workload's
+    // rollout) becomes one reconcile, not one per event.
+    let mut controller = Controller::new(installations, watcher::Config::default())
+        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
     let (caches, streams) = Caches::watch(&client);
     // Owning every kind it renders puts back what others delete or change;
     // the same watches fill the caches reconciles read from.

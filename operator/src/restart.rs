@@ -145,13 +145,12 @@ pub async fn step(
     if !status.batch.is_empty() && status.batch_finished.is_none() {
         let started = status.batch_started.as_ref().map_or(now.0, |t| t.0);
         let elapsed = Duration::try_from(now.0.duration_since(started)).unwrap_or_default();
+        // The first one still rolling is enough to know: one read per look.
         let mut waiting = Vec::new();
-        for entry in &status.batch {
-            let Some(workload) = parse(entry) else {
-                continue;
-            };
+        for workload in status.batch.iter().filter_map(|entry| parse(entry)) {
             if !available(&ctx.client, &workload).await? {
                 waiting.push(workload);
+                break;
             }
         }
         if waiting.is_empty() {
@@ -190,6 +189,9 @@ pub async fn step(
         .iter()
         .filter(|r| r.name != *active)
         .flat_map(|r| ctx.usage.injected_pods(&r.name))
+        // A pod made from a template already restarted for this revision
+        // (it carries the template's annotation) needs nothing more.
+        .filter(|pod| pod.annotations().get(RESTARTED_FOR) != Some(active))
         .filter_map(|pod| owner(&pod))
         .collect();
     let mut batch = Vec::new();

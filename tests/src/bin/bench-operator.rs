@@ -32,6 +32,14 @@ struct Args {
     /// No-op reconciles to count requests over.
     #[arg(long, default_value_t = 20)]
     noops: u64,
+
+    /// Injected Deployments running during the canary upgrade.
+    #[arg(long, default_value_t = 50)]
+    workloads: usize,
+
+    /// How many of them are restarted at a time.
+    #[arg(long, default_value_t = 10)]
+    batch_size: usize,
 }
 
 /// The operator process; killed on drop.
@@ -211,5 +219,179 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "  operator RSS            {idle_rss:.1} MiB idle, {rss:.1} MiB after, {peak:.1} MiB peak"
     );
+
+    let canary = canary(&client, &operator, args.workloads, args.batch_size).await?;
+    let (rss, peak) = operator.memory()?;
+    println!(
+        "canary upgrade v0.1.0 -> v0.2.0 (default profile, RevisionBased, {} injected Deployments, batches of {})",
+        args.workloads, args.batch_size
+    );
+    println!(
+        "  version set -> new revision active   {:.2} s, {:.0} API requests ({:.0} writes)",
+        canary.promoted.as_secs_f64(),
+        canary.promotion_requests,
+        canary.promotion_writes
+    );
+    println!(
+        "  -> every workload restarted, Available   {:.2} s, {:.0} API requests ({:.0} writes)",
+        canary.restarted.as_secs_f64(),
+        canary.restart_requests,
+        canary.restart_writes
+    );
+    println!("  operator RSS            {rss:.1} MiB after, {peak:.1} MiB peak");
     Ok(())
+}
+
+/// What the canary upgrade took.
+struct Canary {
+    promoted: Duration,
+    promotion_requests: f64,
+    promotion_writes: f64,
+    restarted: Duration,
+    restart_requests: f64,
+    restart_writes: f64,
+}
+
+/// A RevisionBased installation with `workloads` Deployments injected by its
+/// first revision, upgraded to the next release with Auto restarts.
+///
+/// No injection webhook serves on this machine, so the Deployments' pods
+/// carry what injection leaves (the revision label, the status annotation)
+/// and opt out of the registered webhooks; after a restart they still say
+/// the old revision, so "restarted" is measured from the installation's
+/// restart status, not from the pods' labels.
+async fn canary(
+    client: &kube::Client,
+    operator: &OperatorProcess,
+    workloads: usize,
+    batch_size: usize,
+) -> anyhow::Result<Canary> {
+    use bowline_api::install::MeshInstallationStatus;
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+
+    let name = "bench-canary";
+    let apps = "bench-apps";
+    let api: Api<MeshInstallation> = Api::all(client.clone());
+    let mesh: MeshInstallation = serde_json::from_value(json!({
+        "apiVersion": "install.bowline.dev/v1alpha1",
+        "kind": "MeshInstallation",
+        "metadata": {"name": name},
+        "spec": {
+            "version": "v0.1.0",
+            "profile": "default",
+            "namespace": name,
+            "updateStrategy": {
+                "type": "RevisionBased",
+                "workloads": {"restart": "Auto", "batchSize": batch_size, "batchTimeout": "2m"},
+            },
+        },
+    }))?;
+    api.create(&PostParams::default(), &mesh).await?;
+    let status = |api: Api<MeshInstallation>| async move {
+        Ok::<MeshInstallationStatus, kube::Error>(api.get(name).await?.status.unwrap_or_default())
+    };
+    wait_until("the canary installation to be Ready", || async {
+        let status = status(api.clone()).await?;
+        Ok(status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"))
+    })
+    .await?;
+
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": apps}}))?,
+        )
+        .await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), apps);
+    wait_until("the default ServiceAccount", || async {
+        Ok(accounts.get_opt("default").await?.is_some())
+    })
+    .await?;
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), apps);
+    for i in 0..workloads {
+        let app = format!("app-{i:02}");
+        deployments
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({
+                    "metadata": {"name": app},
+                    "spec": {
+                        "replicas": 1,
+                        "selector": {"matchLabels": {"app": app}},
+                        "template": {
+                            "metadata": {
+                                "labels": {
+                                    "app": app,
+                                    "istio.io/rev": "bench-canary-v0-1-0",
+                                    "sidecar.istio.io/inject": "false",
+                                },
+                                "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
+                            },
+                            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+                        },
+                    },
+                }))?,
+            )
+            .await?;
+    }
+    wait_until("the workloads to count on the first revision", || async {
+        let status = status(api.clone()).await?;
+        Ok(status
+            .revisions
+            .and_then(|r| r.items.into_iter().next())
+            .is_some_and(|r| r.workloads == workloads as i64))
+    })
+    .await?;
+
+    let requests = || operator.metric("bowline_operator_api_requests_total");
+    let writes = || operator.metric("bowline_operator_api_writes_total");
+    let (requests_before, writes_before) = (requests()?, writes()?);
+    let started = Instant::now();
+    api.patch(
+        name,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"version": "v0.2.0"}})),
+    )
+    .await?;
+    wait_until("the new revision to be active", || async {
+        Ok(status(api.clone()).await?.active_revision.as_deref() == Some("bench-canary-v0-2-0"))
+    })
+    .await?;
+    let promoted = started.elapsed();
+    let (promotion_requests, promotion_writes) =
+        (requests()? - requests_before, writes()? - writes_before);
+    // 50 workloads in batches of 10 each waiting to be Available: longer
+    // than one default wait.
+    for _ in 0..5 {
+        let done = wait_until("every workload to be restarted", || async {
+            let status = status(api.clone()).await?;
+            Ok(status
+                .workload_restart
+                .is_some_and(|r| r.restarted == workloads as i32 && r.batch_finished.is_some()))
+        })
+        .await;
+        if done.is_ok() {
+            break;
+        }
+    }
+    let restart = status(api.clone()).await?.workload_restart;
+    if !restart
+        .as_ref()
+        .is_some_and(|r| r.restarted == workloads as i32 && r.batch_finished.is_some())
+    {
+        bail!("the restarts did not finish: {restart:#?}");
+    }
+    Ok(Canary {
+        promoted,
+        promotion_requests,
+        promotion_writes,
+        restarted: started.elapsed(),
+        restart_requests: requests()? - requests_before,
+        restart_writes: writes()? - writes_before,
+    })
 }
