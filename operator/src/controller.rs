@@ -416,13 +416,7 @@ fn observe(
     now: &Time,
 ) -> Result<Observed> {
     let name = installation.name_any();
-    let strategy = resolved
-        .spec
-        .update_strategy
-        .as_ref()
-        .and_then(|u| u.type_)
-        .unwrap_or_default();
-    let desired = revisions::desired(&name, strategy, &resolved.spec.version)?;
+    let desired = revisions::asked_for(installation, &resolved)?;
     let revision_kind = ApiResource::erase::<MeshRevision>(&());
     if let Some(owner) = ctx
         .caches

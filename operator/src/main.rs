@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
             let objects = render::render(
                 &installation,
                 &resolved,
-                &render::revision_name(&installation),
+                &bowline_operator::revisions::asked_for(&installation, &resolved)?,
             )?;
             print!("{}", render::to_yaml(&objects)?);
             Ok(())

@@ -9,7 +9,7 @@ pub mod workload;
 
 use bowline_api::install::MeshInstallation;
 
-pub use meta::{DEFAULT_REVISION, Managed, Target, revision_name};
+pub use meta::{DEFAULT_REVISION, Managed, Target};
 
 use crate::error::Result;
 use crate::profile::Resolved;

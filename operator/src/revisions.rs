@@ -48,6 +48,21 @@ pub fn desired(installation: &str, strategy: UpdateStrategyType, version: &str) 
     }
 }
 
+/// The revision `installation` asks for, with its resolved spec's strategy.
+pub fn asked_for(
+    installation: &bowline_api::install::MeshInstallation,
+    resolved: &crate::profile::Resolved,
+) -> Result<String> {
+    use kube::ResourceExt;
+    let strategy = resolved
+        .spec
+        .update_strategy
+        .as_ref()
+        .and_then(|u| u.type_)
+        .unwrap_or_default();
+    desired(&installation.name_any(), strategy, &resolved.spec.version)
+}
+
 /// A revision of the installation that exists now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Existing {

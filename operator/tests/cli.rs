@@ -53,6 +53,17 @@ fn render_applies_the_samples_settings() {
 }
 
 #[test]
+fn render_names_a_revision_based_control_plane_after_its_version() {
+    let yaml = operator(&["render", "-f", &sample("revision-based.yaml")]);
+    assert!(yaml.contains("name: istiod-default-v0-1-0"), "{yaml}");
+    assert!(yaml.contains("istio.io/rev: default-v0-1-0"));
+    assert!(
+        !yaml.contains("- enabled"),
+        "only the tag named default answers istio-injection=enabled"
+    );
+}
+
+#[test]
 fn render_refuses_an_unknown_version_by_name() {
     let dir = std::env::temp_dir().join(format!("bowline-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -30,8 +30,12 @@ fn every_profile_renders_its_golden_objects() {
     for profile in Profile::ALL {
         let mesh = installation(profile);
         let resolved = profile::resolve(&mesh.spec).expect("resolves");
-        let objects =
-            render::render(&mesh, &resolved, &render::revision_name(&mesh)).expect("renders");
+        let objects = render::render(
+            &mesh,
+            &resolved,
+            &bowline_operator::revisions::asked_for(&mesh, &resolved).expect("a revision name"),
+        )
+        .expect("renders");
         let yaml = render::to_yaml(&objects).expect("YAML");
         let path = dir.join(format!("{}.yaml", profile.as_str()));
         if update {

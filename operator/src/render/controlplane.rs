@@ -556,7 +556,7 @@ mod tests {
         );
         mesh.metadata.uid = Some("uid".into());
         let resolved = profile::resolve(&mesh.spec).unwrap();
-        let revision = crate::render::revision_name(&mesh);
+        let revision = crate::revisions::asked_for(&mesh, &resolved).unwrap();
         let target = Target {
             installation: &mesh,
             resolved: &resolved,

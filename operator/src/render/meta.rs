@@ -25,15 +25,6 @@ pub const REVISION_LABEL: &str = "istio.io/rev";
 /// Istio's default revision: the one `istio-injection=enabled` selects.
 pub const DEFAULT_REVISION: &str = "default";
 
-/// The control-plane revision of an installation that updates in place: the
-/// installation's own name, as the Sail operator names it. So the
-/// installation named `default` runs Istio's default revision (`istiod`,
-/// selected by `istio-injection=enabled`), and installations side by side
-/// never share a revision.
-pub fn revision_name(installation: &MeshInstallation) -> String {
-    installation.name_any()
-}
-
 /// One object the operator manages, ready to apply.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Managed {

@@ -183,7 +183,7 @@ async fn main() -> anyhow::Result<()> {
     let objects = bowline_operator::render::render(
         &demo,
         &resolved,
-        &bowline_operator::render::revision_name(&demo),
+        &bowline_operator::revisions::asked_for(&demo, &resolved)?,
     )?;
     let deployments = objects
         .iter()
