@@ -58,7 +58,7 @@ fn render_names_a_revision_based_control_plane_after_its_version() {
     assert!(yaml.contains("name: istiod-default-v0-1-0"), "{yaml}");
     assert!(yaml.contains("istio.io/rev: default-v0-1-0"));
     assert!(
-        !yaml.contains("- enabled"),
+        !yaml.contains("values:\n      - enabled"),
         "only the tag named default answers istio-injection=enabled"
     );
 }
