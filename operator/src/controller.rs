@@ -6,11 +6,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bowline_api::install::{
-    ComponentStatus, MeshInstallation, MeshInstallationStatus, MeshRevision, MeshRevisionStatus,
-    MeshRevisionTag, RevisionSummary, RevisionsStatus, TargetKind,
+    MeshInstallation, MeshInstallationStatus, MeshRevision, MeshRevisionTag, TargetKind,
 };
 use futures::StreamExt;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use kube::runtime::controller::Action;
@@ -22,20 +20,19 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 
 use crate::apply::{self, FIELD_MANAGER};
-use crate::cache::{Caches, RevisionUsage, Usage};
+use crate::cache::{Caches, Usage};
 use crate::error::{Error, Result, backoff};
 use crate::metrics::Metrics;
+use crate::observe::{self, Observed};
 use crate::profile::{self, Resolved};
+use crate::render;
 use crate::render::meta::INSTALLATION_LABEL;
-use crate::render::{self, controlplane};
 use crate::restart;
-use crate::revisions::{self, Plan};
 use crate::status::{self, Outcome, Report};
+use crate::tags;
 
 /// Keeps the installation until its cluster-scoped objects are removed.
 pub const FINALIZER: &str = "install.bowline.dev/cleanup";
-/// Keeps a tag while namespaces still select it.
-pub const TAG_FINALIZER: &str = "install.bowline.dev/tag-in-use";
 /// How long a reconcile request waits for more of its kind.
 const DEBOUNCE: Duration = Duration::from_millis(200);
 /// How often an installation is looked at when nothing happens.
@@ -232,7 +229,7 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let observed = profile::resolve(&installation.spec)
         .map_err(|e| Error::InvalidSpec(e.to_string()))
-        .and_then(|resolved| observe(installation, resolved, ctx, &now));
+        .and_then(|resolved| observe::observe(installation, resolved, ctx, &now));
     let result = match &observed {
         Ok(observed) => install(installation, observed, ctx).await,
         Err(e) => Err(Error::InvalidSpec(e.to_string())),
@@ -257,14 +254,14 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
         .filter(|_| !matches!(outcome, Outcome::Invalid(_)));
     let mut restart = None;
     if let Some(observed) = &observed {
-        report.components = component_statuses(installation, observed, &ctx.caches)?;
+        report.components = observe::component_statuses(installation, observed, &ctx.caches)?;
         report.resolved = Some(observed.resolved.spec.clone());
         report.active_revision = Some(observed.plan.active.clone());
         report.waiting_for = observed
             .plan
             .waiting()
             .then(|| observed.plan.desired.clone());
-        report.revisions = Some(revisions_status(observed));
+        report.revisions = Some(observe::revisions_status(observed));
         report.outdated = observed
             .revisions
             .iter()
@@ -289,7 +286,7 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
     }
     if let Some(observed) = &observed {
         write_revision_statuses(observed, ctx).await?;
-        write_tag_statuses(observed, ctx, &now).await?;
+        tags::write_statuses(observed, ctx, &now).await?;
         let previous_active = previous.and_then(|p| p.active_revision.as_deref());
         if let Some(previous_active) = previous_active.filter(|a| *a != observed.plan.active) {
             publish(
@@ -364,296 +361,6 @@ async fn apply(installation: &MeshInstallation, ctx: &Context) -> Result<Action>
     }
 }
 
-/// One revision of the installation, as a reconcile sees it.
-#[derive(Clone, Debug)]
-pub struct Revision {
-    pub name: String,
-    /// The configuration it runs.
-    pub resolved: Resolved,
-    /// Its MeshRevision, once the cache has it.
-    pub recorded: Option<MeshRevision>,
-    pub control_plane: ComponentStatus,
-    pub usage: RevisionUsage,
-    /// The status to write to its MeshRevision.
-    pub status: MeshRevisionStatus,
-}
-
-/// A MeshRevisionTag that points at one of the installation's revisions.
-#[derive(Clone, Debug)]
-pub struct Tag {
-    pub tag: Arc<MeshRevisionTag>,
-    /// The revision it points at, or why it cannot point anywhere.
-    pub revision: std::result::Result<String, String>,
-    /// Namespaces that select it.
-    pub namespaces: Vec<String>,
-}
-
-/// What the installation runs, worked out from the caches before anything
-/// is applied.
-#[derive(Clone, Debug)]
-pub struct Observed {
-    pub resolved: Resolved,
-    pub plan: Plan,
-    /// The revisions that keep running, in the plan's order.
-    pub revisions: Vec<Revision>,
-    pub tags: Vec<Tag>,
-}
-
-impl Observed {
-    pub fn active(&self) -> &Revision {
-        self.revisions
-            .iter()
-            .find(|r| r.name == self.plan.active)
-            .unwrap_or(&self.revisions[0])
-    }
-}
-
-/// The revisions, the tags and the plan, from the caches.
-fn observe(
-    installation: &MeshInstallation,
-    resolved: Resolved,
-    ctx: &Context,
-    now: &Time,
-) -> Result<Observed> {
-    let name = installation.name_any();
-    let desired = revisions::asked_for(installation, &resolved)?;
-    let revision_kind = ApiResource::erase::<MeshRevision>(&());
-    if let Some(owner) = ctx
-        .caches
-        .get(&revision_kind, None, &desired)
-        .and_then(|r| r.labels().get(INSTALLATION_LABEL).cloned())
-        .filter(|owner| *owner != name)
-    {
-        return Err(Error::InvalidSpec(format!(
-            "spec.version: the revision {desired} belongs to MeshInstallation {owner}; a \
-             revision has one owner: rename this installation or choose another version"
-        )));
-    }
-    let mut recorded: Vec<MeshRevision> = ctx
-        .caches
-        .of_installation(&name)
-        .into_iter()
-        .filter(|(resource, _)| *resource == revision_kind)
-        .map(|(_, object)| decode::<MeshRevision>(&object))
-        .collect::<Result<_>>()?;
-    recorded.sort_by_key(|r| r.name_any());
-
-    let tags = tags_of(&name, ctx);
-    let direct_tags = |revision: &str| -> Vec<String> {
-        tags.iter()
-            .filter(|t| t.revision.as_deref() == Ok(revision))
-            .filter(|t| t.tag.spec.target_ref.kind == TargetKind::MeshRevision)
-            .map(|t| t.tag.name_any())
-            .collect()
-    };
-
-    let mut names: Vec<String> = recorded.iter().map(|r| r.name_any()).collect();
-    if !names.contains(&desired) {
-        names.push(desired.clone());
-    }
-    let mut all = Vec::new();
-    for revision in names {
-        let record = recorded.iter().find(|r| r.name_any() == revision).cloned();
-        let resolved = match &record {
-            Some(record) if revision != desired => Resolved::recorded(&record.spec.config)?,
-            _ => resolved.clone(),
-        };
-        let tags = direct_tags(&revision);
-        all.push(observe_revision(
-            revision, resolved, record, tags, ctx, now,
-        )?);
-    }
-
-    let grace = resolved
-        .spec
-        .update_strategy
-        .as_ref()
-        .and_then(|u| u.inactive_revision_deletion_grace_period_seconds)
-        .map_or(revisions::DEFAULT_GRACE_PERIOD, |s| {
-            Duration::from_secs(s.max(0) as u64)
-        });
-    let existing: Vec<revisions::Existing> = all
-        .iter()
-        .filter(|r| r.recorded.is_some())
-        .map(|r| revisions::Existing {
-            name: r.name.clone(),
-            ready: r.control_plane.ready,
-            unused_since: status::unused_since(&r.status),
-        })
-        .collect();
-    let previous_active = installation
-        .status
-        .as_ref()
-        .and_then(|s| s.active_revision.as_deref());
-    let plan = revisions::plan(&desired, previous_active, &existing, grace, now.0);
-
-    // Tags that follow the installation point at the active revision.
-    let followed: Vec<Tag> = tags
-        .iter()
-        .cloned()
-        .map(|mut t| {
-            if t.tag.spec.target_ref.kind == TargetKind::MeshInstallation && t.revision.is_ok() {
-                t.revision = Ok(plan.active.clone());
-            }
-            t
-        })
-        .collect();
-    let mut revisions: Vec<Revision> = Vec::new();
-    for name in &plan.keep {
-        let Some(revision) = all.iter().find(|r| &r.name == name) else {
-            continue;
-        };
-        let pointing: Vec<String> = followed
-            .iter()
-            .filter(|t| t.revision.as_deref() == Ok(name.as_str()))
-            .map(|t| t.tag.name_any())
-            .collect();
-        if pointing.len() == direct_tags(name).len() {
-            revisions.push(revision.clone());
-        } else {
-            let Revision {
-                name,
-                resolved,
-                recorded,
-                ..
-            } = revision.clone();
-            revisions.push(observe_revision(
-                name, resolved, recorded, pointing, ctx, now,
-            )?);
-        }
-    }
-    Ok(Observed {
-        resolved,
-        plan,
-        revisions,
-        tags: followed,
-    })
-}
-
-fn observe_revision(
-    name: String,
-    resolved: Resolved,
-    recorded: Option<MeshRevision>,
-    tags: Vec<String>,
-    ctx: &Context,
-    now: &Time,
-) -> Result<Revision> {
-    let component = render::Component {
-        name: "controlPlane".into(),
-        deployment: controlplane::istiod_name(&name),
-    };
-    let deployment = ctx
-        .caches
-        .get(
-            &ApiResource::erase::<Deployment>(&()),
-            Some(resolved.namespace()),
-            &component.deployment,
-        )
-        .map(|d| decode::<Deployment>(&d))
-        .transpose()?;
-    let control_plane = status::component_status(&component, deployment.as_ref());
-    let usage = ctx.usage.of(&name, &tags);
-    let previous = recorded.as_ref().and_then(|r| r.status.clone());
-    let status = status::revision(
-        previous.as_ref(),
-        recorded.as_ref().and_then(|r| r.metadata.generation),
-        &control_plane,
-        &usage,
-        &tags,
-        now.clone(),
-    );
-    Ok(Revision {
-        name,
-        resolved,
-        recorded,
-        control_plane,
-        usage,
-        status,
-    })
-}
-
-/// The tags that point at `installation` or at one of its revisions, each
-/// with the revision it resolves to (for a tag following the installation,
-/// settled once the active revision is known) or its conflict.
-fn tags_of(installation: &str, ctx: &Context) -> Vec<Tag> {
-    let revision_kind = ApiResource::erase::<MeshRevision>(&());
-    let owner_of = |revision: &str| {
-        ctx.caches
-            .get(&revision_kind, None, revision)
-            .and_then(|r| r.labels().get(INSTALLATION_LABEL).cloned())
-    };
-    let mut tags: Vec<Tag> = ctx
-        .tags
-        .state()
-        .into_iter()
-        .filter_map(|tag| {
-            let target = &tag.spec.target_ref;
-            let revision = match target.kind {
-                TargetKind::MeshInstallation if target.name == installation => Ok(String::new()),
-                TargetKind::MeshRevision
-                    if owner_of(&target.name).as_deref() == Some(installation) =>
-                {
-                    Ok(target.name.clone())
-                }
-                _ => return None,
-            };
-            let name = tag.name_any();
-            let revision = match owner_of(&name) {
-                Some(owner) => Err(format!(
-                    "{name} is the name of a revision of MeshInstallation {owner}: namespaces \
-                     labelled istio.io/rev={name} already select that revision, so the tag \
-                     cannot; give the tag another name"
-                )),
-                None => revision,
-            };
-            Some(Tag {
-                namespaces: ctx.usage.selecting(&name),
-                tag,
-                revision,
-            })
-        })
-        .collect();
-    tags.sort_by_key(|t| t.tag.name_any());
-    tags
-}
-
-fn revisions_status(observed: &Observed) -> RevisionsStatus {
-    let count =
-        |f: fn(&Revision) -> bool| observed.revisions.iter().filter(|r| f(r)).count() as i32;
-    let mut items: Vec<RevisionSummary> = observed
-        .revisions
-        .iter()
-        .map(|r| RevisionSummary {
-            name: r.name.clone(),
-            version: r.resolved.spec.version.clone(),
-            ready: r.control_plane.ready,
-            in_use: status::unused_since(&r.status).is_none(),
-            workloads: r.usage.workloads,
-        })
-        .collect();
-    items.sort_by_key(|r| r.name != observed.plan.active);
-    RevisionsStatus {
-        total: observed.revisions.len() as i32,
-        ready: count(|r| r.control_plane.ready),
-        in_use: count(|r| status::unused_since(&r.status).is_none()),
-        items,
-    }
-}
-
-/// A cached object as its type.
-fn decode<K: serde::de::DeserializeOwned>(object: &DynamicObject) -> Result<K> {
-    serde_json::to_value(object)
-        .and_then(serde_json::from_value)
-        .map_err(|source| Error::Encode {
-            what: format!(
-                "{} {}",
-                object.types.as_ref().map_or("", |t| t.kind.as_str()),
-                object.name_any()
-            ),
-            source,
-        })
-}
-
 /// Namespace, tags' finalizers, apply, prune. Returns what changed, for the
 /// event.
 async fn install(
@@ -669,7 +376,7 @@ async fn install(
             .await?
             .into_iter()
             .collect();
-    let tags = guard_tags(installation, observed, ctx).await?;
+    let tags = tags::guard(installation, observed, ctx).await?;
     let active = observed.active();
     let mesh = render::Mesh {
         installation,
@@ -713,82 +420,6 @@ async fn install(
     Ok(changed)
 }
 
-/// Keeps a tag that namespaces still select from being deleted, the way a
-/// PersistentVolumeClaim in use is kept: it gets a finalizer, removed once
-/// the tag is being deleted and no namespace selects it. Returns the tags to
-/// render, with their revisions.
-async fn guard_tags(
-    installation: &MeshInstallation,
-    observed: &Observed,
-    ctx: &Context,
-) -> Result<Vec<(String, String)>> {
-    let api: Api<MeshRevisionTag> = Api::all(ctx.client.clone());
-    let mut render = Vec::new();
-    for tag in &observed.tags {
-        let name = tag.tag.name_any();
-        let has_finalizer = tag.tag.finalizers().iter().any(|f| f == TAG_FINALIZER);
-        let deleting = tag.tag.meta().deletion_timestamp.is_some();
-        if deleting && tag.namespaces.is_empty() {
-            if has_finalizer {
-                let rest: Vec<&String> = tag
-                    .tag
-                    .finalizers()
-                    .iter()
-                    .filter(|f| *f != TAG_FINALIZER)
-                    .collect();
-                set_finalizers(&api, &tag.tag, json!(rest)).await?;
-            }
-            continue;
-        }
-        if deleting {
-            publish(
-                ctx,
-                installation,
-                EventType::Warning,
-                "TagInUse",
-                "Delete",
-                format!(
-                    "MeshRevisionTag {name} is kept while namespaces select it: {}; relabel \
-                     them (istio.io/rev=<another tag or revision>) and it goes",
-                    tag.namespaces.join(", ")
-                ),
-            )
-            .await;
-        } else if !has_finalizer {
-            let mut all = tag.tag.finalizers().to_vec();
-            all.push(TAG_FINALIZER.into());
-            set_finalizers(&api, &tag.tag, json!(all)).await?;
-        }
-        if let Ok(revision) = &tag.revision {
-            render.push((name, revision.clone()));
-        }
-    }
-    Ok(render)
-}
-
-/// Replaces a tag's finalizers, if nobody changed the tag meanwhile.
-async fn set_finalizers(
-    api: &Api<MeshRevisionTag>,
-    tag: &MeshRevisionTag,
-    finalizers: serde_json::Value,
-) -> Result<()> {
-    let patch = json!({"metadata": {
-        "finalizers": finalizers,
-        "resourceVersion": tag.resource_version(),
-    }});
-    api.patch(
-        &tag.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(patch),
-    )
-    .await
-    .map_err(Error::kube(format!(
-        "setting the finalizers of MeshRevisionTag {}",
-        tag.name_any()
-    )))?;
-    Ok(())
-}
-
 /// Only one installation may use a namespace: the oldest keeps it.
 fn check_namespace_conflict(
     installation: &MeshInstallation,
@@ -823,36 +454,6 @@ fn check_namespace_conflict(
     }
 }
 
-/// The components' readiness; the control plane's is the asked-for
-/// revision's.
-fn component_statuses(
-    installation: &MeshInstallation,
-    observed: &Observed,
-    caches: &Caches,
-) -> Result<Vec<ComponentStatus>> {
-    let resolved = &observed.resolved;
-    let resource = ApiResource::erase::<Deployment>(&());
-    render::components(installation, resolved, &observed.plan.desired)
-        .into_iter()
-        .map(|component| {
-            // The plan was made from this reading: the same one, so that the
-            // status never says Ready while the plan still waits for it.
-            if let Some(desired) = observed
-                .revisions
-                .iter()
-                .find(|r| r.name == observed.plan.desired && r.control_plane.name == component.name)
-            {
-                return Ok(desired.control_plane.clone());
-            }
-            let deployment = caches
-                .get(&resource, Some(resolved.namespace()), &component.deployment)
-                .map(|d| decode::<Deployment>(&d))
-                .transpose()?;
-            Ok(status::component_status(&component, deployment.as_ref()))
-        })
-        .collect()
-}
-
 /// Each kept revision's status, written when it changed.
 async fn write_revision_statuses(observed: &Observed, ctx: &Context) -> Result<()> {
     for revision in &observed.revisions {
@@ -878,40 +479,6 @@ async fn write_revision_statuses(observed: &Observed, ctx: &Context) -> Result<(
             .map_err(Error::kube(format!(
                 "writing the status of MeshRevision {}",
                 revision.name
-            )))?;
-    }
-    Ok(())
-}
-
-/// Each tag's status, written when it changed.
-async fn write_tag_statuses(observed: &Observed, ctx: &Context, now: &Time) -> Result<()> {
-    for tag in &observed.tags {
-        let previous = tag.tag.status.as_ref();
-        let status = status::tag(
-            previous,
-            tag.tag.metadata.generation,
-            tag.revision.as_deref().map_err(String::as_str),
-            tag.namespaces.clone(),
-            now.clone(),
-        );
-        if previous == Some(&status) {
-            continue;
-        }
-        let patch = json!({
-            "apiVersion": MeshRevisionTag::api_version(&()),
-            "kind": MeshRevisionTag::kind(&()),
-            "status": status,
-        });
-        Api::<MeshRevisionTag>::all(ctx.client.clone())
-            .patch_status(
-                &tag.tag.name_any(),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(patch),
-            )
-            .await
-            .map_err(Error::kube(format!(
-                "writing the status of MeshRevisionTag {}",
-                tag.tag.name_any()
             )))?;
     }
     Ok(())
@@ -953,17 +520,8 @@ async fn cleanup(installation: &MeshInstallation, ctx: &Context) -> Result<Actio
     ctx.caches.ready().await;
     let deleted = apply::prune(&ctx.client, &ctx.caches, &name, &[]).await?;
     // Its tags point nowhere now; nothing is left for them to protect.
-    let tags: Api<MeshRevisionTag> = Api::all(ctx.client.clone());
-    for tag in tags_of(&name, ctx) {
-        if tag.tag.finalizers().iter().any(|f| f == TAG_FINALIZER) {
-            let rest: Vec<&String> = tag
-                .tag
-                .finalizers()
-                .iter()
-                .filter(|f| *f != TAG_FINALIZER)
-                .collect();
-            set_finalizers(&tags, &tag.tag, json!(rest)).await?;
-        }
+    for tag in tags::of_installation(&name, ctx) {
+        tags::release(&ctx.client, &tag.tag).await?;
     }
     let namespace = installation
         .status
@@ -1009,7 +567,7 @@ fn truncate(mut text: String, max: usize) -> String {
 
 /// Records an Event on the installation. A failure to record is logged, not
 /// fatal: events are for people, the status is the record.
-async fn publish(
+pub(crate) async fn publish(
     ctx: &Context,
     installation: &MeshInstallation,
     type_: EventType,

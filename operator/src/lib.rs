@@ -8,6 +8,8 @@
 //! - [`apply`]: server-side apply, drift detection, pruning, the namespace.
 //! - [`cache`]: watched caches of the managed objects, which reconciles read.
 //! - [`status`]: conditions and component readiness, computed purely.
+//! - [`observe`]: what an installation runs, read from the caches.
+//! - [`tags`]: MeshRevisionTags, resolved and guarded by their installation.
 //! - [`controller`]: the reconciler that puts these together.
 //! - [`metrics`]: the operator's own metrics, API requests included.
 //! - [`leader`]: leader election, so that one replica of several writes.
@@ -19,12 +21,14 @@ pub mod controller;
 pub mod error;
 pub mod leader;
 pub mod metrics;
+pub mod observe;
 pub mod profile;
 pub mod release;
 pub mod render;
 pub mod restart;
 pub mod revisions;
 pub mod status;
+pub mod tags;
 
 use std::sync::Arc;
 

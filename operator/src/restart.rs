@@ -17,13 +17,14 @@ use std::time::Duration;
 use bowline_api::install::{MeshInstallation, WorkloadRestart, WorkloadRestartStatus};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::Pod;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, Time};
 use kube::api::{Api, PartialObjectMeta, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use crate::controller::{Context, Observed};
+use crate::controller::Context;
 use crate::error::{Error, Result};
+use crate::observe::Observed;
 use crate::revisions::parse_duration;
 
 /// The annotation `kubectl rollout restart` sets on a pod template.
@@ -139,7 +140,7 @@ pub async fn step(
         }
         // A changed spec is the signal to try again.
         status.failed = None;
-        status.batch_finished = Some(now.clone());
+        status.batch_finished = Some(MicroTime(now.0));
     }
 
     if !status.batch.is_empty() && status.batch_finished.is_none() {
@@ -154,7 +155,7 @@ pub async fn step(
             }
         }
         if waiting.is_empty() {
-            status.batch_finished = Some(now.clone());
+            status.batch_finished = Some(MicroTime(now.0));
         } else if elapsed >= timeout {
             status.failed = Some(format!(
                 "{} did not become Available within {} of its restart; fix it and change the \
@@ -219,7 +220,7 @@ pub async fn step(
     );
     status.restarted += batch.len() as i32;
     status.batch = batch.iter().map(ToString::to_string).collect();
-    status.batch_started = Some(now.clone());
+    status.batch_started = Some(MicroTime(now.0));
     status.batch_finished = None;
     Ok(Some(Step {
         status: Some(status),

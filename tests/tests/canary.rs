@@ -376,6 +376,35 @@ async fn rolling_back_to_a_running_revision_is_immediate() -> anyhow::Result<()>
         names == ["rollback-v0-1-0", "rollback-v0-2-0"],
         "no new revision: {names:?}"
     );
+
+    // A tag pinned to the inactive revision keeps it in use and points at it.
+    create_tag(
+        &client,
+        "rollback-pinned",
+        "MeshRevision",
+        "rollback-v0-2-0",
+    )
+    .await?;
+    wait_until("the pinned tag to hold its revision", || async {
+        let revision = revisions
+            .get("rollback-v0-2-0")
+            .await?
+            .status
+            .unwrap_or_default();
+        Ok(revision.tags == ["rollback-pinned"]
+            && revision
+                .conditions
+                .iter()
+                .any(|c| c.type_ == "InUse" && c.status == "True")
+            && webhook_service(&client, "istio-revision-tag-rollback-pinned")
+                .await?
+                .as_deref()
+                == Some("istiod-rollback-v0-2-0"))
+    })
+    .await?;
+    let tags: Api<MeshRevisionTag> = Api::all(client.clone());
+    tags.delete("rollback-pinned", &DeleteParams::default())
+        .await?;
     api.delete(name, &DeleteParams::default()).await?;
     Ok(())
 }

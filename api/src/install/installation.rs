@@ -416,12 +416,13 @@ pub struct WorkloadRestartStatus {
     /// The batch restarted last, as `Kind namespace/name`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub batch: Vec<String>,
-    /// When that batch was restarted.
+    /// When that batch was restarted (to the microsecond: pauses are
+    /// measured from it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch_started: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    pub batch_started: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime>,
     /// When that batch was Available, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub batch_finished: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    pub batch_finished: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime>,
     /// Workloads restarted so far for this revision.
     #[serde(default)]
     pub restarted: i32,
