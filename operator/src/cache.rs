@@ -3,10 +3,11 @@
 //! reconcile) and answer the reconcile's reads, so that a reconcile with
 //! nothing to change costs the API server nothing.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
-use futures::StreamExt;
 use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Api, ApiResource, DynamicObject, PartialObjectMeta};
 use kube::runtime::reflector::{ObjectRef, Store, store::Writer};
@@ -101,12 +102,14 @@ impl Caches {
     }
 }
 
-/// Who uses the revisions: every Namespace, and every Pod labelled with a
-/// revision, as metadata only (a Pod's spec and status are not needed).
+/// Who uses the revisions: Namespaces and injected Pods, as metadata only
+/// (a Pod's spec and status are not needed), each indexed by the revision or
+/// tag it selects, so that a reconcile reads what uses a revision without
+/// going over every pod.
 #[derive(Clone, Debug)]
 pub struct Usage {
-    namespaces: Store<PartialObjectMeta<Namespace>>,
-    pods: Store<PartialObjectMeta<Pod>>,
+    namespaces: Index<Namespace>,
+    pods: Index<Pod>,
 }
 
 /// What uses one revision.
@@ -125,54 +128,47 @@ pub type PodStream = BoxStream<'static, Result<PartialObjectMeta<Pod>, watcher::
 
 impl Usage {
     pub fn watch(client: &Client) -> (Self, NamespaceStream, PodStream) {
-        let namespace_writer = Writer::default();
-        let pod_writer = Writer::default();
-        let usage = Self {
-            namespaces: namespace_writer.as_reader(),
-            pods: pod_writer.as_reader(),
-        };
+        let namespaces = Index::new(|ns: &PartialObjectMeta<Namespace>| {
+            namespace_selection(ns.labels()).map(str::to_string)
+        });
+        // The mesh's own pods (control plane, gateways, addons) carry the
+        // revision label too, but not injection's status annotation.
+        let pods = Index::new(|pod: &PartialObjectMeta<Pod>| {
+            pod.annotations()
+                .contains_key(INJECTION_STATUS_ANNOTATION)
+                .then(|| pod.labels().get(REVISION_LABEL).cloned())
+                .flatten()
+        });
         // `Api<PartialObjectMeta<_>>` asks for metadata only.
-        let namespaces = watcher(
+        let namespace_stream = namespaces.follow(
             Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
             watcher::Config::default(),
-        )
-        .default_backoff()
-        .reflect(namespace_writer)
-        .touched_objects()
-        .boxed();
-        let pods = watcher(
+        );
+        let pod_stream = pods.follow(
             Api::<PartialObjectMeta<Pod>>::all(client.clone()),
             watcher::Config::default().labels(REVISION_LABEL),
-        )
-        .default_backoff()
-        .reflect(pod_writer)
-        .touched_objects()
-        .boxed();
-        (usage, namespaces, pods)
+        );
+        (Self { namespaces, pods }, namespace_stream, pod_stream)
     }
 
     pub async fn ready(&self) {
-        let _ = self.namespaces.wait_until_ready().await;
-        let _ = self.pods.wait_until_ready().await;
+        self.namespaces.ready().await;
+        self.pods.ready().await;
     }
 
     /// What uses `revision`, known also by `tags`: the namespaces that
     /// select it or one of its tags, and the pods it injected.
     pub fn of(&self, revision: &str, tags: &[String]) -> RevisionUsage {
-        let mut namespaces: Vec<String> = self
-            .namespaces
-            .state()
-            .iter()
-            .filter(|ns| {
-                namespace_selection(ns.labels())
-                    .is_some_and(|name| name == revision || tags.iter().any(|t| t == name))
-            })
+        let mut namespaces: Vec<String> = std::iter::once(revision)
+            .chain(tags.iter().map(String::as_str))
+            .flat_map(|name| self.namespaces.get(name))
             .map(|ns| ns.name_any())
             .collect();
         namespaces.sort();
+        namespaces.dedup();
         RevisionUsage {
             namespaces,
-            workloads: self.injected_pods(revision).len() as i64,
+            workloads: self.pods.count(revision) as i64,
         }
     }
 
@@ -180,28 +176,171 @@ impl Usage {
     pub fn selecting(&self, name: &str) -> Vec<String> {
         let mut namespaces: Vec<String> = self
             .namespaces
-            .state()
+            .get(name)
             .iter()
-            .filter(|ns| namespace_selection(ns.labels()) == Some(name))
             .map(|ns| ns.name_any())
             .collect();
         namespaces.sort();
         namespaces
     }
 
-    /// Pods running a proxy `revision` injected. The mesh's own pods
-    /// (control plane, gateways, addons) carry the revision label too, but
-    /// not injection's status annotation.
+    /// Pods running a proxy `revision` injected.
     pub fn injected_pods(&self, revision: &str) -> Vec<Arc<PartialObjectMeta<Pod>>> {
-        self.pods
-            .state()
-            .into_iter()
-            .filter(|pod| {
-                pod.labels().get(REVISION_LABEL).map(String::as_str) == Some(revision)
-                    && pod.annotations().contains_key(INJECTION_STATUS_ANNOTATION)
-            })
-            .collect()
+        self.pods.get(revision)
     }
+}
+
+/// What an [`Index`] groups an object by; `None` leaves it out.
+type KeyOf<K> = dyn Fn(&PartialObjectMeta<K>) -> Option<String> + Send + Sync;
+
+/// Objects grouped by a key computed from each (the revision or tag it
+/// selects), kept up to date from a watch: a relist replaces the whole
+/// index at once, as a reflector's store does.
+#[derive(Clone)]
+struct Index<K: kube::Resource + 'static> {
+    state: Arc<RwLock<IndexState<K>>>,
+    key: Arc<KeyOf<K>>,
+    ready: tokio::sync::watch::Receiver<bool>,
+    set_ready: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+struct IndexState<K: kube::Resource + 'static> {
+    /// key → (namespace/name → object)
+    groups: HashMap<String, HashMap<String, Arc<PartialObjectMeta<K>>>>,
+    /// namespace/name → key, to find an object's group when it changes.
+    keys: HashMap<String, String>,
+    /// What a relist has delivered so far.
+    relisting: Option<Vec<PartialObjectMeta<K>>>,
+}
+
+impl<K: kube::Resource + 'static> std::fmt::Debug for Index<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Index").finish_non_exhaustive()
+    }
+}
+
+impl<K> Index<K>
+where
+    K: kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + serde::de::DeserializeOwned
+        + 'static,
+    K::DynamicType: Default,
+    PartialObjectMeta<K>: kube::Resource<DynamicType = K::DynamicType>,
+{
+    fn new(key: impl Fn(&PartialObjectMeta<K>) -> Option<String> + Send + Sync + 'static) -> Self {
+        let (set_ready, ready) = tokio::sync::watch::channel(false);
+        Self {
+            state: Arc::new(RwLock::new(IndexState {
+                groups: HashMap::new(),
+                keys: HashMap::new(),
+                relisting: None,
+            })),
+            key: Arc::new(key),
+            ready,
+            set_ready: Arc::new(set_ready),
+        }
+    }
+
+    /// The watch that keeps the index, as a stream of changed objects.
+    fn follow(
+        &self,
+        api: Api<PartialObjectMeta<K>>,
+        config: watcher::Config,
+    ) -> BoxStream<'static, Result<PartialObjectMeta<K>, watcher::Error>> {
+        let index = self.clone();
+        watcher(api, config)
+            .default_backoff()
+            .map_ok(move |event| {
+                index.apply(&event);
+                event
+            })
+            .touched_objects()
+            .boxed()
+    }
+
+    fn apply(&self, event: &watcher::Event<PartialObjectMeta<K>>) {
+        let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
+        match event {
+            watcher::Event::Init => state.relisting = Some(Vec::new()),
+            watcher::Event::InitApply(object) => {
+                if let Some(relisting) = state.relisting.as_mut() {
+                    relisting.push(object.clone());
+                }
+            }
+            watcher::Event::InitDone => {
+                state.groups.clear();
+                state.keys.clear();
+                for object in state.relisting.take().unwrap_or_default() {
+                    self.insert(&mut state, object);
+                }
+                let _ = self.set_ready.send(true);
+            }
+            watcher::Event::Apply(object) => {
+                Self::remove(&mut state, &name_of(object));
+                self.insert(&mut state, object.clone());
+            }
+            watcher::Event::Delete(object) => Self::remove(&mut state, &name_of(object)),
+        }
+    }
+
+    fn insert(&self, state: &mut IndexState<K>, object: PartialObjectMeta<K>) {
+        if let Some(key) = (self.key)(&object) {
+            let name = name_of(&object);
+            state.keys.insert(name.clone(), key.clone());
+            state
+                .groups
+                .entry(key)
+                .or_default()
+                .insert(name, Arc::new(object));
+        }
+    }
+
+    fn remove(state: &mut IndexState<K>, name: &str) {
+        if let Some(key) = state.keys.remove(name)
+            && let Some(group) = state.groups.get_mut(&key)
+        {
+            group.remove(name);
+            if group.is_empty() {
+                state.groups.remove(&key);
+            }
+        }
+    }
+
+    fn get(&self, key: &str) -> Vec<Arc<PartialObjectMeta<K>>> {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state
+            .groups
+            .get(key)
+            .map(|group| group.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    fn count(&self, key: &str) -> usize {
+        let state = self.state.read().unwrap_or_else(|e| e.into_inner());
+        state.groups.get(key).map_or(0, HashMap::len)
+    }
+
+    /// Waits until the first list is in.
+    async fn ready(&self) {
+        let mut ready = self.ready.clone();
+        // A dropped sender means the controller is shutting down.
+        let _ = ready.wait_for(|ready| *ready).await;
+    }
+}
+
+fn name_of<K: kube::Resource>(object: &PartialObjectMeta<K>) -> String
+where
+    PartialObjectMeta<K>: kube::Resource,
+{
+    format!(
+        "{}/{}",
+        object.metadata.namespace.as_deref().unwrap_or_default(),
+        object.metadata.name.as_deref().unwrap_or_default()
+    )
 }
 
 /// The revision or tag a namespace with `labels` injects its pods from,
@@ -226,6 +365,50 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    fn pod(name: &str, revision: &str, injected: bool) -> PartialObjectMeta<Pod> {
+        let mut pod = PartialObjectMeta::<Pod>::default();
+        pod.metadata.name = Some(name.into());
+        pod.metadata.namespace = Some("shop".into());
+        pod.metadata.labels = Some(labels(&[(REVISION_LABEL, revision)]));
+        if injected {
+            pod.metadata.annotations = Some(labels(&[(INJECTION_STATUS_ANNOTATION, "{}")]));
+        }
+        pod
+    }
+
+    fn by_revision() -> Index<Pod> {
+        Index::new(|pod: &PartialObjectMeta<Pod>| {
+            pod.annotations()
+                .contains_key(INJECTION_STATUS_ANNOTATION)
+                .then(|| pod.labels().get(REVISION_LABEL).cloned())
+                .flatten()
+        })
+    }
+
+    #[test]
+    fn the_index_follows_changes_and_relists() {
+        let index = by_revision();
+        index.apply(&watcher::Event::Init);
+        index.apply(&watcher::Event::InitApply(pod("a", "v1", true)));
+        index.apply(&watcher::Event::InitApply(pod("mesh", "v1", false)));
+        assert_eq!(index.count("v1"), 0, "nothing before the list is complete");
+        index.apply(&watcher::Event::InitDone);
+        assert_eq!(index.count("v1"), 1, "the mesh's own pod is not injected");
+
+        index.apply(&watcher::Event::Apply(pod("b", "v1", true)));
+        index.apply(&watcher::Event::Apply(pod("a", "v2", true)));
+        assert_eq!((index.count("v1"), index.count("v2")), (1, 1), "a moved");
+        index.apply(&watcher::Event::Delete(pod("b", "v1", true)));
+        assert_eq!(index.count("v1"), 0);
+
+        // A relist replaces everything, dropping what was deleted unseen.
+        index.apply(&watcher::Event::Init);
+        index.apply(&watcher::Event::InitApply(pod("c", "v3", true)));
+        index.apply(&watcher::Event::InitDone);
+        assert_eq!((index.count("v2"), index.count("v3")), (0, 1));
+        assert_eq!(index.get("v3")[0].metadata.name.as_deref(), Some("c"));
     }
 
     #[test]
