@@ -4,14 +4,51 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::install::{MeshInstallation, MeshRevision, MeshRevisionTag};
+use crate::networking::{DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService};
+use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
-/// The CRDs, in the order they are applied.
+/// The CRDs, in the order they are applied: Bowline's own, then the
+/// Istio-compatible ones.
 pub fn all() -> Vec<CustomResourceDefinition> {
-    vec![
+    let mut crds = vec![
         MeshInstallation::crd(),
         MeshRevision::crd(),
         MeshRevisionTag::crd(),
+    ];
+    crds.extend(istio());
+    crds
+}
+
+/// The Istio-compatible CRDs, served under every version Istio serves them
+/// with one schema (so no conversion is needed), stored as v1.
+pub fn istio() -> Vec<CustomResourceDefinition> {
+    const NETWORKING: &[&str] = &["v1beta1", "v1alpha3"];
+    const SECURITY: &[&str] = &["v1beta1"];
+    vec![
+        also_served_as(VirtualService::crd(), NETWORKING),
+        also_served_as(DestinationRule::crd(), NETWORKING),
+        also_served_as(Gateway::crd(), NETWORKING),
+        also_served_as(ServiceEntry::crd(), NETWORKING),
+        also_served_as(Sidecar::crd(), NETWORKING),
+        also_served_as(PeerAuthentication::crd(), SECURITY),
+        also_served_as(AuthorizationPolicy::crd(), SECURITY),
+        also_served_as(RequestAuthentication::crd(), SECURITY),
     ]
+}
+
+/// The CRD with its stored version's schema served under `versions` too.
+fn also_served_as(
+    mut crd: CustomResourceDefinition,
+    versions: &[&str],
+) -> CustomResourceDefinition {
+    let stored = crd.spec.versions[0].clone();
+    for version in versions {
+        let mut served = stored.clone();
+        served.name = version.to_string();
+        served.storage = false;
+        crd.spec.versions.push(served);
+    }
+    crd
 }
 
 /// The file name under `config/crd/` of one CRD: `<group>_<plural>.yaml`.
