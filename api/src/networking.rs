@@ -6,6 +6,10 @@
 //! Durations are strings as in Istio (`"1s"`, `"0.5s"`); the control plane
 //! parses and checks them, and its validating webhook names the field.
 
+// Printer columns repeat `type_ = "string"`, which clippy takes for a
+// duplicated attribute.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use kube::CustomResource;
