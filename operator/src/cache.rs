@@ -32,6 +32,8 @@ pub type CacheStream = BoxStream<'static, Result<DynamicObject, watcher::Error>>
 #[derive(Clone, Debug, Default)]
 pub struct Caches {
     stores: Vec<(ApiResource, Store<DynamicObject>)>,
+    /// Set once every store has listed its kind.
+    ready: Arc<tokio::sync::OnceCell<()>>,
 }
 
 impl Caches {
@@ -53,15 +55,29 @@ impl Caches {
                 .boxed();
             streams.push((resource, stream));
         }
-        (Self { stores }, streams)
+        (
+            Self {
+                stores,
+                ready: Arc::default(),
+            },
+            streams,
+        )
     }
 
     /// Waits until every cache has listed its kind once.
+    ///
+    /// One task waits on the stores, the others on it: a kube-runtime
+    /// store's readiness wakes only the last of several tasks waiting on it
+    /// at once (it keeps one waker), and the others would wait for ever.
     pub async fn ready(&self) {
-        for (_, store) in &self.stores {
-            // A dropped writer means the controller is shutting down.
-            let _ = store.wait_until_ready().await;
-        }
+        self.ready
+            .get_or_init(|| async {
+                for (_, store) in &self.stores {
+                    // A dropped writer means the controller is shutting down.
+                    let _ = store.wait_until_ready().await;
+                }
+            })
+            .await;
     }
 
     fn store(&self, resource: &ApiResource) -> Option<&Store<DynamicObject>> {
@@ -245,7 +261,10 @@ where
         }
     }
 
-    /// The watch that keeps the index, as a stream of changed objects.
+    /// The watch that keeps the index, as a stream of the objects that
+    /// joined, left or moved between groups: only those change what uses a
+    /// revision (a pod's status updates do not), so only those should
+    /// trigger a reconcile.
     fn follow(
         &self,
         api: Api<PartialObjectMeta<K>>,
@@ -254,36 +273,71 @@ where
         let index = self.clone();
         watcher(api, config)
             .default_backoff()
-            .map_ok(move |event| {
-                index.apply(&event);
-                event
-            })
-            .touched_objects()
+            .map_ok(move |event| futures::stream::iter(index.apply(&event).into_iter().map(Ok)))
+            .try_flatten()
             .boxed()
     }
 
-    fn apply(&self, event: &watcher::Event<PartialObjectMeta<K>>) {
+    /// Applies a watch event; returns the objects whose group changed.
+    fn apply(&self, event: &watcher::Event<PartialObjectMeta<K>>) -> Vec<PartialObjectMeta<K>> {
         let mut state = self.state.write().unwrap_or_else(|e| e.into_inner());
         match event {
-            watcher::Event::Init => state.relisting = Some(Vec::new()),
+            watcher::Event::Init => {
+                state.relisting = Some(Vec::new());
+                Vec::new()
+            }
             watcher::Event::InitApply(object) => {
                 if let Some(relisting) = state.relisting.as_mut() {
                     relisting.push(object.clone());
                 }
+                Vec::new()
             }
             watcher::Event::InitDone => {
-                state.groups.clear();
-                state.keys.clear();
+                let mut before = std::mem::take(&mut state.groups);
+                let keys_before = std::mem::take(&mut state.keys);
+                let mut changed = Vec::new();
                 for object in state.relisting.take().unwrap_or_default() {
+                    let name = name_of(&object);
+                    let was = keys_before.get(&name);
+                    if let Some(group) = was.and_then(|key| before.get_mut(key)) {
+                        group.remove(&name);
+                    }
+                    if (self.key)(&object).as_ref() != was {
+                        changed.push(object.clone());
+                    }
                     self.insert(&mut state, object);
                 }
+                // Members that are gone.
+                changed.extend(
+                    before
+                        .into_values()
+                        .flat_map(HashMap::into_values)
+                        .map(|object| (*object).clone()),
+                );
                 let _ = self.set_ready.send(true);
+                changed
             }
             watcher::Event::Apply(object) => {
-                Self::remove(&mut state, &name_of(object));
+                let name = name_of(object);
+                let was = state.keys.get(&name).cloned();
+                Self::remove(&mut state, &name);
                 self.insert(&mut state, object.clone());
+                if state.keys.get(&name) != was.as_ref() {
+                    vec![object.clone()]
+                } else {
+                    Vec::new()
+                }
             }
-            watcher::Event::Delete(object) => Self::remove(&mut state, &name_of(object)),
+            watcher::Event::Delete(object) => {
+                let name = name_of(object);
+                let was = state.keys.contains_key(&name);
+                Self::remove(&mut state, &name);
+                if was {
+                    vec![object.clone()]
+                } else {
+                    Vec::new()
+                }
+            }
         }
     }
 
@@ -397,7 +451,10 @@ mod tests {
         index.apply(&watcher::Event::InitDone);
         assert_eq!(index.count("v1"), 1, "the mesh's own pod is not injected");
 
-        index.apply(&watcher::Event::Apply(pod("b", "v1", true)));
+        let joined = index.apply(&watcher::Event::Apply(pod("b", "v1", true)));
+        assert_eq!(joined.len(), 1, "b joined v1");
+        let unchanged = index.apply(&watcher::Event::Apply(pod("b", "v1", true)));
+        assert!(unchanged.is_empty(), "a status update changes no group");
         index.apply(&watcher::Event::Apply(pod("a", "v2", true)));
         assert_eq!((index.count("v1"), index.count("v2")), (1, 1), "a moved");
         index.apply(&watcher::Event::Delete(pod("b", "v1", true)));
@@ -406,7 +463,13 @@ mod tests {
         // A relist replaces everything, dropping what was deleted unseen.
         index.apply(&watcher::Event::Init);
         index.apply(&watcher::Event::InitApply(pod("c", "v3", true)));
-        index.apply(&watcher::Event::InitDone);
+        let changed = index.apply(&watcher::Event::InitDone);
+        let mut names: Vec<_> = changed
+            .iter()
+            .filter_map(|p| p.metadata.name.clone())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a", "c"], "a left unseen, c joined");
         assert_eq!((index.count("v2"), index.count("v3")), (0, 1));
         assert_eq!(index.get("v3")[0].metadata.name.as_deref(), Some("c"));
     }

@@ -33,8 +33,6 @@ use crate::tags;
 
 /// Keeps the installation until its cluster-scoped objects are removed.
 pub const FINALIZER: &str = "install.bowline.dev/cleanup";
-/// How long a reconcile request waits for more of its kind.
-const DEBOUNCE: Duration = Duration::from_millis(200);
 /// How often an installation is looked at when nothing happens.
 const RESYNC: Duration = Duration::from_secs(300);
 
@@ -96,10 +94,11 @@ impl std::fmt::Debug for Context {
 /// Runs the controller until the process is asked to stop.
 pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
     let installations: Api<MeshInstallation> = Api::all(client.clone());
-    // Pods and Namespaces churn: a burst of their changes (a workload's
-    // rollout) becomes one reconcile, not one per event.
-    let mut controller = Controller::new(installations, watcher::Config::default())
-        .with_config(kube::runtime::controller::Config::default().debounce(DEBOUNCE));
+    // No debounce: kube-runtime's resets its timer on every request, so a
+    // steady stream of namespace events (which reach every installation)
+    // would hold a reconcile back for ever. The usage watches pass on only
+    // the changes that matter instead.
+    let mut controller = Controller::new(installations, watcher::Config::default());
     let (caches, streams) = Caches::watch(&client);
     // Owning every kind it renders puts back what others delete or change;
     // the same watches fill the caches reconciles read from.
@@ -195,6 +194,8 @@ fn installation_of(caches: &Caches, revision: &str) -> String {
 
 async fn reconcile(installation: Arc<MeshInstallation>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
+    let name = installation.name_any();
+    tracing::debug!(installation = %name, "reconciling");
     let api: Api<MeshInstallation> = Api::all(ctx.client.clone());
     let result = finalizer(&api, FINALIZER, installation, |event| async {
         match event {
@@ -206,6 +207,7 @@ async fn reconcile(installation: Arc<MeshInstallation>, ctx: Arc<Context>) -> Re
     .map_err(|e| Error::Finalizer(Box::new(e)));
     ctx.metrics
         .observe(started.elapsed(), result.as_ref().err());
+    tracing::debug!(installation = %name, elapsed = ?started.elapsed(), ok = result.is_ok(), "reconciled");
     result
 }
 

@@ -176,17 +176,23 @@ pub async fn write_statuses(observed: &Observed, ctx: &Context, now: &Time) -> R
             "kind": MeshRevisionTag::kind(&()),
             "status": status,
         });
-        Api::<MeshRevisionTag>::all(ctx.client.clone())
+        let written = Api::<MeshRevisionTag>::all(ctx.client.clone())
             .patch_status(
                 &tag.tag.name_any(),
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(patch),
             )
-            .await
-            .map_err(Error::kube(format!(
-                "writing the status of MeshRevisionTag {}",
-                tag.tag.name_any()
-            )))?;
+            .await;
+        match written {
+            // Deleted meanwhile: nothing to report on.
+            Err(kube::Error::Api(status)) if status.is_not_found() => {}
+            other => {
+                other.map_err(Error::kube(format!(
+                    "writing the status of MeshRevisionTag {}",
+                    tag.tag.name_any()
+                )))?;
+            }
+        }
     }
     Ok(())
 }
