@@ -3,3 +3,9 @@
 //! Watches Kubernetes and the Istio-compatible configuration, serves Envoy's
 //! xDS v3 to proxies over delta ADS, issues SPIFFE certificates, and serves
 //! the sidecar-injection and validation webhooks.
+//!
+//! - [`validate`]: Istio's validation rules for the Istio-compatible kinds,
+//!   each error naming its field; used by the `/validate` webhook and to
+//!   skip config that got in anyway.
+
+pub mod validate;
