@@ -4,8 +4,11 @@
 //! xDS v3 to proxies over delta ADS, issues SPIFFE certificates, and serves
 //! the sidecar-injection and validation webhooks.
 //!
+//! - [`ca`]: the certificate authority, issuing SPIFFE certificates to
+//!   callers authenticated by their ServiceAccount token.
 //! - [`validate`]: Istio's validation rules for the Istio-compatible kinds,
 //!   each error naming its field; used by the `/validate` webhook and to
 //!   skip config that got in anyway.
 
+pub mod ca;
 pub mod validate;
