@@ -6,11 +6,14 @@
 //! - [`networking`] and [`security`]: the Istio-compatible API
 //!   (`networking.istio.io`, `security.istio.io`), Istio's field names and
 //!   meaning, so the Istio YAML users have applies unchanged.
+//! - [`proxy`]: the proxy container and its identity volumes, for the
+//!   operator's gateways and the injector's sidecars alike.
 //! - [`crds`]: every CustomResourceDefinition Bowline serves, as the `crdgen`
 //!   binary writes them to `config/crd/`.
 
 pub mod crds;
 pub mod install;
 pub mod networking;
+pub mod proxy;
 mod schema;
 pub mod security;

@@ -19,7 +19,7 @@ use rcgen::{
 use time::OffsetDateTime;
 
 /// The audience a proxy's token must be minted for, as Istio's.
-pub const AUDIENCE: &str = "istio-ca";
+pub const AUDIENCE: &str = bowline_api::proxy::TOKEN_AUDIENCE;
 /// A workload certificate's lifetime when the request does not ask.
 pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How long a self-signed root is valid.

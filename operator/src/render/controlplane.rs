@@ -28,8 +28,8 @@ use super::workload::{self, Workload, container_ports, env, env_from_field, port
 use crate::error::{Error, Result};
 
 pub const COMPONENT: &str = "controlplane";
-/// The UID every Bowline container runs as.
-pub const MESH_UID: i64 = 1337;
+/// The UID every Bowline container runs as: the proxy's.
+pub const MESH_UID: i64 = bowline_api::proxy::UID;
 /// The Istio API groups the control plane reads and validates.
 pub const ISTIO_GROUPS: [&str; 4] = [
     "networking.istio.io",

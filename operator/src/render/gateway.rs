@@ -4,16 +4,13 @@
 use std::collections::BTreeMap;
 
 use bowline_api::install::{GatewayComponent, ServiceType};
-use k8s_openapi::api::core::v1::{
-    ConfigMapVolumeSource, Container, HTTPGetAction, Probe, ProjectedVolumeSource, ServiceAccount,
-    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
-};
+use bowline_api::proxy;
+use k8s_openapi::api::core::v1::{Container, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::controlplane::{ControlPlaneNames, MESH_UID, role_ref, rule, subject};
 use super::meta::{Managed, Target};
-use super::workload::{self, Workload, container_ports, env, env_from_field, port};
+use super::workload::{self, Workload, port};
 use crate::error::Result;
 
 /// Which way a gateway faces.
@@ -120,7 +117,7 @@ pub fn render(
             ("prometheus.io/path".into(), "/stats/prometheus".into()),
         ]),
         container: container(target),
-        volumes: identity_volumes(),
+        volumes: proxy::identity_volumes(),
         service_account,
         run_as: MESH_UID,
         settings: &gateway.k8s,
@@ -142,85 +139,15 @@ pub fn render(
 
 fn container(target: &Target<'_>) -> Container {
     let names = ControlPlaneNames::new(target);
-    Container {
-        // Istio's name for the proxy container, which Kiali and the
-        // dashboards look for.
-        name: "istio-proxy".into(),
-        image: Some(target.resolved.image("proxy")),
-        args: Some(vec!["gateway".into()]),
-        ports: container_ports(&[
+    proxy::container(
+        "gateway",
+        target.resolved.image("proxy"),
+        &names.discovery_address(target.namespace()),
+        &[
             ("http2", 8080),
             ("https", 8443),
-            ("status-port", 15021),
-            ("http-envoy-prom", 15090),
-        ]),
-        env: Some(vec![
-            env(
-                "DISCOVERY_ADDRESS",
-                names.discovery_address(target.namespace()),
-            ),
-            env("CA_ADDRESS", names.discovery_address(target.namespace())),
-            env_from_field("POD_NAME", "metadata.name"),
-            env_from_field("POD_NAMESPACE", "metadata.namespace"),
-            env_from_field("INSTANCE_IP", "status.podIP"),
-            env_from_field("SERVICE_ACCOUNT", "spec.serviceAccountName"),
-            env("ISTIO_META_CLUSTER_ID", "Kubernetes"),
-        ]),
-        readiness_probe: Some(Probe {
-            http_get: Some(HTTPGetAction {
-                path: Some("/healthz/ready".into()),
-                port: IntOrString::Int(15021),
-                ..Default::default()
-            }),
-            initial_delay_seconds: Some(1),
-            period_seconds: Some(2),
-            failure_threshold: Some(30),
-            ..Default::default()
-        }),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "istio-token".into(),
-                mount_path: "/var/run/secrets/tokens".into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount {
-                name: "istiod-ca-cert".into(),
-                mount_path: "/var/run/secrets/istio".into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-        ]),
-        ..Default::default()
-    }
-}
-
-/// What a proxy needs to get its identity: a ServiceAccount token for the
-/// CA's audience, and the mesh's root certificate.
-pub fn identity_volumes() -> Vec<Volume> {
-    vec![
-        Volume {
-            name: "istio-token".into(),
-            projected: Some(ProjectedVolumeSource {
-                sources: Some(vec![VolumeProjection {
-                    service_account_token: Some(ServiceAccountTokenProjection {
-                        audience: Some("istio-ca".into()),
-                        expiration_seconds: Some(43200),
-                        path: "istio-token".into(),
-                    }),
-                    ..Default::default()
-                }]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-        Volume {
-            name: "istiod-ca-cert".into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: "istio-ca-root-cert".into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
-    ]
+            ("status-port", proxy::STATUS_PORT),
+            ("http-envoy-prom", proxy::METRICS_PORT),
+        ],
+    )
 }

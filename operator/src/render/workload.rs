@@ -1,6 +1,7 @@
 //! A component's Deployment, Service, HorizontalPodAutoscaler and
 //! PodDisruptionBudget, built from its container and its Kubernetes settings.
 
+pub use bowline_api::proxy::{container_ports, env, env_from_field};
 use std::collections::BTreeMap;
 
 use bowline_api::install::{KubernetesSettings, ServiceType};
@@ -12,8 +13,8 @@ use k8s_openapi::api::autoscaling::v2::{
     MetricTarget, ResourceMetricSource,
 };
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    Capabilities, Container, EnvVar, PodSecurityContext, PodSpec, PodTemplateSpec, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -266,21 +267,6 @@ pub fn service(
     })
 }
 
-/// TCP container ports, by name.
-pub fn container_ports(ports: &[(&str, i32)]) -> Option<Vec<ContainerPort>> {
-    Some(
-        ports
-            .iter()
-            .map(|(name, port)| ContainerPort {
-                name: Some(name.to_string()),
-                container_port: *port,
-                protocol: Some("TCP".into()),
-                ..Default::default()
-            })
-            .collect(),
-    )
-}
-
 /// A TCP Service port named for Istio's protocol selection.
 pub fn port(name: &str, port: i32, target: i32) -> ServicePort {
     ServicePort {
@@ -288,30 +274,6 @@ pub fn port(name: &str, port: i32, target: i32) -> ServicePort {
         port,
         target_port: Some(IntOrString::Int(target)),
         protocol: Some("TCP".into()),
-        ..Default::default()
-    }
-}
-
-/// An environment variable with a literal value.
-pub fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value: Some(value.into()),
-        ..Default::default()
-    }
-}
-
-/// An environment variable read from the Pod's own fields.
-pub fn env_from_field(name: &str, field_path: &str) -> EnvVar {
-    EnvVar {
-        name: name.into(),
-        value_from: Some(k8s_openapi::api::core::v1::EnvVarSource {
-            field_ref: Some(k8s_openapi::api::core::v1::ObjectFieldSelector {
-                field_path: field_path.into(),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
         ..Default::default()
     }
 }
