@@ -6,9 +6,11 @@
 //!
 //! - [`ca`]: the certificate authority, issuing SPIFFE certificates to
 //!   callers authenticated by their ServiceAccount token.
+//! - [`inject`]: the sidecar-injection patch for a pod.
 //! - [`validate`]: Istio's validation rules for the Istio-compatible kinds,
 //!   each error naming its field; used by the `/validate` webhook and to
 //!   skip config that got in anyway.
 
 pub mod ca;
+pub mod inject;
 pub mod validate;

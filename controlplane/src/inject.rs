@@ -1,0 +1,387 @@
+//! Sidecar injection: what the `/inject` webhook does to a pod the API
+//! server sends it. Pure: the pod in, a JSON Patch out.
+//!
+//! The webhook configurations the operator registers already select pods
+//! with Istio's rules (`istio-injection`, `istio.io/rev`,
+//! `sidecar.istio.io/inject`, with their precedence); this adds, as Istio's
+//! injector does:
+//! - the `istio-init` container, running `bowline-proxy init` with
+//!   istio-iptables' flags: outbound to 15001, inbound to 15006, the proxy's
+//!   UID excluded, the `traffic.sidecar.istio.io/*` annotations honoured;
+//! - the `istio-proxy` container in sidecar mode, with the discovery address
+//!   of the injecting revision, its identity volumes and a locked-down
+//!   security context;
+//! - the labels and annotations injection leaves (`sidecar.istio.io/status`,
+//!   `security.istio.io/tlsMode`, `istio.io/rev`, canonical service names,
+//!   Prometheus scraping of the merged metrics on 15020).
+
+use std::collections::BTreeMap;
+
+use bowline_api::proxy;
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, Pod, ResourceRequirements, SecurityContext,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde_json::json;
+
+/// The annotation injection leaves on a pod, and that marks it injected.
+pub const STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
+/// Ports the capture rules never redirect inbound: the proxy's own.
+const PROXY_INBOUND_PORTS: &str = "15090,15021,15020";
+
+/// What the injecting revision puts in a sidecar.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Injection {
+    /// The revision injecting (its `istio.io/rev`).
+    pub revision: String,
+    /// Where the proxy gets configuration and certificates,
+    /// `istiod-<revision>.<namespace>.svc:15012`.
+    pub discovery_address: String,
+    /// The proxy image, `<hub>/proxy:<tag>`.
+    pub proxy_image: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the pod cannot be read or written as JSON: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// The patch that injects `pod`, or `None` when there is nothing to do (it
+/// is injected already, or it shares the node's network, where capture
+/// would take the node's traffic).
+pub fn patch(pod: &Pod, injection: &Injection) -> Result<Option<json_patch::Patch>, Error> {
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let spec = pod.spec.clone().unwrap_or_default();
+    if annotations.contains_key(STATUS_ANNOTATION) || spec.host_network == Some(true) {
+        return Ok(None);
+    }
+    let mut injected = pod.clone();
+    inject(&mut injected, injection)?;
+    let before = serde_json::to_value(pod)?;
+    let after = serde_json::to_value(&injected)?;
+    Ok(Some(json_patch::diff(&before, &after)))
+}
+
+fn inject(pod: &mut Pod, injection: &Injection) -> Result<(), Error> {
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    let labels = pod.metadata.labels.clone().unwrap_or_default();
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    let first_app = spec.containers.first().map(|c| c.name.clone());
+
+    spec.init_containers
+        .get_or_insert_with(Vec::new)
+        .push(init_container(&annotations, injection));
+    spec.containers.push(sidecar(injection));
+    let volumes = spec.volumes.get_or_insert_with(Vec::new);
+    volumes.extend(proxy::identity_volumes());
+    volumes.push(Volume {
+        name: "istio-envoy".into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: Some("Memory".into()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+
+    let status = json!({
+        "initContainers": ["istio-init"],
+        "containers": [proxy::CONTAINER],
+        "volumes": ["istio-token", "istiod-ca-cert", "istio-envoy"],
+        "imagePullSecrets": null,
+        "revision": injection.revision,
+    });
+    let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
+    annotations.insert(STATUS_ANNOTATION.into(), serde_json::to_string(&status)?);
+    for (key, value) in [
+        ("prometheus.io/scrape", "true"),
+        ("prometheus.io/port", "15020"),
+        ("prometheus.io/path", "/stats/prometheus"),
+    ] {
+        annotations
+            .entry(key.into())
+            .or_insert_with(|| value.into());
+    }
+    if let Some(app) = first_app {
+        annotations
+            .entry("kubectl.kubernetes.io/default-container".into())
+            .or_insert(app);
+    }
+
+    let canonical_name = [
+        "service.istio.io/canonical-name",
+        "app.kubernetes.io/name",
+        "app",
+    ]
+    .iter()
+    .find_map(|key| labels.get(*key).cloned())
+    .or_else(|| {
+        pod.metadata
+            .generate_name
+            .as_ref()
+            .map(|g| g.trim_end_matches('-').to_string())
+    })
+    .or_else(|| pod.metadata.name.clone())
+    .unwrap_or_default();
+    let canonical_revision = [
+        "service.istio.io/canonical-revision",
+        "app.kubernetes.io/version",
+        "version",
+    ]
+    .iter()
+    .find_map(|key| labels.get(*key).cloned())
+    .unwrap_or_else(|| "latest".into());
+    let labels = pod.metadata.labels.get_or_insert_with(BTreeMap::new);
+    labels.insert("security.istio.io/tlsMode".into(), "istio".into());
+    labels.insert("istio.io/rev".into(), injection.revision.clone());
+    labels
+        .entry("service.istio.io/canonical-name".into())
+        .or_insert(canonical_name);
+    labels
+        .entry("service.istio.io/canonical-revision".into())
+        .or_insert(canonical_revision);
+    Ok(())
+}
+
+/// `bowline-proxy init` with istio-iptables' flags, from the pod's
+/// `traffic.sidecar.istio.io/*` annotations.
+fn init_container(annotations: &BTreeMap<String, String>, injection: &Injection) -> Container {
+    let annotation = |name: &str, default: &str| {
+        annotations
+            .get(&format!("traffic.sidecar.istio.io/{name}"))
+            .cloned()
+            .unwrap_or_else(|| default.to_string())
+    };
+    let mut exclude_inbound = PROXY_INBOUND_PORTS.to_string();
+    let user_excluded = annotation("excludeInboundPorts", "");
+    if !user_excluded.is_empty() {
+        exclude_inbound = format!("{exclude_inbound},{user_excluded}");
+    }
+    let mut args = vec![
+        "init".to_string(),
+        "-p".into(),
+        "15001".into(),
+        "-z".into(),
+        "15006".into(),
+        "-u".into(),
+        proxy::UID.to_string(),
+        "-m".into(),
+        "REDIRECT".into(),
+        "-i".into(),
+        annotation("includeOutboundIPRanges", "*"),
+        "-x".into(),
+        annotation("excludeOutboundIPRanges", ""),
+        "-b".into(),
+        annotation("includeInboundPorts", "*"),
+        "-d".into(),
+        exclude_inbound,
+    ];
+    for (flag, name) in [
+        ("-o", "excludeOutboundPorts"),
+        ("-q", "includeOutboundPorts"),
+    ] {
+        let value = annotation(name, "");
+        if !value.is_empty() {
+            args.push(flag.into());
+            args.push(value);
+        }
+    }
+    Container {
+        name: "istio-init".into(),
+        image: Some(injection.proxy_image.clone()),
+        args: Some(args),
+        // Writing iptables rules needs these two capabilities and root in
+        // the pod's network namespace, nothing more.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            privileged: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..Default::default()
+        }),
+        resources: Some(requests("10m", "10Mi")),
+        ..Default::default()
+    }
+}
+
+fn sidecar(injection: &Injection) -> Container {
+    let mut container = proxy::container(
+        "sidecar",
+        injection.proxy_image.clone(),
+        &injection.discovery_address,
+        &[("http-envoy-prom", proxy::METRICS_PORT)],
+    );
+    container
+        .env
+        .get_or_insert_with(Vec::new)
+        .push(proxy::env("REVISION", injection.revision.clone()));
+    container
+        .volume_mounts
+        .get_or_insert_with(Vec::new)
+        .push(VolumeMount {
+            name: "istio-envoy".into(),
+            mount_path: "/etc/istio/proxy".into(),
+            ..Default::default()
+        });
+    container.security_context = Some(SecurityContext {
+        run_as_user: Some(proxy::UID),
+        run_as_group: Some(proxy::UID),
+        run_as_non_root: Some(true),
+        privileged: Some(false),
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    container.resources = Some(requests("100m", "128Mi"));
+    container
+}
+
+fn requests(cpu: &str, memory: &str) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(cpu.into())),
+            ("memory".to_string(), Quantity(memory.into())),
+        ])),
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::Value;
+
+    use super::*;
+
+    fn injection() -> Injection {
+        Injection {
+            revision: "default-v0-2-0".into(),
+            discovery_address: "istiod-default-v0-2-0.istio-system.svc:15012".into(),
+            proxy_image: "ghcr.io/bowline-mesh/proxy:0.2.0".into(),
+        }
+    }
+
+    fn pod(extra: Value) -> Pod {
+        let mut value = json!({
+            "metadata": {
+                "generateName": "reviews-v2-7d9f8-",
+                "namespace": "shop",
+                "labels": {"app": "reviews", "version": "v2"},
+            },
+            "spec": {"containers": [{"name": "reviews", "image": "registry.example/reviews:2", "ports": [{"containerPort": 9080}]}]},
+        });
+        json_patch::merge(&mut value, &extra);
+        serde_json::from_value(value).unwrap()
+    }
+
+    /// The patch applied the way the API server applies it.
+    fn injected(pod: &Pod) -> Pod {
+        let patch = patch(pod, &injection()).unwrap().expect("a patch");
+        let mut value = serde_json::to_value(pod).unwrap();
+        json_patch::patch(&mut value, &patch).unwrap();
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_pod_gets_the_init_container_the_sidecar_and_the_marks() {
+        let pod = injected(&pod(json!({})));
+        let spec = pod.spec.unwrap();
+        let names: Vec<&str> = spec.containers.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["reviews", "istio-proxy"]);
+        let init = &spec.init_containers.unwrap()[0];
+        assert_eq!(
+            init.args.as_ref().unwrap().join(" "),
+            "init -p 15001 -z 15006 -u 1337 -m REDIRECT -i * -x  -b * -d 15090,15021,15020"
+        );
+        let sidecar = &spec.containers[1];
+        assert_eq!(sidecar.args.as_deref(), Some(&["sidecar".to_string()][..]));
+        let env: BTreeMap<String, Option<String>> = sidecar
+            .env
+            .iter()
+            .flatten()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect();
+        assert_eq!(
+            env["DISCOVERY_ADDRESS"].as_deref(),
+            Some("istiod-default-v0-2-0.istio-system.svc:15012")
+        );
+        assert_eq!(env["REVISION"].as_deref(), Some("default-v0-2-0"));
+        assert_eq!(
+            sidecar.security_context.as_ref().unwrap().run_as_user,
+            Some(1337)
+        );
+        let volumes: Vec<&str> = spec
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(volumes, ["istio-token", "istiod-ca-cert", "istio-envoy"]);
+
+        let labels = pod.metadata.labels.unwrap();
+        assert_eq!(labels["istio.io/rev"], "default-v0-2-0");
+        assert_eq!(labels["security.istio.io/tlsMode"], "istio");
+        assert_eq!(labels["service.istio.io/canonical-name"], "reviews");
+        assert_eq!(labels["service.istio.io/canonical-revision"], "v2");
+        let annotations = pod.metadata.annotations.unwrap();
+        let status: Value = serde_json::from_str(&annotations[STATUS_ANNOTATION]).unwrap();
+        assert_eq!(status["containers"], json!(["istio-proxy"]));
+        assert_eq!(status["revision"], "default-v0-2-0");
+        assert_eq!(
+            annotations["kubectl.kubernetes.io/default-container"],
+            "reviews"
+        );
+    }
+
+    #[test]
+    fn capture_follows_the_traffic_annotations() {
+        let pod = injected(&pod(json!({"metadata": {"annotations": {
+            "traffic.sidecar.istio.io/excludeInboundPorts": "9443",
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges": "10.0.0.0/8",
+            "traffic.sidecar.istio.io/excludeOutboundPorts": "5432",
+        }}})));
+        let args = pod.spec.unwrap().init_containers.unwrap()[0]
+            .args
+            .clone()
+            .unwrap()
+            .join(" ");
+        assert!(args.contains("-x 10.0.0.0/8"), "{args}");
+        assert!(args.contains("-d 15090,15021,15020,9443"), "{args}");
+        assert!(args.ends_with("-o 5432"), "{args}");
+    }
+
+    #[test]
+    fn existing_init_containers_and_volumes_stay_first() {
+        let pod = injected(&pod(json!({"spec": {
+            "initContainers": [{"name": "migrate", "image": "registry.example/migrate:1"}],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+        }})));
+        let spec = pod.spec.unwrap();
+        let init: Vec<String> = spec
+            .init_containers
+            .unwrap()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        assert_eq!(init, ["migrate", "istio-init"]);
+        assert_eq!(spec.volumes.unwrap()[0].name, "data");
+    }
+
+    #[test]
+    fn injected_and_host_network_pods_are_left_alone() {
+        let already = pod(json!({"metadata": {"annotations": {STATUS_ANNOTATION: "{}"}}}));
+        assert!(patch(&already, &injection()).unwrap().is_none());
+        let host = pod(json!({"spec": {"hostNetwork": true}}));
+        assert!(patch(&host, &injection()).unwrap().is_none());
+    }
+}
