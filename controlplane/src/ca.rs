@@ -210,6 +210,42 @@ impl Authority {
         &self.files.root_cert
     }
 
+    /// A serving certificate for the control plane's own endpoints (the
+    /// webhooks, xDS over TLS): a new key, and a certificate for `dns_names`
+    /// and `ips`, valid for `ttl`. Returns the chain (PEM) and the key (PEM).
+    pub fn serving_certificate(
+        &self,
+        dns_names: &[String],
+        ips: &[std::net::IpAddr],
+        ttl: Duration,
+    ) -> Result<(String, String), Error> {
+        let what = |source| Error::Certificate {
+            what: format!("a serving certificate for {dns_names:?} {ips:?}"),
+            source,
+        };
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(what)?;
+        let mut params = CertificateParams::new(dns_names.to_vec()).map_err(what)?;
+        params
+            .subject_alt_names
+            .extend(ips.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.distinguished_name = DistinguishedName::new();
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - BACKDATE;
+        params.not_after = now + ttl.min(self.max_ttl.max(DEFAULT_TTL));
+        let cert = params.signed_by(&key, &self.issuer).map_err(what)?;
+        let mut chain = cert.pem();
+        if self.files.cert_chain != self.files.root_cert {
+            chain.push_str(&self.files.cert_chain);
+        }
+        Ok((chain, key.serialize_pem()))
+    }
+
     /// Signs the key of `csr_pem` for `identity`, valid for `ttl` (the
     /// default when unset, at most the maximum). Returns the chain as
     /// Istio's CreateCertificate does: the workload certificate, the

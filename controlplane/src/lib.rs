@@ -10,7 +10,9 @@
 //! - [`validate`]: Istio's validation rules for the Istio-compatible kinds,
 //!   each error naming its field; used by the `/validate` webhook and to
 //!   skip config that got in anyway.
+//! - [`webhook`]: `/inject` and `/validate` over HTTPS.
 
 pub mod ca;
 pub mod inject;
 pub mod validate;
+pub mod webhook;
