@@ -5,7 +5,8 @@
 //! the sidecar-injection and validation webhooks.
 //!
 //! - [`ca`]: the certificate authority, issuing SPIFFE certificates to
-//!   callers authenticated by their ServiceAccount token.
+//!   callers authenticated by their ServiceAccount token; [`ca_service`]
+//!   serves it as Istio's `IstioCertificateService` over gRPC.
 //! - [`inject`]: the sidecar-injection patch for a pod.
 //! - [`validate`]: Istio's validation rules for the Istio-compatible kinds,
 //!   each error naming its field; used by the `/validate` webhook and to
@@ -13,6 +14,7 @@
 //! - [`webhook`]: `/inject` and `/validate` over HTTPS.
 
 pub mod ca;
+pub mod ca_service;
 pub mod inject;
 pub mod validate;
 pub mod webhook;

@@ -77,3 +77,132 @@ async fn a_real_token_earns_a_certificate_and_others_do_not() -> anyhow::Result<
     );
     Ok(())
 }
+
+/// Istio's CreateCertificate over gRPC and TLS, as a proxy calls it.
+#[tokio::test]
+async fn create_certificate_over_grpc_names_the_token_s_service_account() -> anyhow::Result<()> {
+    use bowline_controlplane::ca_service::{
+        CREATE_CERTIFICATE, CertificateService, IstioCertificateRequest, IstioCertificateResponse,
+    };
+    use tonic::transport::{Channel, ClientTlsConfig, Server, ServerTlsConfig};
+    use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+
+    let cluster = LocalCluster::shared()?;
+    let client = cluster.client().await?;
+    let namespace = cluster.test_namespace(&client, "ca-grpc").await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "payments"}}))?,
+        )
+        .await?;
+
+    let authority = std::sync::Arc::new(Authority::self_signed("cluster.local", ca::DEFAULT_TTL)?);
+    let (chain, key) = authority.serving_certificate(
+        &["istiod.istio-system.svc".into()],
+        &[],
+        std::time::Duration::from_secs(3600),
+    )?;
+    let port = bowline_tests::cluster::free_port()?;
+    let service = CertificateService::new(authority.clone(), client.clone());
+    let server = tokio::spawn(
+        Server::builder()
+            .tls_config(
+                ServerTlsConfig::new().identity(tonic::transport::Identity::from_pem(chain, key)),
+            )?
+            .add_service(service)
+            .serve(([127, 0, 0, 1], port).into()),
+    );
+
+    let result = async {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                authority.root_pem(),
+            ))
+            .domain_name("istiod.istio-system.svc");
+        let endpoint =
+            Channel::from_shared(format!("https://127.0.0.1:{port}"))?.tls_config(tls)?;
+        let mut channel = None;
+        for _ in 0..50 {
+            match endpoint.connect().await {
+                Ok(connected) => {
+                    channel = Some(connected);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
+        }
+        let mut grpc = tonic::client::Grpc::new(channel.context("the CA serves")?);
+        let key = rcgen::KeyPair::generate()?;
+        let csr = rcgen::CertificateParams::new(vec![
+            "spiffe://cluster.local/ns/bank/sa/admin".to_string(),
+        ])?
+        .serialize_request(&key)?
+        .pem()?;
+        let call = |token: Option<String>| {
+            let mut request = tonic::Request::new(IstioCertificateRequest {
+                csr: csr.clone(),
+                validity_duration: 3600,
+                metadata: None,
+            });
+            if let Some(token) = token {
+                request
+                    .metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            }
+            request
+        };
+
+        grpc.ready().await?;
+        let token = token(&accounts, "payments", ca::AUDIENCE).await?;
+        let response: tonic::Response<IstioCertificateResponse> = grpc
+            .unary(
+                call(Some(token)),
+                http::uri::PathAndQuery::from_static(CREATE_CERTIFICATE),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await?;
+        let chain = response.into_inner().cert_chain;
+        ensure!(chain.len() == 2, "{chain:?}");
+        let (_, pem) = x509_parser::pem::parse_x509_pem(chain[0].as_bytes())?;
+        let (_, leaf) = X509Certificate::from_der(&pem.contents)?;
+        let sans: Vec<String> = leaf
+            .subject_alternative_name()?
+            .context("a SAN")?
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::URI(uri) => Some(uri.to_string()),
+                _ => None,
+            })
+            .collect();
+        ensure!(
+            sans == [format!("spiffe://cluster.local/ns/{namespace}/sa/payments")],
+            "the caller's identity, not the CSR's: {sans:?}"
+        );
+        let lifetime =
+            leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp();
+        ensure!(lifetime <= 3600 + 60, "the asked validity: {lifetime}");
+
+        grpc.ready().await?;
+        let refused = grpc
+            .unary::<_, IstioCertificateResponse, _>(
+                call(None),
+                http::uri::PathAndQuery::from_static(CREATE_CERTIFICATE),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .err()
+            .context("no token, no certificate")?;
+        ensure!(
+            refused.code() == tonic::Code::Unauthenticated,
+            "{refused:?}"
+        );
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    server.abort();
+    result
+}
