@@ -35,8 +35,10 @@ pub enum Error {
     Certificate { what: String, source: rcgen::Error },
     #[error("the caller is not authenticated: {0}")]
     Unauthenticated(String),
-    #[error("reviewing the caller's token: {0}")]
+    #[error("talking to the API server: {0}")]
     Review(#[from] kube::Error),
+    #[error("{0}")]
+    Store(String),
 }
 
 /// A workload's identity: its ServiceAccount.

@@ -206,3 +206,85 @@ async fn create_certificate_over_grpc_names_the_token_s_service_account() -> any
     server.abort();
     result
 }
+
+/// The CA's keys survive a restart in a Secret, a plugged-in `cacerts`
+/// wins, and the root reaches every namespace and is put back.
+#[tokio::test]
+async fn the_ca_is_kept_plugged_and_its_root_published() -> anyhow::Result<()> {
+    use bowline_controlplane::ca_store;
+    use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
+    use kube::api::{Patch, PatchParams};
+
+    let cluster = LocalCluster::shared()?;
+    let client = cluster.client().await?;
+    let mesh = cluster.test_namespace(&client, "ca-store").await?;
+    let ttl = ca::DEFAULT_TTL;
+
+    let first = ca_store::load_or_create(&client, &mesh, "cluster.local", ttl).await?;
+    let again = ca_store::load_or_create(&client, &mesh, "cluster.local", ttl).await?;
+    ensure!(
+        first.root_pem() == again.root_pem(),
+        "the kept root is reused"
+    );
+
+    // A plugged-in CA takes over.
+    let plugged = Authority::self_signed("cluster.local", ttl)?;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &mesh);
+    let files = plugged.files();
+    secrets
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": ca_store::PLUGGED_SECRET},
+                "stringData": {
+                    "ca-cert.pem": files.ca_cert,
+                    "ca-key.pem": files.ca_key,
+                    "root-cert.pem": files.root_cert,
+                    "cert-chain.pem": files.cert_chain,
+                },
+            }))?,
+        )
+        .await?;
+    let now = ca_store::load_or_create(&client, &mesh, "cluster.local", ttl).await?;
+    ensure!(now.root_pem() == plugged.root_pem(), "cacerts wins");
+
+    // The root in every namespace, a new one included, and put back.
+    let root = now.root_pem().to_string();
+    let publisher = tokio::spawn(ca_store::publish_root_everywhere(
+        client.clone(),
+        root.clone(),
+    ));
+    let result = async {
+        let apps = format!("{mesh}-apps");
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        namespaces
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": apps}}))?,
+            )
+            .await?;
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &apps);
+        let published = || async {
+            Ok(config_maps
+                .get_opt(ca_store::ROOT_CONFIG_MAP)
+                .await?
+                .and_then(|cm| cm.data)
+                .and_then(|d| d.get(ca_store::ROOT_KEY).cloned())
+                == Some(root.clone()))
+        };
+        wait_until("the root in the new namespace", published).await?;
+        config_maps
+            .patch(
+                ca_store::ROOT_CONFIG_MAP,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"data": {"root-cert.pem": "tampered"}})),
+            )
+            .await?;
+        wait_until("the root put back", published).await?;
+        let _ = namespaces.delete(&apps, &Default::default()).await;
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    publisher.abort();
+    result
+}
