@@ -8,6 +8,7 @@
 //!   callers authenticated by their ServiceAccount token; [`ca_service`]
 //!   serves it as Istio's `IstioCertificateService` over gRPC; [`ca_store`]
 //!   keeps its keys in a Secret and publishes its root in every namespace.
+//! - [`server`]: the process: all of the above served together.
 //! - [`inject`]: the sidecar-injection patch for a pod.
 //! - [`validate`]: Istio's validation rules for the Istio-compatible kinds,
 //!   each error naming its field; used by the `/validate` webhook and to
@@ -18,5 +19,6 @@ pub mod ca;
 pub mod ca_service;
 pub mod ca_store;
 pub mod inject;
+pub mod server;
 pub mod validate;
 pub mod webhook;

@@ -1,0 +1,73 @@
+//! `bowline-controlplane`: configured by the environment the operator
+//! renders (REVISION, POD_NAMESPACE, ISTIOD_SERVICE, PROXY_IMAGE), with
+//! flags for the addresses.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bowline_controlplane::server::{self, Settings};
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "The Bowline control plane")]
+struct Args {
+    /// The revision served (`istio.io/rev`).
+    #[arg(long, env = "REVISION", default_value = "default")]
+    revision: String,
+    /// The namespace the control plane runs in.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    namespace: String,
+    /// Its Service's DNS name, which its serving certificate carries.
+    #[arg(
+        long,
+        env = "ISTIOD_SERVICE",
+        default_value = "istiod.istio-system.svc"
+    )]
+    service: String,
+    /// The proxy image injection adds.
+    #[arg(
+        long,
+        env = "PROXY_IMAGE",
+        default_value = "ghcr.io/bowline-mesh/proxy:0.1.0"
+    )]
+    proxy_image: String,
+    /// The trust domain of the SPIFFE identities issued.
+    #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The longest certificate lifetime issued, in hours.
+    #[arg(long, default_value_t = 24 * 90)]
+    max_certificate_hours: u64,
+    #[arg(long, default_value = "0.0.0.0:15012")]
+    ca_address: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15017")]
+    webhook_address: SocketAddr,
+    #[arg(long, default_value = "0.0.0.0:15014")]
+    monitoring_address: SocketAddr,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let client = kube::Client::try_default().await?;
+    server::run(
+        client,
+        Settings {
+            revision: args.revision,
+            namespace: args.namespace,
+            service: args.service,
+            proxy_image: args.proxy_image,
+            trust_domain: args.trust_domain,
+            max_ttl: Duration::from_secs(args.max_certificate_hours * 3600),
+            ca_address: args.ca_address,
+            webhook_address: args.webhook_address,
+            monitoring_address: args.monitoring_address,
+        },
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,241 @@
+//! The control plane as a process: the CA (keys from [`ca_store`]), its
+//! gRPC certificate service, the webhooks with a serving certificate from
+//! the CA, the root published in every namespace, the webhook
+//! configurations of this revision given their caBundle, and `/ready` on the
+//! monitoring port once all of that serves.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::ca;
+use crate::ca_service::CertificateService;
+use crate::ca_store;
+use crate::inject::Injection;
+use crate::webhook::{self, Webhooks};
+
+/// What the operator's rendering hands the control plane (its env).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// `REVISION`: the `istio.io/rev` this control plane serves.
+    pub revision: String,
+    /// `POD_NAMESPACE`: where its Secrets live.
+    pub namespace: String,
+    /// `ISTIOD_SERVICE`: `istiod[-rev].<ns>.svc`, the name its serving
+    /// certificate carries.
+    pub service: String,
+    /// `PROXY_IMAGE`: what injection puts in pods.
+    pub proxy_image: String,
+    pub trust_domain: String,
+    /// Certificates are issued for at most this long.
+    pub max_ttl: Duration,
+    /// 15012: certificates over gRPC and TLS.
+    pub ca_address: SocketAddr,
+    /// 15017: the webhooks.
+    pub webhook_address: SocketAddr,
+    /// 15014: `/ready`.
+    pub monitoring_address: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Ca(#[from] ca::Error),
+    #[error("listening on {address}: {source}")]
+    Listen {
+        address: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Webhook(#[from] webhook::Error),
+    #[error("the certificate service: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Runs until a server fails.
+pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
+    let ready = Arc::new(AtomicBool::new(false));
+    let monitoring = bind(settings.monitoring_address).await?;
+    let ready_flag = ready.clone();
+    let monitor = Router::new().route(
+        "/ready",
+        get(move || {
+            let ready = ready_flag.load(Ordering::Relaxed);
+            async move {
+                if ready {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }
+        }),
+    );
+    let monitoring = tokio::spawn(async move { axum::serve(monitoring, monitor).await });
+
+    let authority = Arc::new(
+        ca_store::load_or_create(
+            &client,
+            &settings.namespace,
+            &settings.trust_domain,
+            settings.max_ttl,
+        )
+        .await?,
+    );
+    let mut names = vec![settings.service.clone()];
+    if let Some(short) = settings.service.strip_suffix(".svc") {
+        names.push(short.to_string());
+        names.push(format!("{}.svc.cluster.local", short));
+    }
+    let ips = [settings.webhook_address.ip(), settings.ca_address.ip()]
+        .into_iter()
+        .filter(|ip| ip.is_loopback())
+        .collect::<Vec<_>>();
+    let (chain, key) = authority.serving_certificate(&names, &ips, ca::DEFAULT_TTL)?;
+
+    let webhooks = webhook::router(Webhooks {
+        injection: Injection {
+            revision: settings.revision.clone(),
+            discovery_address: format!("{}:15012", settings.service),
+            proxy_image: settings.proxy_image.clone(),
+        },
+    });
+    let webhook_listener = bind(settings.webhook_address).await?;
+    let (webhook_chain, webhook_key) = (chain.clone(), key.clone());
+    let webhooks = tokio::spawn(async move {
+        webhook::serve_tls(webhook_listener, &webhook_chain, &webhook_key, webhooks).await
+    });
+
+    let certificates = CertificateService::new(authority.clone(), client.clone());
+    let ca_server = tonic::transport::Server::builder()
+        .tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(chain, key)),
+        )?
+        .add_service(certificates)
+        .serve(settings.ca_address);
+    let ca_server = tokio::spawn(ca_server);
+
+    let root = authority.root_pem().to_string();
+    let publisher = tokio::spawn(ca_store::publish_root_everywhere(
+        client.clone(),
+        root.clone(),
+    ));
+    let bundles = tokio::spawn(keep_ca_bundles(
+        client.clone(),
+        settings.revision.clone(),
+        root,
+    ));
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!(revision = %settings.revision, "control plane serving");
+
+    tokio::select! {
+        result = webhooks => result.unwrap_or(Ok(()))?,
+        result = ca_server => result.unwrap_or(Ok(()))?,
+        _ = monitoring => {}
+        _ = publisher => {}
+        _ = bundles => {}
+    }
+    Ok(())
+}
+
+async fn bind(address: SocketAddr) -> Result<TcpListener, Error> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|source| Error::Listen { address, source })
+}
+
+/// Gives every webhook configuration of `revision` (labelled
+/// `istio.io/rev=<revision>`: its injector, its tags' injectors, its
+/// validator) the root as caBundle, and turns validation to Fail once this
+/// control plane serves it (the operator creates it with Ignore so that
+/// config can be applied before).
+async fn keep_ca_bundles(client: Client, revision: String, root: String) {
+    let selector = format!("istio.io/rev={revision}");
+    let bundle = ByteString(root.into_bytes());
+    let mutating: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let validating: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    let mutating_changes = watcher(
+        mutating.clone(),
+        watcher::Config::default().labels(&selector),
+    )
+    .default_backoff()
+    .applied_objects()
+    .map(|r| r.map(|w| (true, w.name_any())));
+    let validating_changes = watcher(
+        validating.clone(),
+        watcher::Config::default().labels(&selector),
+    )
+    .default_backoff()
+    .applied_objects()
+    .map(|r| r.map(|w| (false, w.name_any())));
+    let mut changes = futures::stream::select(mutating_changes.boxed(), validating_changes.boxed());
+    while let Some(change) = changes.next().await {
+        let (is_mutating, name) = match change {
+            Ok(change) => change,
+            Err(e) => {
+                tracing::warn!(error = %e, "watching webhook configurations");
+                continue;
+            }
+        };
+        let result = if is_mutating {
+            patch_bundles(&mutating, &name, &bundle, false).await
+        } else {
+            patch_bundles(&validating, &name, &bundle, true).await
+        };
+        if let Err(e) = result {
+            tracing::warn!(%name, error = %e, "setting a webhook's caBundle");
+        }
+    }
+}
+
+/// Sets caBundle (and, for validation, failurePolicy Fail) on each webhook
+/// of the configuration that lacks it; writes nothing when all have it.
+async fn patch_bundles<K>(
+    api: &Api<K>,
+    name: &str,
+    bundle: &ByteString,
+    fail_closed: bool,
+) -> Result<(), kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let Some(current) = api.get_opt(name).await? else {
+        return Ok(());
+    };
+    let value = serde_json::to_value(&current).unwrap_or_default();
+    let webhooks = value["webhooks"].as_array().cloned().unwrap_or_default();
+    let encoded = serde_json::to_value(bundle).unwrap_or_default();
+    let mut operations = Vec::new();
+    for (i, webhook) in webhooks.iter().enumerate() {
+        if webhook["clientConfig"]["caBundle"] != encoded {
+            operations.push(json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": encoded}));
+        }
+        if fail_closed && webhook["failurePolicy"] != "Fail" {
+            operations.push(json!({"op": "add", "path": format!("/webhooks/{i}/failurePolicy"), "value": "Fail"}));
+        }
+    }
+    if operations.is_empty() {
+        return Ok(());
+    }
+    let patch: json_patch::Patch =
+        serde_json::from_value(json!(operations)).map_err(kube::Error::SerdeError)?;
+    api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await?;
+    Ok(())
+}
