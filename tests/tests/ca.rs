@@ -69,7 +69,12 @@ async fn a_real_token_earns_a_certificate_and_others_do_not() -> anyhow::Result<
         matches!(refused, Err(ca::Error::Unauthenticated(_))),
         "a token for another audience: {refused:?}"
     );
-    let forged = format!("{}x", &good[..good.len() - 1]);
+    // One character changed in the middle of the signature (the last one
+    // may carry only padding bits).
+    let signature_start = good.rfind('.').context("a JWT")? + 1;
+    let at = signature_start + (good.len() - signature_start) / 2;
+    let swapped = if &good[at..=at] == "A" { "B" } else { "A" };
+    let forged = format!("{}{swapped}{}", &good[..at], &good[at + 1..]);
     let refused = ca::authenticate(&client, &forged).await;
     ensure!(
         matches!(refused, Err(ca::Error::Unauthenticated(_))),

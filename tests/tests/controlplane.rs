@@ -21,6 +21,21 @@ fn loopback(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
 
+/// Whether `/ready` answers 200: one plain HTTP/1.0 request.
+async fn ready(port: u16) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut stream) = tokio::net::TcpStream::connect(loopback(port)).await else {
+        return false;
+    };
+    let mut response = String::new();
+    stream
+        .write_all(b"GET /ready HTTP/1.0\r\n\r\n")
+        .await
+        .is_ok()
+        && stream.read_to_string(&mut response).await.is_ok()
+        && response.split_whitespace().nth(1) == Some("200")
+}
+
 #[tokio::test]
 async fn the_control_plane_serves_its_revision() -> anyhow::Result<()> {
     let cluster = LocalCluster::shared()?;
@@ -86,12 +101,7 @@ async fn the_control_plane_serves_its_revision() -> anyhow::Result<()> {
 
     let result = async {
         wait_until("the control plane to report ready", || async {
-            let answered = tokio::process::Command::new("curl")
-                .args(["-sf", &format!("http://127.0.0.1:{monitoring_port}/ready")])
-                .output()
-                .await
-                .is_ok_and(|output| output.status.success());
-            Ok(answered)
+            Ok(ready(monitoring_port).await)
         })
         .await?;
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &mesh);
