@@ -31,7 +31,11 @@ struct Args {
         default_value = "ghcr.io/bowline-mesh/proxy:0.1.0"
     )]
     proxy_image: String,
-    /// The trust domain of the SPIFFE identities issued.
+    /// The mesh config the operator renders (Istio's `mesh` key of the
+    /// `istio` ConfigMap); its trustDomain names the identities issued.
+    #[arg(long, env = "MESH_CONFIG_FILE")]
+    mesh_config_file: Option<std::path::PathBuf>,
+    /// The trust domain, when the mesh config does not say.
     #[arg(long, env = "TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
     /// The longest certificate lifetime issued, in hours.
@@ -53,6 +57,11 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    let mesh = match &args.mesh_config_file {
+        Some(path) => bowline_controlplane::server::read_mesh_config(path)?,
+        None => Default::default(),
+    };
+    let trust_domain = mesh.trust_domain.unwrap_or(args.trust_domain);
     let client = kube::Client::try_default().await?;
     server::run(
         client,
@@ -61,7 +70,7 @@ async fn main() -> anyhow::Result<()> {
             namespace: args.namespace,
             service: args.service,
             proxy_image: args.proxy_image,
-            trust_domain: args.trust_domain,
+            trust_domain,
             max_ttl: Duration::from_secs(args.max_certificate_hours * 3600),
             ca_address: args.ca_address,
             webhook_address: args.webhook_address,

@@ -153,6 +153,31 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
     Ok(())
 }
 
+/// Reads the mesh config file: YAML with Istio's MeshConfig field names. A
+/// missing file is an empty config (the operator always renders one).
+pub fn read_mesh_config(
+    path: &std::path::Path,
+) -> Result<bowline_api::install::MeshConfig, MeshConfigError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(MeshConfigError::Read(path.display().to_string(), e)),
+    };
+    if text.trim().is_empty() {
+        return Ok(Default::default());
+    }
+    serde_saphyr::from_str(&text)
+        .map_err(|e| MeshConfigError::Parse(path.display().to_string(), e.to_string()))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MeshConfigError {
+    #[error("reading the mesh config {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("the mesh config {0} is not valid: {1}")]
+    Parse(String, String),
+}
+
 async fn bind(address: SocketAddr) -> Result<TcpListener, Error> {
     TcpListener::bind(address)
         .await
@@ -238,4 +263,31 @@ where
     api.patch(name, &PatchParams::default(), &Patch::Json::<()>(patch))
         .await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mesh_config_names_the_trust_domain() {
+        let dir = std::env::temp_dir().join(format!("bowline-mesh-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("mesh");
+        std::fs::write(
+            &file,
+            "trustDomain: example.org\naccessLogFile: /dev/stdout\n",
+        )
+        .unwrap();
+        let mesh = read_mesh_config(&file).unwrap();
+        assert_eq!(mesh.trust_domain.as_deref(), Some("example.org"));
+        assert_eq!(
+            read_mesh_config(&dir.join("absent")).unwrap(),
+            Default::default()
+        );
+        std::fs::write(&file, "trustDomain: [not, a, string]\n").unwrap();
+        let error = read_mesh_config(&file).unwrap_err().to_string();
+        assert!(error.contains("is not valid"), "{error}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
 }
