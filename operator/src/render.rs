@@ -67,6 +67,9 @@ pub fn render_mesh(mesh: &Mesh<'_>) -> Result<Vec<Managed>> {
             objects.extend(controlplane::render(&target)?);
             for (tag, _) in mesh.tags.iter().filter(|(_, r)| r == revision) {
                 objects.push(controlplane::tag_webhook(&target, tag)?);
+                if *tag == DEFAULT_REVISION {
+                    objects.push(controlplane::default_tag_validator(&target)?);
+                }
             }
         }
     }

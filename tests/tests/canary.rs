@@ -17,7 +17,9 @@ use bowline_api::install::{
 };
 use bowline_tests::cluster::wait_until;
 use bowline_tests::operator::{condition, create_mesh, shared, wait_ready};
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::Client;
@@ -471,6 +473,51 @@ async fn tags_refuse_conflicts_and_are_kept_while_namespaces_use_them() -> anyho
             .is_none()
     );
     tags.delete("tagged", &DeleteParams::default()).await?;
+
+    // The tag named default also takes istio-injection=enabled and the
+    // validation of unlabelled Istio config, as Istio's does.
+    create_tag(&client, "default", "MeshInstallation", name).await?;
+    let validators: Api<ValidatingWebhookConfiguration> = Api::all(client.clone());
+    wait_until("the default tag's webhooks", || async {
+        let validator = validators.get_opt("istiod-default-validator").await?;
+        let injector = webhook_service(&client, "istio-revision-tag-default").await?;
+        Ok(injector.as_deref() == Some("istiod-tagged")
+            && validator.is_some_and(|v| {
+                v.webhooks.iter().flatten().all(|w| {
+                    w.client_config.service.as_ref().map(|s| s.name.as_str())
+                        == Some("istiod-tagged")
+                        && w.failure_policy.as_deref() == Some("Ignore")
+                })
+            }))
+    })
+    .await?;
+    let injector: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    let selects_injection_enabled = injector
+        .get("istio-revision-tag-default")
+        .await?
+        .webhooks
+        .iter()
+        .flatten()
+        .filter_map(|w| w.namespace_selector.as_ref())
+        .flat_map(|s| s.match_expressions.iter().flatten())
+        .any(|e| {
+            e.key == "istio-injection" && e.values.as_deref() == Some(&["enabled".to_string()][..])
+        });
+    ensure!(
+        selects_injection_enabled,
+        "the default tag answers istio-injection=enabled"
+    );
+    tags.delete("default", &DeleteParams::default()).await?;
+    wait_until("the default tag's webhooks to go", || async {
+        Ok(validators
+            .get_opt("istiod-default-validator")
+            .await?
+            .is_none()
+            && webhook_service(&client, "istio-revision-tag-default")
+                .await?
+                .is_none())
+    })
+    .await?;
 
     // A tag in use by a namespace is kept until the namespace lets go.
     create_tag(&client, "tagged-prod", "MeshInstallation", name).await?;

@@ -511,8 +511,47 @@ fn validation_webhook(
             selector(&[("istio.io/rev", "DoesNotExist", &[])]),
         ));
     }
+    validation_webhook_for(
+        target,
+        names,
+        target.cluster_meta(&names.validator, COMPONENT),
+        selections,
+        failure_policy,
+    )
+}
+
+/// The validation the tag named `default` adds, as Istio's does: Istio
+/// config without an `istio.io/rev` label is validated by the tag's
+/// revision (with RevisionBased installations no revision is named
+/// `default`, so nothing else would). Created failing open, like every
+/// validator; the revision's control plane turns it to Fail.
+pub fn default_tag_validator(target: &Target<'_>) -> Result<Managed> {
+    let names = ControlPlaneNames::new(target);
+    let mut metadata = target.cluster_meta("istiod-default-validator", COMPONENT);
+    metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(TAG_LABEL.into(), DEFAULT_REVISION.into());
+    let selections = || {
+        vec![(
+            "validation.istio.io",
+            selector(&[("istio.io/rev", "DoesNotExist", &[])]),
+        )]
+    };
+    let validator = validation_webhook_for(target, &names, metadata.clone(), selections(), None);
+    let initial = validation_webhook_for(target, &names, metadata, selections(), Some("Ignore"));
+    Managed::new(&validator)?.with_on_create(&initial)
+}
+
+fn validation_webhook_for(
+    target: &Target<'_>,
+    names: &ControlPlaneNames,
+    metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    selections: Vec<(&str, LabelSelector)>,
+    failure_policy: Option<&str>,
+) -> ValidatingWebhookConfiguration {
     ValidatingWebhookConfiguration {
-        metadata: target.cluster_meta(&names.validator, COMPONENT),
+        metadata,
         webhooks: Some(
             selections
                 .into_iter()
