@@ -8,6 +8,9 @@
 //!   callers authenticated by their ServiceAccount token; [`ca_service`]
 //!   serves it as Istio's `IstioCertificateService` over gRPC; [`ca_store`]
 //!   keeps its keys in a Secret and publishes its root in every namespace.
+//! - [`model`] and [`translate`]: the mesh as plain types, and the pure
+//!   translation of it and the Istio config into Envoy resources (clusters
+//!   and endpoints so far).
 //! - [`server`]: the process: all of the above served together.
 //! - [`inject`]: the sidecar-injection patch for a pod.
 //! - [`validate`]: Istio's validation rules for the Istio-compatible kinds,
@@ -19,6 +22,8 @@ pub mod ca;
 pub mod ca_service;
 pub mod ca_store;
 pub mod inject;
+pub mod model;
 pub mod server;
+pub mod translate;
 pub mod validate;
 pub mod webhook;
