@@ -40,16 +40,41 @@ pub fn router(webhooks: Webhooks) -> Router {
 
 type Review = Json<AdmissionReview<DynamicObject>>;
 
-async fn inject_pod(State(webhooks): State<Arc<Webhooks>>, Json(review): Review) -> Review {
-    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
-        Ok(request) => request,
-        Err(e) => return Json(AdmissionResponse::invalid(e.to_string()).into_review()),
-    };
+/// Reads a review into its request, the response to build on, and the
+/// object as JSON; or the finished response when there is nothing to look
+/// at (an unreadable review, a request without an object).
+fn open(
+    review: AdmissionReview<DynamicObject>,
+) -> Result<
+    (
+        AdmissionRequest<DynamicObject>,
+        AdmissionResponse,
+        serde_json::Value,
+    ),
+    Box<Review>,
+> {
+    let request: AdmissionRequest<DynamicObject> =
+        review
+            .try_into()
+            .map_err(|e: kube::core::admission::ConvertAdmissionReviewError| {
+                Json(AdmissionResponse::invalid(e.to_string()).into_review())
+            })?;
     let response = AdmissionResponse::from(&request);
     let Some(object) = &request.object else {
-        return Json(response.into_review());
+        return Err(Box::new(Json(response.into_review())));
     };
-    let pod: Pod = match serde_json::to_value(object).and_then(serde_json::from_value) {
+    match serde_json::to_value(object) {
+        Ok(value) => Ok((request, response, value)),
+        Err(e) => Err(Box::new(Json(response.deny(e.to_string()).into_review()))),
+    }
+}
+
+async fn inject_pod(State(webhooks): State<Arc<Webhooks>>, Json(review): Review) -> Review {
+    let (_, response, object) = match open(review) {
+        Ok(opened) => opened,
+        Err(done) => return *done,
+    };
+    let pod: Pod = match serde_json::from_value(object) {
         Ok(pod) => pod,
         Err(e) => {
             return Json(
@@ -71,19 +96,11 @@ async fn inject_pod(State(webhooks): State<Arc<Webhooks>>, Json(review): Review)
 }
 
 async fn validate_config(Json(review): Review) -> Review {
-    let request: AdmissionRequest<DynamicObject> = match review.try_into() {
-        Ok(request) => request,
-        Err(e) => return Json(AdmissionResponse::invalid(e.to_string()).into_review()),
+    let (request, response, object) = match open(review) {
+        Ok(opened) => opened,
+        Err(done) => return *done,
     };
-    let response = AdmissionResponse::from(&request);
-    let Some(object) = &request.object else {
-        return Json(response.into_review());
-    };
-    let value = match serde_json::to_value(object) {
-        Ok(value) => value,
-        Err(e) => return Json(response.deny(e.to_string()).into_review()),
-    };
-    let response = match validate::object(&request.kind.kind, &value) {
+    let response = match validate::object(&request.kind.kind, &object) {
         Ok(()) => response,
         Err(errors) => {
             let messages: Vec<String> = errors.iter().map(ToString::to_string).collect();
