@@ -8,10 +8,12 @@
 //!   meaning, so the Istio YAML users have applies unchanged.
 //! - [`proxy`]: the proxy container and its identity volumes, for the
 //!   operator's gateways and the injector's sidecars alike.
+//! - [`duration`]: the one reading of durations (Go's syntax).
 //! - [`crds`]: every CustomResourceDefinition Bowline serves, as the `crdgen`
 //!   binary writes them to `config/crd/`.
 
 pub mod crds;
+pub mod duration;
 pub mod install;
 pub mod networking;
 pub mod proxy;

@@ -76,21 +76,11 @@ pub async fn load_or_create(
     max_ttl: Duration,
 ) -> Result<Authority, Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    if let Some(files) = secrets
-        .get_opt(PLUGGED_SECRET)
-        .await?
-        .as_ref()
-        .and_then(files_of)
-    {
-        return Authority::from_files(files, trust_domain, max_ttl);
-    }
-    if let Some(files) = secrets
-        .get_opt(SELF_SIGNED_SECRET)
-        .await?
-        .as_ref()
-        .and_then(files_of)
-    {
-        return Authority::from_files(files, trust_domain, max_ttl);
+    // A plugged-in CA first, then the one kept from an earlier start.
+    for name in [PLUGGED_SECRET, SELF_SIGNED_SECRET] {
+        if let Some(files) = secrets.get_opt(name).await?.as_ref().and_then(files_of) {
+            return Authority::from_files(files, trust_domain, max_ttl);
+        }
     }
     let authority = Authority::self_signed(trust_domain, max_ttl)?;
     match secrets

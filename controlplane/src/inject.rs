@@ -230,19 +230,6 @@ fn sidecar(injection: &Injection) -> Container {
             mount_path: "/etc/istio/proxy".into(),
             ..Default::default()
         });
-    container.security_context = Some(SecurityContext {
-        run_as_user: Some(proxy::UID),
-        run_as_group: Some(proxy::UID),
-        run_as_non_root: Some(true),
-        privileged: Some(false),
-        allow_privilege_escalation: Some(false),
-        read_only_root_filesystem: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    });
     container.resources = Some(requests("100m", "128Mi"));
     container
 }

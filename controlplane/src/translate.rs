@@ -22,7 +22,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
 
 use crate::model::{Endpoint, Service};
-use crate::validate::parse_duration;
+use bowline_api::duration::parse as parse_duration;
 
 /// Istio's default connect timeout.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);

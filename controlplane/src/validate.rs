@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use bowline_api::duration::parse as parse_duration;
 use bowline_api::networking::{
     ClientTlsMode, ClientTlsSettings, DestinationRuleSpec, GatewaySpec, HttpMatchRequest,
     HttpRoute, Location, OutlierDetection, Resolution, ServerTlsMode, ServiceEntrySpec,
@@ -100,12 +101,6 @@ impl Errors {
             Err(self.0)
         }
     }
-}
-
-/// A duration as Istio takes it: Go's syntax (`1.5s`, `100ms`, `3m`).
-pub fn parse_duration(text: &str) -> Option<Duration> {
-    let nanos = go_parse_duration::parse_duration(text).ok()?;
-    u64::try_from(nanos).ok().map(Duration::from_nanos)
 }
 
 /// A host as Istio takes it: a DNS name, optionally starting with `*.`, or
@@ -961,8 +956,6 @@ mod tests {
             ],
             "{e:#?}"
         );
-        assert!(parse_duration("1.5s") == Some(Duration::from_millis(1500)));
-        assert!(parse_duration("3m") == Some(Duration::from_secs(180)));
     }
 
     #[test]

@@ -112,10 +112,8 @@ pub async fn step(
         "spec.updateStrategy.workloads.pauseBetweenBatches",
         settings.pause_between_batches.as_deref().unwrap_or("0s"),
     )?;
-    let timeout = parse_duration(
-        "spec.updateStrategy.workloads.batchTimeout",
-        settings.batch_timeout.as_deref().unwrap_or("5m"),
-    )?;
+    let timeout_text = settings.batch_timeout.as_deref().unwrap_or("5m");
+    let timeout = parse_duration("spec.updateStrategy.workloads.batchTimeout", timeout_text)?;
     let active = &observed.plan.active;
     let spec_changed = installation.metadata.generation
         != installation
@@ -160,8 +158,7 @@ pub async fn step(
             status.failed = Some(format!(
                 "{} did not become Available within {} of its restart; fix it and change the \
                  spec (or restart it by hand) to go on",
-                waiting[0],
-                humantime::format_duration(timeout)
+                waiting[0], timeout_text
             ));
             return Ok(Some(Step {
                 status: Some(status),
@@ -335,7 +332,7 @@ async fn available(client: &kube::Client, workload: &Workload) -> Result<bool> {
                 .map_err(Error::kube(action()))?
             {
                 None => true,
-                Some(d) => deployment_available(&d),
+                Some(d) => crate::status::rollout(&d).complete,
             }
         }
         Kind::StatefulSet => {
@@ -374,21 +371,6 @@ async fn available(client: &kube::Client, workload: &Workload) -> Result<bool> {
             }
         }
     })
-}
-
-/// A Deployment that has rolled out its template: every replica updated
-/// and available, no old one left.
-pub fn deployment_available(deployment: &Deployment) -> bool {
-    let wanted = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(1);
-    let status = deployment.status.clone().unwrap_or_default();
-    status.observed_generation >= deployment.metadata.generation
-        && status.updated_replicas.unwrap_or(0) >= wanted
-        && status.available_replicas.unwrap_or(0) >= wanted
-        && status.replicas.unwrap_or(0) == status.updated_replicas.unwrap_or(0)
 }
 
 #[cfg(test)]

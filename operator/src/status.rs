@@ -35,8 +35,51 @@ pub enum Outcome {
     Failed { reason: String, message: String },
 }
 
-/// One component's readiness from its Deployment: Available, with every
-/// replica updated to the current template and ready.
+/// Where a Deployment's rollout stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rollout {
+    /// The replicas it wants.
+    pub wanted: i32,
+    pub ready: i32,
+    /// Replicas on the current template.
+    pub updated: i32,
+    /// The controller has seen the current template.
+    pub observed: bool,
+    /// Available, with every wanted replica updated and ready and no old
+    /// one left.
+    pub complete: bool,
+}
+
+pub fn rollout(deployment: &Deployment) -> Rollout {
+    let wanted = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.replicas)
+        .unwrap_or(1);
+    let status = deployment.status.clone().unwrap_or_default();
+    let ready = status.ready_replicas.unwrap_or(0);
+    let updated = status.updated_replicas.unwrap_or(0);
+    let observed =
+        status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
+    let available = status
+        .conditions
+        .unwrap_or_default()
+        .iter()
+        .any(|c| c.type_ == "Available" && c.status == "True");
+    Rollout {
+        wanted,
+        ready,
+        updated,
+        observed,
+        complete: observed
+            && available
+            && updated >= wanted
+            && ready >= wanted
+            && status.replicas.unwrap_or(0) == updated,
+    }
+}
+
+/// One component's readiness from its Deployment's rollout.
 pub fn component_status(component: &Component, deployment: Option<&Deployment>) -> ComponentStatus {
     let Some(deployment) = deployment else {
         return ComponentStatus {
@@ -49,32 +92,19 @@ pub fn component_status(component: &Component, deployment: Option<&Deployment>) 
             ..Default::default()
         };
     };
-    let wanted = deployment
-        .spec
-        .as_ref()
-        .and_then(|s| s.replicas)
-        .unwrap_or(1);
-    let status = deployment.status.clone().unwrap_or_default();
-    let ready_replicas = status.ready_replicas.unwrap_or(0);
-    let updated = status.updated_replicas.unwrap_or(0);
-    let observed =
-        status.observed_generation.unwrap_or(0) >= deployment.metadata.generation.unwrap_or(0);
-    let available = status
-        .conditions
-        .unwrap_or_default()
-        .iter()
-        .any(|c| c.type_ == "Available" && c.status == "True");
-    let ready = observed
-        && available
-        && updated >= wanted
-        && ready_replicas >= wanted
-        && status.replicas.unwrap_or(0) == updated;
+    let Rollout {
+        wanted,
+        ready: ready_replicas,
+        updated,
+        observed,
+        complete,
+    } = rollout(deployment);
     ComponentStatus {
         name: component.name.clone(),
-        ready,
+        ready: complete,
         ready_replicas,
         replicas: wanted,
-        message: (!ready).then(|| {
+        message: (!complete).then(|| {
             if !observed {
                 "the Deployment's rollout has not started".to_string()
             } else {

@@ -236,16 +236,7 @@ impl LocalCluster {
             std::process::id(),
             COUNTER.fetch_add(1, Ordering::Relaxed)
         );
-        let namespaces: Api<Namespace> = Api::all(client.clone());
-        let namespace = serde_json::from_value(json!({"metadata": {"name": name}}))?;
-        namespaces
-            .create(&PostParams::default(), &namespace)
-            .await?;
-        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &name);
-        wait_until(&format!("the default ServiceAccount in {name}"), || async {
-            Ok(accounts.get_opt("default").await?.is_some())
-        })
-        .await?;
+        create_namespace(client, &name, json!({})).await?;
         Ok(name)
     }
 
@@ -277,6 +268,25 @@ impl LocalCluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Creates a namespace with `labels` and waits for its `default`
+/// ServiceAccount, without which no Pod is admitted.
+pub async fn create_namespace(
+    client: &Client,
+    name: &str,
+    labels: serde_json::Value,
+) -> Result<(), Error> {
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let namespace = serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?;
+    namespaces
+        .create(&PostParams::default(), &namespace)
+        .await?;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), name);
+    wait_until(&format!("the default ServiceAccount in {name}"), || async {
+        Ok(accounts.get_opt("default").await?.is_some())
+    })
+    .await
 }
 
 /// Polls `check` every 200 ms until it says yes, for at most a minute (a

@@ -274,3 +274,36 @@ pub async fn wait_ready(
     waited.with_context(|| format!("its status: {:#?}", status.conditions))?;
     Ok(status)
 }
+
+/// What stands for an injected workload in tests: a pod carrying what
+/// injection by `revision` leaves (the revision label, the
+/// `sidecar.istio.io/status` annotation), opted out of the injection
+/// webhooks the operator registers for real — nothing serves those where
+/// the API server could reach it, and it would dial their Service's
+/// ClusterIP.
+pub fn injected_pod(name: &str, revision: &str) -> Value {
+    json!({
+        "metadata": {
+            "name": name,
+            "labels": {"app": name, "istio.io/rev": revision, "sidecar.istio.io/inject": "false"},
+            "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
+        },
+        "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
+    })
+}
+
+/// A one-replica Deployment of [`injected_pod`]s.
+pub fn injected_deployment(name: &str, revision: &str) -> Value {
+    let mut template = injected_pod(name, revision);
+    if let Some(metadata) = template["metadata"].as_object_mut() {
+        metadata.remove("name");
+    }
+    json!({
+        "metadata": {"name": name},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": name}},
+            "template": template,
+        },
+    })
+}

@@ -261,13 +261,8 @@ async fn the_ca_is_kept_plugged_and_its_root_published() -> anyhow::Result<()> {
     ));
     let result = async {
         let apps = format!("{mesh}-apps");
+        bowline_tests::cluster::create_namespace(&client, &apps, json!({})).await?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": apps}}))?,
-            )
-            .await?;
         let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &apps);
         let published = || async {
             Ok(config_maps

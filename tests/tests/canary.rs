@@ -15,8 +15,9 @@ use anyhow::{Context, ensure};
 use bowline_api::install::{
     MeshInstallation, MeshInstallationStatus, MeshRevision, MeshRevisionTag,
 };
+use bowline_tests::cluster::create_namespace;
 use bowline_tests::cluster::wait_until;
-use bowline_tests::operator::{condition, create_mesh, shared, wait_ready};
+use bowline_tests::operator::{self, condition, create_mesh, shared, wait_ready};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
@@ -76,19 +77,6 @@ async fn webhook_service(client: &Client, name: &str) -> Result<Option<String>, 
     }))
 }
 
-async fn create_namespace(client: &Client, name: &str, labels: Value) -> anyhow::Result<()> {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": name, "labels": labels}}))?,
-        )
-        .await?;
-    Ok(())
-}
-
-/// A pod as injection by `revision` would have left it, opted out of the
-/// webhooks that are registered for real.
 async fn injected_pod(
     client: &Client,
     namespace: &str,
@@ -96,22 +84,9 @@ async fn injected_pod(
     revision: &str,
 ) -> anyhow::Result<()> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let accounts: Api<k8s_openapi::api::core::v1::ServiceAccount> =
-        Api::namespaced(client.clone(), namespace);
-    wait_until("the default ServiceAccount", || async {
-        Ok(accounts.get_opt("default").await?.is_some())
-    })
-    .await?;
     pods.create(
         &PostParams::default(),
-        &serde_json::from_value(json!({
-            "metadata": {
-                "name": name,
-                "labels": {"istio.io/rev": revision, "sidecar.istio.io/inject": "false"},
-                "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
-            },
-            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
-        }))?,
+        &serde_json::from_value(operator::injected_pod(name, revision))?,
     )
     .await?;
     Ok(())
@@ -613,7 +588,8 @@ async fn tags_refuse_conflicts_and_are_kept_while_namespaces_use_them() -> anyho
     Ok(())
 }
 
-/// A Deployment whose pods look injected by `revision`.
+/// A Deployment whose pods look injected by `revision`, placed by
+/// `node_selector` if given.
 async fn injected_deployment(
     client: &Client,
     namespace: &str,
@@ -622,25 +598,12 @@ async fn injected_deployment(
     node_selector: Option<(&str, &str)>,
 ) -> anyhow::Result<()> {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
-    let mut pod_spec = json!({"containers": [{"name": "app", "image": "registry.example/app:1"}]});
+    let mut deployment = operator::injected_deployment(name, revision);
     if let Some((key, value)) = node_selector {
-        pod_spec["nodeSelector"] = json!({key: value});
+        deployment["spec"]["template"]["spec"]["nodeSelector"] = json!({key: value});
     }
     deployments
-        .create(&PostParams::default(), &serde_json::from_value(json!({
-            "metadata": {"name": name},
-            "spec": {
-                "replicas": 1,
-                "selector": {"matchLabels": {"app": name}},
-                "template": {
-                    "metadata": {
-                        "labels": {"app": name, "istio.io/rev": revision, "sidecar.istio.io/inject": "false"},
-                        "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
-                    },
-                    "spec": pod_spec,
-                },
-            },
-        }))?)
+        .create(&PostParams::default(), &serde_json::from_value(deployment)?)
         .await?;
     Ok(())
 }
@@ -693,7 +656,7 @@ async fn auto_restarts_move_workloads_in_batches_and_stop_at_a_failing_one() -> 
                 let mut all = true;
                 for app in ["a", "b", "c", "d"] {
                     let d = deployments.get(app).await?;
-                    all &= bowline_operator::restart::deployment_available(&d);
+                    all &= bowline_operator::status::rollout(&d).complete;
                 }
                 Ok(all)
             })

@@ -9,11 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use bowline_controlplane::server::{self, Settings};
 use bowline_tests::LocalCluster;
-use bowline_tests::cluster::{free_port, wait_until};
+use bowline_tests::cluster::{create_namespace, free_port, wait_until};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
@@ -119,18 +119,11 @@ async fn the_control_plane_serves_its_revision() -> anyhow::Result<()> {
         })
         .await?;
 
+        create_namespace(&client, &apps, json!({})).await?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        namespaces
-            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": apps}}))?)
-            .await?;
         let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &apps);
         wait_until("the root in the apps namespace", || async {
             Ok(config_maps.get_opt("istio-ca-root-cert").await?.is_some())
-        })
-        .await?;
-        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &apps);
-        wait_until("the default ServiceAccount", || async {
-            Ok(accounts.get_opt("default").await?.is_some())
         })
         .await?;
         let pods: Api<Pod> = Api::namespaced(client.clone(), &apps);

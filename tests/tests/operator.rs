@@ -516,7 +516,7 @@ async fn fields_the_control_plane_owns_are_left_alone() -> anyhow::Result<()> {
 #[tokio::test]
 async fn a_revision_reports_what_uses_it() -> anyhow::Result<()> {
     use bowline_api::install::MeshRevision;
-    use k8s_openapi::api::core::v1::{Pod, ServiceAccount};
+    use k8s_openapi::api::core::v1::Pod;
 
     let name = "used";
     let (client, _) = installed(name, "minimal").await?;
@@ -550,31 +550,12 @@ async fn a_revision_reports_what_uses_it() -> anyhow::Result<()> {
     // what injection leaves on it and opted out of injection, and the
     // namespace is labelled only afterwards (the webhook acts on creation).
     let apps = "used-apps";
+    bowline_tests::cluster::create_namespace(&client, apps, json!({})).await?;
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": apps}}))?,
-        )
-        .await?;
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), apps);
-    wait_until("the default ServiceAccount", || async {
-        Ok(accounts.get_opt("default").await?.is_some())
-    })
-    .await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), apps);
     pods.create(
         &PostParams::default(),
-        &serde_json::from_value(json!({
-            // What injection leaves on a pod: the revision label and the
-            // injection status annotation.
-            "metadata": {
-                "name": "app",
-                "labels": {"istio.io/rev": name, "sidecar.istio.io/inject": "false"},
-                "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
-            },
-            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
-        }))?,
+        &serde_json::from_value(bowline_tests::operator::injected_pod("app", name))?,
     )
     .await?;
     namespaces

@@ -16,7 +16,7 @@ use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };
-use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
@@ -93,11 +93,6 @@ async fn pods_are_injected_and_invalid_config_is_refused() -> anyhow::Result<()>
         .await?;
 
     let result = async {
-        let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &namespace);
-        wait_until("the default ServiceAccount", || async {
-            Ok(accounts.get_opt("default").await?.is_some())
-        })
-        .await?;
         let pods: Api<Pod> = Api::namespaced(client.clone(), &namespace);
         let pod: Pod = serde_json::from_value(json!({
             "metadata": {"name": "reviews", "labels": {"app": "reviews", "version": "v1"}},

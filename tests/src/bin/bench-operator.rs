@@ -268,7 +268,6 @@ async fn canary(
 ) -> anyhow::Result<Canary> {
     use bowline_api::install::MeshInstallationStatus;
     use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
 
     let name = "bench-canary";
     let apps = "bench-apps";
@@ -300,42 +299,17 @@ async fn canary(
     })
     .await?;
 
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": apps}}))?,
-        )
-        .await?;
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), apps);
-    wait_until("the default ServiceAccount", || async {
-        Ok(accounts.get_opt("default").await?.is_some())
-    })
-    .await?;
+    bowline_tests::cluster::create_namespace(client, apps, json!({})).await?;
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), apps);
     for i in 0..workloads {
         let app = format!("app-{i:02}");
         deployments
             .create(
                 &PostParams::default(),
-                &serde_json::from_value(json!({
-                    "metadata": {"name": app},
-                    "spec": {
-                        "replicas": 1,
-                        "selector": {"matchLabels": {"app": app}},
-                        "template": {
-                            "metadata": {
-                                "labels": {
-                                    "app": app,
-                                    "istio.io/rev": "bench-canary-v0-1-0",
-                                    "sidecar.istio.io/inject": "false",
-                                },
-                                "annotations": {"sidecar.istio.io/status": "{\"containers\":[\"istio-proxy\"]}"},
-                            },
-                            "spec": {"containers": [{"name": "app", "image": "registry.example/app:1"}]},
-                        },
-                    },
-                }))?,
+                &serde_json::from_value(bowline_tests::operator::injected_deployment(
+                    &app,
+                    "bench-canary-v0-1-0",
+                ))?,
             )
             .await?;
     }
