@@ -611,12 +611,33 @@ async fn wait_for_port(name: &str, port: u16, processes: &mut ProcessGroup) -> R
     }
 }
 
-/// A loopback port nobody listens on right now.
+/// A loopback port nothing listens on, for a process to bind soon after.
+///
+/// Taken below the kernel's ephemeral range: a port the kernel hands out
+/// for binding to port 0 is also one it hands out to outgoing connections,
+/// so between this check and the process's bind a client socket could take
+/// it ("address already in use", seen with kube-controller-manager). Below
+/// the range only an explicit bind can, and this process spreads its picks.
 pub fn free_port() -> Result<u16, Error> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .map_err(|e| Error::io(Path::new("127.0.0.1:0"), e))?;
-    Ok(listener
-        .local_addr()
-        .map_err(|e| Error::io(Path::new("127.0.0.1:0"), e))?
-        .port())
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (low, _) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| {
+            let mut bounds = range.split_whitespace().map(|v| v.parse::<u32>().ok());
+            Some((bounds.next()??, bounds.next()??))
+        })
+        .unwrap_or((32768, 60999));
+    let first = 10_000u32;
+    let span = low.saturating_sub(first).max(1);
+    let start = std::process::id() * 7919 % span;
+    for _ in 0..span.min(2000) {
+        let offset = (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = (first + offset) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(Error::Binaries(format!(
+        "no free loopback port between {first} and {low}"
+    )))
 }
