@@ -47,6 +47,7 @@ pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/Cre
 pub struct CertificateService {
     authority: Arc<Authority>,
     client: Client,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl std::fmt::Debug for CertificateService {
@@ -59,7 +60,19 @@ impl CertificateService {
     /// `client` reviews callers' tokens (it needs `create` on
     /// `tokenreviews`).
     pub fn new(authority: Arc<Authority>, client: Client) -> Self {
-        Self { authority, client }
+        Self {
+            authority,
+            client,
+            metrics: None,
+        }
+    }
+
+    /// Counts the certificates issued.
+    pub fn with_metrics(self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        Self {
+            metrics: Some(metrics),
+            ..self
+        }
     }
 
     async fn create(
@@ -95,6 +108,9 @@ impl CertificateService {
                     ca::Error::Csr(_) => Status::invalid_argument(e.to_string()),
                     other => Status::internal(other.to_string()),
                 })?;
+        if let Some(metrics) = &self.metrics {
+            metrics.certificates.inc();
+        }
         Ok(Response::new(IstioCertificateResponse { cert_chain }))
     }
 }

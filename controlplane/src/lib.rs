@@ -21,9 +21,14 @@
 pub mod ca;
 pub mod ca_service;
 pub mod ca_store;
+pub mod discovery;
 pub mod inject;
+pub mod metrics;
 pub mod model;
+pub mod ops;
+pub mod push;
 pub mod server;
 pub mod translate;
 pub mod validate;
 pub mod webhook;
+pub mod xds;

@@ -47,6 +47,13 @@ struct Args {
     webhook_address: SocketAddr,
     #[arg(long, default_value = "0.0.0.0:15014")]
     monitoring_address: SocketAddr,
+    /// The mesh ConfigMap watched for changes (`istio`, or
+    /// `istio-<revision>` for other revisions).
+    #[arg(long, env = "MESH_CONFIG_MAP")]
+    mesh_config_map: Option<String>,
+    /// This pod's name, which the Events it records carry.
+    #[arg(long, env = "POD_NAME", default_value = "istiod")]
+    pod_name: String,
 }
 
 #[tokio::main]
@@ -62,6 +69,13 @@ async fn main() -> anyhow::Result<()> {
         None => Default::default(),
     };
     let trust_domain = mesh.trust_domain.unwrap_or(args.trust_domain);
+    let mesh_config_map = args.mesh_config_map.unwrap_or_else(|| {
+        if args.revision == "default" {
+            "istio".into()
+        } else {
+            format!("istio-{}", args.revision)
+        }
+    });
     let client = kube::Client::try_default().await?;
     server::run(
         client,
@@ -75,6 +89,8 @@ async fn main() -> anyhow::Result<()> {
             ca_address: args.ca_address,
             webhook_address: args.webhook_address,
             monitoring_address: args.monitoring_address,
+            mesh_config_map,
+            instance: args.pod_name,
         },
     )
     .await?;

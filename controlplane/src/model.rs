@@ -1,24 +1,186 @@
 //! The mesh as translation sees it: services with their ports and
-//! endpoints, in plain types built from Kubernetes objects (discovery fills
-//! them; tests write them directly).
+//! endpoints, the Istio config, and the proxy asking — in plain types built
+//! from Kubernetes objects (discovery fills them; tests write them
+//! directly). A [`Snapshot`] is immutable; discovery makes a new one per
+//! change, sharing the parts that did not change.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use bowline_api::install::OutboundTrafficMode;
+use bowline_api::networking::{
+    DestinationRuleSpec, GatewaySpec, ServiceEntrySpec, SidecarSpec, VirtualServiceSpec,
+};
+use bowline_api::security::{AuthorizationPolicySpec, PeerAuthenticationSpec};
 
 /// The cluster's DNS suffix.
 pub const DOMAIN_SUFFIX: &str = "svc.cluster.local";
 
+/// Everything translation reads, at one moment.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    /// Kubernetes Services and ServiceEntry hosts, by hostname.
+    pub services: Arc<BTreeMap<String, Service>>,
+    /// The endpoints of each service, by hostname.
+    pub endpoints: Arc<BTreeMap<String, Vec<Endpoint>>>,
+    pub virtual_services: Arc<Vec<Config<VirtualServiceSpec>>>,
+    pub destination_rules: Arc<Vec<Config<DestinationRuleSpec>>>,
+    pub gateways: Arc<Vec<Config<GatewaySpec>>>,
+    pub service_entries: Arc<Vec<Config<ServiceEntrySpec>>>,
+    pub sidecars: Arc<Vec<Config<SidecarSpec>>>,
+    pub peer_authentications: Arc<Vec<Config<PeerAuthenticationSpec>>>,
+    pub authorization_policies: Arc<Vec<Config<AuthorizationPolicySpec>>>,
+    /// Pods, by `namespace/name`: who a connecting proxy is.
+    pub workloads: Arc<BTreeMap<String, Workload>>,
+    pub mesh: Arc<Mesh>,
+}
+
+/// A pod, as far as a proxy's identity goes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    pub labels: BTreeMap<String, String>,
+    pub ip: String,
+    pub service_account: String,
+}
+
+/// The mesh-wide settings translation needs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mesh {
+    /// Where mesh-wide config lives (`istio-system`).
+    pub root_namespace: String,
+    pub trust_domain: String,
+    pub outbound: OutboundTrafficMode,
+}
+
+impl Default for Mesh {
+    fn default() -> Self {
+        Self {
+            root_namespace: "istio-system".into(),
+            trust_domain: "cluster.local".into(),
+            outbound: OutboundTrafficMode::AllowAny,
+        }
+    }
+}
+
+/// An Istio config object: its spec, and where and when it was made (the
+/// oldest wins where two conflict, as in Istio).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config<T> {
+    pub name: String,
+    pub namespace: String,
+    /// Creation time, seconds since the epoch.
+    pub created: i64,
+    pub spec: T,
+}
+
+impl<T> Config<T> {
+    pub fn new(name: &str, namespace: &str, spec: T) -> Self {
+        Self {
+            name: name.into(),
+            namespace: namespace.into(),
+            created: 0,
+            spec,
+        }
+    }
+
+    /// `namespace/name`, as events and logs name it.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The oldest of `configs` (then by namespace and name): Istio's winner
+/// where several apply.
+pub fn oldest<'a, T>(configs: impl IntoIterator<Item = &'a Config<T>>) -> Option<&'a Config<T>> {
+    configs
+        .into_iter()
+        .min_by(|a, b| (a.created, &a.namespace, &a.name).cmp(&(b.created, &b.namespace, &b.name)))
+}
+
+/// A proxy asking for configuration: a workload's sidecar or a gateway.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Proxy {
+    /// The node id it connected with.
+    pub id: String,
+    pub kind: ProxyKind,
+    pub namespace: String,
+    /// Its pod's labels (Sidecar and Gateway selectors, `sourceLabels`).
+    pub labels: BTreeMap<String, String>,
+    pub ip: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProxyKind {
+    Sidecar,
+    Gateway,
+}
+
+/// `host` as written in config in `namespace`, made a full name: a short
+/// name (no dot) is a Service of that namespace; anything else, wildcards
+/// included, stands as written.
+pub fn resolve_host(host: &str, namespace: &str) -> String {
+    if host.contains('.') || host == "*" {
+        host.to_string()
+    } else {
+        format!("{host}.{namespace}.{DOMAIN_SUFFIX}")
+    }
+}
+
+/// Whether config naming `pattern` (full name or `*.suffix`, or `*`)
+/// applies to `host`.
+pub fn host_matches(pattern: &str, host: &str) -> bool {
+    match pattern.strip_prefix('*') {
+        Some(suffix) => host.ends_with(suffix),
+        None => pattern == host,
+    }
+}
+
+/// Whether every `key: value` of `selector` is among `labels`.
+pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
+}
+
 /// A Kubernetes Service (or a ServiceEntry host).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Service {
-    pub name: String,
+    /// `<name>.<namespace>.svc.cluster.local`, or a ServiceEntry's host.
+    pub hostname: String,
     pub namespace: String,
     pub ports: Vec<ServicePort>,
+    /// The virtual IP, when it has one (headless Services do not).
+    pub address: Option<String>,
+    /// A ServiceEntry's MESH_EXTERNAL host: no mTLS toward it.
+    pub external: bool,
+    pub resolution: Resolution,
+}
+
+/// How a proxy finds a service's endpoints.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Resolution {
+    /// From the control plane (EDS): Kubernetes endpoints, STATIC entries.
+    #[default]
+    Endpoints,
+    /// The proxy resolves the endpoints' names (ServiceEntry DNS).
+    Dns,
+    /// To wherever the connection was going (ServiceEntry NONE).
+    Passthrough,
 }
 
 impl Service {
-    /// `<name>.<namespace>.svc.cluster.local`.
-    pub fn hostname(&self) -> String {
-        format!("{}.{}.{DOMAIN_SUFFIX}", self.name, self.namespace)
+    /// A Kubernetes Service `name` in `namespace`.
+    pub fn kubernetes(name: &str, namespace: &str, ports: Vec<ServicePort>) -> Self {
+        Self {
+            hostname: format!("{name}.{namespace}.{DOMAIN_SUFFIX}"),
+            namespace: namespace.into(),
+            ports,
+            address: None,
+            external: false,
+            resolution: Resolution::Endpoints,
+        }
+    }
+
+    pub fn port(&self, number: u32) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == number)
     }
 }
 
@@ -77,4 +239,7 @@ pub struct Endpoint {
     /// The pod's labels, which DestinationRule subsets select on.
     pub labels: BTreeMap<String, String>,
     pub ready: bool,
+    /// Whether a sidecar serves it (`security.istio.io/tlsMode: istio`):
+    /// auto-mTLS sends it mutual TLS.
+    pub sidecar: bool,
 }

@@ -1,17 +1,16 @@
-//! The control plane as a process: the CA (keys from [`ca_store`]), its
-//! gRPC certificate service, the webhooks with a serving certificate from
-//! the CA, the root published in every namespace, the webhook
-//! configurations of this revision given their caBundle, and `/ready` on the
-//! monitoring port once all of that serves.
+//! The control plane as a process: discovery feeding the xDS server, the CA
+//! (keys from [`ca_store`]) and its gRPC certificate service on the same
+//! TLS port, the webhooks with a serving certificate from the CA, the root
+//! published in every namespace, the webhook configurations of this
+//! revision given their caBundle, and on the monitoring port `/ready` (once
+//! all of that serves), `/metrics`, `/debug/syncz` and
+//! `/debug/config_dump?proxy=<id>`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use axum::Router;
-use axum::http::StatusCode;
-use axum::routing::get;
 use futures::StreamExt;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::{
@@ -22,12 +21,18 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::ca;
 use crate::ca_service::CertificateService;
 use crate::ca_store;
+use crate::discovery;
 use crate::inject::Injection;
+use crate::metrics::Metrics;
+use crate::ops;
+use crate::push::Push;
 use crate::webhook::{self, Webhooks};
+use crate::xds::{Authenticator, Discovery};
 
 /// What the operator's rendering hands the control plane (its env).
 #[derive(Clone, Debug)]
@@ -48,8 +53,12 @@ pub struct Settings {
     pub ca_address: SocketAddr,
     /// 15017: the webhooks.
     pub webhook_address: SocketAddr,
-    /// 15014: `/ready`.
+    /// 15014: `/ready`, `/metrics`, `/debug/*`.
     pub monitoring_address: SocketAddr,
+    /// The mesh ConfigMap (`istio[-<rev>]`) in `namespace`.
+    pub mesh_config_map: String,
+    /// This pod's name, for the Events it records.
+    pub instance: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,21 +79,37 @@ pub enum Error {
 /// Runs until a server fails.
 pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
     let ready = Arc::new(AtomicBool::new(false));
+    let metrics = Arc::new(Metrics::default());
     let monitoring = bind(settings.monitoring_address).await?;
-    let ready_flag = ready.clone();
-    let monitor = Router::new().route(
-        "/ready",
-        get(move || {
-            let ready = ready_flag.load(Ordering::Relaxed);
-            async move {
-                if ready {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
-                }
-            }
-        }),
+
+    // Discovery first: proxies are served once the first push is out.
+    let (pushes_tx, mut pushes) = watch::channel(Arc::new(Push {
+        number: 0,
+        config: 0,
+        snapshot: Default::default(),
+        since: std::time::Instant::now(),
+    }));
+    let discovery = tokio::spawn(discovery::run(
+        client.clone(),
+        discovery::Settings {
+            revision: settings.revision.clone(),
+            namespace: settings.namespace.clone(),
+            mesh_config_map: settings.mesh_config_map.clone(),
+            trust_domain: settings.trust_domain.clone(),
+            instance: settings.instance.clone(),
+        },
+        pushes_tx,
+        metrics.clone(),
+    ));
+    let xds = Discovery::new(
+        pushes.clone(),
+        Authenticator {
+            client: Some(client.clone()),
+            trust_domain: settings.trust_domain.clone(),
+        },
+        metrics.clone(),
     );
+    let monitor = ops::router(ready.clone(), metrics.clone(), xds.clone());
     let monitoring = tokio::spawn(async move { axum::serve(monitoring, monitor).await });
 
     let authority = Arc::new(
@@ -120,13 +145,19 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         webhook::serve_tls(webhook_listener, &webhook_chain, &webhook_key, webhooks).await
     });
 
-    let certificates = CertificateService::new(authority.clone(), client.clone());
+    let certificates =
+        CertificateService::new(authority.clone(), client.clone()).with_metrics(metrics.clone());
+    // Proxies present a mesh certificate or a ServiceAccount token.
+    let _ = pushes.wait_for(|p| p.number > 0).await;
     let ca_server = tonic::transport::Server::builder()
         .tls_config(
             tonic::transport::ServerTlsConfig::new()
-                .identity(tonic::transport::Identity::from_pem(chain, key)),
+                .identity(tonic::transport::Identity::from_pem(chain, key))
+                .client_ca_root(tonic::transport::Certificate::from_pem(authority.root_pem()))
+                .client_auth_optional(true),
         )?
         .add_service(certificates)
+        .add_service(xds.server())
         .serve(settings.ca_address);
     let ca_server = tokio::spawn(ca_server);
 
@@ -147,6 +178,7 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         result = webhooks => result.unwrap_or(Ok(()))?,
         result = ca_server => result.unwrap_or(Ok(()))?,
         _ = monitoring => {}
+        _ = discovery => {}
         _ = publisher => {}
         _ = bundles => {}
     }

@@ -1,441 +1,420 @@
 //! Translation from the model and the Istio-compatible config to Envoy v3
-//! resources. Pure functions; tests assert on the resources they produce.
+//! resources, per proxy. Pure functions; tests assert on the resources
+//! they produce.
 //!
 //! Names follow Istio's, so that dashboards and tools keep working:
-//! clusters are `outbound|<port>|<subset>|<host>`.
+//! clusters `outbound|<port>|<subset>|<host>` and `inbound|<port>||`,
+//! route configurations named by port, listeners `virtualOutbound`,
+//! `virtualInbound` and `0.0.0.0_<port>`.
+//!
+//! - [`clusters`]: outbound clusters and their endpoints (DestinationRule);
+//! - [`routes`]: VirtualService `http` rules as routes;
+//! - [`listeners`]: a sidecar's listeners, inbound mutual TLS included.
 
-use std::collections::BTreeMap;
+pub mod clusters;
+pub mod listeners;
+pub mod routes;
 
-use bowline_api::networking::{
-    ConnectionPoolSettings, DestinationRuleSpec, OutlierDetection, SimpleLb, TrafficPolicy,
+use std::collections::{BTreeMap, BTreeSet};
+
+use bowline_api::install::OutboundTrafficMode;
+use bowline_api::networking::{DestinationRuleSpec, SidecarSpec};
+use bowline_api::security::{MtlsMode, PeerAuthenticationSpec};
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::core::v3::BindConfig;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::google::protobuf::Duration;
+
+use crate::model::{
+    Config, Proxy, Service, Snapshot, host_matches, oldest, resolve_host, selects,
 };
-use envoy_types::pb::envoy::config::cluster::v3::{
-    CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlierDetection, circuit_breakers, cluster,
-};
-use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, SocketAddress, address,
-    config_source, socket_address,
-};
-use envoy_types::pb::envoy::config::endpoint::v3::{
-    ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
-};
-use envoy_types::pb::google::protobuf::{Duration, UInt32Value};
+use listeners::{Bound, Inbound, Outbound};
+use routes::RouteContext;
 
-use crate::model::{Endpoint, Service};
-use bowline_api::duration::parse as parse_duration;
-
-/// Istio's default connect timeout.
-const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-/// Istio's "no limit" for circuit breakers.
-const UNLIMITED: u32 = u32::MAX;
-
-/// `outbound|<port>|<subset>|<host>`.
-pub fn cluster_name(port: u32, subset: &str, host: &str) -> String {
-    format!("outbound|{port}|{subset}|{host}")
+/// What one proxy is sent, by type.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    pub clusters: Vec<Cluster>,
+    pub endpoints: Vec<ClusterLoadAssignment>,
+    pub listeners: Vec<Listener>,
+    pub routes: Vec<RouteConfiguration>,
 }
 
-/// The outbound clusters of `service`: one per port, and one per port and
-/// subset of its DestinationRule, each with the rule's policy (a subset's
-/// own policy laid over the rule's).
-pub fn outbound_clusters(service: &Service, rule: Option<&DestinationRuleSpec>) -> Vec<Cluster> {
-    let host = service.hostname();
-    let base = rule.and_then(|r| r.traffic_policy.as_ref());
-    let mut clusters = Vec::new();
-    for port in &service.ports {
-        clusters.push(cluster(
-            &cluster_name(port.port, "", &host),
-            base,
-            port.port,
-        ));
-        for subset in rule.iter().flat_map(|r| r.subsets.iter()) {
-            let policy = merge(base, subset.traffic_policy.as_ref());
-            clusters.push(cluster(
-                &cluster_name(port.port, &subset.name, &host),
-                policy.as_ref(),
-                port.port,
-            ));
+/// A sidecar's whole configuration: what its scope shares with every
+/// sidecar in the same namespace with the same labels, and its inbound.
+pub fn sidecar(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
+    let scope = Scope::new(snapshot, &proxy.namespace, &proxy.labels);
+    let mut resources = Resources {
+        clusters: scope.clusters(),
+        endpoints: scope.endpoints(),
+        listeners: scope.outbound_listeners(),
+        routes: scope.routes(),
+    };
+    let (clusters, listener) = inbound(snapshot, proxy);
+    resources.clusters.extend(clusters);
+    resources.listeners.push(listener);
+    resources
+}
+
+/// What sidecars of one namespace with the same labels see outbound: the
+/// same services, rules and routes. Generated once per push for all of
+/// them.
+#[derive(Debug)]
+pub struct Scope<'s> {
+    snapshot: &'s Snapshot,
+    namespace: &'s str,
+    labels: &'s BTreeMap<String, String>,
+    sidecar: Option<&'s Config<SidecarSpec>>,
+    services: Vec<&'s Service>,
+    allow_any: bool,
+}
+
+impl<'s> Scope<'s> {
+    pub fn new(
+        snapshot: &'s Snapshot,
+        namespace: &'s str,
+        labels: &'s BTreeMap<String, String>,
+    ) -> Self {
+        let sidecar = sidecar_for(snapshot, namespace, labels);
+        let services = visible_services(snapshot, namespace, sidecar.map(|s| &s.spec));
+        let allow_any = sidecar
+            .and_then(|s| s.spec.outbound_traffic_policy.as_ref())
+            .and_then(|p| p.mode)
+            .map(|m| m == bowline_api::networking::OutboundTrafficMode::AllowAny)
+            .unwrap_or(snapshot.mesh.outbound == OutboundTrafficMode::AllowAny);
+        Self {
+            snapshot,
+            namespace,
+            labels,
+            sidecar,
+            services,
+            allow_any,
         }
     }
-    clusters
-}
 
-/// A subset's policy replaces the rule's field by field, as Istio merges
-/// them.
-fn merge(base: Option<&TrafficPolicy>, over: Option<&TrafficPolicy>) -> Option<TrafficPolicy> {
-    match (base, over) {
-        (None, None) => None,
-        (Some(b), None) => Some(b.clone()),
-        (None, Some(o)) => Some(o.clone()),
-        (Some(b), Some(o)) => Some(TrafficPolicy {
-            load_balancer: o.load_balancer.clone().or_else(|| b.load_balancer.clone()),
-            connection_pool: o
-                .connection_pool
-                .clone()
-                .or_else(|| b.connection_pool.clone()),
-            outlier_detection: o
-                .outlier_detection
-                .clone()
-                .or_else(|| b.outlier_detection.clone()),
-            tls: o.tls.clone().or_else(|| b.tls.clone()),
-            port_level_settings: if o.port_level_settings.is_empty() {
-                b.port_level_settings.clone()
-            } else {
-                o.port_level_settings.clone()
-            },
-        }),
+    fn rule(&self, host: &str) -> Option<&'s DestinationRuleSpec> {
+        destination_rule(self.snapshot, self.namespace, self.labels, host).map(|r| &r.spec)
+    }
+
+    /// Every visible service's clusters, and the fixed ones.
+    pub fn clusters(&self) -> Vec<Cluster> {
+        let mut clusters: Vec<Cluster> = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                let rule = self.rule(&s.hostname);
+                let mut clusters = clusters::outbound_clusters(s, rule);
+                clusters::resolve(&mut clusters, s, self.endpoints_of(s), rule);
+                clusters
+            })
+            .collect();
+        clusters.extend(fixed_clusters());
+        clusters
+    }
+
+    pub fn endpoints(&self) -> Vec<ClusterLoadAssignment> {
+        self.services
+            .iter()
+            .flat_map(|s| clusters::load_assignments(s, self.endpoints_of(s), self.rule(&s.hostname)))
+            .collect()
+    }
+
+    fn endpoints_of(&self, service: &Service) -> &'s [crate::model::Endpoint] {
+        self.snapshot
+            .endpoints
+            .get(&service.hostname)
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+    }
+
+    fn http_ports(&self) -> BTreeSet<u32> {
+        let mut ports: BTreeSet<u32> = self
+            .services
+            .iter()
+            .flat_map(|s| s.ports.iter())
+            .filter(|p| p.protocol.is_http())
+            .map(|p| p.port)
+            .collect();
+        ports.extend(self.bound().map(|b| b.port));
+        ports
+    }
+
+    /// Sidecar egress listeners the proxy binds itself.
+    fn bound(&self) -> impl Iterator<Item = Bound> + '_ {
+        self.sidecar
+            .iter()
+            .flat_map(|s| s.spec.egress.iter())
+            .filter(|e| e.capture_mode == Some(bowline_api::networking::CaptureMode::None))
+            .filter_map(|e| {
+                Some(Bound {
+                    address: e.bind.clone().unwrap_or_else(|| "127.0.0.1".into()),
+                    port: e.port.as_ref()?.number,
+                })
+            })
+    }
+
+    /// One route configuration per outbound HTTP port, named by it.
+    pub fn routes(&self) -> Vec<RouteConfiguration> {
+        self.http_ports()
+            .into_iter()
+            .map(|port| {
+                let ctx = RouteContext {
+                    snapshot: self.snapshot,
+                    gateways: vec![routes::MESH_GATEWAY.to_string()],
+                    port,
+                    proxy_labels: self.labels,
+                    proxy_namespace: self.namespace,
+                };
+                routes::outbound_route_configuration(
+                    &ctx,
+                    &self.services,
+                    &port.to_string(),
+                    self.allow_any,
+                )
+            })
+            .collect()
+    }
+
+    /// `virtualOutbound`, a listener per HTTP port, one per TCP service
+    /// port with an address, and the bound ones.
+    pub fn outbound_listeners(&self) -> Vec<Listener> {
+        let mut listeners = vec![listeners::virtual_outbound(self.allow_any)];
+        let bound: Vec<Bound> = self.bound().collect();
+        for port in self.http_ports() {
+            if self.services.iter().any(|s| s.port(port).is_some()) {
+                listeners.push(listeners::outbound(&Outbound::Http { port }));
+            }
+        }
+        for service in &self.services {
+            for port in service.ports.iter().filter(|p| !p.protocol.is_http()) {
+                if let Some(address) = &service.address {
+                    listeners.push(listeners::outbound(&Outbound::Tcp {
+                        address: address.clone(),
+                        port: port.port,
+                        cluster: clusters::cluster_name(port.port, "", &service.hostname),
+                    }));
+                }
+            }
+        }
+        listeners.extend(bound.iter().map(|b| listeners::bound(b, self.allow_any)));
+        listeners
     }
 }
 
-fn cluster(name: &str, policy: Option<&TrafficPolicy>, port: u32) -> Cluster {
-    // Port-level settings replace the policy's for their port.
-    let port_level = policy.and_then(|p| {
-        p.port_level_settings
-            .iter()
-            .find(|s| s.port.as_ref().is_some_and(|sel| sel.number == port))
-    });
-    let load_balancer = port_level
-        .and_then(|p| p.load_balancer.as_ref())
-        .or_else(|| policy.and_then(|p| p.load_balancer.as_ref()));
-    let pool = port_level
-        .and_then(|p| p.connection_pool.as_ref())
-        .or_else(|| policy.and_then(|p| p.connection_pool.as_ref()));
-    let outlier = port_level
-        .and_then(|p| p.outlier_detection.as_ref())
-        .or_else(|| policy.and_then(|p| p.outlier_detection.as_ref()));
+/// The proxy's own inbound: a cluster per port its workload serves, and
+/// `virtualInbound`.
+pub fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Cluster>, Listener) {
+    let ports = inbound_ports(snapshot, proxy);
+    (
+        ports.iter().map(|p| inbound_cluster(p.port)).collect(),
+        listeners::virtual_inbound(&ports),
+    )
+}
 
-    let passthrough = load_balancer.and_then(|lb| lb.simple) == Some(SimpleLb::Passthrough);
-    let lb_policy = match load_balancer.and_then(|lb| lb.simple) {
-        Some(SimpleLb::Random) => cluster::LbPolicy::Random,
-        Some(SimpleLb::LeastRequest) | Some(SimpleLb::LeastConn) => cluster::LbPolicy::LeastRequest,
-        Some(SimpleLb::Passthrough) => cluster::LbPolicy::ClusterProvided,
-        _ => cluster::LbPolicy::RoundRobin,
+/// The Sidecar resource for a proxy: one selecting its labels in its
+/// namespace, else its namespace's without a selector, else the mesh's.
+pub fn sidecar_for<'s>(
+    snapshot: &'s Snapshot,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> Option<&'s Config<SidecarSpec>> {
+    let in_namespace = |ns: String| snapshot.sidecars.iter().filter(move |s| s.namespace == ns);
+    let unselective = |s: &&Config<SidecarSpec>| s.spec.workload_selector.is_none();
+    oldest(in_namespace(namespace.to_string()).filter(|s| {
+        s.spec
+            .workload_selector
+            .as_ref()
+            .is_some_and(|w| selects(&w.labels, labels))
+    }))
+    .or_else(|| oldest(in_namespace(namespace.to_string()).filter(unselective)))
+    .or_else(|| oldest(in_namespace(snapshot.mesh.root_namespace.clone()).filter(unselective)))
+}
+
+/// The services a proxy sees: all, or those its Sidecar's egress hosts
+/// (`<namespace>/<host>`, `.` for its own namespace, `*` for any) name.
+fn visible_services<'s>(
+    snapshot: &'s Snapshot,
+    namespace: &str,
+    sidecar: Option<&SidecarSpec>,
+) -> Vec<&'s Service> {
+    let hosts: Vec<(String, String)> = sidecar
+        .iter()
+        .flat_map(|s| s.egress.iter())
+        .flat_map(|e| e.hosts.iter())
+        .filter_map(|h| h.split_once('/'))
+        .map(|(ns, host)| {
+            let ns = if ns == "." { namespace } else { ns };
+            (ns.to_string(), host.to_string())
+        })
+        .collect();
+    snapshot
+        .services
+        .values()
+        .filter(|s| {
+            sidecar.is_none()
+                || hosts.iter().any(|(ns, host)| {
+                    (ns == "*" || *ns == s.namespace)
+                        && (host == "*" || host_matches(&resolve_host(host, ns), &s.hostname))
+                })
+        })
+        .collect()
+}
+
+/// The DestinationRule for `host` as seen from `proxy`: its own
+/// namespace's first, then the host's, then the mesh's — the oldest where
+/// several match, workload-selecting rules only for workloads they select.
+pub fn destination_rule<'s>(
+    snapshot: &'s Snapshot,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+    host: &str,
+) -> Option<&'s Config<DestinationRuleSpec>> {
+    let host_namespace = snapshot.services.get(host).map(|s| s.namespace.as_str());
+    let mut candidates: Vec<&Config<DestinationRuleSpec>> = snapshot
+        .destination_rules
+        .iter()
+        .filter(|r| host_matches(&resolve_host(&r.spec.host, &r.namespace), host))
+        .filter(|r| {
+            r.spec
+                .workload_selector
+                .as_ref()
+                .is_none_or(|w| r.namespace == namespace && selects(&w.match_labels, labels))
+        })
+        .collect();
+    let rank = |r: &Config<DestinationRuleSpec>| {
+        if r.namespace == namespace {
+            0
+        } else if Some(r.namespace.as_str()) == host_namespace {
+            1
+        } else if r.namespace == snapshot.mesh.root_namespace {
+            2
+        } else {
+            3
+        }
     };
-    let connect_timeout = pool
-        .and_then(|p| p.tcp.as_ref())
-        .and_then(|t| t.connect_timeout.as_deref())
-        .and_then(parse_duration)
-        .unwrap_or(CONNECT_TIMEOUT);
+    candidates.sort_by_key(|r| {
+        (
+            rank(r),
+            // An exact host beats a wildcard.
+            r.spec.host.starts_with('*'),
+            r.created,
+            r.name.clone(),
+        )
+    });
+    candidates.into_iter().next()
+}
+
+/// The ports the proxy's workload serves (the target ports of the
+/// endpoints at its address), with the peer authentication each wants.
+fn inbound_ports(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Inbound> {
+    let mut ports: BTreeMap<u32, bool> = BTreeMap::new();
+    for (host, endpoints) in snapshot.endpoints.iter() {
+        for e in endpoints.iter().filter(|e| e.address == proxy.ip) {
+            let http = snapshot
+                .services
+                .get(host)
+                .and_then(|s| s.port(e.service_port))
+                .is_some_and(|p| p.protocol.is_http());
+            *ports.entry(e.port).or_default() |= http;
+        }
+    }
+    ports
+        .into_iter()
+        .map(|(port, http)| Inbound {
+            port,
+            http,
+            mtls: mtls_mode(snapshot, proxy, port),
+            rbac: None,
+        })
+        .collect()
+}
+
+/// The effective mutual-TLS mode on `port` of the proxy's workload: the
+/// workload's policy (port level first), then its namespace's, then the
+/// mesh's, each UNSET deferring to the next; PERMISSIVE when none says.
+pub fn mtls_mode(snapshot: &Snapshot, proxy: &Proxy, port: u32) -> MtlsMode {
+    let policies = &snapshot.peer_authentications;
+    let namespace_wide = |p: &&Config<PeerAuthenticationSpec>| {
+        p.spec
+            .selector
+            .as_ref()
+            .is_none_or(|s| s.match_labels.is_empty())
+    };
+    let workload = oldest(policies.iter().filter(|p| {
+        p.namespace == proxy.namespace
+            && p.spec
+                .selector
+                .as_ref()
+                .is_some_and(|s| !s.match_labels.is_empty() && selects(&s.match_labels, &proxy.labels))
+    }));
+    let namespace = oldest(
+        policies
+            .iter()
+            .filter(|p| p.namespace == proxy.namespace)
+            .filter(namespace_wide),
+    );
+    let mesh = oldest(
+        policies
+            .iter()
+            .filter(|p| p.namespace == snapshot.mesh.root_namespace)
+            .filter(namespace_wide),
+    );
+    let set = |mode: Option<MtlsMode>| mode.filter(|m| *m != MtlsMode::Unset);
+    workload
+        .and_then(|p| set(p.spec.port_level_mtls.get(&port.to_string()).and_then(|m| m.mode)))
+        .or_else(|| workload.and_then(|p| set(p.spec.mtls.as_ref().and_then(|m| m.mode))))
+        .or_else(|| namespace.and_then(|p| set(p.spec.mtls.as_ref().and_then(|m| m.mode))))
+        .or_else(|| mesh.and_then(|p| set(p.spec.mtls.as_ref().and_then(|m| m.mode))))
+        .unwrap_or(MtlsMode::Permissive)
+}
+
+/// Passthrough (to where the connection was going), the black hole
+/// (REGISTRY_ONLY's answer), and inbound passthrough.
+fn fixed_clusters() -> Vec<Cluster> {
+    vec![
+        original_destination(routes::PASSTHROUGH_CLUSTER, None),
+        Cluster {
+            name: routes::BLACKHOLE_CLUSTER.into(),
+            cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Static as i32,
+            )),
+            connect_timeout: Some(duration(std::time::Duration::from_secs(10))),
+            ..Default::default()
+        },
+        original_destination(listeners::INBOUND_PASSTHROUGH_CLUSTER, Some("127.0.0.6")),
+    ]
+}
+
+/// To the workload on the port a connection came in on, from 127.0.0.6 so
+/// that its traffic is not captured again.
+fn inbound_cluster(port: u32) -> Cluster {
+    original_destination(&listeners::inbound_cluster_name(port), Some("127.0.0.6"))
+}
+
+fn original_destination(name: &str, bind: Option<&str>) -> Cluster {
     Cluster {
         name: name.to_string(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(if passthrough {
-            cluster::DiscoveryType::OriginalDst as i32
-        } else {
-            cluster::DiscoveryType::Eds as i32
-        })),
-        eds_cluster_config: (!passthrough).then(|| cluster::EdsClusterConfig {
-            eds_config: Some(ConfigSource {
-                resource_api_version: ApiVersion::V3 as i32,
-                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
-                    AggregatedConfigSource {},
-                )),
-                ..Default::default()
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::OriginalDst as i32,
+        )),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(duration(std::time::Duration::from_secs(10))),
+        upstream_bind_config: bind.map(|ip| BindConfig {
+            source_address: Some(match listeners::socket(ip, 0).address {
+                Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) => s,
+                _ => unreachable!("socket() makes a socket address"),
             }),
-            service_name: name.to_string(),
-        }),
-        lb_policy: lb_policy as i32,
-        connect_timeout: Some(duration(connect_timeout)),
-        circuit_breakers: Some(circuit_breakers(pool)),
-        outlier_detection: outlier.map(outlier_detection),
-        ..Default::default()
-    }
-}
-
-fn circuit_breakers(pool: Option<&ConnectionPoolSettings>) -> CircuitBreakers {
-    let limit = |value: Option<i32>| {
-        Some(UInt32Value {
-            value: value.filter(|v| *v > 0).map_or(UNLIMITED, |v| v as u32),
-        })
-    };
-    let tcp = pool.and_then(|p| p.tcp.as_ref());
-    let http = pool.and_then(|p| p.http.as_ref());
-    CircuitBreakers {
-        thresholds: vec![circuit_breakers::Thresholds {
-            max_connections: limit(tcp.and_then(|t| t.max_connections)),
-            max_pending_requests: limit(http.and_then(|h| h.http1_max_pending_requests)),
-            max_requests: limit(http.and_then(|h| h.http2_max_requests)),
-            max_retries: limit(http.and_then(|h| h.max_retries)),
             ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
-/// Istio's mapping: the 5xx and gateway-error counts eject (enforced at
-/// 100 %) only when set; success-rate ejection stays off.
-fn outlier_detection(outlier: &OutlierDetection) -> EnvoyOutlierDetection {
-    let count = |v: Option<u32>| v.map(|value| UInt32Value { value });
-    let enforce = |v: Option<u32>| UInt32Value {
-        value: if v.is_some_and(|v| v > 0) { 100 } else { 0 },
-    };
-    let time = |text: Option<&str>| text.and_then(parse_duration).map(duration);
-    EnvoyOutlierDetection {
-        consecutive_5xx: Some(UInt32Value {
-            value: outlier.consecutive_5xx_errors.unwrap_or(0),
-        }),
-        enforcing_consecutive_5xx: Some(enforce(outlier.consecutive_5xx_errors)),
-        consecutive_gateway_failure: count(outlier.consecutive_gateway_errors),
-        enforcing_consecutive_gateway_failure: Some(enforce(outlier.consecutive_gateway_errors)),
-        enforcing_success_rate: Some(UInt32Value { value: 0 }),
-        interval: time(outlier.interval.as_deref()),
-        base_ejection_time: time(outlier.base_ejection_time.as_deref()),
-        max_ejection_percent: outlier.max_ejection_percent.map(|v| UInt32Value {
-            value: v.clamp(0, 100) as u32,
         }),
         ..Default::default()
     }
 }
 
-fn duration(d: std::time::Duration) -> Duration {
+pub(crate) fn duration(d: std::time::Duration) -> Duration {
     Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
-    }
-}
-
-/// The endpoints of each outbound cluster of `service`: every ready
-/// endpoint for the port's cluster, those whose labels match a subset for
-/// the subset's.
-pub fn load_assignments(
-    service: &Service,
-    endpoints: &[Endpoint],
-    rule: Option<&DestinationRuleSpec>,
-) -> Vec<ClusterLoadAssignment> {
-    let host = service.hostname();
-    let mut assignments = Vec::new();
-    for port in &service.ports {
-        let serving: Vec<&Endpoint> = endpoints
-            .iter()
-            .filter(|e| e.service_port == port.port)
-            .collect();
-        assignments.push(assignment(&cluster_name(port.port, "", &host), &serving));
-        for subset in rule.iter().flat_map(|r| r.subsets.iter()) {
-            let selected: Vec<&Endpoint> = serving
-                .iter()
-                .copied()
-                .filter(|e| matches(&subset.labels, &e.labels))
-                .collect();
-            assignments.push(assignment(
-                &cluster_name(port.port, &subset.name, &host),
-                &selected,
-            ));
-        }
-    }
-    assignments
-}
-
-fn matches(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
-    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-}
-
-fn assignment(name: &str, endpoints: &[&Endpoint]) -> ClusterLoadAssignment {
-    ClusterLoadAssignment {
-        cluster_name: name.to_string(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints: endpoints
-                .iter()
-                .map(|e| LbEndpoint {
-                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(
-                        envoy_types::pb::envoy::config::endpoint::v3::Endpoint {
-                            address: Some(envoy_types::pb::envoy::config::core::v3::Address {
-                                address: Some(address::Address::SocketAddress(SocketAddress {
-                                    address: e.address.clone(),
-                                    port_specifier: Some(socket_address::PortSpecifier::PortValue(
-                                        e.port,
-                                    )),
-                                    ..Default::default()
-                                })),
-                            }),
-                            ..Default::default()
-                        },
-                    )),
-                    health_status: if e.ready {
-                        HealthStatus::Healthy
-                    } else {
-                        HealthStatus::Unhealthy
-                    } as i32,
-                    ..Default::default()
-                })
-                .collect(),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-    use crate::model::{Protocol, ServicePort};
-
-    fn service(name: &str, port: u32) -> Service {
-        Service {
-            name: name.into(),
-            namespace: "shop".into(),
-            ports: vec![ServicePort {
-                name: "http".into(),
-                port,
-                protocol: Protocol::Http,
-            }],
-        }
-    }
-
-    fn rule(spec: serde_json::Value) -> DestinationRuleSpec {
-        serde_json::from_value(spec).unwrap()
-    }
-
-    #[test]
-    fn a_service_port_and_its_subsets_become_eds_clusters() {
-        let rule = rule(json!({"host": "reviews", "subsets": [
-            {"name": "v1", "labels": {"version": "v1"}},
-            {"name": "v2", "labels": {"version": "v2"}, "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}},
-        ]}));
-        let clusters = outbound_clusters(&service("reviews", 9080), Some(&rule));
-        let names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
-        assert_eq!(
-            names,
-            [
-                "outbound|9080||reviews.shop.svc.cluster.local",
-                "outbound|9080|v1|reviews.shop.svc.cluster.local",
-                "outbound|9080|v2|reviews.shop.svc.cluster.local",
-            ]
-        );
-        let eds = clusters[1].eds_cluster_config.as_ref().unwrap();
-        assert_eq!(eds.service_name, clusters[1].name);
-        assert_eq!(
-            clusters[1].cluster_discovery_type,
-            Some(cluster::ClusterDiscoveryType::Type(
-                cluster::DiscoveryType::Eds as i32
-            ))
-        );
-        assert_eq!(clusters[1].lb_policy, cluster::LbPolicy::RoundRobin as i32);
-        assert_eq!(
-            clusters[2].lb_policy,
-            cluster::LbPolicy::Random as i32,
-            "the subset's own policy"
-        );
-        assert_eq!(clusters[0].connect_timeout, Some(duration(CONNECT_TIMEOUT)));
-    }
-
-    #[test]
-    fn connection_pool_and_outlier_detection_become_circuit_breakers_and_ejection() {
-        // config/samples/istio/circuit-breaker.yaml
-        let rule = rule(json!({"host": "httpbin", "trafficPolicy": {
-            "loadBalancer": {"simple": "LEAST_REQUEST"},
-            "connectionPool": {
-                "tcp": {"maxConnections": 1, "connectTimeout": "30ms"},
-                "http": {"http1MaxPendingRequests": 1, "maxRequestsPerConnection": 1, "http2MaxRequests": 10, "maxRetries": 2},
-            },
-            "outlierDetection": {"consecutive5xxErrors": 1, "consecutiveGatewayErrors": 1, "interval": "1s", "baseEjectionTime": "3m", "maxEjectionPercent": 100},
-        }}));
-        let clusters = outbound_clusters(&service("httpbin", 8000), Some(&rule));
-        let cluster = &clusters[0];
-        assert_eq!(cluster.lb_policy, cluster::LbPolicy::LeastRequest as i32);
-        assert_eq!(
-            cluster.connect_timeout,
-            Some(Duration {
-                seconds: 0,
-                nanos: 30_000_000
-            })
-        );
-        let limits = &cluster.circuit_breakers.as_ref().unwrap().thresholds[0];
-        let value = |v: &Option<UInt32Value>| v.as_ref().map(|v| v.value);
-        assert_eq!(value(&limits.max_connections), Some(1));
-        assert_eq!(value(&limits.max_pending_requests), Some(1));
-        assert_eq!(value(&limits.max_requests), Some(10));
-        assert_eq!(value(&limits.max_retries), Some(2));
-        let outlier = cluster.outlier_detection.as_ref().unwrap();
-        assert_eq!(value(&outlier.consecutive_5xx), Some(1));
-        assert_eq!(value(&outlier.enforcing_consecutive_5xx), Some(100));
-        assert_eq!(value(&outlier.consecutive_gateway_failure), Some(1));
-        assert_eq!(
-            value(&outlier.enforcing_consecutive_gateway_failure),
-            Some(100)
-        );
-        assert_eq!(
-            outlier.interval,
-            Some(Duration {
-                seconds: 1,
-                nanos: 0
-            })
-        );
-        assert_eq!(
-            outlier.base_ejection_time,
-            Some(Duration {
-                seconds: 180,
-                nanos: 0
-            })
-        );
-        assert_eq!(value(&outlier.max_ejection_percent), Some(100));
-        // No pool settings: unlimited, as Istio leaves it.
-        let plain = &outbound_clusters(&service("plain", 80), None)[0];
-        let limits = &plain.circuit_breakers.as_ref().unwrap().thresholds[0];
-        assert_eq!(value(&limits.max_requests), Some(u32::MAX));
-        assert!(plain.outlier_detection.is_none());
-    }
-
-    #[test]
-    fn subsets_get_the_endpoints_their_labels_select() {
-        let rule = rule(json!({"host": "reviews", "subsets": [
-            {"name": "v1", "labels": {"version": "v1"}},
-            {"name": "v2", "labels": {"version": "v2"}},
-        ]}));
-        let endpoint = |address: &str, version: &str, ready: bool| Endpoint {
-            address: address.into(),
-            service_port: 9080,
-            port: 9080,
-            labels: BTreeMap::from([("version".to_string(), version.to_string())]),
-            ready,
-        };
-        let endpoints = [
-            endpoint("10.244.0.1", "v1", true),
-            endpoint("10.244.0.2", "v2", true),
-            endpoint("10.244.0.3", "v2", false),
-        ];
-        let assignments = load_assignments(&service("reviews", 9080), &endpoints, Some(&rule));
-        let addresses = |a: &ClusterLoadAssignment| -> Vec<(String, i32)> {
-            a.endpoints[0]
-                .lb_endpoints
-                .iter()
-                .map(|lb| match &lb.host_identifier {
-                    Some(lb_endpoint::HostIdentifier::Endpoint(e)) => {
-                        match &e.address.as_ref().unwrap().address {
-                            Some(address::Address::SocketAddress(s)) => {
-                                (s.address.clone(), lb.health_status)
-                            }
-                            _ => unreachable!(),
-                        }
-                    }
-                    _ => unreachable!(),
-                })
-                .collect()
-        };
-        assert_eq!(assignments.len(), 3);
-        assert_eq!(
-            addresses(&assignments[0]).len(),
-            3,
-            "the port's cluster has them all"
-        );
-        assert_eq!(
-            addresses(&assignments[1]),
-            [("10.244.0.1".to_string(), HealthStatus::Healthy as i32)]
-        );
-        assert_eq!(
-            addresses(&assignments[2]),
-            [
-                ("10.244.0.2".to_string(), HealthStatus::Healthy as i32),
-                ("10.244.0.3".to_string(), HealthStatus::Unhealthy as i32),
-            ]
-        );
-    }
-
-    #[test]
-    fn protocols_are_selected_as_istio_does() {
-        assert_eq!(Protocol::select("http-web", None), Protocol::Http);
-        assert_eq!(Protocol::select("grpc", None), Protocol::Grpc);
-        assert_eq!(Protocol::select("web", Some("http2")), Protocol::Http2);
-        assert_eq!(Protocol::select("tcp-postgres", None), Protocol::Tcp);
-        assert_eq!(Protocol::select("metrics", None), Protocol::Unknown);
     }
 }

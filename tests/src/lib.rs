@@ -8,12 +8,16 @@
 //!   ServiceAccount signing key.
 //! - [`process`]: child processes that cannot outlive their parent.
 //! - [`operator`]: the Bowline operator run in-process against the cluster.
+//! - [`controlplane`]: the control plane run in-process on loopback ports.
+//! - [`xds`]: a delta-ADS client standing in for a proxy.
 
 pub mod binaries;
 pub mod cluster;
+pub mod controlplane;
 pub mod operator;
 pub mod pki;
 pub mod process;
+pub mod xds;
 
 use std::path::{Path, PathBuf};
 

@@ -3,12 +3,9 @@
 //! their caBundle (and turns validation to Fail), publishes the root,
 //! reports ready, and the API server then injects pods through it.
 
-use std::net::SocketAddr;
-use std::time::Duration;
-
 use anyhow::{Context, ensure};
-use bowline_controlplane::server::{self, Settings};
 use bowline_tests::LocalCluster;
+use bowline_tests::controlplane::ControlPlane;
 use bowline_tests::cluster::{create_namespace, free_port, wait_until};
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
@@ -17,25 +14,6 @@ use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, PostParams};
 use serde_json::json;
 
-fn loopback(port: u16) -> SocketAddr {
-    ([127, 0, 0, 1], port).into()
-}
-
-/// Whether `/ready` answers 200: one plain HTTP/1.0 request.
-async fn ready(port: u16) -> bool {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut stream) = tokio::net::TcpStream::connect(loopback(port)).await else {
-        return false;
-    };
-    let mut response = String::new();
-    stream
-        .write_all(b"GET /ready HTTP/1.0\r\n\r\n")
-        .await
-        .is_ok()
-        && stream.read_to_string(&mut response).await.is_ok()
-        && response.split_whitespace().nth(1) == Some("200")
-}
-
 #[tokio::test]
 async fn the_control_plane_serves_its_revision() -> anyhow::Result<()> {
     let cluster = LocalCluster::shared()?;
@@ -43,7 +21,8 @@ async fn the_control_plane_serves_its_revision() -> anyhow::Result<()> {
     let mesh = cluster.test_namespace(&client, "cp").await?;
     let apps = format!("{mesh}-apps");
     let revision = format!("{mesh}-rev");
-    let (webhook_port, ca_port, monitoring_port) = (free_port()?, free_port()?, free_port()?);
+    // The webhooks' port is registered before the control plane starts.
+    let webhook_port = free_port()?;
 
     // The revision's webhook configurations as the operator renders them:
     // no caBundle, validation failing open until the control plane serves.
@@ -86,24 +65,8 @@ async fn the_control_plane_serves_its_revision() -> anyhow::Result<()> {
         }))?)
         .await?;
 
-    let settings = Settings {
-        revision: revision.clone(),
-        namespace: mesh.clone(),
-        service: format!("istiod-{revision}.{mesh}.svc"),
-        proxy_image: "ghcr.io/bowline-mesh/proxy:0.1.0".into(),
-        trust_domain: "cluster.local".into(),
-        max_ttl: Duration::from_secs(24 * 3600),
-        ca_address: loopback(ca_port),
-        webhook_address: loopback(webhook_port),
-        monitoring_address: loopback(monitoring_port),
-    };
-    let control_plane = tokio::spawn(server::run(client.clone(), settings));
-
     let result = async {
-        wait_until("the control plane to report ready", || async {
-            Ok(ready(monitoring_port).await)
-        })
-        .await?;
+        let _control_plane = ControlPlane::start_with_webhook_port(&client, &mesh, &revision, webhook_port).await?;
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &mesh);
         let kept = secrets.get("istio-ca-secret").await.context("the CA is kept")?;
         let root = kept.data.unwrap_or_default().get("root-cert.pem").cloned().context("a root")?;
@@ -143,7 +106,6 @@ async fn the_control_plane_serves_its_revision() -> anyhow::Result<()> {
         Ok::<_, anyhow::Error>(())
     }
     .await;
-    control_plane.abort();
     let _ = mutating_api.delete(&name, &Default::default()).await;
     let _ = validating_api.delete(&validator, &Default::default()).await;
     result

@@ -1,0 +1,644 @@
+//! Discovery: reflectors over the cluster feed the model, and changes
+//! become pushes.
+//!
+//! Services, EndpointSlices, Pods, the mesh ConfigMap and the Istio kinds
+//! are watched into reflector stores. A change marks its kind; after 100 ms
+//! without another change (or 10 s after the first, under a steady stream)
+//! the parts of the snapshot those kinds feed are rebuilt — the others are
+//! shared with the last snapshot — and published as a new push. A push
+//! that changed only endpoints keeps the last push's `config` number, so
+//! proxies get only new endpoints generated (the EDS fast path).
+//!
+//! Istio config is read per object: one that does not parse or fails
+//! validation (applied while the webhook was down, say) is left out alone,
+//! reported by an Event on it and the `pilot_total_rejected_configs`
+//! metric, and blocks nothing else.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bowline_api::install::{MeshConfig, OutboundTrafficMode};
+use bowline_api::networking::{
+    DestinationRule, Gateway, Location, Resolution as SeResolution, ServiceEntry, ServiceEntrySpec,
+    Sidecar, VirtualService,
+};
+use bowline_api::security::{AuthorizationPolicy, PeerAuthentication};
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use tokio::sync::{mpsc, watch};
+
+use crate::metrics::{KindLabels, Metrics};
+use crate::model::{
+    Config, Endpoint, Mesh, Protocol, Resolution, Service, ServicePort, Snapshot, Workload,
+    resolve_host,
+};
+use crate::push::Push;
+use crate::validate;
+
+/// Quiet time after a change before it is pushed.
+pub const DEBOUNCE_QUIET: Duration = Duration::from_millis(100);
+/// The longest a change waits under a steady stream of changes.
+pub const DEBOUNCE_MAX: Duration = Duration::from_secs(10);
+
+/// What discovery needs to know about the control plane it serves.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Config labelled `istio.io/rev` with another revision is not ours.
+    pub revision: String,
+    /// Where the mesh ConfigMap lives, and its name (`istio[-<rev>]`).
+    pub namespace: String,
+    pub mesh_config_map: String,
+    pub trust_domain: String,
+    /// The pod name, for Events' reporting instance.
+    pub instance: String,
+}
+
+/// What a change touched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    Services,
+    EndpointSlices,
+    Pods,
+    MeshConfig,
+    VirtualServices,
+    DestinationRules,
+    Gateways,
+    ServiceEntries,
+    Sidecars,
+    PeerAuthentications,
+    AuthorizationPolicies,
+}
+
+impl Kind {
+    /// Kinds whose changes reach proxies only as endpoints.
+    fn endpoints_only(self) -> bool {
+        matches!(self, Kind::EndpointSlices | Kind::Pods)
+    }
+}
+
+/// The reflector stores.
+#[derive(Clone)]
+struct Stores {
+    services: Store<KubeService>,
+    slices: Store<EndpointSlice>,
+    pods: Store<Pod>,
+    config_maps: Store<ConfigMap>,
+    istio: BTreeMap<Kind, Store<DynamicObject>>,
+}
+
+/// Watches the cluster and publishes pushes on `pushes` until the watches
+/// end. The first push goes out once every store has listed.
+pub async fn run(
+    client: Client,
+    settings: Settings,
+    pushes: watch::Sender<Arc<Push>>,
+    metrics: Arc<Metrics>,
+) {
+    let (changes_tx, mut changes) = mpsc::channel::<Kind>(1024);
+    let mut ready = Vec::new();
+
+    let services = watch_kind(Api::<KubeService>::all(client.clone()), watcher::Config::default(), Kind::Services, &changes_tx, &mut ready);
+    let slices = watch_kind(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), Kind::EndpointSlices, &changes_tx, &mut ready);
+    let pods = watch_kind(Api::<Pod>::all(client.clone()), watcher::Config::default(), Kind::Pods, &changes_tx, &mut ready);
+    let config_maps = watch_kind(
+        Api::<ConfigMap>::namespaced(client.clone(), &settings.namespace),
+        watcher::Config::default().fields(&format!("metadata.name={}", settings.mesh_config_map)),
+        Kind::MeshConfig,
+        &changes_tx,
+        &mut ready,
+    );
+    let mut istio = BTreeMap::new();
+    for (kind, resource) in [
+        (Kind::VirtualServices, ApiResource::erase::<VirtualService>(&())),
+        (Kind::DestinationRules, ApiResource::erase::<DestinationRule>(&())),
+        (Kind::Gateways, ApiResource::erase::<Gateway>(&())),
+        (Kind::ServiceEntries, ApiResource::erase::<ServiceEntry>(&())),
+        (Kind::Sidecars, ApiResource::erase::<Sidecar>(&())),
+        (Kind::PeerAuthentications, ApiResource::erase::<PeerAuthentication>(&())),
+        (Kind::AuthorizationPolicies, ApiResource::erase::<AuthorizationPolicy>(&())),
+    ] {
+        let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
+        let writer = reflector::store::Writer::new(resource.clone());
+        let store = writer.as_reader();
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()));
+        ready.push(tokio::spawn(forward(stream, kind, changes_tx.clone())));
+        istio.insert(kind, store);
+    }
+    let stores = Stores {
+        services,
+        slices,
+        pods,
+        config_maps,
+        istio,
+    };
+    let _ = stores.services.wait_until_ready().await;
+    let _ = stores.slices.wait_until_ready().await;
+    let _ = stores.pods.wait_until_ready().await;
+    let _ = stores.config_maps.wait_until_ready().await;
+    for store in stores.istio.values() {
+        let _ = store.wait_until_ready().await;
+    }
+
+    let mut reporter = Reporting::new(client, &settings, metrics);
+    let all: BTreeSet<Kind> = [
+        Kind::Services,
+        Kind::EndpointSlices,
+        Kind::Pods,
+        Kind::MeshConfig,
+        Kind::VirtualServices,
+        Kind::DestinationRules,
+        Kind::Gateways,
+        Kind::ServiceEntries,
+        Kind::Sidecars,
+        Kind::PeerAuthentications,
+        Kind::AuthorizationPolicies,
+    ]
+    .into();
+    let mut snapshot = rebuild(&Snapshot::default(), &stores, &all, &settings, &mut reporter).await;
+    // Changes seen while listing are in the first snapshot.
+    while changes.try_recv().is_ok() {}
+    let mut current = Push::first(snapshot.clone());
+    pushes.send_replace(Arc::new(current.clone()));
+    tracing::info!(
+        services = snapshot.services.len(),
+        "discovery ready; first push published"
+    );
+
+    let mut changed: BTreeSet<Kind> = BTreeSet::new();
+    let mut first: Option<Instant> = None;
+    let mut last = Instant::now();
+    loop {
+        let deadline = first.map(|f| (last + DEBOUNCE_QUIET).min(f + DEBOUNCE_MAX));
+        tokio::select! {
+            kind = changes.recv() => {
+                let Some(kind) = kind else { break };
+                changed.insert(kind);
+                last = Instant::now();
+                first.get_or_insert(last);
+            }
+            _ = sleep_until(deadline) => {
+                snapshot = rebuild(&snapshot, &stores, &changed, &settings, &mut reporter).await;
+                let endpoints_only = changed.iter().all(|k| k.endpoints_only());
+                current = Push {
+                    number: current.number + 1,
+                    config: if endpoints_only { current.config } else { current.number + 1 },
+                    snapshot: Arc::new(snapshot.clone()),
+                    since: first.take().unwrap_or_else(Instant::now),
+                };
+                tracing::debug!(push = current.number, ?changed, "push");
+                changed.clear();
+                pushes.send_replace(Arc::new(current.clone()));
+            }
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d.into()).await,
+        None => futures::future::pending().await,
+    }
+}
+
+fn watch_kind<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    changes: &mpsc::Sender<Kind>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let (store, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config));
+    tasks.push(tokio::spawn(forward(stream, kind, changes.clone())));
+    store
+}
+
+/// Drives a reflector, and marks its kind changed on every change after
+/// the first listing.
+async fn forward<K, S>(stream: S, kind: Kind, changes: mpsc::Sender<Kind>)
+where
+    K: Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+    S: Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send,
+{
+    let stream = stream.default_backoff();
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_) | watcher::Event::InitDone) => {
+                if changes.send(kind).await.is_err() {
+                    return;
+                }
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(?kind, %error, "watch failed; retrying"),
+        }
+    }
+}
+
+/// The snapshot after `changed`: those kinds' parts rebuilt from the
+/// stores, the rest shared with `previous`.
+async fn rebuild(
+    previous: &Snapshot,
+    stores: &Stores,
+    changed: &BTreeSet<Kind>,
+    settings: &Settings,
+    reporter: &mut Reporting,
+) -> Snapshot {
+    let mut next = previous.clone();
+    let touched = |kinds: &[Kind]| kinds.iter().any(|k| changed.contains(k));
+    let configs = |kind: Kind| {
+        stores.istio[&kind]
+            .state()
+            .into_iter()
+            .filter(|o| ours(o, &settings.revision))
+            .collect::<Vec<_>>()
+    };
+
+    if touched(&[Kind::VirtualServices]) {
+        next.virtual_services = Arc::new(reporter.read(configs(Kind::VirtualServices), "VirtualService", validate::virtual_service).await);
+    }
+    if touched(&[Kind::DestinationRules]) {
+        next.destination_rules = Arc::new(reporter.read(configs(Kind::DestinationRules), "DestinationRule", validate::destination_rule).await);
+    }
+    if touched(&[Kind::Gateways]) {
+        next.gateways = Arc::new(reporter.read(configs(Kind::Gateways), "Gateway", validate::gateway).await);
+    }
+    if touched(&[Kind::ServiceEntries]) {
+        next.service_entries = Arc::new(reporter.read(configs(Kind::ServiceEntries), "ServiceEntry", validate::service_entry).await);
+    }
+    if touched(&[Kind::Sidecars]) {
+        next.sidecars = Arc::new(reporter.read(configs(Kind::Sidecars), "Sidecar", validate::sidecar).await);
+    }
+    if touched(&[Kind::PeerAuthentications]) {
+        next.peer_authentications = Arc::new(reporter.read(configs(Kind::PeerAuthentications), "PeerAuthentication", validate::peer_authentication).await);
+    }
+    if touched(&[Kind::AuthorizationPolicies]) {
+        next.authorization_policies = Arc::new(reporter.read(configs(Kind::AuthorizationPolicies), "AuthorizationPolicy", validate::authorization_policy).await);
+    }
+    if touched(&[Kind::MeshConfig]) {
+        next.mesh = Arc::new(mesh(
+            stores.config_maps.state().first().map(|c| c.as_ref()),
+            settings,
+        ));
+    }
+    if touched(&[Kind::Pods]) {
+        next.workloads = Arc::new(workloads(&stores.pods.state()));
+    }
+    if touched(&[Kind::Services, Kind::ServiceEntries]) {
+        let mut services: BTreeMap<String, Service> = stores
+            .services
+            .state()
+            .iter()
+            .filter_map(|s| kubernetes_service(s))
+            .map(|s| (s.hostname.clone(), s))
+            .collect();
+        for entry in next.service_entries.iter() {
+            for service in entry_services(entry) {
+                // A Kubernetes Service of the same name wins, as in Istio.
+                services.entry(service.hostname.clone()).or_insert(service);
+            }
+        }
+        next.services = Arc::new(services);
+    }
+    if touched(&[Kind::Services, Kind::EndpointSlices, Kind::Pods, Kind::ServiceEntries]) {
+        let mut endpoints = slice_endpoints(&stores.slices.state(), &stores.pods.state(), &next.services);
+        for entry in next.service_entries.iter() {
+            for (host, list) in entry_endpoints(entry) {
+                if next.services.get(&host).is_some_and(|s| s.namespace == entry.namespace) {
+                    endpoints.entry(host).or_insert(list);
+                }
+            }
+        }
+        next.endpoints = Arc::new(endpoints);
+    }
+    next
+}
+
+/// Config without `istio.io/rev`, or with ours.
+fn ours(object: &DynamicObject, revision: &str) -> bool {
+    object
+        .labels()
+        .get("istio.io/rev")
+        .is_none_or(|r| r == revision || (r.is_empty() && revision == "default"))
+}
+
+/// The mesh settings from the `mesh` key of the mesh ConfigMap.
+fn mesh(config_map: Option<&ConfigMap>, settings: &Settings) -> Mesh {
+    let config: MeshConfig = config_map
+        .and_then(|c| c.data.as_ref())
+        .and_then(|d| d.get("mesh"))
+        .and_then(|text| match serde_saphyr::from_str(text) {
+            Ok(config) => Some(config),
+            Err(error) => {
+                tracing::warn!(%error, "the mesh config does not read; using defaults");
+                None
+            }
+        })
+        .unwrap_or_default();
+    Mesh {
+        root_namespace: settings.namespace.clone(),
+        trust_domain: config
+            .trust_domain
+            .unwrap_or_else(|| settings.trust_domain.clone()),
+        outbound: config
+            .outbound_traffic_policy
+            .and_then(|p| p.mode)
+            .unwrap_or(OutboundTrafficMode::AllowAny),
+    }
+}
+
+fn workloads(pods: &[Arc<Pod>]) -> BTreeMap<String, Workload> {
+    pods.iter()
+        .map(|pod| {
+            (
+                format!("{}/{}", pod.namespace().unwrap_or_default(), pod.name_any()),
+                Workload {
+                    labels: pod.labels().clone(),
+                    ip: pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.pod_ip.clone())
+                        .unwrap_or_default(),
+                    service_account: pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.service_account_name.clone())
+                        .unwrap_or_else(|| "default".into()),
+                },
+            )
+        })
+        .collect()
+}
+
+/// A Kubernetes Service as the model has it. ExternalName Services are
+/// left out.
+pub fn kubernetes_service(service: &KubeService) -> Option<Service> {
+    let spec = service.spec.as_ref()?;
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return None;
+    }
+    let ports = spec
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| {
+            let name = p.name.clone().unwrap_or_default();
+            ServicePort {
+                protocol: Protocol::select(&name, p.app_protocol.as_deref()),
+                name,
+                port: p.port as u32,
+            }
+        })
+        .collect();
+    let mut model = Service::kubernetes(&service.name_any(), &service.namespace()?, ports);
+    model.address = spec
+        .cluster_ip
+        .clone()
+        .filter(|ip| !ip.is_empty() && ip != "None");
+    Some(model)
+}
+
+/// Endpoints from EndpointSlices: per Service, each address with the
+/// ports of its slice, labelled with its pod's labels (subsets select on
+/// them) and marked as having a sidecar when the pod says so.
+pub fn slice_endpoints(
+    slices: &[Arc<EndpointSlice>],
+    pods: &[Arc<Pod>],
+    services: &BTreeMap<String, Service>,
+) -> BTreeMap<String, Vec<Endpoint>> {
+    let pods: std::collections::HashMap<(String, String), &Pod> = pods
+        .iter()
+        .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p.as_ref()))
+        .collect();
+    let mut endpoints: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
+    for slice in slices {
+        let (Some(service), Some(namespace)) = (
+            slice.labels().get("kubernetes.io/service-name"),
+            slice.namespace(),
+        ) else {
+            continue;
+        };
+        let host = resolve_host(service, &namespace);
+        let Some(model) = services.get(&host) else {
+            continue;
+        };
+        for endpoint in &slice.endpoints {
+            let pod = endpoint
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| pods.get(&(namespace.clone(), r.name.clone().unwrap_or_default())));
+            let labels = pod.map(|p| p.labels().clone()).unwrap_or_default();
+            let sidecar = labels.get("security.istio.io/tlsMode").map(String::as_str) == Some("istio");
+            let ready = endpoint
+                .conditions
+                .as_ref()
+                .and_then(|c| c.ready)
+                .unwrap_or(true);
+            for port in slice.ports.iter().flatten() {
+                let name = port.name.clone().unwrap_or_default();
+                let Some(service_port) = model.ports.iter().find(|p| p.name == name) else {
+                    continue;
+                };
+                for address in &endpoint.addresses {
+                    endpoints.entry(host.clone()).or_default().push(Endpoint {
+                        address: address.clone(),
+                        service_port: service_port.port,
+                        port: port.port.unwrap_or(service_port.port as i32) as u32,
+                        labels: labels.clone(),
+                        ready,
+                        sidecar,
+                    });
+                }
+            }
+        }
+    }
+    for list in endpoints.values_mut() {
+        list.sort_by(|a, b| (&a.address, a.port).cmp(&(&b.address, b.port)));
+        list.dedup();
+    }
+    endpoints
+}
+
+/// A ServiceEntry's hosts as services.
+pub fn entry_services(entry: &Config<ServiceEntrySpec>) -> Vec<Service> {
+    let spec = &entry.spec;
+    let resolution = match spec.resolution {
+        Some(SeResolution::Dns) | Some(SeResolution::DnsRoundRobin) => Resolution::Dns,
+        Some(SeResolution::Static) => Resolution::Endpoints,
+        _ => Resolution::Passthrough,
+    };
+    spec.hosts
+        .iter()
+        .map(|host| Service {
+            hostname: resolve_host(host, &entry.namespace),
+            namespace: entry.namespace.clone(),
+            ports: spec
+                .ports
+                .iter()
+                .map(|p| ServicePort {
+                    name: p.name.clone(),
+                    port: p.number,
+                    protocol: Protocol::select(&p.name, p.protocol.as_deref()),
+                })
+                .collect(),
+            address: spec.addresses.first().cloned(),
+            external: spec.location != Some(Location::MeshInternal),
+            resolution,
+        })
+        .collect()
+}
+
+/// A ServiceEntry's endpoints: its `endpoints` (ports by port name, else
+/// the service port), or for DNS without endpoints the host itself.
+pub fn entry_endpoints(entry: &Config<ServiceEntrySpec>) -> Vec<(String, Vec<Endpoint>)> {
+    let spec = &entry.spec;
+    entry_services(entry)
+        .into_iter()
+        .map(|service| {
+            let mut list = Vec::new();
+            for port in &spec.ports {
+                if spec.endpoints.is_empty() && service.resolution == Resolution::Dns {
+                    list.push(Endpoint {
+                        address: service.hostname.clone(),
+                        service_port: port.number,
+                        port: port.target_port.unwrap_or(port.number),
+                        labels: BTreeMap::new(),
+                        ready: true,
+                        sidecar: false,
+                    });
+                }
+                for e in &spec.endpoints {
+                    let Some(address) = &e.address else { continue };
+                    list.push(Endpoint {
+                        address: address.clone(),
+                        service_port: port.number,
+                        port: e
+                            .ports
+                            .get(&port.name)
+                            .copied()
+                            .or(port.target_port)
+                            .unwrap_or(port.number),
+                        labels: e.labels.clone(),
+                        ready: true,
+                        sidecar: !service.external
+                            && e.labels.get("security.istio.io/tlsMode").map(String::as_str)
+                                == Some("istio"),
+                    });
+                }
+            }
+            (service.hostname, list)
+        })
+        .collect()
+}
+
+/// Reads Istio config objects one by one, leaving out (and reporting)
+/// those that do not parse or validate.
+struct Reporting {
+    recorder: Recorder,
+    metrics: Arc<Metrics>,
+    /// Objects (uid and resourceVersion) already reported.
+    reported: HashSet<(String, String)>,
+}
+
+impl Reporting {
+    fn new(client: Client, settings: &Settings, metrics: Arc<Metrics>) -> Self {
+        Self {
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: "bowline-controlplane".into(),
+                    instance: Some(settings.instance.clone()),
+                },
+            ),
+            metrics,
+            reported: HashSet::new(),
+        }
+    }
+
+    async fn read<T: DeserializeOwned>(
+        &mut self,
+        objects: Vec<Arc<DynamicObject>>,
+        kind: &'static str,
+        check: fn(&T) -> Result<(), Vec<validate::FieldError>>,
+    ) -> Vec<Config<T>> {
+        let mut configs = Vec::new();
+        for object in objects {
+            let spec = object.data.get("spec").cloned().unwrap_or_default();
+            let result = serde_json::from_value::<T>(spec)
+                .map_err(|e| format!("spec: does not read as a {kind}: {e}"))
+                .and_then(|spec| {
+                    check(&spec).map(|()| spec).map_err(|errors| {
+                        errors
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("; ")
+                    })
+                });
+            match result {
+                Ok(spec) => configs.push(Config {
+                    name: object.name_any(),
+                    namespace: object.namespace().unwrap_or_default(),
+                    created: object
+                        .creation_timestamp()
+                        .map(|t| t.0.as_second())
+                        .unwrap_or_default(),
+                    spec,
+                }),
+                Err(message) => self.report(&object, kind, message).await,
+            }
+        }
+        configs
+    }
+
+    async fn report(&mut self, object: &DynamicObject, kind: &'static str, message: String) {
+        let key = (
+            object.uid().unwrap_or_default(),
+            object.resource_version().unwrap_or_default(),
+        );
+        if !self.reported.insert(key) {
+            return;
+        }
+        let name = format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any());
+        tracing::warn!(%kind, object = %name, error = %message, "invalid config skipped");
+        self.metrics
+            .invalid_config
+            .get_or_create(&KindLabels { kind })
+            .inc();
+        let reference = ObjectReference {
+            api_version: object.types.as_ref().map(|t| t.api_version.clone()),
+            kind: Some(kind.into()),
+            name: Some(object.name_any()),
+            namespace: object.namespace(),
+            uid: object.uid(),
+            resource_version: object.resource_version(),
+            ..Default::default()
+        };
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "InvalidConfig".into(),
+            note: Some(format!(
+                "{kind} {name} is not applied: {message}. Fix it; the rest of the mesh's config is applied without it."
+            )),
+            action: "Translate".into(),
+            secondary: None,
+        };
+        if let Err(error) = self.recorder.publish(&event, &reference).await {
+            tracing::warn!(%error, object = %name, "could not record the event");
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! Pushes: versions of the mesh, and the resources each proxy gets from
+//! one, encoded once and shared.
+//!
+//! Sidecars of one namespace with the same labels see the same outbound
+//! configuration, so it is generated once per push for all of them; only
+//! the inbound side is generated per proxy. When a push changes nothing
+//! but endpoints (the EDS fast path), the previous push's clusters,
+//! routes and listeners are kept and only the endpoints are generated.
+
+use std::collections::{BTreeMap, HashMap};
+use std::hash::{DefaultHasher, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::util::pack_any;
+use prost::{Message, Name};
+
+use crate::model::{Proxy, Snapshot};
+use crate::translate::{self, Scope};
+
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// The order in which a change reaches a proxy, so that nothing refers to
+/// what it does not have yet: clusters before their endpoints, listeners
+/// before their routes.
+pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET];
+
+/// One version of the mesh.
+#[derive(Clone, Debug)]
+pub struct Push {
+    pub number: u64,
+    pub snapshot: Arc<Snapshot>,
+    /// The last push that changed more than endpoints: two pushes with the
+    /// same `config` differ in endpoints only.
+    pub config: u64,
+    /// When the first change this push carries was seen: convergence is
+    /// measured from here.
+    pub since: Instant,
+}
+
+impl Push {
+    pub fn first(snapshot: Snapshot) -> Self {
+        Self {
+            number: 1,
+            snapshot: Arc::new(snapshot),
+            config: 1,
+            since: Instant::now(),
+        }
+    }
+}
+
+/// A resource as sent: its version is the hash of its encoding, so a
+/// proxy is sent only what really changed.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned {
+    pub version: String,
+    pub resource: Any,
+}
+
+/// Resources by type URL, then by name.
+pub type Encoded = BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>>;
+
+/// A proxy's resources for one push.
+#[derive(Clone, Debug, Default)]
+pub struct Generated {
+    /// Shared with every proxy of the same scope.
+    pub outbound: Arc<Encoded>,
+    /// This proxy's own (inbound clusters, `virtualInbound`).
+    pub inbound: Encoded,
+}
+
+impl Generated {
+    /// The resources of `type_url`, both parts.
+    pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&String, &Arc<Versioned>)> {
+        self.outbound
+            .get(type_url)
+            .into_iter()
+            .chain(self.inbound.get(type_url))
+            .flatten()
+    }
+
+    pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<Versioned>> {
+        self.inbound
+            .get(type_url)
+            .and_then(|r| r.get(name))
+            .or_else(|| self.outbound.get(type_url).and_then(|r| r.get(name)))
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct ScopeKey {
+    namespace: String,
+    labels: BTreeMap<String, String>,
+}
+
+/// Generates and caches the outbound part per scope, for the current push
+/// and the one before (which the EDS fast path builds on).
+#[derive(Debug, Default)]
+pub struct Generator {
+    cache: Mutex<Cache>,
+}
+
+#[derive(Debug, Default)]
+struct Cache {
+    push: u64,
+    config: u64,
+    current: HashMap<ScopeKey, Arc<Encoded>>,
+    previous: HashMap<ScopeKey, Arc<Encoded>>,
+    previous_config: u64,
+}
+
+impl Generator {
+    pub fn generate(&self, push: &Push, proxy: &Proxy) -> Generated {
+        let key = ScopeKey {
+            namespace: proxy.namespace.clone(),
+            labels: proxy.labels.clone(),
+        };
+        let cached = {
+            let mut cache = self.cache.lock().expect("generator cache");
+            if push.number > cache.push {
+                cache.previous = std::mem::take(&mut cache.current);
+                cache.previous_config = cache.config;
+                cache.push = push.number;
+                cache.config = push.config;
+            }
+            cache.current.get(&key).cloned().map(Ok).unwrap_or_else(|| {
+                Err((cache.previous_config == push.config)
+                    .then(|| cache.previous.get(&key).cloned())
+                    .flatten())
+            })
+        };
+        // Generated off the lock; two proxies of a new scope may both
+        // generate it, and the second insert wins with equal content.
+        let outbound = match cached {
+            Ok(outbound) => outbound,
+            Err(previous) => {
+                let scope = Scope::new(&push.snapshot, &proxy.namespace, &proxy.labels);
+                let outbound = Arc::new(match previous {
+                    Some(previous) => {
+                        let mut encoded = (*previous).clone();
+                        encoded.insert(ENDPOINT, encode(scope.endpoints(), |e| &e.cluster_name));
+                        encoded
+                    }
+                    None => outbound(&scope),
+                });
+                let mut cache = self.cache.lock().expect("generator cache");
+                if cache.push == push.number {
+                    cache.current.insert(key, outbound.clone());
+                }
+                outbound
+            }
+        };
+        let (clusters, listener) = translate::inbound(&push.snapshot, proxy);
+        let mut inbound = Encoded::new();
+        inbound.insert(CLUSTER, encode(clusters, |c| &c.name));
+        inbound.insert(LISTENER, encode(vec![listener], |l| &l.name));
+        Generated { outbound, inbound }
+    }
+}
+
+fn outbound(scope: &Scope<'_>) -> Encoded {
+    let mut encoded = Encoded::new();
+    encoded.insert(CLUSTER, encode(scope.clusters(), |c| &c.name));
+    encoded.insert(ENDPOINT, encode(scope.endpoints(), |e| &e.cluster_name));
+    encoded.insert(LISTENER, encode(scope.outbound_listeners(), |l| &l.name));
+    encoded.insert(ROUTE, encode(scope.routes(), |r| &r.name));
+    encoded
+}
+
+/// Packs each resource once, versioned by the hash of its bytes.
+pub fn encode<T: Message + Name>(
+    resources: Vec<T>,
+    name: impl Fn(&T) -> &String,
+) -> BTreeMap<String, Arc<Versioned>> {
+    resources
+        .into_iter()
+        .map(|r| {
+            let name = name(&r).clone();
+            let resource = pack_any(r);
+            (
+                name,
+                Arc::new(Versioned {
+                    version: hash(&resource.value),
+                    resource,
+                }),
+            )
+        })
+        .collect()
+}
+
+/// A stable hash: the same bytes give the same version in every process.
+pub fn hash(bytes: &[u8]) -> String {
+    let mut hasher = DefaultHasher::new();
+    hasher.write(bytes);
+    format!("{:016x}", hasher.finish())
+}

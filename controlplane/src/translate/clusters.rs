@@ -1,0 +1,465 @@
+//! Outbound clusters and their endpoints: one cluster per service port and
+//! per DestinationRule subset, named `outbound|<port>|<subset>|<host>`.
+
+use std::collections::BTreeMap;
+
+use bowline_api::networking::{
+    ConnectionPoolSettings, DestinationRuleSpec, OutlierDetection, SimpleLb, TrafficPolicy,
+};
+use envoy_types::pb::envoy::config::cluster::v3::{
+    CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlierDetection, circuit_breakers, cluster,
+};
+use envoy_types::pb::envoy::config::core::v3::{
+    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, SocketAddress, address,
+    config_source, socket_address,
+};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+use envoy_types::pb::google::protobuf::UInt32Value;
+
+use super::duration;
+use crate::model::{Endpoint, Resolution, Service, selects};
+use bowline_api::duration::parse as parse_duration;
+
+/// Istio's default connect timeout.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// Istio's "no limit" for circuit breakers.
+const UNLIMITED: u32 = u32::MAX;
+
+/// `outbound|<port>|<subset>|<host>`.
+pub fn cluster_name(port: u32, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+/// The outbound clusters of `service`: one per port, and one per port and
+/// subset of its DestinationRule, each with the rule's policy (a subset's
+/// own policy laid over the rule's).
+pub fn outbound_clusters(service: &Service, rule: Option<&DestinationRuleSpec>) -> Vec<Cluster> {
+    let host = &service.hostname;
+    let base = rule.and_then(|r| r.traffic_policy.as_ref());
+    let mut clusters = Vec::new();
+    for port in &service.ports {
+        clusters.push(cluster(
+            &cluster_name(port.port, "", host),
+            base,
+            port.port,
+        ));
+        for subset in rule.iter().flat_map(|r| r.subsets.iter()) {
+            let policy = merge(base, subset.traffic_policy.as_ref());
+            clusters.push(cluster(
+                &cluster_name(port.port, &subset.name, host),
+                policy.as_ref(),
+                port.port,
+            ));
+        }
+    }
+    clusters
+}
+
+/// Clusters of services the proxy resolves itself: DNS names carried in
+/// the cluster (STRICT_DNS), or passthrough to the original destination.
+pub fn resolve(
+    clusters: &mut [Cluster],
+    service: &Service,
+    endpoints: &[Endpoint],
+    rule: Option<&DestinationRuleSpec>,
+) {
+    let kind = match service.resolution {
+        Resolution::Endpoints => return,
+        Resolution::Dns => cluster::DiscoveryType::StrictDns,
+        Resolution::Passthrough => cluster::DiscoveryType::OriginalDst,
+    };
+    let mut assignments: BTreeMap<String, ClusterLoadAssignment> =
+        load_assignments(&Service { resolution: Resolution::Endpoints, ..service.clone() }, endpoints, rule)
+            .into_iter()
+            .map(|a| (a.cluster_name.clone(), a))
+            .collect();
+    for c in clusters {
+        c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(kind as i32));
+        c.eds_cluster_config = None;
+        if service.resolution == Resolution::Dns {
+            c.load_assignment = assignments.remove(&c.name);
+        } else {
+            c.lb_policy = cluster::LbPolicy::ClusterProvided as i32;
+        }
+    }
+}
+
+/// A subset's policy replaces the rule's field by field, as Istio merges
+/// them.
+fn merge(base: Option<&TrafficPolicy>, over: Option<&TrafficPolicy>) -> Option<TrafficPolicy> {
+    match (base, over) {
+        (None, None) => None,
+        (Some(b), None) => Some(b.clone()),
+        (None, Some(o)) => Some(o.clone()),
+        (Some(b), Some(o)) => Some(TrafficPolicy {
+            load_balancer: o.load_balancer.clone().or_else(|| b.load_balancer.clone()),
+            connection_pool: o
+                .connection_pool
+                .clone()
+                .or_else(|| b.connection_pool.clone()),
+            outlier_detection: o
+                .outlier_detection
+                .clone()
+                .or_else(|| b.outlier_detection.clone()),
+            tls: o.tls.clone().or_else(|| b.tls.clone()),
+            port_level_settings: if o.port_level_settings.is_empty() {
+                b.port_level_settings.clone()
+            } else {
+                o.port_level_settings.clone()
+            },
+        }),
+    }
+}
+
+fn cluster(name: &str, policy: Option<&TrafficPolicy>, port: u32) -> Cluster {
+    // Port-level settings replace the policy's for their port.
+    let port_level = policy.and_then(|p| {
+        p.port_level_settings
+            .iter()
+            .find(|s| s.port.as_ref().is_some_and(|sel| sel.number == port))
+    });
+    let load_balancer = port_level
+        .and_then(|p| p.load_balancer.as_ref())
+        .or_else(|| policy.and_then(|p| p.load_balancer.as_ref()));
+    let pool = port_level
+        .and_then(|p| p.connection_pool.as_ref())
+        .or_else(|| policy.and_then(|p| p.connection_pool.as_ref()));
+    let outlier = port_level
+        .and_then(|p| p.outlier_detection.as_ref())
+        .or_else(|| policy.and_then(|p| p.outlier_detection.as_ref()));
+
+    let passthrough = load_balancer.and_then(|lb| lb.simple) == Some(SimpleLb::Passthrough);
+    let lb_policy = match load_balancer.and_then(|lb| lb.simple) {
+        Some(SimpleLb::Random) => cluster::LbPolicy::Random,
+        Some(SimpleLb::LeastRequest) | Some(SimpleLb::LeastConn) => cluster::LbPolicy::LeastRequest,
+        Some(SimpleLb::Passthrough) => cluster::LbPolicy::ClusterProvided,
+        _ => cluster::LbPolicy::RoundRobin,
+    };
+    let connect_timeout = pool
+        .and_then(|p| p.tcp.as_ref())
+        .and_then(|t| t.connect_timeout.as_deref())
+        .and_then(parse_duration)
+        .unwrap_or(CONNECT_TIMEOUT);
+    Cluster {
+        name: name.to_string(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(if passthrough {
+            cluster::DiscoveryType::OriginalDst as i32
+        } else {
+            cluster::DiscoveryType::Eds as i32
+        })),
+        eds_cluster_config: (!passthrough).then(|| cluster::EdsClusterConfig {
+            eds_config: Some(ConfigSource {
+                resource_api_version: ApiVersion::V3 as i32,
+                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+                    AggregatedConfigSource {},
+                )),
+                ..Default::default()
+            }),
+            service_name: name.to_string(),
+        }),
+        lb_policy: lb_policy as i32,
+        connect_timeout: Some(duration(connect_timeout)),
+        circuit_breakers: Some(circuit_breakers(pool)),
+        outlier_detection: outlier.map(outlier_detection),
+        ..Default::default()
+    }
+}
+
+fn circuit_breakers(pool: Option<&ConnectionPoolSettings>) -> CircuitBreakers {
+    let limit = |value: Option<i32>| {
+        Some(UInt32Value {
+            value: value.filter(|v| *v > 0).map_or(UNLIMITED, |v| v as u32),
+        })
+    };
+    let tcp = pool.and_then(|p| p.tcp.as_ref());
+    let http = pool.and_then(|p| p.http.as_ref());
+    CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            max_connections: limit(tcp.and_then(|t| t.max_connections)),
+            max_pending_requests: limit(http.and_then(|h| h.http1_max_pending_requests)),
+            max_requests: limit(http.and_then(|h| h.http2_max_requests)),
+            max_retries: limit(http.and_then(|h| h.max_retries)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// Istio's mapping: the 5xx and gateway-error counts eject (enforced at
+/// 100 %) only when set; success-rate ejection stays off.
+fn outlier_detection(outlier: &OutlierDetection) -> EnvoyOutlierDetection {
+    let count = |v: Option<u32>| v.map(|value| UInt32Value { value });
+    let enforce = |v: Option<u32>| UInt32Value {
+        value: if v.is_some_and(|v| v > 0) { 100 } else { 0 },
+    };
+    let time = |text: Option<&str>| text.and_then(parse_duration).map(duration);
+    EnvoyOutlierDetection {
+        consecutive_5xx: Some(UInt32Value {
+            value: outlier.consecutive_5xx_errors.unwrap_or(0),
+        }),
+        enforcing_consecutive_5xx: Some(enforce(outlier.consecutive_5xx_errors)),
+        consecutive_gateway_failure: count(outlier.consecutive_gateway_errors),
+        enforcing_consecutive_gateway_failure: Some(enforce(outlier.consecutive_gateway_errors)),
+        enforcing_success_rate: Some(UInt32Value { value: 0 }),
+        interval: time(outlier.interval.as_deref()),
+        base_ejection_time: time(outlier.base_ejection_time.as_deref()),
+        max_ejection_percent: outlier.max_ejection_percent.map(|v| UInt32Value {
+            value: v.clamp(0, 100) as u32,
+        }),
+        ..Default::default()
+    }
+}
+
+/// The endpoints of each outbound cluster of `service`: every ready
+/// endpoint for the port's cluster, those whose labels match a subset for
+/// the subset's.
+pub fn load_assignments(
+    service: &Service,
+    endpoints: &[Endpoint],
+    rule: Option<&DestinationRuleSpec>,
+) -> Vec<ClusterLoadAssignment> {
+    if service.resolution != Resolution::Endpoints {
+        // Carried in the clusters themselves, or none at all.
+        return Vec::new();
+    }
+    let host = &service.hostname;
+    let mut assignments = Vec::new();
+    for port in &service.ports {
+        let serving: Vec<&Endpoint> = endpoints
+            .iter()
+            .filter(|e| e.service_port == port.port)
+            .collect();
+        assignments.push(assignment(&cluster_name(port.port, "", host), &serving));
+        for subset in rule.iter().flat_map(|r| r.subsets.iter()) {
+            let selected: Vec<&Endpoint> = serving
+                .iter()
+                .copied()
+                .filter(|e| selects(&subset.labels, &e.labels))
+                .collect();
+            assignments.push(assignment(
+                &cluster_name(port.port, &subset.name, host),
+                &selected,
+            ));
+        }
+    }
+    assignments
+}
+
+fn assignment(name: &str, endpoints: &[&Endpoint]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: endpoints
+                .iter()
+                .map(|e| LbEndpoint {
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(
+                        envoy_types::pb::envoy::config::endpoint::v3::Endpoint {
+                            address: Some(envoy_types::pb::envoy::config::core::v3::Address {
+                                address: Some(address::Address::SocketAddress(SocketAddress {
+                                    address: e.address.clone(),
+                                    port_specifier: Some(socket_address::PortSpecifier::PortValue(
+                                        e.port,
+                                    )),
+                                    ..Default::default()
+                                })),
+                            }),
+                            ..Default::default()
+                        },
+                    )),
+                    health_status: if e.ready {
+                        HealthStatus::Healthy
+                    } else {
+                        HealthStatus::Unhealthy
+                    } as i32,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use envoy_types::pb::google::protobuf::Duration;
+    use serde_json::json;
+
+    use super::*;
+    use crate::model::{Protocol, ServicePort};
+
+    fn service(name: &str, port: u32) -> Service {
+        Service::kubernetes(
+            name,
+            "shop",
+            vec![ServicePort {
+                name: "http".into(),
+                port,
+                protocol: Protocol::Http,
+            }],
+        )
+    }
+
+    fn rule(spec: serde_json::Value) -> DestinationRuleSpec {
+        serde_json::from_value(spec).unwrap()
+    }
+
+    #[test]
+    fn a_service_port_and_its_subsets_become_eds_clusters() {
+        let rule = rule(json!({"host": "reviews", "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2"}, "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}},
+        ]}));
+        let clusters = outbound_clusters(&service("reviews", 9080), Some(&rule));
+        let names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "outbound|9080||reviews.shop.svc.cluster.local",
+                "outbound|9080|v1|reviews.shop.svc.cluster.local",
+                "outbound|9080|v2|reviews.shop.svc.cluster.local",
+            ]
+        );
+        let eds = clusters[1].eds_cluster_config.as_ref().unwrap();
+        assert_eq!(eds.service_name, clusters[1].name);
+        assert_eq!(
+            clusters[1].cluster_discovery_type,
+            Some(cluster::ClusterDiscoveryType::Type(
+                cluster::DiscoveryType::Eds as i32
+            ))
+        );
+        assert_eq!(clusters[1].lb_policy, cluster::LbPolicy::RoundRobin as i32);
+        assert_eq!(
+            clusters[2].lb_policy,
+            cluster::LbPolicy::Random as i32,
+            "the subset's own policy"
+        );
+        assert_eq!(clusters[0].connect_timeout, Some(duration(CONNECT_TIMEOUT)));
+    }
+
+    #[test]
+    fn connection_pool_and_outlier_detection_become_circuit_breakers_and_ejection() {
+        // config/samples/istio/circuit-breaker.yaml
+        let rule = rule(json!({"host": "httpbin", "trafficPolicy": {
+            "loadBalancer": {"simple": "LEAST_REQUEST"},
+            "connectionPool": {
+                "tcp": {"maxConnections": 1, "connectTimeout": "30ms"},
+                "http": {"http1MaxPendingRequests": 1, "maxRequestsPerConnection": 1, "http2MaxRequests": 10, "maxRetries": 2},
+            },
+            "outlierDetection": {"consecutive5xxErrors": 1, "consecutiveGatewayErrors": 1, "interval": "1s", "baseEjectionTime": "3m", "maxEjectionPercent": 100},
+        }}));
+        let clusters = outbound_clusters(&service("httpbin", 8000), Some(&rule));
+        let cluster = &clusters[0];
+        assert_eq!(cluster.lb_policy, cluster::LbPolicy::LeastRequest as i32);
+        assert_eq!(
+            cluster.connect_timeout,
+            Some(Duration {
+                seconds: 0,
+                nanos: 30_000_000
+            })
+        );
+        let limits = &cluster.circuit_breakers.as_ref().unwrap().thresholds[0];
+        let value = |v: &Option<UInt32Value>| v.as_ref().map(|v| v.value);
+        assert_eq!(value(&limits.max_connections), Some(1));
+        assert_eq!(value(&limits.max_pending_requests), Some(1));
+        assert_eq!(value(&limits.max_requests), Some(10));
+        assert_eq!(value(&limits.max_retries), Some(2));
+        let outlier = cluster.outlier_detection.as_ref().unwrap();
+        assert_eq!(value(&outlier.consecutive_5xx), Some(1));
+        assert_eq!(value(&outlier.enforcing_consecutive_5xx), Some(100));
+        assert_eq!(value(&outlier.consecutive_gateway_failure), Some(1));
+        assert_eq!(
+            value(&outlier.enforcing_consecutive_gateway_failure),
+            Some(100)
+        );
+        assert_eq!(
+            outlier.interval,
+            Some(Duration {
+                seconds: 1,
+                nanos: 0
+            })
+        );
+        assert_eq!(
+            outlier.base_ejection_time,
+            Some(Duration {
+                seconds: 180,
+                nanos: 0
+            })
+        );
+        assert_eq!(value(&outlier.max_ejection_percent), Some(100));
+        // No pool settings: unlimited, as Istio leaves it.
+        let plain = &outbound_clusters(&service("plain", 80), None)[0];
+        let limits = &plain.circuit_breakers.as_ref().unwrap().thresholds[0];
+        assert_eq!(value(&limits.max_requests), Some(u32::MAX));
+        assert!(plain.outlier_detection.is_none());
+    }
+
+    #[test]
+    fn subsets_get_the_endpoints_their_labels_select() {
+        let rule = rule(json!({"host": "reviews", "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}},
+            {"name": "v2", "labels": {"version": "v2"}},
+        ]}));
+        let endpoint = |address: &str, version: &str, ready: bool| Endpoint {
+            address: address.into(),
+            service_port: 9080,
+            port: 9080,
+            labels: BTreeMap::from([("version".to_string(), version.to_string())]),
+            ready,
+            sidecar: true,
+        };
+        let endpoints = [
+            endpoint("10.244.0.1", "v1", true),
+            endpoint("10.244.0.2", "v2", true),
+            endpoint("10.244.0.3", "v2", false),
+        ];
+        let assignments = load_assignments(&service("reviews", 9080), &endpoints, Some(&rule));
+        let addresses = |a: &ClusterLoadAssignment| -> Vec<(String, i32)> {
+            a.endpoints[0]
+                .lb_endpoints
+                .iter()
+                .map(|lb| match &lb.host_identifier {
+                    Some(lb_endpoint::HostIdentifier::Endpoint(e)) => {
+                        match &e.address.as_ref().unwrap().address {
+                            Some(address::Address::SocketAddress(s)) => {
+                                (s.address.clone(), lb.health_status)
+                            }
+                            _ => unreachable!(),
+                        }
+                    }
+                    _ => unreachable!(),
+                })
+                .collect()
+        };
+        assert_eq!(assignments.len(), 3);
+        assert_eq!(
+            addresses(&assignments[0]).len(),
+            3,
+            "the port's cluster has them all"
+        );
+        assert_eq!(
+            addresses(&assignments[1]),
+            [("10.244.0.1".to_string(), HealthStatus::Healthy as i32)]
+        );
+        assert_eq!(
+            addresses(&assignments[2]),
+            [
+                ("10.244.0.2".to_string(), HealthStatus::Healthy as i32),
+                ("10.244.0.3".to_string(), HealthStatus::Unhealthy as i32),
+            ]
+        );
+    }
+
+    #[test]
+    fn protocols_are_selected_as_istio_does() {
+        assert_eq!(Protocol::select("http-web", None), Protocol::Http);
+        assert_eq!(Protocol::select("grpc", None), Protocol::Grpc);
+        assert_eq!(Protocol::select("web", Some("http2")), Protocol::Http2);
+        assert_eq!(Protocol::select("tcp-postgres", None), Protocol::Tcp);
+        assert_eq!(Protocol::select("metrics", None), Protocol::Unknown);
+    }
+}

@@ -1,0 +1,126 @@
+//! The control plane run in-process against the local cluster, on loopback
+//! ports, as the tests use it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::Context;
+use bowline_controlplane::server::{self, Settings};
+use k8s_openapi::api::core::v1::Secret;
+use kube::{Api, Client};
+
+use crate::cluster::{free_port, wait_until};
+use crate::xds::Target;
+
+/// A running control plane; aborted when dropped.
+#[derive(Debug)]
+pub struct ControlPlane {
+    pub revision: String,
+    pub namespace: String,
+    /// 15012: xDS and certificates.
+    pub xds_port: u16,
+    pub webhook_port: u16,
+    pub monitoring_port: u16,
+    task: tokio::task::JoinHandle<Result<(), server::Error>>,
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    ([127, 0, 0, 1], port).into()
+}
+
+impl ControlPlane {
+    /// Starts revision `revision` with its CA and mesh ConfigMap in
+    /// `namespace`, and waits for `/ready`.
+    pub async fn start(client: &Client, namespace: &str, revision: &str) -> anyhow::Result<Self> {
+        Self::start_with_webhook_port(client, namespace, revision, free_port()?).await
+    }
+
+    /// As [`ControlPlane::start`], with the webhooks on a port chosen
+    /// before (webhook configurations registered ahead name it).
+    pub async fn start_with_webhook_port(
+        client: &Client,
+        namespace: &str,
+        revision: &str,
+        webhook_port: u16,
+    ) -> anyhow::Result<Self> {
+        // Discovery watches the Istio kinds.
+        crate::operator::install_crds(client).await?;
+        let (xds_port, monitoring_port) = (free_port()?, free_port()?);
+        let settings = Settings {
+            revision: revision.into(),
+            namespace: namespace.into(),
+            service: format!("istiod-{revision}.{namespace}.svc"),
+            proxy_image: "ghcr.io/bowline-mesh/proxy:0.1.0".into(),
+            trust_domain: "cluster.local".into(),
+            max_ttl: Duration::from_secs(24 * 3600),
+            ca_address: loopback(xds_port),
+            webhook_address: loopback(webhook_port),
+            monitoring_address: loopback(monitoring_port),
+            mesh_config_map: format!("istio-{revision}"),
+            instance: format!("istiod-{revision}-test"),
+        };
+        let task = tokio::spawn(server::run(client.clone(), settings));
+        let running = Self {
+            revision: revision.into(),
+            namespace: namespace.into(),
+            xds_port,
+            webhook_port,
+            monitoring_port,
+            task,
+        };
+        wait_until("the control plane to report ready", || async {
+            Ok(running.get("/ready").await.is_ok_and(|(status, _)| status == 200))
+        })
+        .await?;
+        Ok(running)
+    }
+
+    /// The CA's root, from the Secret it keeps.
+    pub async fn root_pem(&self, client: &Client) -> anyhow::Result<String> {
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.namespace);
+        let kept = secrets.get("istio-ca-secret").await.context("the CA is kept")?;
+        let root = kept
+            .data
+            .unwrap_or_default()
+            .get("root-cert.pem")
+            .cloned()
+            .context("a root")?;
+        Ok(String::from_utf8(root.0)?)
+    }
+
+    /// Where proxies reach it, and the name its certificate carries.
+    pub async fn target(&self, client: &Client) -> anyhow::Result<Target> {
+        Ok(Target {
+            address: format!("127.0.0.1:{}", self.xds_port),
+            root_pem: self.root_pem(client).await?,
+            server_name: format!("istiod-{}.{}.svc", self.revision, self.namespace),
+        })
+    }
+
+    /// One plain HTTP/1.0 GET on the monitoring port: status and body.
+    pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(loopback(self.monitoring_port)).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("a status line")?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
+        Ok((status, body))
+    }
+}
