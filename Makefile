@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s deps bench-operator
+.PHONY: demo cluster test lint k8s envoy deps bench-operator
 
 ## demo: bring the local cluster up, deploy a sample workload, show it, stop.
 demo: k8s
@@ -19,7 +19,7 @@ cluster: k8s
 	$(CARGO) run --locked -q -p bowline-tests --bin bowline-cluster
 
 ## test: formatting, clippy (warnings are errors), then every test.
-test: lint k8s
+test: lint k8s envoy
 	$(CARGO) test --locked --workspace
 
 lint: deps
@@ -35,6 +35,10 @@ bench-operator: k8s
 ## k8s: build (or find, when up to date) the local cluster's binaries.
 k8s: deps
 	bash tests/k8s/build.sh
+
+## envoy: fetch (once) the Envoy binary the tests run as a proxy.
+envoy:
+	bash tests/envoy/fetch.sh
 
 ## deps: what the builds need besides cargo and go.
 deps:

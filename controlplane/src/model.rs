@@ -107,6 +107,10 @@ pub struct Proxy {
     /// Its pod's labels (Sidecar and Gateway selectors, `sourceLabels`).
     pub labels: BTreeMap<String, String>,
     pub ip: String,
+    /// Whether its traffic is captured (iptables) onto 15001 and 15006;
+    /// a proxy with `INTERCEPTION_MODE: NONE` in its metadata gets no
+    /// virtual listeners, only those it binds.
+    pub captured: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -70,7 +70,7 @@ pub type Encoded = BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>>;
 pub struct Generated {
     /// Shared with every proxy of the same scope.
     pub outbound: Arc<Encoded>,
-    /// This proxy's own (inbound clusters, `virtualInbound`).
+    /// This proxy's own (the virtual listeners, inbound clusters).
     pub inbound: Encoded,
 }
 
@@ -155,10 +155,10 @@ impl Generator {
                 outbound
             }
         };
-        let (clusters, listener) = translate::inbound(&push.snapshot, proxy);
+        let (clusters, listeners) = translate::own(&push.snapshot, proxy);
         let mut inbound = Encoded::new();
         inbound.insert(CLUSTER, encode(clusters, |c| &c.name));
-        inbound.insert(LISTENER, encode(vec![listener], |l| &l.name));
+        inbound.insert(LISTENER, encode(listeners, |l| &l.name));
         Generated { outbound, inbound }
     }
 }

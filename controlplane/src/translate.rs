@@ -52,9 +52,9 @@ pub fn sidecar(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
         listeners: scope.outbound_listeners(),
         routes: scope.routes(),
     };
-    let (clusters, listener) = inbound(snapshot, proxy);
+    let (clusters, listeners) = own(snapshot, proxy);
     resources.clusters.extend(clusters);
-    resources.listeners.push(listener);
+    resources.listeners.extend(listeners);
     resources
 }
 
@@ -79,11 +79,7 @@ impl<'s> Scope<'s> {
     ) -> Self {
         let sidecar = sidecar_for(snapshot, namespace, labels);
         let services = visible_services(snapshot, namespace, sidecar.map(|s| &s.spec));
-        let allow_any = sidecar
-            .and_then(|s| s.spec.outbound_traffic_policy.as_ref())
-            .and_then(|p| p.mode)
-            .map(|m| m == bowline_api::networking::OutboundTrafficMode::AllowAny)
-            .unwrap_or(snapshot.mesh.outbound == OutboundTrafficMode::AllowAny);
+        let allow_any = allow_any(snapshot, sidecar.map(|s| &s.spec));
         Self {
             snapshot,
             namespace,
@@ -177,10 +173,10 @@ impl<'s> Scope<'s> {
             .collect()
     }
 
-    /// `virtualOutbound`, a listener per HTTP port, one per TCP service
-    /// port with an address, and the bound ones.
+    /// A listener per HTTP port, one per TCP service port with an
+    /// address, and the bound ones.
     pub fn outbound_listeners(&self) -> Vec<Listener> {
-        let mut listeners = vec![listeners::virtual_outbound(self.allow_any)];
+        let mut listeners = Vec::new();
         let bound: Vec<Bound> = self.bound().collect();
         for port in self.http_ports() {
             if self.services.iter().any(|s| s.port(port).is_some()) {
@@ -203,14 +199,31 @@ impl<'s> Scope<'s> {
     }
 }
 
-/// The proxy's own inbound: a cluster per port its workload serves, and
-/// `virtualInbound`.
-pub fn inbound(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Cluster>, Listener) {
+/// What is the proxy's own: for a captured proxy, `virtualOutbound`, and
+/// `virtualInbound` with a cluster per port its workload serves.
+pub fn own(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Cluster>, Vec<Listener>) {
+    if !proxy.captured {
+        return (Vec::new(), Vec::new());
+    }
     let ports = inbound_ports(snapshot, proxy);
+    let sidecar = sidecar_for(snapshot, &proxy.namespace, &proxy.labels);
     (
         ports.iter().map(|p| inbound_cluster(p.port)).collect(),
-        listeners::virtual_inbound(&ports),
+        vec![
+            listeners::virtual_outbound(allow_any(snapshot, sidecar.map(|s| &s.spec))),
+            listeners::virtual_inbound(&ports),
+        ],
     )
+}
+
+/// Whether traffic to hosts the mesh does not know passes (ALLOW_ANY):
+/// the Sidecar's policy, else the mesh's.
+fn allow_any(snapshot: &Snapshot, sidecar: Option<&SidecarSpec>) -> bool {
+    sidecar
+        .and_then(|s| s.outbound_traffic_policy.as_ref())
+        .and_then(|p| p.mode)
+        .map(|m| m == bowline_api::networking::OutboundTrafficMode::AllowAny)
+        .unwrap_or(snapshot.mesh.outbound == OutboundTrafficMode::AllowAny)
 }
 
 /// The Sidecar resource for a proxy: one selecting its labels in its

@@ -272,7 +272,16 @@ pub fn proxy_for(node: &Node, identity: &Identity, snapshot: &Snapshot) -> Resul
         namespace: namespace.to_string(),
         labels,
         ip,
+        captured: metadata_string(node, "INTERCEPTION_MODE").as_deref() != Some("NONE"),
     })
+}
+
+fn metadata_string(node: &Node, key: &str) -> Option<String> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    match node.metadata.as_ref()?.fields.get(key)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(s.clone()),
+        _ => None,
+    }
 }
 
 /// The `LABELS` a proxy sends in its node metadata, as Istio's do.

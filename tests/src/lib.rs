@@ -9,11 +9,13 @@
 //! - [`process`]: child processes that cannot outlive their parent.
 //! - [`operator`]: the Bowline operator run in-process against the cluster.
 //! - [`controlplane`]: the control plane run in-process on loopback ports.
+//! - [`envoy`]: Envoy as a sidecar configured over ADS by the control plane.
 //! - [`xds`]: a delta-ADS client standing in for a proxy.
 
 pub mod binaries;
 pub mod cluster;
 pub mod controlplane;
+pub mod envoy;
 pub mod operator;
 pub mod pki;
 pub mod process;

