@@ -41,6 +41,74 @@ impl ControlPlane {
         Self::start_with_webhook_port(client, namespace, revision, free_port()?).await
     }
 
+    /// Starts revision `revision` in `namespace` as the operator deploys
+    /// it: with the ServiceAccount, ClusterRole, Role and bindings the
+    /// operator renders for it, and a token of that ServiceAccount — so
+    /// it can do exactly what its RBAC grants. `admin` applies the RBAC.
+    pub async fn start_under_rendered_rbac(
+        cluster: &crate::LocalCluster,
+        admin: &Client,
+        namespace: &str,
+        revision: &str,
+    ) -> anyhow::Result<Self> {
+        use bowline_api::install::MeshInstallation;
+        use k8s_openapi::api::authentication::v1::TokenRequest;
+        use k8s_openapi::api::core::v1::ServiceAccount;
+        use kube::api::{Patch, PatchParams, PostParams};
+
+        let mut installation: MeshInstallation = serde_json::from_value(serde_json::json!({
+            "apiVersion": "install.bowline.dev/v1alpha1",
+            "kind": "MeshInstallation",
+            "metadata": {"name": revision, "uid": "00000000-0000-0000-0000-000000000000"},
+            "spec": {"version": "v0.1.0", "profile": "minimal", "namespace": namespace},
+        }))?;
+        installation.metadata.uid.get_or_insert_with(Default::default);
+        let resolved = bowline_operator::profile::resolve(&installation.spec)?;
+        let objects = bowline_operator::render::render(&installation, &resolved, revision)?;
+        let mut account = None;
+        for managed in objects.iter().filter(|m| {
+            matches!(
+                m.resource.kind.as_str(),
+                "ServiceAccount" | "ClusterRole" | "ClusterRoleBinding" | "Role" | "RoleBinding"
+            )
+        }) {
+            let api: Api<kube::api::DynamicObject> = match managed.namespace() {
+                Some(ns) => Api::namespaced_with(admin.clone(), &ns, &managed.resource),
+                None => Api::all_with(admin.clone(), &managed.resource),
+            };
+            let mut object = managed.object.clone();
+            // Owned by nothing here: no installation object exists.
+            object.metadata.owner_references = None;
+            api.patch(
+                &managed.name(),
+                &PatchParams::apply("bowline-tests").force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .with_context(|| format!("applying {}", managed.describe()))?;
+            if managed.resource.kind == "ServiceAccount" {
+                account = Some(managed.name());
+            }
+        }
+        let account = account.context("a rendered ServiceAccount")?;
+        let accounts: Api<ServiceAccount> = Api::namespaced(admin.clone(), namespace);
+        let token = accounts
+            .create_token_request(
+                &account,
+                &PostParams::default(),
+                &serde_json::from_value::<TokenRequest>(serde_json::json!({
+                    "spec": {"expirationSeconds": 3600},
+                }))?,
+            )
+            .await?
+            .status
+            .context("a token")?
+            .token;
+        crate::operator::install_crds(admin).await?;
+        let client = cluster.client_with_token(&token).await?;
+        Self::launch(&client, namespace, revision, free_port()?).await
+    }
+
     /// As [`ControlPlane::start`], with the webhooks on a port chosen
     /// before (webhook configurations registered ahead name it).
     pub async fn start_with_webhook_port(
@@ -51,6 +119,15 @@ impl ControlPlane {
     ) -> anyhow::Result<Self> {
         // Discovery watches the Istio kinds.
         crate::operator::install_crds(client).await?;
+        Self::launch(client, namespace, revision, webhook_port).await
+    }
+
+    async fn launch(
+        client: &Client,
+        namespace: &str,
+        revision: &str,
+        webhook_port: u16,
+    ) -> anyhow::Result<Self> {
         let (xds_port, monitoring_port) = (free_port()?, free_port()?);
         let settings = Settings {
             revision: revision.into(),

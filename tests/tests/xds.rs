@@ -3,7 +3,8 @@
 //! endpoints, listeners and routes its VirtualService and DestinationRule
 //! make, and gets a VirtualService change; invalid config that got past
 //! the webhook is skipped alone and reported; a proxy claiming another
-//! namespace than its identity is refused; a NACK is recorded.
+//! namespace than its identity is refused; a NACK is recorded. The control
+//! plane runs under the RBAC the operator renders for it.
 
 use std::time::{Duration, Instant};
 
@@ -89,7 +90,8 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
     let mesh = cluster.test_namespace(&client, "xds").await?;
     let apps = format!("{mesh}-apps");
     create_namespace(&client, &apps, json!({})).await?;
-    let control_plane = ControlPlane::start(&client, &mesh, "xds").await?;
+    // Under the RBAC the operator renders for it, as it runs for real.
+    let control_plane = ControlPlane::start_under_rendered_rbac(cluster, &client, &mesh, "xds").await?;
     let host = format!("reviews.{apps}.svc.cluster.local");
 
     // reviews v1 and v2 behind a Service; the EndpointSlice controller

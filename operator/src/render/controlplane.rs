@@ -264,13 +264,15 @@ fn cluster_rules() -> Vec<PolicyRule> {
         rule(&["discovery.k8s.io"], &["endpointslices"], &read),
         // Gateway credentials (credentialName) live in any namespace.
         rule(&[""], &["secrets"], &read),
-        // The root certificate is published in every namespace.
+        // The root certificate is published in every namespace (applied
+        // server-side, hence patch).
         rule(
             &[""],
             &["configmaps"],
-            &["get", "list", "watch", "create", "update"],
+            &["get", "list", "watch", "create", "update", "patch"],
         ),
-        rule(&[""], &["events"], &["create", "patch"]),
+        // Events on config it skips as invalid (events.k8s.io/v1).
+        rule(&["", "events.k8s.io"], &["events"], &["create", "patch"]),
         rule(&["authentication.k8s.io"], &["tokenreviews"], &["create"]),
         rule(
             &["authorization.k8s.io"],
