@@ -42,7 +42,7 @@ pub enum Error {
 }
 
 /// A workload's identity: its ServiceAccount.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Identity {
     pub namespace: String,
     pub service_account: String,
@@ -208,6 +208,11 @@ impl Authority {
 
     /// The root certificate proxies trust (the `istio-ca-root-cert`
     /// ConfigMap's `root-cert.pem`).
+    /// The longest lifetime it issues.
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl
+    }
+
     pub fn root_pem(&self) -> &str {
         &self.files.root_cert
     }

@@ -25,7 +25,9 @@ use bowline_api::networking::{
 };
 use bowline_api::security::{AuthorizationPolicy, PeerAuthentication};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Service as KubeService};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ObjectReference, Pod, Secret, Service as KubeService,
+};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -37,8 +39,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{KindLabels, Metrics};
 use crate::model::{
-    Config, Endpoint, Mesh, Protocol, Resolution, Service, ServicePort, Snapshot, Workload,
-    resolve_host,
+    Config, Endpoint, Mesh, Protocol, Resolution, Service, ServicePort, Snapshot, TlsSecret,
+    Workload, resolve_host,
 };
 use crate::push::Push;
 use crate::validate;
@@ -67,6 +69,7 @@ pub enum Kind {
     Services,
     EndpointSlices,
     Pods,
+    Secrets,
     MeshConfig,
     VirtualServices,
     DestinationRules,
@@ -90,6 +93,7 @@ struct Stores {
     services: Store<KubeService>,
     slices: Store<EndpointSlice>,
     pods: Store<Pod>,
+    secrets: Store<Secret>,
     config_maps: Store<ConfigMap>,
     istio: BTreeMap<Kind, Store<DynamicObject>>,
 }
@@ -108,6 +112,14 @@ pub async fn run(
     let services = watch_kind(Api::<KubeService>::all(client.clone()), watcher::Config::default(), Kind::Services, &changes_tx, &mut ready);
     let slices = watch_kind(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), Kind::EndpointSlices, &changes_tx, &mut ready);
     let pods = watch_kind(Api::<Pod>::all(client.clone()), watcher::Config::default(), Kind::Pods, &changes_tx, &mut ready);
+    // Credentials; ServiceAccount tokens are never a proxy's business.
+    let secrets = watch_kind(
+        Api::<Secret>::all(client.clone()),
+        watcher::Config::default().fields("type!=kubernetes.io/service-account-token"),
+        Kind::Secrets,
+        &changes_tx,
+        &mut ready,
+    );
     let config_maps = watch_kind(
         Api::<ConfigMap>::namespaced(client.clone(), &settings.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", settings.mesh_config_map)),
@@ -136,12 +148,14 @@ pub async fn run(
         services,
         slices,
         pods,
+        secrets,
         config_maps,
         istio,
     };
     let _ = stores.services.wait_until_ready().await;
     let _ = stores.slices.wait_until_ready().await;
     let _ = stores.pods.wait_until_ready().await;
+    let _ = stores.secrets.wait_until_ready().await;
     let _ = stores.config_maps.wait_until_ready().await;
     for store in stores.istio.values() {
         let _ = store.wait_until_ready().await;
@@ -152,6 +166,7 @@ pub async fn run(
         Kind::Services,
         Kind::EndpointSlices,
         Kind::Pods,
+        Kind::Secrets,
         Kind::MeshConfig,
         Kind::VirtualServices,
         Kind::DestinationRules,
@@ -297,6 +312,9 @@ async fn rebuild(
     if touched(&[Kind::Pods]) {
         next.workloads = Arc::new(workloads(&stores.pods.state()));
     }
+    if touched(&[Kind::Secrets]) {
+        next.secrets = Arc::new(tls_secrets(&stores.secrets.state()));
+    }
     if touched(&[Kind::Services, Kind::ServiceEntries]) {
         let mut services: BTreeMap<String, Service> = stores
             .services
@@ -358,6 +376,33 @@ fn mesh(config_map: Option<&ConfigMap>, settings: &Settings) -> Mesh {
             .and_then(|p| p.mode)
             .unwrap_or(OutboundTrafficMode::AllowAny),
     }
+}
+
+/// Secrets with a certificate or a CA under Kubernetes' TLS keys or
+/// Istio's generic ones.
+fn tls_secrets(secrets: &[Arc<Secret>]) -> BTreeMap<String, TlsSecret> {
+    secrets
+        .iter()
+        .filter_map(|secret| {
+            let data = secret.data.as_ref()?;
+            let text = |keys: &[&str]| {
+                keys.iter()
+                    .find_map(|k| data.get(*k))
+                    .and_then(|v| String::from_utf8(v.0.clone()).ok())
+            };
+            let tls = TlsSecret {
+                cert: text(&["tls.crt", "cert"]),
+                key: text(&["tls.key", "key"]),
+                ca: text(&["ca.crt", "cacert"]),
+            };
+            (tls.cert.is_some() || tls.ca.is_some()).then(|| {
+                (
+                    format!("{}/{}", secret.namespace().unwrap_or_default(), secret.name_any()),
+                    tls,
+                )
+            })
+        })
+        .collect()
 }
 
 fn workloads(pods: &[Arc<Pod>]) -> BTreeMap<String, Workload> {

@@ -27,6 +27,7 @@ pub mod metrics;
 pub mod model;
 pub mod ops;
 pub mod push;
+pub mod secrets;
 pub mod server;
 pub mod translate;
 pub mod validate;

@@ -32,7 +32,18 @@ pub struct Snapshot {
     pub authorization_policies: Arc<Vec<Config<AuthorizationPolicySpec>>>,
     /// Pods, by `namespace/name`: who a connecting proxy is.
     pub workloads: Arc<BTreeMap<String, Workload>>,
+    /// TLS Secrets (gateway and DestinationRule credentials), by
+    /// `namespace/name`.
+    pub secrets: Arc<BTreeMap<String, TlsSecret>>,
     pub mesh: Arc<Mesh>,
+}
+
+/// A Secret's certificate, key and CA, in PEM.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TlsSecret {
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub ca: Option<String>,
 }
 
 /// A pod, as far as a proxy's identity goes.
@@ -113,7 +124,7 @@ pub struct Proxy {
     pub captured: bool,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ProxyKind {
     Sidecar,
     Gateway,

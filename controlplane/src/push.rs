@@ -16,7 +16,7 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use prost::{Message, Name};
 
-use crate::model::{Proxy, Snapshot};
+use crate::model::{Proxy, ProxyKind, Snapshot};
 use crate::translate::{self, Scope};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -70,8 +70,9 @@ pub type Encoded = BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>>;
 pub struct Generated {
     /// Shared with every proxy of the same scope.
     pub outbound: Arc<Encoded>,
-    /// This proxy's own (the virtual listeners, inbound clusters).
-    pub inbound: Encoded,
+    /// This proxy's own: a sidecar's virtual listeners and inbound
+    /// clusters, a gateway's listeners and routes.
+    pub own: Encoded,
 }
 
 impl Generated {
@@ -80,12 +81,12 @@ impl Generated {
         self.outbound
             .get(type_url)
             .into_iter()
-            .chain(self.inbound.get(type_url))
+            .chain(self.own.get(type_url))
             .flatten()
     }
 
     pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<Versioned>> {
-        self.inbound
+        self.own
             .get(type_url)
             .and_then(|r| r.get(name))
             .or_else(|| self.outbound.get(type_url).and_then(|r| r.get(name)))
@@ -94,6 +95,7 @@ impl Generated {
 
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct ScopeKey {
+    kind: ProxyKind,
     namespace: String,
     labels: BTreeMap<String, String>,
 }
@@ -116,7 +118,27 @@ struct Cache {
 
 impl Generator {
     pub fn generate(&self, push: &Push, proxy: &Proxy) -> Generated {
+        let mut generated = self.shared(push, proxy);
+        match proxy.kind {
+            ProxyKind::Sidecar => {
+                let (clusters, listeners) = translate::own(&push.snapshot, proxy);
+                generated.own.insert(CLUSTER, encode(clusters, |c| &c.name));
+                generated.own.insert(LISTENER, encode(listeners, |l| &l.name));
+            }
+            ProxyKind::Gateway => {
+                let (listeners, routes) = translate::gateway::gateway(&push.snapshot, proxy);
+                generated.own.insert(LISTENER, encode(listeners, |l| &l.name));
+                generated.own.insert(ROUTE, encode(routes, |r| &r.name));
+            }
+        }
+        generated
+    }
+
+    /// The part shared by every proxy of the same scope: clusters and
+    /// endpoints, and for sidecars the outbound listeners and routes.
+    fn shared(&self, push: &Push, proxy: &Proxy) -> Generated {
         let key = ScopeKey {
+            kind: proxy.kind,
             namespace: proxy.namespace.clone(),
             labels: proxy.labels.clone(),
         };
@@ -146,7 +168,7 @@ impl Generator {
                         encoded.insert(ENDPOINT, encode(scope.endpoints(), |e| &e.cluster_name));
                         encoded
                     }
-                    None => outbound(&scope),
+                    None => outbound(&scope, proxy.kind),
                 });
                 let mut cache = self.cache.lock().expect("generator cache");
                 if cache.push == push.number {
@@ -155,20 +177,21 @@ impl Generator {
                 outbound
             }
         };
-        let (clusters, listeners) = translate::own(&push.snapshot, proxy);
-        let mut inbound = Encoded::new();
-        inbound.insert(CLUSTER, encode(clusters, |c| &c.name));
-        inbound.insert(LISTENER, encode(listeners, |l| &l.name));
-        Generated { outbound, inbound }
+        Generated {
+            outbound,
+            own: Encoded::new(),
+        }
     }
 }
 
-fn outbound(scope: &Scope<'_>) -> Encoded {
+fn outbound(scope: &Scope<'_>, kind: ProxyKind) -> Encoded {
     let mut encoded = Encoded::new();
     encoded.insert(CLUSTER, encode(scope.clusters(), |c| &c.name));
     encoded.insert(ENDPOINT, encode(scope.endpoints(), |e| &e.cluster_name));
-    encoded.insert(LISTENER, encode(scope.outbound_listeners(), |l| &l.name));
-    encoded.insert(ROUTE, encode(scope.routes(), |r| &r.name));
+    if kind == ProxyKind::Sidecar {
+        encoded.insert(LISTENER, encode(scope.outbound_listeners(), |l| &l.name));
+        encoded.insert(ROUTE, encode(scope.routes(), |r| &r.name));
+    }
     encoded
 }
 

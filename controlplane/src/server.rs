@@ -31,6 +31,7 @@ use crate::inject::Injection;
 use crate::metrics::Metrics;
 use crate::ops;
 use crate::push::Push;
+use crate::secrets::Secrets;
 use crate::webhook::{self, Webhooks};
 use crate::xds::{Authenticator, Discovery};
 
@@ -101,16 +102,6 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         pushes_tx,
         metrics.clone(),
     ));
-    let xds = Discovery::new(
-        pushes.clone(),
-        Authenticator {
-            client: Some(client.clone()),
-            trust_domain: settings.trust_domain.clone(),
-        },
-        metrics.clone(),
-    );
-    let monitor = ops::router(ready.clone(), metrics.clone(), xds.clone());
-    let monitoring = tokio::spawn(async move { axum::serve(monitoring, monitor).await });
 
     let authority = Arc::new(
         ca_store::load_or_create(
@@ -121,6 +112,18 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         )
         .await?,
     );
+    let xds = Discovery::new(
+        pushes.clone(),
+        Authenticator {
+            client: Some(client.clone()),
+            trust_domain: settings.trust_domain.clone(),
+        },
+        metrics.clone(),
+    )
+    .with_secrets(Arc::new(Secrets::new(authority.clone())));
+    let monitor = ops::router(ready.clone(), metrics.clone(), xds.clone());
+    let monitoring = tokio::spawn(async move { axum::serve(monitoring, monitor).await });
+
     let mut names = vec![settings.service.clone()];
     if let Some(short) = settings.service.strip_suffix(".svc") {
         names.push(short.to_string());

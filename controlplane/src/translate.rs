@@ -9,9 +9,13 @@
 //!
 //! - [`clusters`]: outbound clusters and their endpoints (DestinationRule);
 //! - [`routes`]: VirtualService `http` rules as routes;
-//! - [`listeners`]: a sidecar's listeners, inbound mutual TLS included.
+//! - [`listeners`]: a sidecar's listeners, inbound mutual TLS included;
+//! - [`gateway`]: a gateway's listeners and routes from Gateways;
+//! - [`authz`]: AuthorizationPolicies as inbound RBAC filters.
 
+pub mod authz;
 pub mod clusters;
+pub mod gateway;
 pub mod listeners;
 pub mod routes;
 
@@ -333,13 +337,14 @@ fn inbound_ports(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Inbound> {
             *ports.entry(e.port).or_default() |= http;
         }
     }
+    let rbac = authz::filters(snapshot, proxy);
     ports
         .into_iter()
         .map(|(port, http)| Inbound {
             port,
             http,
             mtls: mtls_mode(snapshot, proxy, port),
-            rbac: None,
+            rbac: rbac.clone(),
         })
         .collect()
 }

@@ -36,6 +36,7 @@ use crate::ca::{self, Identity};
 use crate::metrics::{Metrics, TypeLabels, type_label};
 use crate::model::{Proxy, ProxyKind, Snapshot};
 use crate::push::{Generated, Generator, PUSH_ORDER, Push, hash};
+use crate::secrets::Secrets;
 
 /// Pushes generated at once, across all proxies.
 pub const PUSH_PERMITS: usize = 100;
@@ -184,6 +185,8 @@ pub struct Discovery {
     pub registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
+    /// SDS: the root, workload certificates, credentials.
+    secrets: Option<Arc<Secrets>>,
 }
 
 impl Discovery {
@@ -199,6 +202,15 @@ impl Discovery {
             registry: Arc::new(Registry::default()),
             metrics,
             permits: Arc::new(Semaphore::new(PUSH_PERMITS)),
+            secrets: None,
+        }
+    }
+
+    /// Serves SDS: the CA's root, and workload certificates it issues.
+    pub fn with_secrets(self, secrets: Arc<Secrets>) -> Self {
+        Self {
+            secrets: Some(secrets),
+            ..self
         }
     }
 
@@ -219,9 +231,20 @@ impl Discovery {
         self.registry.find(proxy_id)
     }
 
-    async fn generate(&self, push: &Push, proxy: &Proxy) -> Generated {
+    async fn generate(&self, push: &Push, proxy: &Proxy, identity: &Identity) -> Generated {
         let _permit = self.permits.acquire().await.expect("never closed");
-        self.generator.generate(push, proxy)
+        let mut generated = self.generator.generate(push, proxy);
+        if let Some(secrets) = &self.secrets {
+            match secrets.for_proxy(&push.snapshot, proxy, identity) {
+                Ok(secrets) => {
+                    generated.own.insert(crate::push::SECRET, secrets);
+                }
+                Err(error) => {
+                    tracing::warn!(proxy = %proxy.id, %error, "no certificate for the proxy")
+                }
+            }
+        }
+        generated
     }
 }
 
@@ -467,7 +490,7 @@ impl Connection {
         discovery.metrics.connected.inc();
         tracing::info!(proxy = %proxy.id, protocol = self.protocol, "proxy connected");
 
-        let mut generated = discovery.generate(&push, &proxy).await;
+        let mut generated = discovery.generate(&push, &proxy, &self.identity).await;
         let mut request = Some(first);
         loop {
             if let Some(r) = request.take() {
@@ -503,7 +526,7 @@ impl Connection {
                     if let Ok(updated) = proxy_for(&node, &self.identity, &push.snapshot) {
                         proxy = updated;
                     }
-                    generated = discovery.generate(&push, &proxy).await;
+                    generated = discovery.generate(&push, &proxy, &self.identity).await;
                     self.converging = Some((push.number, push.since));
                     let mut failed = false;
                     for type_url in ordered(protocol.types()) {

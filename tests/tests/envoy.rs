@@ -145,7 +145,14 @@ async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()>
     let stats = envoy.stats().await?;
     let rejected: Vec<(&String, &u64)> = stats.iter().filter(|(k, v)| k.ends_with("update_rejected") && **v > 0).collect();
     ensure!(rejected.is_empty(), "Envoy rejected config: {rejected:?}\n{}", envoy.log_tail(40));
-    for stat in ["cluster_manager.cds.update_success", "listener_manager.lds.update_success"] {
+    // SDS: the mesh root and the workload certificate issued for the
+    // token's ServiceAccount (auto-mTLS clusters refer to both).
+    for stat in [
+        "cluster_manager.cds.update_success",
+        "listener_manager.lds.update_success",
+        "sds.ROOTCA.update_success",
+        "sds.default.update_success",
+    ] {
         ensure!(stats.get(stat).is_some_and(|v| *v > 0), "{stat}: {:?}", stats.get(stat));
     }
     let rds = format!(".rds.{service_port}.update_success");

@@ -4,8 +4,25 @@
 use std::collections::BTreeMap;
 
 use bowline_api::networking::{
-    ConnectionPoolSettings, DestinationRuleSpec, OutlierDetection, SimpleLb, TrafficPolicy,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, DestinationRuleSpec,
+    H2UpgradePolicy, OutlierDetection, PortTrafficPolicy, SimpleLb, TrafficPolicy,
 };
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, HttpProtocolOptions as CoreHttpOptions, Metadata, data_source,
+};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, CommonTlsContext, SubjectAltNameMatcher, TlsCertificate,
+    UpstreamTlsContext, common_tls_context, subject_alt_name_matcher,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::google::protobuf::{Struct, Value, value};
+use envoy_types::util::pack_any;
+
+use super::gateway::credential_resource;
+use super::listeners::{mesh_tls_context, sds, transport_socket};
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlierDetection, circuit_breakers, cluster,
 };
@@ -19,11 +36,16 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 use envoy_types::pb::google::protobuf::UInt32Value;
 
 use super::duration;
-use crate::model::{Endpoint, Resolution, Service, selects};
+use crate::model::{Endpoint, Protocol, Resolution, Service, selects};
 use bowline_api::duration::parse as parse_duration;
 
 /// Istio's default connect timeout.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// The endpoint metadata auto-mTLS matches on, as Istio's.
+const TLS_MODE: &str = "tlsMode";
+/// Where a proxy finds the system's trusted roots, for SIMPLE TLS without
+/// `caCertificates`.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// Istio's "no limit" for circuit breakers.
 const UNLIMITED: u32 = u32::MAX;
 
@@ -40,21 +62,198 @@ pub fn outbound_clusters(service: &Service, rule: Option<&DestinationRuleSpec>) 
     let base = rule.and_then(|r| r.traffic_policy.as_ref());
     let mut clusters = Vec::new();
     for port in &service.ports {
-        clusters.push(cluster(
-            &cluster_name(port.port, "", host),
-            base,
-            port.port,
-        ));
-        for subset in rule.iter().flat_map(|r| r.subsets.iter()) {
-            let policy = merge(base, subset.traffic_policy.as_ref());
-            clusters.push(cluster(
-                &cluster_name(port.port, &subset.name, host),
-                policy.as_ref(),
-                port.port,
-            ));
+        let mut subsets = vec![("", base.cloned())];
+        subsets.extend(
+            rule.iter()
+                .flat_map(|r| r.subsets.iter())
+                .map(|s| (s.name.as_str(), merge(base, s.traffic_policy.as_ref()))),
+        );
+        for (subset, policy) in subsets {
+            let name = cluster_name(port.port, subset, host);
+            let mut built = cluster(&name, policy.as_ref(), port.port);
+            let tls = port_setting(policy.as_ref(), port.port, |p| p.tls.as_ref(), |p| p.tls.as_ref());
+            let sni = format!("outbound_.{}_.{subset}_.{host}", port.port);
+            upstream_tls(&mut built, tls, !service.external, &sni);
+            if port.protocol.is_http() || port.protocol == Protocol::Unknown {
+                http_options(&mut built, policy.as_ref(), port.port, port.protocol);
+            }
+            clusters.push(built);
         }
     }
     clusters
+}
+
+/// A setting of the policy, its port-level one for `port` first.
+fn port_setting<'p, T>(
+    policy: Option<&'p TrafficPolicy>,
+    port: u32,
+    at_port: impl Fn(&'p PortTrafficPolicy) -> Option<&'p T>,
+    at_policy: impl Fn(&'p TrafficPolicy) -> Option<&'p T>,
+) -> Option<&'p T> {
+    policy
+        .and_then(|p| {
+            p.port_level_settings
+                .iter()
+                .find(|s| s.port.as_ref().is_some_and(|sel| sel.number == port))
+        })
+        .and_then(at_port)
+        .or_else(|| policy.and_then(at_policy))
+}
+
+/// TLS toward the endpoints. Without a `tls` setting, auto-mTLS: mutual
+/// TLS with the mesh certificate to endpoints labelled as having a
+/// sidecar, plaintext to the rest. ISTIO_MUTUAL always mesh mTLS; SIMPLE
+/// and MUTUAL originate TLS with the rule's CA and client credential
+/// (a `credentialName` Secret over SDS, or files on the proxy); DISABLE
+/// plaintext.
+fn upstream_tls(cluster: &mut Cluster, tls: Option<&ClientTlsSettings>, mesh: bool, sni: &str) {
+    let mesh_context = || {
+        transport_socket(pack_any(UpstreamTlsContext {
+            common_tls_context: Some(mesh_tls_context(vec!["istio".into()])),
+            sni: sni.to_string(),
+            ..Default::default()
+        }))
+    };
+    match tls.map(|t| t.mode) {
+        None if mesh => {
+            cluster.transport_socket_matches = vec![cluster::TransportSocketMatch {
+                name: "tlsMode-istio".into(),
+                r#match: Some(Struct {
+                    fields: [(
+                        TLS_MODE.to_string(),
+                        Value {
+                            kind: Some(value::Kind::StringValue("istio".into())),
+                        },
+                    )]
+                    .into(),
+                }),
+                transport_socket: Some(mesh_context()),
+            }];
+        }
+        Some(ClientTlsMode::IstioMutual) => cluster.transport_socket = Some(mesh_context()),
+        Some(ClientTlsMode::Simple) | Some(ClientTlsMode::Mutual) => {
+            let tls = tls.expect("a mode means settings");
+            let credential = tls.credential_name.as_deref().map(credential_resource);
+            let validation = if tls.insecure_skip_verify == Some(true) {
+                None
+            } else if let Some(credential) = &credential {
+                Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                    sds(&format!("{credential}-cacert")),
+                ))
+            } else {
+                Some(common_tls_context::ValidationContextType::ValidationContext(
+                    CertificateValidationContext {
+                        trusted_ca: Some(match &tls.ca_certificates {
+                            Some(path) => DataSource {
+                                specifier: Some(data_source::Specifier::Filename(path.clone())),
+                                ..Default::default()
+                            },
+                            None => DataSource {
+                                specifier: Some(data_source::Specifier::Filename(
+                                    SYSTEM_ROOTS.into(),
+                                )),
+                                ..Default::default()
+                            },
+                        }),
+                        match_typed_subject_alt_names: tls
+                            .subject_alt_names
+                            .iter()
+                            .map(|san| SubjectAltNameMatcher {
+                                san_type: subject_alt_name_matcher::SanType::Dns as i32,
+                                matcher: Some(StringMatcher {
+                                    match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                        san.clone(),
+                                    )),
+                                    ..Default::default()
+                                }),
+                                ..Default::default()
+                            })
+                            .collect(),
+                        ..Default::default()
+                    },
+                ))
+            };
+            let mut common = CommonTlsContext {
+                validation_context_type: validation,
+                ..Default::default()
+            };
+            if tls.mode == ClientTlsMode::Mutual {
+                match (&credential, &tls.client_certificate, &tls.private_key) {
+                    (Some(credential), _, _) => {
+                        common.tls_certificate_sds_secret_configs = vec![sds(credential)]
+                    }
+                    (None, Some(cert), Some(key)) => {
+                        common.tls_certificates = vec![TlsCertificate {
+                            certificate_chain: Some(file(cert)),
+                            private_key: Some(file(key)),
+                            ..Default::default()
+                        }]
+                    }
+                    _ => {}
+                }
+            }
+            cluster.transport_socket = Some(transport_socket(pack_any(UpstreamTlsContext {
+                common_tls_context: Some(common),
+                sni: tls.sni.clone().unwrap_or_default(),
+                ..Default::default()
+            })));
+        }
+        _ => {}
+    }
+}
+
+fn file(path: &str) -> DataSource {
+    DataSource {
+        specifier: Some(data_source::Specifier::Filename(path.to_string())),
+        ..Default::default()
+    }
+}
+
+/// The connection pool's HTTP settings: requests per connection, idle
+/// timeout, and HTTP/2 toward the endpoints for HTTP/2 and gRPC ports or
+/// when `h2UpgradePolicy: UPGRADE` asks.
+fn http_options(cluster: &mut Cluster, policy: Option<&TrafficPolicy>, port: u32, protocol: Protocol) {
+    let http = port_setting(
+        policy,
+        port,
+        |p| p.connection_pool.as_ref(),
+        |p| p.connection_pool.as_ref(),
+    )
+    .and_then(|pool| pool.http.as_ref());
+    let h2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc)
+        || http.and_then(|h| h.h2_upgrade_policy) == Some(H2UpgradePolicy::Upgrade);
+    let idle = http.and_then(|h| h.idle_timeout.as_deref()).and_then(parse_duration);
+    let per_connection = http.and_then(|h| h.max_requests_per_connection).filter(|n| *n > 0);
+    if !h2 && idle.is_none() && per_connection.is_none() {
+        return;
+    }
+    let options = HttpProtocolOptions {
+        common_http_protocol_options: Some(CoreHttpOptions {
+            idle_timeout: idle.map(duration),
+            max_requests_per_connection: per_connection.map(|n| UInt32Value { value: n as u32 }),
+            ..Default::default()
+        }),
+        upstream_protocol_options: Some(
+            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+                http_protocol_options::ExplicitHttpConfig {
+                    protocol_config: Some(if h2 {
+                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                            Default::default(),
+                        )
+                    } else {
+                        http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
+                            Default::default(),
+                        )
+                    }),
+                },
+            ),
+        ),
+        ..Default::default()
+    };
+    cluster.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack_any(options),
+    );
 }
 
 /// Clusters of services the proxy resolves itself: DNS names carried in
@@ -268,6 +467,23 @@ fn assignment(name: &str, endpoints: &[&Endpoint]) -> ClusterLoadAssignment {
                             ..Default::default()
                         },
                     )),
+                    // Auto-mTLS picks its transport socket by this.
+                    metadata: e.sidecar.then(|| Metadata {
+                        filter_metadata: [(
+                            "envoy.transport_socket_match".to_string(),
+                            Struct {
+                                fields: [(
+                                    TLS_MODE.to_string(),
+                                    Value {
+                                        kind: Some(value::Kind::StringValue("istio".into())),
+                                    },
+                                )]
+                                .into(),
+                            },
+                        )]
+                        .into(),
+                        ..Default::default()
+                    }),
                     health_status: if e.ready {
                         HealthStatus::Healthy
                     } else {

@@ -80,8 +80,9 @@ pub struct Inbound {
     pub port: u32,
     pub http: bool,
     pub mtls: MtlsMode,
-    /// The inbound RBAC filter, when an AuthorizationPolicy applies.
-    pub rbac: Option<HttpRbac>,
+    /// The inbound RBAC filters (AUDIT, DENY, ALLOW) of the
+    /// AuthorizationPolicies that apply.
+    pub rbac: Vec<HttpRbac>,
 }
 
 /// `inbound|<port>||`, as Istio names it.
@@ -124,13 +125,9 @@ pub fn outbound(listener: &Outbound) -> Listener {
             bind_to_port: Some(BoolValue { value: false }),
             traffic_direction: TrafficDirection::Outbound as i32,
             filter_chains: vec![FilterChain {
-                filters: vec![http_connection_manager(
+                filters: vec![rds_filter(
                     &format!("outbound_0.0.0.0_{port}"),
-                    http_connection_manager::RouteSpecifier::Rds(Rds {
-                        config_source: Some(ads()),
-                        route_config_name: port.to_string(),
-                    }),
-                    outbound_http_filters(),
+                    &port.to_string(),
                 )],
                 ..Default::default()
             }],
@@ -163,13 +160,9 @@ pub fn bound(listener: &Bound, allow_any: bool) -> Listener {
         address: Some(socket(address, *port)),
         traffic_direction: TrafficDirection::Outbound as i32,
         filter_chains: vec![FilterChain {
-            filters: vec![http_connection_manager(
+            filters: vec![rds_filter(
                 &format!("outbound_{address}_{port}"),
-                http_connection_manager::RouteSpecifier::Rds(Rds {
-                    config_source: Some(ads()),
-                    route_config_name: port.to_string(),
-                }),
-                outbound_http_filters(),
+                &port.to_string(),
             )],
             ..Default::default()
         }],
@@ -255,7 +248,7 @@ fn inbound_filter(inbound: &Inbound) -> Filter {
         return tcp_proxy_filter(&cluster, &cluster);
     }
     let mut filters = Vec::new();
-    if let Some(rbac) = &inbound.rbac {
+    for rbac in &inbound.rbac {
         filters.push(http_filter("envoy.filters.http.rbac", pack_any(rbac.clone())));
     }
     filters.push(http_filter("envoy.filters.http.router", pack_any(Router::default())));
@@ -340,6 +333,32 @@ pub fn ads() -> ConfigSource {
         )),
         ..Default::default()
     }
+}
+
+/// HTTP routed by the route configuration `routes` (over ADS), with
+/// faults, then the router.
+pub fn rds_filter(stat_prefix: &str, routes: &str) -> Filter {
+    http_connection_manager(
+        stat_prefix,
+        http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads()),
+            route_config_name: routes.to_string(),
+        }),
+        outbound_http_filters(),
+    )
+}
+
+/// Every connection to `cluster`.
+pub fn tcp_proxy(cluster: &str) -> Filter {
+    tcp_proxy_filter(cluster, cluster)
+}
+
+/// Reads SNI and ALPN before a filter chain is chosen.
+pub fn tls_inspector() -> ListenerFilter {
+    listener_filter(
+        "envoy.filters.listener.tls_inspector",
+        pack_any(TlsInspector::default()),
+    )
 }
 
 fn outbound_http_filters() -> Vec<HttpFilter> {
