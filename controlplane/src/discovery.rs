@@ -25,9 +25,7 @@ use bowline_api::networking::{
 };
 use bowline_api::security::{AuthorizationPolicy, PeerAuthentication};
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{
-    ConfigMap, ObjectReference, Pod, Secret, Service as KubeService,
-};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Pod, Secret, Service as KubeService};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -109,9 +107,27 @@ pub async fn run(
     let (changes_tx, mut changes) = mpsc::channel::<Kind>(1024);
     let mut ready = Vec::new();
 
-    let services = watch_kind(Api::<KubeService>::all(client.clone()), watcher::Config::default(), Kind::Services, &changes_tx, &mut ready);
-    let slices = watch_kind(Api::<EndpointSlice>::all(client.clone()), watcher::Config::default(), Kind::EndpointSlices, &changes_tx, &mut ready);
-    let pods = watch_kind(Api::<Pod>::all(client.clone()), watcher::Config::default(), Kind::Pods, &changes_tx, &mut ready);
+    let services = watch_kind(
+        Api::<KubeService>::all(client.clone()),
+        watcher::Config::default(),
+        Kind::Services,
+        &changes_tx,
+        &mut ready,
+    );
+    let slices = watch_kind(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default(),
+        Kind::EndpointSlices,
+        &changes_tx,
+        &mut ready,
+    );
+    let pods = watch_kind(
+        Api::<Pod>::all(client.clone()),
+        watcher::Config::default(),
+        Kind::Pods,
+        &changes_tx,
+        &mut ready,
+    );
     // Credentials; ServiceAccount tokens are never a proxy's business.
     let secrets = watch_kind(
         Api::<Secret>::all(client.clone()),
@@ -129,13 +145,28 @@ pub async fn run(
     );
     let mut istio = BTreeMap::new();
     for (kind, resource) in [
-        (Kind::VirtualServices, ApiResource::erase::<VirtualService>(&())),
-        (Kind::DestinationRules, ApiResource::erase::<DestinationRule>(&())),
+        (
+            Kind::VirtualServices,
+            ApiResource::erase::<VirtualService>(&()),
+        ),
+        (
+            Kind::DestinationRules,
+            ApiResource::erase::<DestinationRule>(&()),
+        ),
         (Kind::Gateways, ApiResource::erase::<Gateway>(&())),
-        (Kind::ServiceEntries, ApiResource::erase::<ServiceEntry>(&())),
+        (
+            Kind::ServiceEntries,
+            ApiResource::erase::<ServiceEntry>(&()),
+        ),
         (Kind::Sidecars, ApiResource::erase::<Sidecar>(&())),
-        (Kind::PeerAuthentications, ApiResource::erase::<PeerAuthentication>(&())),
-        (Kind::AuthorizationPolicies, ApiResource::erase::<AuthorizationPolicy>(&())),
+        (
+            Kind::PeerAuthentications,
+            ApiResource::erase::<PeerAuthentication>(&()),
+        ),
+        (
+            Kind::AuthorizationPolicies,
+            ApiResource::erase::<AuthorizationPolicy>(&()),
+        ),
     ] {
         let api = Api::<DynamicObject>::all_with(client.clone(), &resource);
         let writer = reflector::store::Writer::new(resource.clone());
@@ -177,7 +208,14 @@ pub async fn run(
         Kind::AuthorizationPolicies,
     ]
     .into();
-    let mut snapshot = rebuild(&Snapshot::default(), &stores, &all, &settings, &mut reporter).await;
+    let mut snapshot = rebuild(
+        &Snapshot::default(),
+        &stores,
+        &all,
+        &settings,
+        &mut reporter,
+    )
+    .await;
     // Changes seen while listing are in the first snapshot.
     while changes.try_recv().is_ok() {}
     let mut current = Push::first(snapshot.clone());
@@ -283,25 +321,73 @@ async fn rebuild(
     };
 
     if touched(&[Kind::VirtualServices]) {
-        next.virtual_services = Arc::new(reporter.read(configs(Kind::VirtualServices), "VirtualService", validate::virtual_service).await);
+        next.virtual_services = Arc::new(
+            reporter
+                .read(
+                    configs(Kind::VirtualServices),
+                    "VirtualService",
+                    validate::virtual_service,
+                )
+                .await,
+        );
     }
     if touched(&[Kind::DestinationRules]) {
-        next.destination_rules = Arc::new(reporter.read(configs(Kind::DestinationRules), "DestinationRule", validate::destination_rule).await);
+        next.destination_rules = Arc::new(
+            reporter
+                .read(
+                    configs(Kind::DestinationRules),
+                    "DestinationRule",
+                    validate::destination_rule,
+                )
+                .await,
+        );
     }
     if touched(&[Kind::Gateways]) {
-        next.gateways = Arc::new(reporter.read(configs(Kind::Gateways), "Gateway", validate::gateway).await);
+        next.gateways = Arc::new(
+            reporter
+                .read(configs(Kind::Gateways), "Gateway", validate::gateway)
+                .await,
+        );
     }
     if touched(&[Kind::ServiceEntries]) {
-        next.service_entries = Arc::new(reporter.read(configs(Kind::ServiceEntries), "ServiceEntry", validate::service_entry).await);
+        next.service_entries = Arc::new(
+            reporter
+                .read(
+                    configs(Kind::ServiceEntries),
+                    "ServiceEntry",
+                    validate::service_entry,
+                )
+                .await,
+        );
     }
     if touched(&[Kind::Sidecars]) {
-        next.sidecars = Arc::new(reporter.read(configs(Kind::Sidecars), "Sidecar", validate::sidecar).await);
+        next.sidecars = Arc::new(
+            reporter
+                .read(configs(Kind::Sidecars), "Sidecar", validate::sidecar)
+                .await,
+        );
     }
     if touched(&[Kind::PeerAuthentications]) {
-        next.peer_authentications = Arc::new(reporter.read(configs(Kind::PeerAuthentications), "PeerAuthentication", validate::peer_authentication).await);
+        next.peer_authentications = Arc::new(
+            reporter
+                .read(
+                    configs(Kind::PeerAuthentications),
+                    "PeerAuthentication",
+                    validate::peer_authentication,
+                )
+                .await,
+        );
     }
     if touched(&[Kind::AuthorizationPolicies]) {
-        next.authorization_policies = Arc::new(reporter.read(configs(Kind::AuthorizationPolicies), "AuthorizationPolicy", validate::authorization_policy).await);
+        next.authorization_policies = Arc::new(
+            reporter
+                .read(
+                    configs(Kind::AuthorizationPolicies),
+                    "AuthorizationPolicy",
+                    validate::authorization_policy,
+                )
+                .await,
+        );
     }
     if touched(&[Kind::MeshConfig]) {
         next.mesh = Arc::new(mesh(
@@ -331,11 +417,21 @@ async fn rebuild(
         }
         next.services = Arc::new(services);
     }
-    if touched(&[Kind::Services, Kind::EndpointSlices, Kind::Pods, Kind::ServiceEntries]) {
-        let mut endpoints = slice_endpoints(&stores.slices.state(), &stores.pods.state(), &next.services);
+    if touched(&[
+        Kind::Services,
+        Kind::EndpointSlices,
+        Kind::Pods,
+        Kind::ServiceEntries,
+    ]) {
+        let mut endpoints =
+            slice_endpoints(&stores.slices.state(), &stores.pods.state(), &next.services);
         for entry in next.service_entries.iter() {
             for (host, list) in entry_endpoints(entry) {
-                if next.services.get(&host).is_some_and(|s| s.namespace == entry.namespace) {
+                if next
+                    .services
+                    .get(&host)
+                    .is_some_and(|s| s.namespace == entry.namespace)
+                {
                     endpoints.entry(host).or_insert(list);
                 }
             }
@@ -397,7 +493,11 @@ fn tls_secrets(secrets: &[Arc<Secret>]) -> BTreeMap<String, TlsSecret> {
             };
             (tls.cert.is_some() || tls.ca.is_some()).then(|| {
                 (
-                    format!("{}/{}", secret.namespace().unwrap_or_default(), secret.name_any()),
+                    format!(
+                        "{}/{}",
+                        secret.namespace().unwrap_or_default(),
+                        secret.name_any()
+                    ),
                     tls,
                 )
             })
@@ -466,7 +566,12 @@ pub fn slice_endpoints(
 ) -> BTreeMap<String, Vec<Endpoint>> {
     let pods: std::collections::HashMap<(String, String), &Pod> = pods
         .iter()
-        .map(|p| ((p.namespace().unwrap_or_default(), p.name_any()), p.as_ref()))
+        .map(|p| {
+            (
+                (p.namespace().unwrap_or_default(), p.name_any()),
+                p.as_ref(),
+            )
+        })
         .collect();
     let mut endpoints: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
     for slice in slices {
@@ -487,7 +592,8 @@ pub fn slice_endpoints(
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| pods.get(&(namespace.clone(), r.name.clone().unwrap_or_default())));
             let labels = pod.map(|p| p.labels().clone()).unwrap_or_default();
-            let sidecar = labels.get("security.istio.io/tlsMode").map(String::as_str) == Some("istio");
+            let sidecar =
+                labels.get("security.istio.io/tlsMode").map(String::as_str) == Some("istio");
             let ready = endpoint
                 .conditions
                 .as_ref()
@@ -540,7 +646,16 @@ pub fn entry_services(entry: &Config<ServiceEntrySpec>) -> Vec<Service> {
                     protocol: Protocol::select(&p.name, p.protocol.as_deref()),
                 })
                 .collect(),
-            address: spec.addresses.first().cloned(),
+            // A single address is the service's VIP; wider ranges are
+            // not (yet) matched by listeners.
+            address: spec
+                .addresses
+                .first()
+                .and_then(|a| match a.split_once('/') {
+                    None => Some(a.clone()),
+                    Some((ip, "32" | "128")) => Some(ip.to_string()),
+                    Some(_) => None,
+                }),
             external: spec.location != Some(Location::MeshInternal),
             resolution,
         })
@@ -580,7 +695,9 @@ pub fn entry_endpoints(entry: &Config<ServiceEntrySpec>) -> Vec<(String, Vec<End
                         labels: e.labels.clone(),
                         ready: true,
                         sidecar: !service.external
-                            && e.labels.get("security.istio.io/tlsMode").map(String::as_str)
+                            && e.labels
+                                .get("security.istio.io/tlsMode")
+                                .map(String::as_str)
                                 == Some("istio"),
                     });
                 }
@@ -658,7 +775,11 @@ impl Reporting {
         if !self.reported.insert(key) {
             return;
         }
-        let name = format!("{}/{}", object.namespace().unwrap_or_default(), object.name_any());
+        let name = format!(
+            "{}/{}",
+            object.namespace().unwrap_or_default(),
+            object.name_any()
+        );
         tracing::warn!(%kind, object = %name, error = %message, "invalid config skipped");
         self.metrics
             .invalid_config

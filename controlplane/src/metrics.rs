@@ -89,7 +89,10 @@ impl Default for Metrics {
             "Config objects skipped because they are invalid, by kind",
             metrics.invalid_config.clone(),
         );
-        Self { registry, ..metrics }
+        Self {
+            registry,
+            ..metrics
+        }
     }
 }
 

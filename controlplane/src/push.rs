@@ -123,11 +123,15 @@ impl Generator {
             ProxyKind::Sidecar => {
                 let (clusters, listeners) = translate::own(&push.snapshot, proxy);
                 generated.own.insert(CLUSTER, encode(clusters, |c| &c.name));
-                generated.own.insert(LISTENER, encode(listeners, |l| &l.name));
+                generated
+                    .own
+                    .insert(LISTENER, encode(listeners, |l| &l.name));
             }
             ProxyKind::Gateway => {
                 let (listeners, routes) = translate::gateway::gateway(&push.snapshot, proxy);
-                generated.own.insert(LISTENER, encode(listeners, |l| &l.name));
+                generated
+                    .own
+                    .insert(LISTENER, encode(listeners, |l| &l.name));
                 generated.own.insert(ROUTE, encode(routes, |r| &r.name));
             }
         }

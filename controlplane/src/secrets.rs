@@ -78,12 +78,13 @@ impl Secrets {
         {
             return Ok(current.secret.clone());
         }
-        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
-            ca::Error::Certificate {
-                what: "a workload key".into(),
-                source,
-            }
-        })?;
+        let key =
+            rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|source| {
+                ca::Error::Certificate {
+                    what: "a workload key".into(),
+                    source,
+                }
+            })?;
         let csr = rcgen::CertificateParams::default()
             .serialize_request(&key)
             .and_then(|r| r.pem())
@@ -116,10 +117,12 @@ impl Secrets {
 fn root(pem: &str) -> Secret {
     Secret {
         name: ROOT_SECRET.into(),
-        r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
-            trusted_ca: Some(inline(pem.to_string())),
-            ..Default::default()
-        })),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: Some(inline(pem.to_string())),
+                ..Default::default()
+            },
+        )),
     }
 }
 
@@ -140,10 +143,12 @@ fn credential(name: &str, tls: &TlsSecret) -> Vec<Secret> {
     if let Some(ca) = &tls.ca {
         secrets.push(Secret {
             name: format!("{resource}-cacert"),
-            r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
-                trusted_ca: Some(inline(ca.clone())),
-                ..Default::default()
-            })),
+            r#type: Some(secret::Type::ValidationContext(
+                CertificateValidationContext {
+                    trusted_ca: Some(inline(ca.clone())),
+                    ..Default::default()
+                },
+            )),
         });
     }
     secrets

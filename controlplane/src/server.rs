@@ -156,7 +156,9 @@ pub async fn run(client: Client, settings: Settings) -> Result<(), Error> {
         .tls_config(
             tonic::transport::ServerTlsConfig::new()
                 .identity(tonic::transport::Identity::from_pem(chain, key))
-                .client_ca_root(tonic::transport::Certificate::from_pem(authority.root_pem()))
+                .client_ca_root(tonic::transport::Certificate::from_pem(
+                    authority.root_pem(),
+                ))
                 .client_auth_optional(true),
         )?
         .add_service(certificates)

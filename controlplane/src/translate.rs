@@ -32,7 +32,7 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::google::protobuf::Duration;
 
 use crate::model::{
-    Config, Proxy, Service, Snapshot, host_matches, oldest, resolve_host, selects,
+    Config, Protocol, Proxy, Service, Snapshot, host_matches, oldest, resolve_host, selects,
 };
 use listeners::{Bound, Inbound, Outbound};
 use routes::RouteContext;
@@ -117,7 +117,9 @@ impl<'s> Scope<'s> {
     pub fn endpoints(&self) -> Vec<ClusterLoadAssignment> {
         self.services
             .iter()
-            .flat_map(|s| clusters::load_assignments(s, self.endpoints_of(s), self.rule(&s.hostname)))
+            .flat_map(|s| {
+                clusters::load_assignments(s, self.endpoints_of(s), self.rule(&s.hostname))
+            })
             .collect()
     }
 
@@ -138,6 +140,10 @@ impl<'s> Scope<'s> {
             .map(|p| p.port)
             .collect();
         ports.extend(self.bound().map(|b| b.port));
+        let ctx = self.context(routes::DEFAULT_HTTP_PORT);
+        if !routes::unbacked_hosts(&ctx, &self.services).is_empty() {
+            ports.insert(routes::DEFAULT_HTTP_PORT);
+        }
         ports
     }
 
@@ -155,20 +161,23 @@ impl<'s> Scope<'s> {
             })
     }
 
+    fn context(&self, port: u32) -> RouteContext<'s> {
+        RouteContext {
+            snapshot: self.snapshot,
+            gateways: vec![routes::MESH_GATEWAY.to_string()],
+            port,
+            proxy_labels: self.labels,
+            proxy_namespace: self.namespace,
+        }
+    }
+
     /// One route configuration per outbound HTTP port, named by it.
     pub fn routes(&self) -> Vec<RouteConfiguration> {
         self.http_ports()
             .into_iter()
             .map(|port| {
-                let ctx = RouteContext {
-                    snapshot: self.snapshot,
-                    gateways: vec![routes::MESH_GATEWAY.to_string()],
-                    port,
-                    proxy_labels: self.labels,
-                    proxy_namespace: self.namespace,
-                };
                 routes::outbound_route_configuration(
-                    &ctx,
+                    &self.context(port),
                     &self.services,
                     &port.to_string(),
                     self.allow_any,
@@ -183,19 +192,35 @@ impl<'s> Scope<'s> {
         let mut listeners = Vec::new();
         let bound: Vec<Bound> = self.bound().collect();
         for port in self.http_ports() {
-            if self.services.iter().any(|s| s.port(port).is_some()) {
+            if port == routes::DEFAULT_HTTP_PORT
+                || self.services.iter().any(|s| s.port(port).is_some())
+            {
                 listeners.push(listeners::outbound(&Outbound::Http { port }));
             }
         }
+        // TLS to hosts without an address is told apart by SNI on a
+        // listener per port.
+        let mut by_sni: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
         for service in &self.services {
             for port in service.ports.iter().filter(|p| !p.protocol.is_http()) {
-                if let Some(address) = &service.address {
-                    listeners.push(listeners::outbound(&Outbound::Tcp {
+                let cluster = clusters::cluster_name(port.port, "", &service.hostname);
+                match &service.address {
+                    Some(address) => listeners.push(listeners::outbound(&Outbound::Tcp {
                         address: address.clone(),
                         port: port.port,
-                        cluster: clusters::cluster_name(port.port, "", &service.hostname),
-                    }));
+                        cluster,
+                    })),
+                    None if matches!(port.protocol, Protocol::Tls | Protocol::Https) => by_sni
+                        .entry(port.port)
+                        .or_default()
+                        .push((service.hostname.clone(), cluster)),
+                    None => {}
                 }
+            }
+        }
+        for (port, hosts) in by_sni {
+            if !self.http_ports().contains(&port) {
+                listeners.push(listeners::outbound_tls(port, &hosts));
             }
         }
         listeners.extend(bound.iter().map(|b| listeners::bound(b, self.allow_any)));
@@ -362,10 +387,9 @@ pub fn mtls_mode(snapshot: &Snapshot, proxy: &Proxy, port: u32) -> MtlsMode {
     };
     let workload = oldest(policies.iter().filter(|p| {
         p.namespace == proxy.namespace
-            && p.spec
-                .selector
-                .as_ref()
-                .is_some_and(|s| !s.match_labels.is_empty() && selects(&s.match_labels, &proxy.labels))
+            && p.spec.selector.as_ref().is_some_and(|s| {
+                !s.match_labels.is_empty() && selects(&s.match_labels, &proxy.labels)
+            })
     }));
     let namespace = oldest(
         policies
@@ -381,7 +405,13 @@ pub fn mtls_mode(snapshot: &Snapshot, proxy: &Proxy, port: u32) -> MtlsMode {
     );
     let set = |mode: Option<MtlsMode>| mode.filter(|m| *m != MtlsMode::Unset);
     workload
-        .and_then(|p| set(p.spec.port_level_mtls.get(&port.to_string()).and_then(|m| m.mode)))
+        .and_then(|p| {
+            set(p
+                .spec
+                .port_level_mtls
+                .get(&port.to_string())
+                .and_then(|m| m.mode))
+        })
         .or_else(|| workload.and_then(|p| set(p.spec.mtls.as_ref().and_then(|m| m.mode))))
         .or_else(|| namespace.and_then(|p| set(p.spec.mtls.as_ref().and_then(|m| m.mode))))
         .or_else(|| mesh.and_then(|p| set(p.spec.mtls.as_ref().and_then(|m| m.mode))))
@@ -421,7 +451,9 @@ fn original_destination(name: &str, bind: Option<&str>) -> Cluster {
         connect_timeout: Some(duration(std::time::Duration::from_secs(10))),
         upstream_bind_config: bind.map(|ip| BindConfig {
             source_address: Some(match listeners::socket(ip, 0).address {
-                Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s)) => s,
+                Some(
+                    envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(s),
+                ) => s,
                 _ => unreachable!("socket() makes a socket address"),
             }),
             ..Default::default()

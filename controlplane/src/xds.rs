@@ -79,10 +79,9 @@ impl Authenticator {
                      `authorization: Bearer <token>`",
                 )
             })?;
-        let client = self
-            .client
-            .as_ref()
-            .ok_or_else(|| Status::unauthenticated("this server accepts client certificates only"))?;
+        let client = self.client.as_ref().ok_or_else(|| {
+            Status::unauthenticated("this server accepts client certificates only")
+        })?;
         ca::authenticate(client, token).await.map_err(|e| match e {
             ca::Error::Unauthenticated(message) => Status::unauthenticated(message),
             other => Status::unavailable(other.to_string()),
@@ -116,7 +115,9 @@ fn spiffe_identity(der: &[u8], trust_domain: &str) -> Result<Identity, Status> {
             namespace: namespace.to_string(),
             service_account: service_account.to_string(),
         }),
-        _ => Err(Status::unauthenticated(format!("{uri} names no ServiceAccount"))),
+        _ => Err(Status::unauthenticated(format!(
+            "{uri} names no ServiceAccount"
+        ))),
     }
 }
 
@@ -162,7 +163,12 @@ impl Registry {
     }
 
     pub fn list(&self) -> Vec<Connected> {
-        self.proxies.lock().expect("registry").values().cloned().collect()
+        self.proxies
+            .lock()
+            .expect("registry")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// A connected proxy by node id.

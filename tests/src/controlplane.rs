@@ -62,7 +62,10 @@ impl ControlPlane {
             "metadata": {"name": revision, "uid": "00000000-0000-0000-0000-000000000000"},
             "spec": {"version": "v0.1.0", "profile": "minimal", "namespace": namespace},
         }))?;
-        installation.metadata.uid.get_or_insert_with(Default::default);
+        installation
+            .metadata
+            .uid
+            .get_or_insert_with(Default::default);
         let resolved = bowline_operator::profile::resolve(&installation.spec)?;
         let objects = bowline_operator::render::render(&installation, &resolved, revision)?;
         let mut account = None;
@@ -152,7 +155,10 @@ impl ControlPlane {
             task,
         };
         wait_until("the control plane to report ready", || async {
-            Ok(running.get("/ready").await.is_ok_and(|(status, _)| status == 200))
+            Ok(running
+                .get("/ready")
+                .await
+                .is_ok_and(|(status, _)| status == 200))
         })
         .await?;
         Ok(running)
@@ -161,7 +167,10 @@ impl ControlPlane {
     /// The CA's root, from the Secret it keeps.
     pub async fn root_pem(&self, client: &Client) -> anyhow::Result<String> {
         let secrets: Api<Secret> = Api::namespaced(client.clone(), &self.namespace);
-        let kept = secrets.get("istio-ca-secret").await.context("the CA is kept")?;
+        let kept = secrets
+            .get("istio-ca-secret")
+            .await
+            .context("the CA is kept")?;
         let root = kept
             .data
             .unwrap_or_default()

@@ -24,13 +24,18 @@ pub fn binary() -> anyhow::Result<PathBuf> {
         None => {
             let cache = std::env::var_os("BOWLINE_CACHE")
                 .map(PathBuf::from)
-                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bowline")))
+                .or_else(|| {
+                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bowline"))
+                })
                 .context("no HOME")?;
             cache.join("envoy").join(VERSION).join("envoy")
         }
     };
     if !path.exists() {
-        bail!("no Envoy at {}: run `make envoy` (tests/envoy/fetch.sh)", path.display());
+        bail!(
+            "no Envoy at {}: run `make envoy` (tests/envoy/fetch.sh)",
+            path.display()
+        );
     }
     Ok(path)
 }
@@ -113,10 +118,13 @@ impl Envoy {
         std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)?;
         let mut processes = ProcessGroup::new(&dir.path().join("owned"), dir.path())?;
         let mut command = Command::new(binary()?);
-        command
-            .arg("-c")
-            .arg(&config)
-            .args(["--disable-hot-restart", "--concurrency", "1", "--log-level", "info"]);
+        command.arg("-c").arg(&config).args([
+            "--disable-hot-restart",
+            "--concurrency",
+            "1",
+            "--log-level",
+            "info",
+        ]);
         processes.spawn("envoy", command)?;
         Ok(Self {
             admin_port,
@@ -135,7 +143,10 @@ impl Envoy {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", self.admin_port)).await?;
         stream
-            .write_all(format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n").as_bytes())
+            .write_all(
+                format!("GET {path} HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+            )
             .await?;
         let mut response = String::new();
         stream.read_to_string(&mut response).await?;
@@ -144,7 +155,10 @@ impl Envoy {
             .nth(1)
             .and_then(|s| s.parse().ok())
             .context("a status line")?;
-        let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         Ok((status, body))
     }
 
@@ -169,7 +183,10 @@ impl Envoy {
                 bail!("envoy exited: {e}\n{}", self.log_tail(40));
             }
             if Instant::now() > deadline {
-                bail!("envoy did not become live; its log ends:\n{}", self.log_tail(40));
+                bail!(
+                    "envoy did not become live; its log ends:\n{}",
+                    self.log_tail(40)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

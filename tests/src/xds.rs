@@ -24,7 +24,10 @@ pub use bowline_controlplane::push::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 pub enum Credentials {
     Token(String),
     /// A certificate chain and key from the mesh CA, in PEM.
-    Certificate { chain: String, key: String },
+    Certificate {
+        chain: String,
+        key: String,
+    },
 }
 
 /// Where the control plane is and how to trust it.
@@ -57,7 +60,9 @@ impl Target {
                 }
             }
         }
-        Err(last.map(anyhow::Error::from).unwrap_or_else(|| anyhow::anyhow!("no connection")))
+        Err(last
+            .map(anyhow::Error::from)
+            .unwrap_or_else(|| anyhow::anyhow!("no connection")))
     }
 }
 
@@ -114,7 +119,9 @@ impl XdsClient {
             ..Default::default()
         };
         let (requests, rx) = mpsc::channel(16);
-        let mut request = tonic::Request::new(tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx));
+        let mut request = tonic::Request::new(
+            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
+        );
         if let Credentials::Token(token) = credentials {
             request
                 .metadata_mut()
@@ -168,13 +175,12 @@ impl XdsClient {
         for name in &response.removed_resources {
             held.remove(name);
         }
-        let error_detail = (self.reject.as_deref() == Some(response.type_url.as_str())).then(|| {
-            RpcStatus {
+        let error_detail =
+            (self.reject.as_deref() == Some(response.type_url.as_str())).then(|| RpcStatus {
                 code: 3,
                 message: "rejected by the test".into(),
                 ..Default::default()
-            }
-        });
+            });
         self.requests
             .send(DeltaDiscoveryRequest {
                 type_url: response.type_url.clone(),
@@ -199,7 +205,9 @@ impl XdsClient {
             if left.is_zero() {
                 bail!("timed out waiting for {what}; holding {:?}", self.names());
             }
-            self.next(left).await.with_context(|| format!("waiting for {what}"))?;
+            self.next(left)
+                .await
+                .with_context(|| format!("waiting for {what}"))?;
         }
         Ok(())
     }
@@ -208,7 +216,12 @@ impl XdsClient {
     pub fn names(&self) -> BTreeMap<String, Vec<String>> {
         self.resources
             .iter()
-            .map(|(t, r)| (t.rsplit('.').next().unwrap_or(t).to_string(), r.keys().cloned().collect()))
+            .map(|(t, r)| {
+                (
+                    t.rsplit('.').next().unwrap_or(t).to_string(),
+                    r.keys().cloned().collect(),
+                )
+            })
             .collect()
     }
 

@@ -5,8 +5,8 @@
 
 use anyhow::{Context, ensure};
 use bowline_tests::LocalCluster;
-use bowline_tests::controlplane::ControlPlane;
 use bowline_tests::cluster::{create_namespace, free_port, wait_until};
+use bowline_tests::controlplane::ControlPlane;
 use k8s_openapi::api::admissionregistration::v1::{
     MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
 };

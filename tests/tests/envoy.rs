@@ -21,7 +21,11 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 
 /// An HTTP server on `ip:port` answering every request with `body`.
-async fn backend(ip: [u8; 4], port: u16, body: &'static str) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+async fn backend(
+    ip: [u8; 4],
+    port: u16,
+    body: &'static str,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), port)).await?;
     let app = axum::Router::new().fallback(move || async move { body });
     Ok(tokio::spawn(async move {
@@ -55,8 +59,16 @@ async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()>
     let apply = |kind: &str, object: serde_json::Value| {
         let api = istio(kind);
         async move {
-            let name = object["metadata"]["name"].as_str().unwrap_or_default().to_string();
-            api.patch(&name, &PatchParams::apply("bowline-tests").force(), &Patch::Apply(object)).await
+            let name = object["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            api.patch(
+                &name,
+                &PatchParams::apply("bowline-tests").force(),
+                &Patch::Apply(object),
+            )
+            .await
         }
     };
     apply("ServiceEntry", json!({
@@ -98,11 +110,20 @@ async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()>
     })).await?;
 
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &apps);
-    accounts.create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": "productpage"}}))?).await?;
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "productpage"}}))?,
+        )
+        .await?;
     let token = accounts
-        .create_token_request("productpage", &PostParams::default(), &serde_json::from_value::<TokenRequest>(json!({
-            "spec": {"audiences": [AUDIENCE], "expirationSeconds": 600},
-        }))?)
+        .create_token_request(
+            "productpage",
+            &PostParams::default(),
+            &serde_json::from_value::<TokenRequest>(json!({
+                "spec": {"audiences": [AUDIENCE], "expirationSeconds": 600},
+            }))?,
+        )
         .await?
         .status
         .context("a token")?
@@ -126,11 +147,13 @@ async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()>
             .output()
             .await?;
         let body = String::from_utf8_lossy(&output.stdout);
-        counts = body.lines().fold((0, 0, 0), |(v1, v2, other), line| match line {
-            "v1" => (v1 + 1, v2, other),
-            "v2" => (v1, v2 + 1, other),
-            _ => (v1, v2, other + 1),
-        });
+        counts = body
+            .lines()
+            .fold((0, 0, 0), |(v1, v2, other), line| match line {
+                "v1" => (v1 + 1, v2, other),
+                "v2" => (v1, v2 + 1, other),
+                _ => (v1, v2, other + 1),
+            });
         if counts.0 + counts.1 == 1000 {
             break;
         }
@@ -138,13 +161,24 @@ async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()>
     }
     let (v1, v2, other) = counts;
     println!("1,000 requests through Envoy: v1 {v1}, v2 {v2}, other {other}");
-    ensure!(v1 + v2 == 1000, "every request answered by a subset: v1 {v1}, v2 {v2}, other {other}\n{}", envoy.log_tail(30));
+    ensure!(
+        v1 + v2 == 1000,
+        "every request answered by a subset: v1 {v1}, v2 {v2}, other {other}\n{}",
+        envoy.log_tail(30)
+    );
     // 10 % of 1,000 is 100, with a standard deviation under 10.
     ensure!((60..=140).contains(&v2), "about 10 % to v2: {v2}");
 
     let stats = envoy.stats().await?;
-    let rejected: Vec<(&String, &u64)> = stats.iter().filter(|(k, v)| k.ends_with("update_rejected") && **v > 0).collect();
-    ensure!(rejected.is_empty(), "Envoy rejected config: {rejected:?}\n{}", envoy.log_tail(40));
+    let rejected: Vec<(&String, &u64)> = stats
+        .iter()
+        .filter(|(k, v)| k.ends_with("update_rejected") && **v > 0)
+        .collect();
+    ensure!(
+        rejected.is_empty(),
+        "Envoy rejected config: {rejected:?}\n{}",
+        envoy.log_tail(40)
+    );
     // SDS: the mesh root and the workload certificate issued for the
     // token's ServiceAccount (auto-mTLS clusters refer to both).
     for stat in [
@@ -153,17 +187,32 @@ async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()>
         "sds.ROOTCA.update_success",
         "sds.default.update_success",
     ] {
-        ensure!(stats.get(stat).is_some_and(|v| *v > 0), "{stat}: {:?}", stats.get(stat));
+        ensure!(
+            stats.get(stat).is_some_and(|v| *v > 0),
+            "{stat}: {:?}",
+            stats.get(stat)
+        );
     }
     let rds = format!(".rds.{service_port}.update_success");
     ensure!(
         stats.iter().any(|(k, v)| k.ends_with(&rds) && *v > 0),
         "{rds}: {:?}",
-        stats.keys().filter(|k| k.contains(".rds.")).collect::<Vec<_>>()
+        stats
+            .keys()
+            .filter(|k| k.contains(".rds."))
+            .collect::<Vec<_>>()
     );
-    let eds = stats.iter().filter(|(k, v)| k.starts_with("cluster.outbound|") && k.ends_with(".update_success") && **v > 0).count();
+    let eds = stats
+        .iter()
+        .filter(|(k, v)| {
+            k.starts_with("cluster.outbound|") && k.ends_with(".update_success") && **v > 0
+        })
+        .count();
     ensure!(eds >= 2, "endpoints accepted for the subsets' clusters");
     let (_, metrics) = control_plane.get("/metrics").await?;
-    ensure!(!metrics.contains("pilot_total_xds_rejects_total"), "no NACK: {metrics}");
+    ensure!(
+        !metrics.contains("pilot_total_xds_rejects_total"),
+        "no NACK: {metrics}"
+    );
     Ok(())
 }

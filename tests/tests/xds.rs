@@ -13,21 +13,26 @@ use bowline_controlplane::ca::AUDIENCE;
 use bowline_tests::LocalCluster;
 use bowline_tests::cluster::{create_namespace, wait_until};
 use bowline_tests::controlplane::ControlPlane;
-use bowline_tests::xds::{CLUSTER, Credentials, ENDPOINT, LISTENER, ROUTE, XdsClient, sidecar_node_id};
+use bowline_tests::xds::{
+    CLUSTER, Credentials, ENDPOINT, LISTENER, ROUTE, XdsClient, sidecar_node_id,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
 use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::{Event, Pod, Service, ServiceAccount};
+use kube::Client;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
-use kube::Client;
 use serde_json::json;
 
 async fn token(client: &Client, namespace: &str, account: &str) -> anyhow::Result<String> {
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
     if accounts.get_opt(account).await?.is_none() {
         accounts
-            .create(&PostParams::default(), &serde_json::from_value(json!({"metadata": {"name": account}}))?)
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": account}}))?,
+            )
             .await?;
     }
     let request: TokenRequest = serde_json::from_value(json!({
@@ -47,9 +52,16 @@ fn istio_api(client: &Client, namespace: &str, kind: &str) -> Api<DynamicObject>
 }
 
 async fn apply(api: &Api<DynamicObject>, object: serde_json::Value) -> anyhow::Result<()> {
-    let name = object["metadata"]["name"].as_str().context("a name")?.to_string();
-    api.patch(&name, &PatchParams::apply("bowline-tests").force(), &Patch::Apply(object))
-        .await?;
+    let name = object["metadata"]["name"]
+        .as_str()
+        .context("a name")?
+        .to_string();
+    api.patch(
+        &name,
+        &PatchParams::apply("bowline-tests").force(),
+        &Patch::Apply(object),
+    )
+    .await?;
     Ok(())
 }
 
@@ -67,7 +79,10 @@ fn split(host: &str, v1: u32, v2: u32) -> serde_json::Value {
 /// The weights of the route for `host` in route configuration `9080`.
 fn weights(client: &XdsClient, host: &str) -> Option<Vec<(String, u32)>> {
     let config: RouteConfiguration = client.get(ROUTE, "9080")?;
-    let vhost = config.virtual_hosts.iter().find(|v| v.name == format!("{host}:9080"))?;
+    let vhost = config
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name == format!("{host}:9080"))?;
     match vhost.routes.first()?.action.as_ref()? {
         route::Action::Route(action) => match action.cluster_specifier.as_ref()? {
             route_action::ClusterSpecifier::WeightedClusters(w) => Some(
@@ -91,7 +106,8 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
     let apps = format!("{mesh}-apps");
     create_namespace(&client, &apps, json!({})).await?;
     // Under the RBAC the operator renders for it, as it runs for real.
-    let control_plane = ControlPlane::start_under_rendered_rbac(cluster, &client, &mesh, "xds").await?;
+    let control_plane =
+        ControlPlane::start_under_rendered_rbac(cluster, &client, &mesh, "xds").await?;
     let host = format!("reviews.{apps}.svc.cluster.local");
 
     // reviews v1 and v2 behind a Service; the EndpointSlice controller
@@ -109,107 +125,212 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
         "metadata": {"name": "reviews"},
         "spec": {"selector": {"app": "reviews"}, "ports": [{"name": "http", "port": 9080, "targetPort": 9080}]},
     }))?).await?;
-    apply(&istio_api(&client, &apps, "DestinationRule"), json!({
-        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
-        "metadata": {"name": "reviews"},
-        "spec": {"host": "reviews", "subsets": [
-            {"name": "v1", "labels": {"version": "v1"}},
-            {"name": "v2", "labels": {"version": "v2"}},
-        ]},
-    })).await?;
+    apply(
+        &istio_api(&client, &apps, "DestinationRule"),
+        json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": "reviews"},
+            "spec": {"host": "reviews", "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {"name": "v2", "labels": {"version": "v2"}},
+            ]},
+        }),
+    )
+    .await?;
     let virtual_services = istio_api(&client, &apps, "VirtualService");
     apply(&virtual_services, split("reviews", 90, 10)).await?;
 
     let target = control_plane.target(&client).await?;
     let credentials = Credentials::Token(token(&client, &apps, "productpage").await?);
     let node = sidecar_node_id("10.244.200.1", "productpage-1", &apps);
-    let mut proxy = XdsClient::connect(target.channel(&credentials).await?, &credentials, &node, &[("app", "productpage")]).await?;
+    let mut proxy = XdsClient::connect(
+        target.channel(&credentials).await?,
+        &credentials,
+        &node,
+        &[("app", "productpage")],
+    )
+    .await?;
 
     let v1 = format!("outbound|9080|v1|{host}");
     let v2 = format!("outbound|9080|v2|{host}");
-    proxy.until("the subsets' clusters", Duration::from_secs(10), |p| {
-        p.resources.get(CLUSTER).is_some_and(|c| c.contains_key(&v1) && c.contains_key(&v2))
-    }).await?;
+    proxy
+        .until("the subsets' clusters", Duration::from_secs(10), |p| {
+            p.resources
+                .get(CLUSTER)
+                .is_some_and(|c| c.contains_key(&v1) && c.contains_key(&v2))
+        })
+        .await?;
     proxy.subscribe(LISTENER, &[]).await?;
-    proxy.until("the outbound and inbound listeners", Duration::from_secs(10), |p| {
-        p.resources.get(LISTENER).is_some_and(|l| l.contains_key("0.0.0.0_9080") && l.contains_key("virtualInbound") && l.contains_key("virtualOutbound"))
-    }).await?;
+    proxy
+        .until(
+            "the outbound and inbound listeners",
+            Duration::from_secs(10),
+            |p| {
+                p.resources.get(LISTENER).is_some_and(|l| {
+                    l.contains_key("0.0.0.0_9080")
+                        && l.contains_key("virtualInbound")
+                        && l.contains_key("virtualOutbound")
+                })
+            },
+        )
+        .await?;
     proxy.subscribe(ROUTE, &["9080".into()]).await?;
     proxy.subscribe(ENDPOINT, &[v1.clone(), v2.clone()]).await?;
-    proxy.until("the 90/10 route and each subset's endpoint", Duration::from_secs(10), |p| {
-        let one_each = [&v1, &v2].iter().all(|c| {
-            p.get::<ClusterLoadAssignment>(ENDPOINT, c).is_some_and(|a| a.endpoints.iter().map(|l| l.lb_endpoints.len()).sum::<usize>() == 1)
-        });
-        weights(p, &host) == Some(vec![(v1.clone(), 90), (v2.clone(), 10)]) && one_each
-    }).await?;
+    proxy
+        .until(
+            "the 90/10 route and each subset's endpoint",
+            Duration::from_secs(10),
+            |p| {
+                let one_each = [&v1, &v2].iter().all(|c| {
+                    p.get::<ClusterLoadAssignment>(ENDPOINT, c)
+                        .is_some_and(|a| {
+                            a.endpoints
+                                .iter()
+                                .map(|l| l.lb_endpoints.len())
+                                .sum::<usize>()
+                                == 1
+                        })
+                });
+                weights(p, &host) == Some(vec![(v1.clone(), 90), (v2.clone(), 10)]) && one_each
+            },
+        )
+        .await?;
 
     // A change reaches the proxy: the time from the API server's answer to
     // the new route, as the issue asks, with 100 ms of debounce in it.
     let changed = Instant::now();
     apply(&virtual_services, split("reviews", 75, 25)).await?;
-    proxy.until("the 75/25 route", Duration::from_secs(10), |p| {
-        weights(p, &host) == Some(vec![(v1.clone(), 75), (v2.clone(), 25)])
-    }).await?;
+    proxy
+        .until("the 75/25 route", Duration::from_secs(10), |p| {
+            weights(p, &host) == Some(vec![(v1.clone(), 75), (v2.clone(), 25)])
+        })
+        .await?;
     let took = changed.elapsed();
     println!("a VirtualService change reached the proxy in {took:?}");
     ensure!(took < Duration::from_secs(1), "the change took {took:?}");
 
     // Config that got past validation is skipped alone: a second
     // VirtualService with bad weights is reported, and the route stays.
-    apply(&istio_api(&client, &apps, "VirtualService"), json!({
-        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
-        "metadata": {"name": "ratings"},
-        "spec": {"hosts": ["ratings"], "http": [{"route": [
-            {"destination": {"host": "ratings"}, "weight": 60},
-            {"destination": {"host": "ratings"}, "weight": 50},
-        ]}]},
-    })).await?;
+    apply(
+        &istio_api(&client, &apps, "VirtualService"),
+        json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
+            "metadata": {"name": "ratings"},
+            "spec": {"hosts": ["ratings"], "http": [{"route": [
+                {"destination": {"host": "ratings"}, "weight": 60},
+                {"destination": {"host": "ratings"}, "weight": 50},
+            ]}]},
+        }),
+    )
+    .await?;
     let events: Api<Event> = Api::namespaced(client.clone(), &apps);
-    wait_until("an InvalidConfig event on the bad VirtualService", || async {
-        Ok(events.list(&ListParams::default()).await?.items.iter().any(|e| {
-            e.reason.as_deref() == Some("InvalidConfig")
-                && e.involved_object.name.as_deref() == Some("ratings")
-                && e.message.as_deref().is_some_and(|m| m.contains("spec.http[0].route") && m.contains("110"))
-        }))
-    }).await?;
+    wait_until(
+        "an InvalidConfig event on the bad VirtualService",
+        || async {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("InvalidConfig")
+                        && e.involved_object.name.as_deref() == Some("ratings")
+                        && e.message
+                            .as_deref()
+                            .is_some_and(|m| m.contains("spec.http[0].route") && m.contains("110"))
+                }))
+        },
+    )
+    .await?;
     let (_, metrics) = control_plane.get("/metrics").await?;
-    ensure!(metrics.contains("pilot_total_rejected_configs_total{kind=\"VirtualService\"} 1"), "{metrics}");
-    ensure!(metrics.contains("pilot_xds 1"), "one proxy connected: {metrics}");
-    ensure!(metrics.contains("pilot_xds_pushes_total{type=\"rds\"}"), "{metrics}");
+    ensure!(
+        metrics.contains("pilot_total_rejected_configs_total{kind=\"VirtualService\"} 1"),
+        "{metrics}"
+    );
+    ensure!(
+        metrics.contains("pilot_xds 1"),
+        "one proxy connected: {metrics}"
+    );
+    ensure!(
+        metrics.contains("pilot_xds_pushes_total{type=\"rds\"}"),
+        "{metrics}"
+    );
     apply(&virtual_services, split("reviews", 50, 50)).await?;
-    proxy.until("the 50/50 route, beside the bad config", Duration::from_secs(10), |p| {
-        weights(p, &host) == Some(vec![(v1.clone(), 50), (v2.clone(), 50)])
-    }).await?;
+    proxy
+        .until(
+            "the 50/50 route, beside the bad config",
+            Duration::from_secs(10),
+            |p| weights(p, &host) == Some(vec![(v1.clone(), 50), (v2.clone(), 50)]),
+        )
+        .await?;
 
     // /debug/syncz: the proxy and the pushes it ACKed.
     let (status, syncz) = control_plane.get("/debug/syncz").await?;
     ensure!(status == 200, "{syncz}");
     let syncz: serde_json::Value = serde_json::from_str(&syncz)?;
-    let entry = syncz.as_array().and_then(|a| a.iter().find(|p| p["proxy"] == node.as_str())).context("the proxy in syncz")?;
+    let entry = syncz
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["proxy"] == node.as_str()))
+        .context("the proxy in syncz")?;
     for type_url in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
-        ensure!(entry["acked"][type_url].is_u64(), "{type_url} ACKed: {entry}");
+        ensure!(
+            entry["acked"][type_url].is_u64(),
+            "{type_url} ACKed: {entry}"
+        );
     }
-    ensure!(entry["identity"] == format!("spiffe://cluster.local/ns/{apps}/sa/productpage"), "{entry}");
-    let (status, dump) = control_plane.get(&format!("/debug/config_dump?proxy={node}")).await?;
-    ensure!(status == 200 && dump.contains(&v1), "config dump: {status} {dump}");
+    ensure!(
+        entry["identity"] == format!("spiffe://cluster.local/ns/{apps}/sa/productpage"),
+        "{entry}"
+    );
+    let (status, dump) = control_plane
+        .get(&format!("/debug/config_dump?proxy={node}"))
+        .await?;
+    ensure!(
+        status == 200 && dump.contains(&v1),
+        "config dump: {status} {dump}"
+    );
 
     // A NACK: the proxy keeps what it had, the server records it.
     proxy.reject = Some(ROUTE.into());
     apply(&virtual_services, split("reviews", 20, 80)).await?;
-    proxy.until("the pushed route (to NACK)", Duration::from_secs(10), |p| {
-        weights(p, &host) == Some(vec![(v1.clone(), 20), (v2.clone(), 80)])
-    }).await?;
+    proxy
+        .until("the pushed route (to NACK)", Duration::from_secs(10), |p| {
+            weights(p, &host) == Some(vec![(v1.clone(), 20), (v2.clone(), 80)])
+        })
+        .await?;
     wait_until("the NACK in syncz and metrics", || async {
-        let syncz = control_plane.get("/debug/syncz").await.map(|r| r.1).unwrap_or_default();
-        let metrics = control_plane.get("/metrics").await.map(|r| r.1).unwrap_or_default();
-        Ok(syncz.contains("rejected by the test") && metrics.contains("pilot_total_xds_rejects_total{type=\"rds\"} 1"))
-    }).await?;
+        let syncz = control_plane
+            .get("/debug/syncz")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        let metrics = control_plane
+            .get("/metrics")
+            .await
+            .map(|r| r.1)
+            .unwrap_or_default();
+        Ok(syncz.contains("rejected by the test")
+            && metrics.contains("pilot_total_xds_rejects_total{type=\"rds\"} 1"))
+    })
+    .await?;
 
     // Identity comes from the token, not the node id.
     let other = Credentials::Token(token(&client, &mesh, "intruder").await?);
-    let mut claimed = XdsClient::connect(target.channel(&other).await?, &other, &sidecar_node_id("10.244.200.2", "productpage-2", &apps), &[]).await?;
-    let refused = claimed.next(Duration::from_secs(10)).await.expect_err("a proxy claiming another namespace");
-    ensure!(format!("{refused:#}").contains("says namespace"), "{refused:#}");
+    let mut claimed = XdsClient::connect(
+        target.channel(&other).await?,
+        &other,
+        &sidecar_node_id("10.244.200.2", "productpage-2", &apps),
+        &[],
+    )
+    .await?;
+    let refused = claimed
+        .next(Duration::from_secs(10))
+        .await
+        .expect_err("a proxy claiming another namespace");
+    ensure!(
+        format!("{refused:#}").contains("says namespace"),
+        "{refused:#}"
+    );
     let forged = Credentials::Token("not-a-token".into());
     let refused = XdsClient::connect(target.channel(&forged).await?, &forged, &node, &[]).await;
     ensure!(refused.is_err(), "a forged token is refused");

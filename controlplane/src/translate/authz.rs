@@ -37,8 +37,11 @@ pub fn filters(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Rbac> {
                 .is_none_or(|s| selects(&s.match_labels, &proxy.labels))
             && p.spec.provider.is_none()
     };
-    let mut policies: Vec<&Config<AuthorizationPolicySpec>> =
-        snapshot.authorization_policies.iter().filter(applies).collect();
+    let mut policies: Vec<&Config<AuthorizationPolicySpec>> = snapshot
+        .authorization_policies
+        .iter()
+        .filter(applies)
+        .collect();
     policies.sort_by_key(|p| (p.namespace.clone(), p.name.clone()));
     let mut filters = Vec::new();
     for (action, envoy) in [
@@ -79,14 +82,13 @@ fn translate_rule(rule: &Rule) -> Policy {
     let mut permissions: Vec<Permission> = Vec::new();
     if !rule.from.is_empty() {
         principals.push(or_ids(
-            rule.from
-                .iter()
-                .map(|f| source(&f.source))
-                .collect(),
+            rule.from.iter().map(|f| source(&f.source)).collect(),
         ));
     }
     if !rule.to.is_empty() {
-        permissions.push(or_rules(rule.to.iter().map(|t| operation(&t.operation)).collect()));
+        permissions.push(or_rules(
+            rule.to.iter().map(|t| operation(&t.operation)).collect(),
+        ));
     }
     for condition in &rule.when {
         match condition_target(condition) {
@@ -304,9 +306,10 @@ fn wildcard(value: &str, ignore_case: bool) -> StringMatcher {
 fn header(name: &str, value: &str, ignore_case: bool) -> HeaderMatcher {
     HeaderMatcher {
         name: name.to_string(),
-        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
-            wildcard(value, ignore_case),
-        )),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(wildcard(
+            value,
+            ignore_case,
+        ))),
         ..Default::default()
     }
 }

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use bowline_api::networking::{
-    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, DestinationRuleSpec,
-    H2UpgradePolicy, OutlierDetection, PortTrafficPolicy, SimpleLb, TrafficPolicy,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, DestinationRuleSpec, H2UpgradePolicy,
+    OutlierDetection, PortTrafficPolicy, SimpleLb, TrafficPolicy,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, HttpProtocolOptions as CoreHttpOptions, Metadata, data_source,
@@ -71,7 +71,12 @@ pub fn outbound_clusters(service: &Service, rule: Option<&DestinationRuleSpec>) 
         for (subset, policy) in subsets {
             let name = cluster_name(port.port, subset, host);
             let mut built = cluster(&name, policy.as_ref(), port.port);
-            let tls = port_setting(policy.as_ref(), port.port, |p| p.tls.as_ref(), |p| p.tls.as_ref());
+            let tls = port_setting(
+                policy.as_ref(),
+                port.port,
+                |p| p.tls.as_ref(),
+                |p| p.tls.as_ref(),
+            );
             let sni = format!("outbound_.{}_.{subset}_.{host}", port.port);
             upstream_tls(&mut built, tls, !service.external, &sni);
             if port.protocol.is_http() || port.protocol == Protocol::Unknown {
@@ -137,41 +142,45 @@ fn upstream_tls(cluster: &mut Cluster, tls: Option<&ClientTlsSettings>, mesh: bo
             let validation = if tls.insecure_skip_verify == Some(true) {
                 None
             } else if let Some(credential) = &credential {
-                Some(common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
-                    sds(&format!("{credential}-cacert")),
-                ))
+                Some(
+                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
+                        sds(&format!("{credential}-cacert")),
+                    ),
+                )
             } else {
-                Some(common_tls_context::ValidationContextType::ValidationContext(
-                    CertificateValidationContext {
-                        trusted_ca: Some(match &tls.ca_certificates {
-                            Some(path) => DataSource {
-                                specifier: Some(data_source::Specifier::Filename(path.clone())),
-                                ..Default::default()
-                            },
-                            None => DataSource {
-                                specifier: Some(data_source::Specifier::Filename(
-                                    SYSTEM_ROOTS.into(),
-                                )),
-                                ..Default::default()
-                            },
-                        }),
-                        match_typed_subject_alt_names: tls
-                            .subject_alt_names
-                            .iter()
-                            .map(|san| SubjectAltNameMatcher {
-                                san_type: subject_alt_name_matcher::SanType::Dns as i32,
-                                matcher: Some(StringMatcher {
-                                    match_pattern: Some(string_matcher::MatchPattern::Exact(
-                                        san.clone(),
+                Some(
+                    common_tls_context::ValidationContextType::ValidationContext(
+                        CertificateValidationContext {
+                            trusted_ca: Some(match &tls.ca_certificates {
+                                Some(path) => DataSource {
+                                    specifier: Some(data_source::Specifier::Filename(path.clone())),
+                                    ..Default::default()
+                                },
+                                None => DataSource {
+                                    specifier: Some(data_source::Specifier::Filename(
+                                        SYSTEM_ROOTS.into(),
                                     )),
                                     ..Default::default()
-                                }),
-                                ..Default::default()
-                            })
-                            .collect(),
-                        ..Default::default()
-                    },
-                ))
+                                },
+                            }),
+                            match_typed_subject_alt_names: tls
+                                .subject_alt_names
+                                .iter()
+                                .map(|san| SubjectAltNameMatcher {
+                                    san_type: subject_alt_name_matcher::SanType::Dns as i32,
+                                    matcher: Some(StringMatcher {
+                                        match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                            san.clone(),
+                                        )),
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            ..Default::default()
+                        },
+                    ),
+                )
             };
             let mut common = CommonTlsContext {
                 validation_context_type: validation,
@@ -212,7 +221,12 @@ fn file(path: &str) -> DataSource {
 /// The connection pool's HTTP settings: requests per connection, idle
 /// timeout, and HTTP/2 toward the endpoints for HTTP/2 and gRPC ports or
 /// when `h2UpgradePolicy: UPGRADE` asks.
-fn http_options(cluster: &mut Cluster, policy: Option<&TrafficPolicy>, port: u32, protocol: Protocol) {
+fn http_options(
+    cluster: &mut Cluster,
+    policy: Option<&TrafficPolicy>,
+    port: u32,
+    protocol: Protocol,
+) {
     let http = port_setting(
         policy,
         port,
@@ -222,8 +236,12 @@ fn http_options(cluster: &mut Cluster, policy: Option<&TrafficPolicy>, port: u32
     .and_then(|pool| pool.http.as_ref());
     let h2 = matches!(protocol, Protocol::Http2 | Protocol::Grpc)
         || http.and_then(|h| h.h2_upgrade_policy) == Some(H2UpgradePolicy::Upgrade);
-    let idle = http.and_then(|h| h.idle_timeout.as_deref()).and_then(parse_duration);
-    let per_connection = http.and_then(|h| h.max_requests_per_connection).filter(|n| *n > 0);
+    let idle = http
+        .and_then(|h| h.idle_timeout.as_deref())
+        .and_then(parse_duration);
+    let per_connection = http
+        .and_then(|h| h.max_requests_per_connection)
+        .filter(|n| *n > 0);
     if !h2 && idle.is_none() && per_connection.is_none() {
         return;
     }
@@ -269,11 +287,17 @@ pub fn resolve(
         Resolution::Dns => cluster::DiscoveryType::StrictDns,
         Resolution::Passthrough => cluster::DiscoveryType::OriginalDst,
     };
-    let mut assignments: BTreeMap<String, ClusterLoadAssignment> =
-        load_assignments(&Service { resolution: Resolution::Endpoints, ..service.clone() }, endpoints, rule)
-            .into_iter()
-            .map(|a| (a.cluster_name.clone(), a))
-            .collect();
+    let mut assignments: BTreeMap<String, ClusterLoadAssignment> = load_assignments(
+        &Service {
+            resolution: Resolution::Endpoints,
+            ..service.clone()
+        },
+        endpoints,
+        rule,
+    )
+    .into_iter()
+    .map(|a| (a.cluster_name.clone(), a))
+    .collect();
     for c in clusters {
         c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(kind as i32));
         c.eds_cluster_config = None;

@@ -108,11 +108,17 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
             let name = format!("http.{port}");
             routes.push(route_configuration(snapshot, proxy, &name, port, &plain));
             chains.push(FilterChain {
-                filters: vec![listeners::rds_filter(&format!("outbound_0.0.0.0_{port}"), &name)],
+                filters: vec![listeners::rds_filter(
+                    &format!("outbound_0.0.0.0_{port}"),
+                    &name,
+                )],
                 ..Default::default()
             });
         }
-        for server in on_port.iter().filter(|s| s.protocol() == "HTTPS" || s.protocol() == "TLS") {
+        for server in on_port
+            .iter()
+            .filter(|s| s.protocol() == "HTTPS" || s.protocol() == "TLS")
+        {
             match server.tls_mode() {
                 Some(ServerTlsMode::Passthrough) | Some(ServerTlsMode::AutoPassthrough) => {
                     chains.extend(passthrough_chains(snapshot, server, port));
@@ -126,7 +132,10 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
                             server_names: sni_names(&server.hosts()),
                             ..Default::default()
                         }),
-                        filters: vec![listeners::rds_filter(&format!("outbound_0.0.0.0_{port}"), &name)],
+                        filters: vec![listeners::rds_filter(
+                            &format!("outbound_0.0.0.0_{port}"),
+                            &name,
+                        )],
                         transport_socket: terminate(server),
                         ..Default::default()
                     });
@@ -137,7 +146,9 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
         if chains.is_empty() {
             continue;
         }
-        let tls = on_port.iter().any(|s| s.protocol() == "HTTPS" || s.protocol() == "TLS");
+        let tls = on_port
+            .iter()
+            .any(|s| s.protocol() == "HTTPS" || s.protocol() == "TLS");
         listeners.push(Listener {
             name: format!("0.0.0.0_{port}"),
             address: Some(socket("0.0.0.0", port)),
@@ -199,7 +210,11 @@ fn route_configuration(
                     .hosts()
                     .iter()
                     .any(|h| host_matches(h, &host) || host_matches(&host, h));
-                if !admitted || virtual_hosts.iter().any(|v| v.domains.first() == Some(&host)) {
+                if !admitted
+                    || virtual_hosts
+                        .iter()
+                        .any(|v| v.domains.first() == Some(&host))
+                {
                     continue;
                 }
                 virtual_hosts.push(VirtualHost {
@@ -227,7 +242,9 @@ fn route_configuration(
 
 /// TLS terminated with the server's credential, over SDS; MUTUAL also
 /// verifies clients against the credential's CA.
-fn terminate(server: &Bound<'_>) -> Option<envoy_types::pb::envoy::config::core::v3::TransportSocket> {
+fn terminate(
+    server: &Bound<'_>,
+) -> Option<envoy_types::pb::envoy::config::core::v3::TransportSocket> {
     let tls = server.server.tls.as_ref()?;
     let credential = tls.credential_name.clone()?;
     let mutual = tls.mode == Some(ServerTlsMode::Mutual);
@@ -267,7 +284,11 @@ fn passthrough_chains(snapshot: &Snapshot, server: &Bound<'_>, port: u32) -> Vec
             let Some(destination) = rule.route.first() else {
                 continue;
             };
-            let ctx_port = destination.destination.port.as_ref().map_or(port, |p| p.number);
+            let ctx_port = destination
+                .destination
+                .port
+                .as_ref()
+                .map_or(port, |p| p.number);
             let host = resolve_host(&destination.destination.host, &vs.namespace);
             let cluster = super::clusters::cluster_name(
                 ctx_port,

@@ -151,6 +151,31 @@ pub fn outbound(listener: &Outbound) -> Listener {
     }
 }
 
+/// `0.0.0.0_<port>` for TLS to hosts without an address: each host's
+/// connections, told apart by SNI, to its cluster.
+pub fn outbound_tls(port: u32, hosts: &[(String, String)]) -> Listener {
+    Listener {
+        name: format!("0.0.0.0_{port}"),
+        address: Some(socket("0.0.0.0", port)),
+        bind_to_port: Some(BoolValue { value: false }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        listener_filters: vec![tls_inspector()],
+        filter_chains: hosts
+            .iter()
+            .map(|(host, cluster)| FilterChain {
+                name: cluster.clone(),
+                filter_chain_match: Some(FilterChainMatch {
+                    server_names: vec![host.clone()],
+                    ..Default::default()
+                }),
+                filters: vec![tcp_proxy(cluster)],
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
 /// A bound egress listener: it sniffs, routing HTTP by the port's route
 /// configuration and passing anything else on as the captured path would.
 pub fn bound(listener: &Bound, allow_any: bool) -> Listener {
@@ -180,7 +205,10 @@ pub fn bound(listener: &Bound, allow_any: bool) -> Listener {
 pub fn virtual_inbound(ports: &[Inbound]) -> Listener {
     let mut filter_chains = Vec::new();
     for inbound in ports {
-        let tls = matches!(inbound.mtls, MtlsMode::Strict | MtlsMode::Permissive | MtlsMode::Unset);
+        let tls = matches!(
+            inbound.mtls,
+            MtlsMode::Strict | MtlsMode::Permissive | MtlsMode::Unset
+        );
         let plain = matches!(
             inbound.mtls,
             MtlsMode::Permissive | MtlsMode::Disable | MtlsMode::Unset
@@ -231,9 +259,18 @@ pub fn virtual_inbound(ports: &[Inbound]) -> Listener {
         address: Some(socket("0.0.0.0", INBOUND_PORT)),
         traffic_direction: TrafficDirection::Inbound as i32,
         listener_filters: vec![
-            listener_filter("envoy.filters.listener.original_dst", pack_any(OriginalDst::default())),
-            listener_filter("envoy.filters.listener.tls_inspector", pack_any(TlsInspector::default())),
-            listener_filter("envoy.filters.listener.http_inspector", pack_any(HttpInspector::default())),
+            listener_filter(
+                "envoy.filters.listener.original_dst",
+                pack_any(OriginalDst::default()),
+            ),
+            listener_filter(
+                "envoy.filters.listener.tls_inspector",
+                pack_any(TlsInspector::default()),
+            ),
+            listener_filter(
+                "envoy.filters.listener.http_inspector",
+                pack_any(HttpInspector::default()),
+            ),
         ],
         listener_filters_timeout: Some(duration(std::time::Duration::from_secs(1))),
         continue_on_listener_filters_timeout: true,
@@ -249,9 +286,15 @@ fn inbound_filter(inbound: &Inbound) -> Filter {
     }
     let mut filters = Vec::new();
     for rbac in &inbound.rbac {
-        filters.push(http_filter("envoy.filters.http.rbac", pack_any(rbac.clone())));
+        filters.push(http_filter(
+            "envoy.filters.http.rbac",
+            pack_any(rbac.clone()),
+        ));
     }
-    filters.push(http_filter("envoy.filters.http.router", pack_any(Router::default())));
+    filters.push(http_filter(
+        "envoy.filters.http.router",
+        pack_any(Router::default()),
+    ));
     http_connection_manager(
         &cluster.clone(),
         http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {

@@ -39,7 +39,8 @@ use bowline_api::duration::parse as parse_duration;
 /// The fault filter's name, under which routes carry their faults.
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 /// Istio's retry conditions when a route says nothing of retries.
-const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+const DEFAULT_RETRY_ON: &str =
+    "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
 const DEFAULT_ATTEMPTS: u32 = 2;
 /// The virtual host that takes what no service claims.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
@@ -56,6 +57,9 @@ pub struct RouteContext<'a> {
     pub proxy_labels: &'a std::collections::BTreeMap<String, String>,
     pub proxy_namespace: &'a str,
 }
+
+/// Where VirtualService hosts without a service are routed.
+pub const DEFAULT_HTTP_PORT: u32 = 80;
 
 /// The gateway name sidecars answer to.
 pub const MESH_GATEWAY: &str = "mesh";
@@ -77,7 +81,11 @@ pub fn outbound_route_configuration(
         .map(|service| {
             let routes = match virtual_service_for(ctx, &service.hostname) {
                 Some(vs) => http_routes(ctx, vs),
-                None => vec![default_route(&cluster_name(ctx.port, "", &service.hostname))],
+                None => vec![default_route(&cluster_name(
+                    ctx.port,
+                    "",
+                    &service.hostname,
+                ))],
             };
             VirtualHost {
                 name: format!("{}:{}", service.hostname, ctx.port),
@@ -88,6 +96,17 @@ pub fn outbound_route_configuration(
             }
         })
         .collect();
+    if ctx.port == DEFAULT_HTTP_PORT {
+        for (host, vs) in unbacked_hosts(ctx, services) {
+            virtual_hosts.push(VirtualHost {
+                name: format!("{host}:{}", ctx.port),
+                domains: vec![host.clone(), format!("{host}:{}", ctx.port)],
+                routes: http_routes(ctx, vs),
+                include_request_attempt_count: true,
+                ..Default::default()
+            });
+        }
+    }
     virtual_hosts.push(if allow_any {
         VirtualHost {
             name: "allow_any".into(),
@@ -109,6 +128,35 @@ pub fn outbound_route_configuration(
         validate_clusters: Some(BoolValue { value: false }),
         ..Default::default()
     }
+}
+
+/// Hosts of VirtualServices bound to the mesh that name no service: they
+/// are routed on port 80, where plain HTTP to them arrives.
+pub fn unbacked_hosts<'s>(
+    ctx: &RouteContext<'s>,
+    services: &[&Service],
+) -> Vec<(String, &'s Config<VirtualServiceSpec>)> {
+    let mut hosts: Vec<(String, &'s Config<VirtualServiceSpec>)> = Vec::new();
+    let mut bound: Vec<&'s Config<VirtualServiceSpec>> = ctx
+        .snapshot
+        .virtual_services
+        .iter()
+        .filter(|vs| bound_to(vs, &ctx.gateways))
+        .collect();
+    bound.sort_by_key(|vs| (vs.created, vs.namespace.clone(), vs.name.clone()));
+    for vs in bound {
+        for host in &vs.spec.hosts {
+            let host = resolve_host(host, &vs.namespace);
+            if host.contains('*')
+                || services.iter().any(|s| s.hostname == host)
+                || hosts.iter().any(|(h, _)| *h == host)
+            {
+                continue;
+            }
+            hosts.push((host, vs));
+        }
+    }
+    hosts
 }
 
 /// The names a request may use for `service` on `port`: its full name,
@@ -236,8 +284,12 @@ fn http_route(
     if let Some(fault) = &rule.fault {
         typed_per_filter_config.insert(FAULT_FILTER.to_string(), pack_any(http_fault(fault)));
     }
-    let (request_headers_to_add, request_headers_to_remove, response_headers_to_add, response_headers_to_remove) =
-        header_operations(rule.headers.as_ref());
+    let (
+        request_headers_to_add,
+        request_headers_to_remove,
+        response_headers_to_add,
+        response_headers_to_remove,
+    ) = header_operations(rule.headers.as_ref());
     Route {
         name: route_name(vs, rule),
         r#match: Some(route_match(m)),
@@ -272,9 +324,7 @@ fn route_match(m: Option<&HttpMatchRequest>) -> RouteMatch {
         Some(StringMatch {
             prefix: Some(p), ..
         }) => route_match::PathSpecifier::Prefix(p.clone()),
-        Some(StringMatch { regex: Some(r), .. }) => {
-            route_match::PathSpecifier::SafeRegex(regex(r))
-        }
+        Some(StringMatch { regex: Some(r), .. }) => route_match::PathSpecifier::SafeRegex(regex(r)),
         _ => route_match::PathSpecifier::Prefix("/".into()),
     };
     let mut headers: Vec<HeaderMatcher> = Vec::new();
@@ -403,7 +453,8 @@ fn route_action(
             // With an exact match the whole path is replaced; with a
             // prefix the prefix is.
             match m.and_then(|m| m.uri.as_ref()) {
-                Some(StringMatch { exact: Some(_), .. }) | Some(StringMatch { regex: Some(_), .. }) => {
+                Some(StringMatch { exact: Some(_), .. })
+                | Some(StringMatch { regex: Some(_), .. }) => {
                     action.regex_rewrite = Some(RegexMatchAndSubstitute {
                         pattern: Some(regex(".*")),
                         substitution: uri.clone(),
@@ -435,12 +486,16 @@ pub fn destination_cluster(
     namespace: &str,
 ) -> String {
     let host = resolve_host(&destination.host, namespace);
-    let port = destination.port.as_ref().map(|p| p.number).unwrap_or_else(|| {
-        match ctx.snapshot.services.get(&host).map(|s| s.ports.as_slice()) {
-            Some([only]) => only.port,
-            _ => ctx.port,
-        }
-    });
+    let port = destination
+        .port
+        .as_ref()
+        .map(|p| p.number)
+        .unwrap_or_else(
+            || match ctx.snapshot.services.get(&host).map(|s| s.ports.as_slice()) {
+                Some([only]) => only.port,
+                _ => ctx.port,
+            },
+        );
     cluster_name(port, destination.subset.as_deref().unwrap_or(""), &host)
 }
 
@@ -451,7 +506,9 @@ fn retry_policy(retries: Option<&HttpRetry>) -> Option<RetryPolicy> {
         Some(r) if r.attempts <= 0 => return None,
         Some(r) => (
             r.attempts as u32,
-            r.retry_on.clone().unwrap_or_else(|| DEFAULT_RETRY_ON.into()),
+            r.retry_on
+                .clone()
+                .unwrap_or_else(|| DEFAULT_RETRY_ON.into()),
             r.per_try_timeout.as_deref().and_then(parse_duration),
         ),
     };
@@ -605,16 +662,15 @@ fn mirror_policies(
     vs: &Config<VirtualServiceSpec>,
     rule: &HttpRoute,
 ) -> Vec<route_action::RequestMirrorPolicy> {
-    let policy = |destination: &Destination, percent: Option<&Percent>| {
-        route_action::RequestMirrorPolicy {
+    let policy =
+        |destination: &Destination, percent: Option<&Percent>| route_action::RequestMirrorPolicy {
             cluster: destination_cluster(ctx, destination, &vs.namespace),
             runtime_fraction: Some(RuntimeFractionalPercent {
                 default_value: Some(per_million(percent.map_or(100.0, |p| p.value))),
                 ..Default::default()
             }),
             ..Default::default()
-        }
-    };
+        };
     let mut policies: Vec<_> = rule
         .mirror
         .iter()
@@ -641,8 +697,8 @@ fn header_operations(headers: Option<&Headers>) -> HeaderChanges {
         let Some(ops) = ops else {
             return (Vec::new(), Vec::new());
         };
-        let option = |(name, value): (&String, &String), action: HeaderAppendAction| {
-            HeaderValueOption {
+        let option =
+            |(name, value): (&String, &String), action: HeaderAppendAction| HeaderValueOption {
                 header: Some(HeaderValue {
                     key: name.clone(),
                     value: value.clone(),
@@ -650,8 +706,7 @@ fn header_operations(headers: Option<&Headers>) -> HeaderChanges {
                 }),
                 append_action: action as i32,
                 ..Default::default()
-            }
-        };
+            };
         let mut add: Vec<HeaderValueOption> = ops
             .set
             .iter()
