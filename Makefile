@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s envoy deps bench-operator
+.PHONY: demo cluster test lint k8s envoy deps bench-operator bench-controlplane
 
 ## demo: bring the local cluster up, deploy a sample workload, show it, stop.
 demo: k8s
@@ -31,6 +31,11 @@ bench-operator: k8s
 	$(CARGO) build --locked --release -p bowline-operator
 	$(CARGO) run --locked --release -q -p bowline-tests --bin bench-operator -- \
 		--operator $(CARGO_TARGET_DIR)/release/bowline-operator
+
+## bench-controlplane: 1,000 services, 10,000 endpoints, 1,000 proxies on
+## delta ADS: convergence after a change, CPU per push, memory per proxy.
+bench-controlplane: deps
+	$(CARGO) run --locked --release -q -p bowline-tests --bin bench-controlplane
 
 ## k8s: build (or find, when up to date) the local cluster's binaries.
 k8s: deps

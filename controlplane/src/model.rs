@@ -150,6 +150,50 @@ pub fn host_matches(pattern: &str, host: &str) -> bool {
     }
 }
 
+/// Config by the hosts it names (resolved in its namespace): exact hosts
+/// looked up directly, wildcards tried in turn. Built once per scope, so
+/// that finding a service's rule or route does not scan all config.
+#[derive(Debug)]
+pub struct HostIndex<'s, T> {
+    exact: std::collections::HashMap<String, Vec<&'s Config<T>>>,
+    wildcard: Vec<(String, &'s Config<T>)>,
+}
+
+impl<'s, T> HostIndex<'s, T> {
+    /// `hosts` gives the hosts each config names, as written.
+    pub fn new(
+        configs: impl IntoIterator<Item = &'s Config<T>>,
+        hosts: impl Fn(&'s Config<T>) -> Vec<&'s str>,
+    ) -> Self {
+        let mut index = Self {
+            exact: Default::default(),
+            wildcard: Vec::new(),
+        };
+        for config in configs {
+            for host in hosts(config) {
+                let host = resolve_host(host, &config.namespace);
+                if host.starts_with('*') {
+                    index.wildcard.push((host, config));
+                } else {
+                    index.exact.entry(host).or_default().push(config);
+                }
+            }
+        }
+        index
+    }
+
+    /// The configs naming `host`, exactly or by a wildcard (each once).
+    pub fn find(&self, host: &str) -> Vec<&'s Config<T>> {
+        let mut found: Vec<&'s Config<T>> = self.exact.get(host).cloned().unwrap_or_default();
+        for (pattern, config) in &self.wildcard {
+            if host_matches(pattern, host) && !found.iter().any(|c| std::ptr::eq(*c, *config)) {
+                found.push(config);
+            }
+        }
+        found
+    }
+}
+
 /// Whether every `key: value` of `selector` is among `labels`.
 pub fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String>) -> bool {
     selector.iter().all(|(k, v)| labels.get(k) == Some(v))

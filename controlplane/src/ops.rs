@@ -92,7 +92,7 @@ fn dump(generated: &Generated) -> serde_json::Value {
             .of_type(type_url)
             .map(|(name, v)| {
                 serde_json::json!({
-                    "name": name,
+                    "name": name.as_ref(),
                     "version": v.version,
                     "@type": v.resource.type_url,
                     "bytes": v.resource.value.len(),

@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::hash::{DefaultHasher, Hasher};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use envoy_types::pb::google::protobuf::Any;
@@ -58,12 +58,22 @@ impl Push {
 /// proxy is sent only what really changed.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Versioned {
+    pub hash: u64,
+    /// The hash as the protocol carries it.
     pub version: String,
     pub resource: Any,
 }
 
-/// Resources by type URL, then by name.
-pub type Encoded = BTreeMap<&'static str, BTreeMap<String, Arc<Versioned>>>;
+/// The resources of one type, by name, and a hash over all of them: a
+/// stream that last sent the same hash has nothing to compare.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Typed {
+    pub hash: u64,
+    pub items: BTreeMap<Arc<str>, Arc<Versioned>>,
+}
+
+/// Resources by type URL.
+pub type Encoded = BTreeMap<&'static str, Arc<Typed>>;
 
 /// A proxy's resources for one push.
 #[derive(Clone, Debug, Default)]
@@ -71,25 +81,26 @@ pub struct Generated {
     /// Shared with every proxy of the same scope.
     pub outbound: Arc<Encoded>,
     /// This proxy's own: a sidecar's virtual listeners and inbound
-    /// clusters, a gateway's listeners and routes.
+    /// clusters, a gateway's listeners and routes, its secrets.
     pub own: Encoded,
 }
 
 impl Generated {
     /// The resources of `type_url`, both parts.
-    pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&String, &Arc<Versioned>)> {
+    pub fn of_type(&self, type_url: &str) -> impl Iterator<Item = (&Arc<str>, &Arc<Versioned>)> {
         self.outbound
             .get(type_url)
             .into_iter()
             .chain(self.own.get(type_url))
-            .flatten()
+            .flat_map(|t| t.items.iter())
     }
 
-    pub fn get(&self, type_url: &str, name: &str) -> Option<&Arc<Versioned>> {
-        self.own
-            .get(type_url)
-            .and_then(|r| r.get(name))
-            .or_else(|| self.outbound.get(type_url).and_then(|r| r.get(name)))
+    /// Hashes of both parts of `type_url`: equal hashes, equal resources.
+    pub fn type_hash(&self, type_url: &str) -> (u64, u64) {
+        (
+            self.outbound.get(type_url).map_or(0, |t| t.hash),
+            self.own.get(type_url).map_or(0, |t| t.hash),
+        )
     }
 }
 
@@ -100,25 +111,30 @@ struct ScopeKey {
     labels: BTreeMap<String, String>,
 }
 
-/// Generates and caches the outbound part per scope, for the current push
-/// and the one before (which the EDS fast path builds on).
+/// Generates the outbound part once per scope and push, for the current
+/// push and the one before (which the EDS fast path builds on).
 #[derive(Debug, Default)]
 pub struct Generator {
     cache: Mutex<Cache>,
 }
 
+type Slot = Arc<OnceLock<Arc<Encoded>>>;
+
 #[derive(Debug, Default)]
 struct Cache {
     push: u64,
     config: u64,
-    current: HashMap<ScopeKey, Arc<Encoded>>,
-    previous: HashMap<ScopeKey, Arc<Encoded>>,
+    current: HashMap<ScopeKey, Slot>,
+    previous: HashMap<ScopeKey, Slot>,
     previous_config: u64,
 }
 
 impl Generator {
     pub fn generate(&self, push: &Push, proxy: &Proxy) -> Generated {
-        let mut generated = self.shared(push, proxy);
+        let mut generated = Generated {
+            outbound: self.shared(push, proxy),
+            own: Encoded::new(),
+        };
         match proxy.kind {
             ProxyKind::Sidecar => {
                 let (clusters, listeners) = translate::own(&push.snapshot, proxy);
@@ -140,13 +156,15 @@ impl Generator {
 
     /// The part shared by every proxy of the same scope: clusters and
     /// endpoints, and for sidecars the outbound listeners and routes.
-    fn shared(&self, push: &Push, proxy: &Proxy) -> Generated {
+    /// Generated once: the first proxy of a scope generates, the others
+    /// wait for it.
+    fn shared(&self, push: &Push, proxy: &Proxy) -> Arc<Encoded> {
         let key = ScopeKey {
             kind: proxy.kind,
             namespace: proxy.namespace.clone(),
             labels: proxy.labels.clone(),
         };
-        let cached = {
+        let (slot, previous) = {
             let mut cache = self.cache.lock().expect("generator cache");
             if push.number > cache.push {
                 cache.previous = std::mem::take(&mut cache.current);
@@ -154,37 +172,24 @@ impl Generator {
                 cache.push = push.number;
                 cache.config = push.config;
             }
-            cache.current.get(&key).cloned().map(Ok).unwrap_or_else(|| {
-                Err((cache.previous_config == push.config)
-                    .then(|| cache.previous.get(&key).cloned())
-                    .flatten())
-            })
+            let previous = (cache.previous_config == push.config)
+                .then(|| cache.previous.get(&key).and_then(|s| s.get().cloned()))
+                .flatten();
+            let slot = cache.current.entry(key).or_default().clone();
+            (slot, previous)
         };
-        // Generated off the lock; two proxies of a new scope may both
-        // generate it, and the second insert wins with equal content.
-        let outbound = match cached {
-            Ok(outbound) => outbound,
-            Err(previous) => {
-                let scope = Scope::new(&push.snapshot, &proxy.namespace, &proxy.labels);
-                let outbound = Arc::new(match previous {
-                    Some(previous) => {
-                        let mut encoded = (*previous).clone();
-                        encoded.insert(ENDPOINT, encode(scope.endpoints(), |e| &e.cluster_name));
-                        encoded
-                    }
-                    None => outbound(&scope, proxy.kind),
-                });
-                let mut cache = self.cache.lock().expect("generator cache");
-                if cache.push == push.number {
-                    cache.current.insert(key, outbound.clone());
+        slot.get_or_init(|| {
+            let scope = Scope::new(&push.snapshot, &proxy.namespace, &proxy.labels);
+            Arc::new(match previous {
+                Some(previous) => {
+                    let mut encoded = (*previous).clone();
+                    encoded.insert(ENDPOINT, encode(scope.endpoints(), |e| &e.cluster_name));
+                    encoded
                 }
-                outbound
-            }
-        };
-        Generated {
-            outbound,
-            own: Encoded::new(),
-        }
+                None => outbound(&scope, proxy.kind),
+            })
+        })
+        .clone()
     }
 }
 
@@ -200,29 +205,37 @@ fn outbound(scope: &Scope<'_>, kind: ProxyKind) -> Encoded {
 }
 
 /// Packs each resource once, versioned by the hash of its bytes.
-pub fn encode<T: Message + Name>(
-    resources: Vec<T>,
-    name: impl Fn(&T) -> &String,
-) -> BTreeMap<String, Arc<Versioned>> {
-    resources
+pub fn encode<T: Message + Name>(resources: Vec<T>, name: impl Fn(&T) -> &String) -> Arc<Typed> {
+    let mut all = DefaultHasher::new();
+    let items: BTreeMap<Arc<str>, Arc<Versioned>> = resources
         .into_iter()
         .map(|r| {
-            let name = name(&r).clone();
+            let name: Arc<str> = Arc::from(name(&r).as_str());
             let resource = pack_any(r);
+            let hash = hash(&resource.value);
             (
                 name,
                 Arc::new(Versioned {
-                    version: hash(&resource.value),
+                    hash,
+                    version: format!("{hash:016x}"),
                     resource,
                 }),
             )
         })
-        .collect()
+        .collect();
+    for (name, v) in &items {
+        all.write(name.as_bytes());
+        all.write_u64(v.hash);
+    }
+    Arc::new(Typed {
+        hash: all.finish().max(1),
+        items,
+    })
 }
 
 /// A stable hash: the same bytes give the same version in every process.
-pub fn hash(bytes: &[u8]) -> String {
+pub fn hash(bytes: &[u8]) -> u64 {
     let mut hasher = DefaultHasher::new();
     hasher.write(bytes);
-    format!("{:016x}", hasher.finish())
+    hasher.finish()
 }

@@ -10,7 +10,7 @@
 //!   `credentialName`), keys `tls.crt`/`tls.key`/`ca.crt` or Istio's
 //!   generic `cert`/`key`/`cacert`. A proxy sees only its own namespace's.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -21,7 +21,7 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 
 use crate::ca::{self, Authority, Identity};
 use crate::model::{Proxy, Snapshot, TlsSecret};
-use crate::push::{Versioned, encode};
+use crate::push::{Typed, encode};
 use crate::translate::gateway::credential_resource;
 use crate::translate::listeners::{ROOT_SECRET, WORKLOAD_SECRET};
 
@@ -57,7 +57,7 @@ impl Secrets {
         snapshot: &Snapshot,
         proxy: &Proxy,
         identity: &Identity,
-    ) -> Result<BTreeMap<String, Arc<Versioned>>, ca::Error> {
+    ) -> Result<Arc<Typed>, ca::Error> {
         let mut secrets = vec![root(self.authority.root_pem()), self.workload(identity)?];
         let prefix = format!("{}/", proxy.namespace);
         for (key, tls) in snapshot.secrets.range(prefix.clone()..) {

@@ -22,7 +22,7 @@ pub mod routes;
 use std::collections::{BTreeMap, BTreeSet};
 
 use bowline_api::install::OutboundTrafficMode;
-use bowline_api::networking::{DestinationRuleSpec, SidecarSpec};
+use bowline_api::networking::{DestinationRuleSpec, SidecarSpec, VirtualServiceSpec};
 use bowline_api::security::{MtlsMode, PeerAuthenticationSpec};
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::BindConfig;
@@ -32,7 +32,8 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::google::protobuf::Duration;
 
 use crate::model::{
-    Config, Protocol, Proxy, Service, Snapshot, host_matches, oldest, resolve_host, selects,
+    Config, HostIndex, Protocol, Proxy, Service, Snapshot, host_matches, oldest, resolve_host,
+    selects,
 };
 use listeners::{Bound, Inbound, Outbound};
 use routes::RouteContext;
@@ -73,6 +74,10 @@ pub struct Scope<'s> {
     sidecar: Option<&'s Config<SidecarSpec>>,
     services: Vec<&'s Service>,
     allow_any: bool,
+    /// DestinationRules that may apply to this scope, by host.
+    rules: HostIndex<'s, DestinationRuleSpec>,
+    /// VirtualServices bound to the mesh, by host.
+    routes: HostIndex<'s, VirtualServiceSpec>,
 }
 
 impl<'s> Scope<'s> {
@@ -84,6 +89,23 @@ impl<'s> Scope<'s> {
         let sidecar = sidecar_for(snapshot, namespace, labels);
         let services = visible_services(snapshot, namespace, sidecar.map(|s| &s.spec));
         let allow_any = allow_any(snapshot, sidecar.map(|s| &s.spec));
+        let rules = HostIndex::new(
+            snapshot.destination_rules.iter().filter(|r| {
+                r.spec
+                    .workload_selector
+                    .as_ref()
+                    .is_none_or(|w| r.namespace == namespace && selects(&w.match_labels, labels))
+            }),
+            |r| vec![r.spec.host.as_str()],
+        );
+        let mesh = [routes::MESH_GATEWAY.to_string()];
+        let routes = HostIndex::new(
+            snapshot
+                .virtual_services
+                .iter()
+                .filter(|vs| routes::bound_to(vs, &mesh)),
+            |vs| vs.spec.hosts.iter().map(String::as_str).collect(),
+        );
         Self {
             snapshot,
             namespace,
@@ -91,11 +113,13 @@ impl<'s> Scope<'s> {
             sidecar,
             services,
             allow_any,
+            rules,
+            routes,
         }
     }
 
     fn rule(&self, host: &str) -> Option<&'s DestinationRuleSpec> {
-        destination_rule(self.snapshot, self.namespace, self.labels, host).map(|r| &r.spec)
+        pick_rule(self.snapshot, self.namespace, host, self.rules.find(host)).map(|r| &r.spec)
     }
 
     /// Every visible service's clusters, and the fixed ones.
@@ -161,9 +185,10 @@ impl<'s> Scope<'s> {
             })
     }
 
-    fn context(&self, port: u32) -> RouteContext<'s> {
+    fn context(&self, port: u32) -> RouteContext<'_> {
         RouteContext {
             snapshot: self.snapshot,
+            virtual_services: Some(&self.routes),
             gateways: vec![routes::MESH_GATEWAY.to_string()],
             port,
             proxy_labels: self.labels,
@@ -304,27 +329,16 @@ fn visible_services<'s>(
         .collect()
 }
 
-/// The DestinationRule for `host` as seen from `proxy`: its own
-/// namespace's first, then the host's, then the mesh's — the oldest where
-/// several match, workload-selecting rules only for workloads they select.
-pub fn destination_rule<'s>(
-    snapshot: &'s Snapshot,
+/// The DestinationRule for `host` among `candidates` (those naming it):
+/// the proxy's own namespace's first, then the host's, then the mesh's —
+/// an exact host before a wildcard, the oldest where several match.
+fn pick_rule<'s>(
+    snapshot: &Snapshot,
     namespace: &str,
-    labels: &BTreeMap<String, String>,
     host: &str,
+    candidates: Vec<&'s Config<DestinationRuleSpec>>,
 ) -> Option<&'s Config<DestinationRuleSpec>> {
     let host_namespace = snapshot.services.get(host).map(|s| s.namespace.as_str());
-    let mut candidates: Vec<&Config<DestinationRuleSpec>> = snapshot
-        .destination_rules
-        .iter()
-        .filter(|r| host_matches(&resolve_host(&r.spec.host, &r.namespace), host))
-        .filter(|r| {
-            r.spec
-                .workload_selector
-                .as_ref()
-                .is_none_or(|w| r.namespace == namespace && selects(&w.match_labels, labels))
-        })
-        .collect();
     let rank = |r: &Config<DestinationRuleSpec>| {
         if r.namespace == namespace {
             0
@@ -336,16 +350,14 @@ pub fn destination_rule<'s>(
             3
         }
     };
-    candidates.sort_by_key(|r| {
-        (
-            rank(r),
-            // An exact host beats a wildcard.
-            r.spec.host.starts_with('*'),
-            r.created,
-            r.name.clone(),
-        )
-    });
-    candidates.into_iter().next()
+    candidates.into_iter().min_by(|a, b| {
+        (rank(a), a.spec.host.starts_with('*'), a.created, &a.name).cmp(&(
+            rank(b),
+            b.spec.host.starts_with('*'),
+            b.created,
+            &b.name,
+        ))
+    })
 }
 
 /// The ports the proxy's workload serves (the target ports of the

@@ -13,7 +13,7 @@
 //! bounded number of permits, and a proxy that falls behind skips to the
 //! newest push (the watch channel keeps only the latest).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -35,11 +35,13 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::ca::{self, Identity};
 use crate::metrics::{Metrics, TypeLabels, type_label};
 use crate::model::{Proxy, ProxyKind, Snapshot};
-use crate::push::{Generated, Generator, PUSH_ORDER, Push, hash};
+use crate::push::{Generated, Generator, PUSH_ORDER, Push};
 use crate::secrets::Secrets;
 
 /// Pushes generated at once, across all proxies.
 pub const PUSH_PERMITS: usize = 100;
+/// About how much one delta response carries; more goes in several.
+const RESPONSE_BYTES: usize = 64 * 1024;
 
 /// How the server knows who is calling.
 #[derive(Clone)]
@@ -416,15 +418,17 @@ trait Protocol: Send + 'static {
     /// an answer now (a new type or new names).
     fn subscribe(&mut self, request: &Self::Request) -> bool;
 
-    /// The response for `type_url` that brings the proxy up to
-    /// `generated`, if anything changed (or `force`).
+    /// The responses for `type_url` that bring the proxy up to
+    /// `generated`, if anything changed (or `force`); their nonces are set
+    /// after.
     fn respond(
         &mut self,
         type_url: &str,
         generated: &Generated,
-        nonce: &str,
         force: bool,
-    ) -> Option<Self::Response>;
+    ) -> Vec<Self::Response>;
+
+    fn set_nonce(response: &mut Self::Response, nonce: String);
 
     /// The types the proxy has asked for.
     fn types(&self) -> Vec<String>;
@@ -567,12 +571,10 @@ impl Connection {
         push: u64,
         force: bool,
     ) -> Result<(), ()> {
-        self.nonce += 1;
-        let nonce = self.nonce.to_string();
-        let Some(response) = protocol.respond(type_url, generated, &nonce, force) else {
+        let responses = protocol.respond(type_url, generated, force);
+        if responses.is_empty() {
             return Ok(());
-        };
-        self.pending.insert(type_url.to_string(), (nonce, push));
+        }
         self.discovery
             .metrics
             .pushes
@@ -580,7 +582,15 @@ impl Connection {
                 r#type: type_label(type_url),
             })
             .inc();
-        tx.send(Ok(response)).await.map_err(|_| ())
+        for mut response in responses {
+            self.nonce += 1;
+            let nonce = self.nonce.to_string();
+            P::set_nonce(&mut response, nonce.clone());
+            // The last response's ACK stands for them all.
+            self.pending.insert(type_url.to_string(), (nonce, push));
+            tx.send(Ok(response)).await.map_err(|_| ())?;
+        }
+        Ok(())
     }
 
     /// An ACK records the push the proxy now has; a NACK is logged and
@@ -590,17 +600,16 @@ impl Connection {
             return;
         }
         let type_url = request.type_url().to_string();
-        let Some((nonce, push)) = self.pending.get(&type_url).cloned() else {
-            return;
-        };
-        if nonce != request.nonce() {
-            // An answer to an older response; a newer one is on its way.
-            return;
-        }
-        self.pending.remove(&type_url);
         let registry = &self.discovery.registry;
+        let pending = self.pending.get(&type_url).cloned();
+        let current = pending
+            .as_ref()
+            .is_some_and(|(nonce, _)| nonce == request.nonce());
         match request.error() {
             Some(message) => {
+                if current {
+                    self.pending.remove(&type_url);
+                }
                 tracing::warn!(proxy = %proxy.id, r#type = %type_url, error = %message,
                     "proxy rejected config (NACK); it keeps its last good config");
                 self.discovery
@@ -612,9 +621,15 @@ impl Connection {
                     .inc();
                 registry.update(id, |c| c.last_nack = Some((type_url, message)));
             }
-            None => registry.update(id, |c| {
-                c.acked.insert(type_url, push);
-            }),
+            // An ACK of an older response: a newer one is on its way.
+            None if !current => return,
+            None => {
+                let push = pending.map_or(0, |(_, push)| push);
+                self.pending.remove(&type_url);
+                registry.update(id, |c| {
+                    c.acked.insert(type_url, push);
+                });
+            }
         }
         self.check_converged();
     }
@@ -669,11 +684,13 @@ struct Delta {
 #[derive(Debug, Default)]
 struct DeltaType {
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// Name → version the proxy has.
-    sent: BTreeMap<String, String>,
+    names: BTreeSet<Arc<str>>,
+    /// Name → hash of the version the proxy has.
+    sent: HashMap<Arc<str>, u64>,
     /// Names subscribed since the last response, answered even when absent.
-    new_names: BTreeSet<String>,
+    new_names: BTreeSet<Arc<str>>,
+    /// The type's hashes when it was last compared: equal, nothing to do.
+    compared: Option<(u64, u64)>,
 }
 
 impl Protocol for Delta {
@@ -693,45 +710,61 @@ impl Protocol for Delta {
             state.sent = request
                 .initial_resource_versions
                 .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .filter_map(|(k, v)| {
+                    Some((Arc::from(k.as_str()), u64::from_str_radix(v, 16).ok()?))
+                })
                 .collect();
         }
         for name in &request.resource_names_subscribe {
             if name == "*" {
                 state.wildcard = true;
-            } else if state.names.insert(name.clone()) {
-                state.new_names.insert(name.clone());
+            } else {
+                let name: Arc<str> = Arc::from(name.as_str());
+                if state.names.insert(name.clone()) {
+                    state.new_names.insert(name);
+                }
             }
         }
         for name in &request.resource_names_unsubscribe {
             if name == "*" {
                 state.wildcard = false;
             }
-            state.names.remove(name);
-            state.sent.remove(name);
+            state.names.remove(name.as_str());
+            state.sent.remove(name.as_str());
         }
-        first || !state.new_names.is_empty()
+        let asks =
+            first || !state.new_names.is_empty() || !request.resource_names_unsubscribe.is_empty();
+        if asks {
+            state.compared = None;
+        }
+        asks
     }
 
     fn respond(
         &mut self,
         type_url: &str,
         generated: &Generated,
-        nonce: &str,
         force: bool,
-    ) -> Option<DeltaDiscoveryResponse> {
-        let state = self.types.get_mut(type_url)?;
+    ) -> Vec<DeltaDiscoveryResponse> {
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Vec::new();
+        };
+        let hashes = generated.type_hash(type_url);
+        if !force && state.compared == Some(hashes) {
+            return Vec::new();
+        }
+        state.compared = Some(hashes);
         let mut resources = Vec::new();
-        let mut present = BTreeSet::new();
+        let mut present: HashSet<&Arc<str>> = HashSet::new();
         for (name, versioned) in generated.of_type(type_url) {
             if !(state.wildcard || state.names.contains(name)) {
                 continue;
             }
-            present.insert(name.clone());
-            if state.sent.get(name) != Some(&versioned.version) {
-                state.sent.insert(name.clone(), versioned.version.clone());
+            present.insert(name);
+            if state.sent.get(name) != Some(&versioned.hash) {
+                state.sent.insert(name.clone(), versioned.hash);
                 resources.push(Resource {
-                    name: name.clone(),
+                    name: name.to_string(),
                     version: versioned.version.clone(),
                     resource: Some(versioned.resource.clone()),
                     ..Default::default()
@@ -739,34 +772,47 @@ impl Protocol for Delta {
             }
         }
         // Gone since it was sent, or asked for and not there.
-        let mut removed: Vec<String> = state
-            .sent
-            .keys()
-            .filter(|n| !present.contains(*n))
-            .cloned()
-            .collect();
-        for name in &removed {
-            state.sent.remove(name);
+        let mut removed: Vec<String> = Vec::new();
+        state.sent.retain(|name, _| {
+            let keep = present.contains(name);
+            if !keep {
+                removed.push(name.to_string());
+            }
+            keep
+        });
+        for name in std::mem::take(&mut state.new_names) {
+            if !present.contains(&name) && !removed.iter().any(|r| **r == *name) {
+                removed.push(name.to_string());
+            }
         }
-        let absent: Vec<String> = state
-            .new_names
-            .iter()
-            .filter(|n| !present.contains(*n) && !removed.contains(n))
-            .cloned()
-            .collect();
-        removed.extend(absent);
-        state.new_names.clear();
         if resources.is_empty() && removed.is_empty() && !force {
-            return None;
+            return Vec::new();
         }
-        Some(DeltaDiscoveryResponse {
-            system_version_info: String::new(),
-            resources,
+        // Large updates go out in parts, so that no stream buffers a whole
+        // mesh's worth at once; the proxy applies each as it comes.
+        let mut responses = vec![DeltaDiscoveryResponse {
             type_url: type_url.to_string(),
             removed_resources: removed,
-            nonce: nonce.to_string(),
             ..Default::default()
-        })
+        }];
+        let mut size = 0;
+        for resource in resources {
+            let len = resource.resource.as_ref().map_or(0, |r| r.value.len());
+            if size > 0 && size + len > RESPONSE_BYTES {
+                responses.push(DeltaDiscoveryResponse {
+                    type_url: type_url.to_string(),
+                    ..Default::default()
+                });
+                size = 0;
+            }
+            size += len;
+            responses.last_mut().expect("one").resources.push(resource);
+        }
+        responses
+    }
+
+    fn set_nonce(response: &mut DeltaDiscoveryResponse, nonce: String) {
+        response.nonce = nonce;
     }
 
     fn types(&self) -> Vec<String> {
@@ -822,35 +868,41 @@ impl Protocol for StateOfTheWorld {
         &mut self,
         type_url: &str,
         generated: &Generated,
-        nonce: &str,
         force: bool,
-    ) -> Option<DiscoveryResponse> {
-        let state = self.types.get_mut(type_url)?;
+    ) -> Vec<DiscoveryResponse> {
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Vec::new();
+        };
         let all = state.names.is_empty() && is_wildcard_type(type_url);
-        let chosen: Vec<(&String, &Arc<crate::push::Versioned>)> = generated
+        let chosen: Vec<(&Arc<str>, &Arc<crate::push::Versioned>)> = generated
             .of_type(type_url)
-            .filter(|(name, _)| all || state.names.contains(*name))
+            .filter(|(name, _)| all || state.names.contains(name.as_ref()))
             .collect();
-        let mut joined = Vec::new();
+        let mut joined = std::hash::DefaultHasher::new();
         for (name, versioned) in &chosen {
-            joined.extend_from_slice(name.as_bytes());
-            joined.extend_from_slice(versioned.version.as_bytes());
+            std::hash::Hasher::write(&mut joined, name.as_bytes());
+            std::hash::Hasher::write_u64(&mut joined, versioned.hash);
         }
-        let version = hash(&joined);
+        let version = format!("{:016x}", std::hash::Hasher::finish(&joined));
         if state.version.as_ref() == Some(&version) && !force {
-            return None;
+            return Vec::new();
         }
         state.version = Some(version.clone());
-        Some(DiscoveryResponse {
+        // The state of the world is one response: the set it names is all
+        // there is.
+        vec![DiscoveryResponse {
             version_info: version,
             resources: chosen
                 .into_iter()
                 .map(|(_, v)| v.resource.clone())
                 .collect(),
             type_url: type_url.to_string(),
-            nonce: nonce.to_string(),
             ..Default::default()
-        })
+        }]
+    }
+
+    fn set_nonce(response: &mut DiscoveryResponse, nonce: String) {
+        response.nonce = nonce;
     }
 
     fn types(&self) -> Vec<String> {

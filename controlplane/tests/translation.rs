@@ -322,9 +322,11 @@ fn a_90_10_split_between_subsets() {
     )
     .domains;
     assert!(
-        domains.contains(&"reviews".to_string()) && domains.contains(&"reviews:9080".to_string()),
+        domains.contains(&"reviews".to_string()) && domains.contains(&"reviews.shop".to_string()),
         "{domains:?}"
     );
+    // `reviews:9080` is the same virtual host.
+    assert!(route_config(&resources, "9080").ignore_port_in_host_matching);
 }
 
 #[test]

@@ -186,6 +186,7 @@ fn route_configuration(
     for server in servers {
         let ctx = RouteContext {
             snapshot,
+            virtual_services: None,
             gateways: vec![server.gateway_name()],
             port,
             proxy_labels: &proxy.labels,

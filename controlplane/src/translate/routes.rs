@@ -33,7 +33,9 @@ use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
 use super::{clusters::cluster_name, duration};
-use crate::model::{Config, Service, Snapshot, host_matches, oldest, resolve_host, selects};
+use crate::model::{
+    Config, HostIndex, Service, Snapshot, host_matches, oldest, resolve_host, selects,
+};
 use bowline_api::duration::parse as parse_duration;
 
 /// The fault filter's name, under which routes carry their faults.
@@ -52,6 +54,9 @@ pub const BLACKHOLE_CLUSTER: &str = "BlackHoleCluster";
 #[derive(Clone, Debug)]
 pub struct RouteContext<'a> {
     pub snapshot: &'a Snapshot,
+    /// The VirtualServices bound here, by host, when the caller built the
+    /// index (else the snapshot's are searched).
+    pub virtual_services: Option<&'a HostIndex<'a, VirtualServiceSpec>>,
     pub gateways: Vec<String>,
     pub port: u32,
     pub proxy_labels: &'a std::collections::BTreeMap<String, String>,
@@ -89,7 +94,7 @@ pub fn outbound_route_configuration(
             };
             VirtualHost {
                 name: format!("{}:{}", service.hostname, ctx.port),
-                domains: domains(service, ctx.port, ctx.proxy_namespace),
+                domains: domains(service, ctx.proxy_namespace),
                 routes,
                 include_request_attempt_count: true,
                 ..Default::default()
@@ -100,7 +105,7 @@ pub fn outbound_route_configuration(
         for (host, vs) in unbacked_hosts(ctx, services) {
             virtual_hosts.push(VirtualHost {
                 name: format!("{host}:{}", ctx.port),
-                domains: vec![host.clone(), format!("{host}:{}", ctx.port)],
+                domains: vec![host.clone()],
                 routes: http_routes(ctx, vs),
                 include_request_attempt_count: true,
                 ..Default::default()
@@ -126,6 +131,9 @@ pub fn outbound_route_configuration(
         name: name.to_string(),
         virtual_hosts,
         validate_clusters: Some(BoolValue { value: false }),
+        // The configuration is per port already: `reviews:9080` and
+        // `reviews` are the same virtual host.
+        ignore_port_in_host_matching: true,
         ..Default::default()
     }
 }
@@ -159,10 +167,10 @@ pub fn unbacked_hosts<'s>(
     hosts
 }
 
-/// The names a request may use for `service` on `port`: its full name,
-/// the shorter names that resolve from the proxy's namespace, and its
-/// virtual IP — each with and without the port.
-fn domains(service: &Service, port: u32, proxy_namespace: &str) -> Vec<String> {
+/// The names a request may use for `service`: its full name, the shorter
+/// names that resolve from the proxy's namespace, and its virtual IP (the
+/// route configuration ignores ports in Host headers).
+fn domains(service: &Service, proxy_namespace: &str) -> Vec<String> {
     let mut names = vec![service.hostname.clone()];
     if let Some(short) = service
         .hostname
@@ -178,9 +186,6 @@ fn domains(service: &Service, port: u32, proxy_namespace: &str) -> Vec<String> {
     }
     names.extend(service.address.clone());
     names
-        .into_iter()
-        .flat_map(|n| [format!("{n}:{port}"), n])
-        .collect()
 }
 
 /// The oldest VirtualService that applies in `ctx` and names `host`.
@@ -188,6 +193,9 @@ pub fn virtual_service_for<'s>(
     ctx: &RouteContext<'s>,
     host: &str,
 ) -> Option<&'s Config<VirtualServiceSpec>> {
+    if let Some(index) = ctx.virtual_services {
+        return oldest(index.find(host));
+    }
     oldest(
         ctx.snapshot
             .virtual_services
