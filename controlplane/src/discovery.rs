@@ -592,6 +592,12 @@ pub fn slice_endpoints(
                 .filter(|r| r.kind.as_deref() == Some("Pod"))
                 .and_then(|r| pods.get(&(namespace.clone(), r.name.clone().unwrap_or_default())));
             let labels = pod.map(|p| p.labels().clone()).unwrap_or_default();
+            let service_account = pod.map(|p| {
+                p.spec
+                    .as_ref()
+                    .and_then(|s| s.service_account_name.clone())
+                    .unwrap_or_else(|| "default".into())
+            });
             let sidecar =
                 labels.get("security.istio.io/tlsMode").map(String::as_str) == Some("istio");
             let ready = endpoint
@@ -612,6 +618,7 @@ pub fn slice_endpoints(
                         labels: labels.clone(),
                         ready,
                         sidecar,
+                        service_account: service_account.clone(),
                     });
                 }
             }
@@ -679,6 +686,7 @@ pub fn entry_endpoints(entry: &Config<ServiceEntrySpec>) -> Vec<(String, Vec<End
                         labels: BTreeMap::new(),
                         ready: true,
                         sidecar: false,
+                        service_account: None,
                     });
                 }
                 for e in &spec.endpoints {
@@ -693,6 +701,7 @@ pub fn entry_endpoints(entry: &Config<ServiceEntrySpec>) -> Vec<(String, Vec<End
                             .or(port.target_port)
                             .unwrap_or(port.number),
                         labels: e.labels.clone(),
+                        service_account: e.service_account.clone(),
                         ready: true,
                         sidecar: !service.external
                             && e.labels

@@ -301,4 +301,7 @@ pub struct Endpoint {
     /// Whether a sidecar serves it (`security.istio.io/tlsMode: istio`):
     /// auto-mTLS sends it mutual TLS.
     pub sidecar: bool,
+    /// The ServiceAccount its workload runs as: mesh TLS toward the
+    /// service accepts only these identities.
+    pub service_account: Option<String>,
 }

@@ -129,7 +129,8 @@ impl<'s> Scope<'s> {
             .iter()
             .flat_map(|s| {
                 let rule = self.rule(&s.hostname);
-                let mut clusters = clusters::outbound_clusters(s, rule);
+                let identities = self.identities(s);
+                let mut clusters = clusters::outbound_clusters(s, rule, &identities);
                 clusters::resolve(&mut clusters, s, self.endpoints_of(s), rule);
                 clusters
             })
@@ -145,6 +146,24 @@ impl<'s> Scope<'s> {
                 clusters::load_assignments(s, self.endpoints_of(s), self.rule(&s.hostname))
             })
             .collect()
+    }
+
+    /// The SPIFFE IDs of the service's workloads, each once.
+    fn identities(&self, service: &Service) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .endpoints_of(service)
+            .iter()
+            .filter_map(|e| e.service_account.as_deref())
+            .map(|sa| {
+                format!(
+                    "spiffe://{}/ns/{}/sa/{sa}",
+                    self.snapshot.mesh.trust_domain, service.namespace
+                )
+            })
+            .collect();
+        ids.sort();
+        ids.dedup();
+        ids
     }
 
     fn endpoints_of(&self, service: &Service) -> &'s [crate::model::Endpoint] {

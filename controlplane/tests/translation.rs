@@ -70,6 +70,7 @@ fn endpoint(ip: &str, port: u32, labels: &[(&str, &str)]) -> Endpoint {
             .collect(),
         ready: true,
         sidecar: true,
+        service_account: Some(labels[0].1.to_string()),
     }
 }
 
@@ -490,6 +491,31 @@ fn connection_pool_and_outlier_detection() {
     let reviews = cluster(&resources, &format!("outbound|9080||{}", host("reviews")));
     assert!(reviews.transport_socket.is_none());
     assert_eq!(reviews.transport_socket_matches.len(), 1);
+    // ... accepting only the identities the service's workloads run as.
+    let Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(
+        tls,
+    )) = &reviews.transport_socket_matches[0]
+        .transport_socket
+        .as_ref()
+        .unwrap()
+        .config_type
+    else {
+        panic!("TLS")
+    };
+    let tls =
+        envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext::decode(
+            tls.value.as_slice(),
+        )
+        .unwrap();
+    let validation = format!(
+        "{:?}",
+        tls.common_tls_context.unwrap().validation_context_type
+    );
+    assert!(
+        validation.contains("spiffe://cluster.local/ns/shop/sa/reviews")
+            && validation.contains("ROOTCA"),
+        "{validation}"
+    );
 }
 
 #[test]

@@ -22,7 +22,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::util::pack_any;
 
 use super::gateway::credential_resource;
-use super::listeners::{mesh_tls_context, sds, transport_socket};
+use super::listeners::{ROOT_SECRET, mesh_tls_context, sds, transport_socket};
 use envoy_types::pb::envoy::config::cluster::v3::{
     CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlierDetection, circuit_breakers, cluster,
 };
@@ -57,7 +57,13 @@ pub fn cluster_name(port: u32, subset: &str, host: &str) -> String {
 /// The outbound clusters of `service`: one per port, and one per port and
 /// subset of its DestinationRule, each with the rule's policy (a subset's
 /// own policy laid over the rule's).
-pub fn outbound_clusters(service: &Service, rule: Option<&DestinationRuleSpec>) -> Vec<Cluster> {
+/// `identities` are the SPIFFE IDs the service's workloads run as: mesh
+/// TLS toward it accepts only those (any mesh identity when empty).
+pub fn outbound_clusters(
+    service: &Service,
+    rule: Option<&DestinationRuleSpec>,
+    identities: &[String],
+) -> Vec<Cluster> {
     let host = &service.hostname;
     let base = rule.and_then(|r| r.traffic_policy.as_ref());
     let mut clusters = Vec::new();
@@ -78,7 +84,7 @@ pub fn outbound_clusters(service: &Service, rule: Option<&DestinationRuleSpec>) 
                 |p| p.tls.as_ref(),
             );
             let sni = format!("outbound_.{}_.{subset}_.{host}", port.port);
-            upstream_tls(&mut built, tls, !service.external, &sni);
+            upstream_tls(&mut built, tls, !service.external, &sni, identities);
             if port.protocol.is_http() || port.protocol == Protocol::Unknown {
                 http_options(&mut built, policy.as_ref(), port.port, port.protocol);
             }
@@ -111,10 +117,44 @@ fn port_setting<'p, T>(
 /// and MUTUAL originate TLS with the rule's CA and client credential
 /// (a `credentialName` Secret over SDS, or files on the proxy); DISABLE
 /// plaintext.
-fn upstream_tls(cluster: &mut Cluster, tls: Option<&ClientTlsSettings>, mesh: bool, sni: &str) {
+fn upstream_tls(
+    cluster: &mut Cluster,
+    tls: Option<&ClientTlsSettings>,
+    mesh: bool,
+    sni: &str,
+    identities: &[String],
+) {
     let mesh_context = || {
+        let mut common = mesh_tls_context(vec!["istio".into()]);
+        if !identities.is_empty() {
+            // The root over SDS, and only the service's identities.
+            common.validation_context_type = Some(
+                common_tls_context::ValidationContextType::CombinedValidationContext(
+                    common_tls_context::CombinedCertificateValidationContext {
+                        default_validation_context: Some(CertificateValidationContext {
+                            match_typed_subject_alt_names: identities
+                                .iter()
+                                .map(|id| SubjectAltNameMatcher {
+                                    san_type: subject_alt_name_matcher::SanType::Uri as i32,
+                                    matcher: Some(StringMatcher {
+                                        match_pattern: Some(string_matcher::MatchPattern::Exact(
+                                            id.clone(),
+                                        )),
+                                        ..Default::default()
+                                    }),
+                                    ..Default::default()
+                                })
+                                .collect(),
+                            ..Default::default()
+                        }),
+                        validation_context_sds_secret_config: Some(sds(ROOT_SECRET)),
+                        ..Default::default()
+                    },
+                ),
+            );
+        }
         transport_socket(pack_any(UpstreamTlsContext {
-            common_tls_context: Some(mesh_tls_context(vec!["istio".into()])),
+            common_tls_context: Some(common),
             sni: sni.to_string(),
             ..Default::default()
         }))
@@ -554,7 +594,7 @@ mod tests {
             {"name": "v1", "labels": {"version": "v1"}},
             {"name": "v2", "labels": {"version": "v2"}, "trafficPolicy": {"loadBalancer": {"simple": "RANDOM"}}},
         ]}));
-        let clusters = outbound_clusters(&service("reviews", 9080), Some(&rule));
+        let clusters = outbound_clusters(&service("reviews", 9080), Some(&rule), &[]);
         let names: Vec<&str> = clusters.iter().map(|c| c.name.as_str()).collect();
         assert_eq!(
             names,
@@ -592,7 +632,7 @@ mod tests {
             },
             "outlierDetection": {"consecutive5xxErrors": 1, "consecutiveGatewayErrors": 1, "interval": "1s", "baseEjectionTime": "3m", "maxEjectionPercent": 100},
         }}));
-        let clusters = outbound_clusters(&service("httpbin", 8000), Some(&rule));
+        let clusters = outbound_clusters(&service("httpbin", 8000), Some(&rule), &[]);
         let cluster = &clusters[0];
         assert_eq!(cluster.lb_policy, cluster::LbPolicy::LeastRequest as i32);
         assert_eq!(
@@ -632,7 +672,7 @@ mod tests {
         );
         assert_eq!(value(&outlier.max_ejection_percent), Some(100));
         // No pool settings: unlimited, as Istio leaves it.
-        let plain = &outbound_clusters(&service("plain", 80), None)[0];
+        let plain = &outbound_clusters(&service("plain", 80), None, &[])[0];
         let limits = &plain.circuit_breakers.as_ref().unwrap().thresholds[0];
         assert_eq!(value(&limits.max_requests), Some(u32::MAX));
         assert!(plain.outlier_detection.is_none());
@@ -651,6 +691,7 @@ mod tests {
             labels: BTreeMap::from([("version".to_string(), version.to_string())]),
             ready,
             sidecar: true,
+            service_account: None,
         };
         let endpoints = [
             endpoint("10.244.0.1", "v1", true),

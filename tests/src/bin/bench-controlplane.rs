@@ -120,6 +120,7 @@ fn mesh(services: usize, endpoints: usize, weight: u32, endpoint_round: u32) -> 
                 .into(),
                 ready: true,
                 sidecar: true,
+                service_account: Some(name.clone()),
             })
             .collect();
         all_endpoints.insert(service.hostname.clone(), list);
