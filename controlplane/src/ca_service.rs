@@ -39,6 +39,24 @@ pub struct IstioCertificateResponse {
     pub cert_chain: Vec<String>,
 }
 
+/// The `authorization: Bearer <token>` a caller sent.
+pub fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
+    metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+/// Whose ServiceAccount token it is, as a gRPC status when not accepted:
+/// Unauthenticated for a bad token, Unavailable when the API server could
+/// not be asked.
+pub async fn token_identity(client: &Client, token: &str) -> Result<ca::Identity, Status> {
+    ca::authenticate(client, token).await.map_err(|e| match e {
+        ca::Error::Unauthenticated(message) => Status::unauthenticated(message),
+        other => Status::unavailable(other.to_string()),
+    })
+}
+
 /// The full gRPC path of the one method.
 pub const CREATE_CERTIFICATE: &str = "/istio.v1.auth.IstioCertificateService/CreateCertificate";
 
@@ -79,23 +97,12 @@ impl CertificateService {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "no ServiceAccount token: send it as `authorization: Bearer <token>`",
-                )
-            })?
-            .to_string();
-        let identity = ca::authenticate(&self.client, &token)
-            .await
-            .map_err(|e| match e {
-                ca::Error::Unauthenticated(message) => Status::unauthenticated(message),
-                other => Status::unavailable(other.to_string()),
-            })?;
+        let token = bearer_token(request.metadata()).ok_or_else(|| {
+            Status::unauthenticated(
+                "no ServiceAccount token: send it as `authorization: Bearer <token>`",
+            )
+        })?;
+        let identity = token_identity(&self.client, token).await?;
         let request = request.into_inner();
         let ttl = u64::try_from(request.validity_duration)
             .ok()

@@ -32,7 +32,8 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::ca::{self, Identity};
+use crate::ca::Identity;
+use crate::ca_service::{bearer_token, token_identity};
 use crate::metrics::{Metrics, TypeLabels, type_label};
 use crate::model::{Proxy, ProxyKind, Snapshot};
 use crate::push::{Generated, Generator, PUSH_ORDER, Push};
@@ -70,24 +71,16 @@ impl Authenticator {
         {
             return spiffe_identity(leaf.as_ref(), &self.trust_domain);
         }
-        let token = request
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .ok_or_else(|| {
-                Status::unauthenticated(
-                    "no client certificate and no ServiceAccount token: send the token as \
-                     `authorization: Bearer <token>`",
-                )
-            })?;
+        let token = bearer_token(request.metadata()).ok_or_else(|| {
+            Status::unauthenticated(
+                "no client certificate and no ServiceAccount token: send the token as \
+                 `authorization: Bearer <token>`",
+            )
+        })?;
         let client = self.client.as_ref().ok_or_else(|| {
             Status::unauthenticated("this server accepts client certificates only")
         })?;
-        ca::authenticate(client, token).await.map_err(|e| match e {
-            ca::Error::Unauthenticated(message) => Status::unauthenticated(message),
-            other => Status::unavailable(other.to_string()),
-        })
+        token_identity(client, token).await
     }
 }
 

@@ -189,24 +189,39 @@ impl ControlPlane {
         })
     }
 
-    /// One plain HTTP/1.0 GET on the monitoring port: status and body.
+    /// A GET on the monitoring port: status and body.
     pub async fn get(&self, path: &str) -> anyhow::Result<(u16, String)> {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut stream = tokio::net::TcpStream::connect(loopback(self.monitoring_port)).await?;
-        stream
-            .write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
-            .await?;
-        let mut response = String::new();
-        stream.read_to_string(&mut response).await?;
-        let status = response
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .context("a status line")?;
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, b)| b.to_string())
-            .unwrap_or_default();
-        Ok((status, body))
+        crate::http::get(self.monitoring_port, path).await
     }
+}
+
+/// A token of ServiceAccount `account` in `namespace` (made when missing)
+/// for `audience` — `istio-ca` for the control plane's CA and xDS.
+pub async fn service_account_token(
+    client: &Client,
+    namespace: &str,
+    account: &str,
+    audience: &str,
+) -> anyhow::Result<String> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    use k8s_openapi::api::core::v1::ServiceAccount;
+    use kube::api::PostParams;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    if accounts.get_opt(account).await?.is_none() {
+        accounts
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(serde_json::json!({"metadata": {"name": account}}))?,
+            )
+            .await?;
+    }
+    let request: TokenRequest = serde_json::from_value(serde_json::json!({
+        "spec": {"audiences": [audience], "expirationSeconds": 600},
+    }))?;
+    Ok(accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await?
+        .status
+        .context("a token")?
+        .token)
 }

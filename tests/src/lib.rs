@@ -10,12 +10,14 @@
 //! - [`operator`]: the Bowline operator run in-process against the cluster.
 //! - [`controlplane`]: the control plane run in-process on loopback ports.
 //! - [`envoy`]: Envoy as a sidecar configured over ADS by the control plane.
+//! - [`http`]: a plain GET for monitoring and admin ports.
 //! - [`xds`]: a delta-ADS client standing in for a proxy.
 
 pub mod binaries;
 pub mod cluster;
 pub mod controlplane;
 pub mod envoy;
+pub mod http;
 pub mod operator;
 pub mod pki;
 pub mod process;

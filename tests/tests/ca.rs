@@ -7,7 +7,7 @@ use anyhow::{Context, ensure};
 use bowline_controlplane::ca::{self, Authority, Identity};
 use bowline_tests::LocalCluster;
 use bowline_tests::cluster::wait_until;
-use k8s_openapi::api::authentication::v1::TokenRequest;
+use bowline_tests::controlplane::service_account_token;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use serde_json::json;
@@ -17,15 +17,14 @@ async fn token(
     account: &str,
     audience: &str,
 ) -> anyhow::Result<String> {
-    let request: TokenRequest = serde_json::from_value(json!({
-        "spec": {"audiences": [audience], "expirationSeconds": 600},
-    }))?;
-    Ok(accounts
-        .create_token_request(account, &PostParams::default(), &request)
-        .await?
-        .status
-        .context("a token")?
-        .token)
+    let namespace = accounts.namespace().context("a namespaced API")?;
+    service_account_token(
+        &accounts.clone().into_client(),
+        namespace,
+        account,
+        audience,
+    )
+    .await
 }
 
 #[tokio::test]

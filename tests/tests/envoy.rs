@@ -7,16 +7,14 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
+use anyhow::ensure;
 use bowline_controlplane::ca::AUDIENCE;
 use bowline_tests::LocalCluster;
 use bowline_tests::cluster::{create_namespace, free_port};
-use bowline_tests::controlplane::ControlPlane;
+use bowline_tests::controlplane::{ControlPlane, service_account_token};
 use bowline_tests::envoy::{Envoy, Sidecar};
 use bowline_tests::xds::sidecar_node_id;
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::ServiceAccount;
-use kube::api::{Api, DynamicObject, Patch, PatchParams, PostParams};
+use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 
@@ -109,25 +107,7 @@ async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()>
         }]},
     })).await?;
 
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &apps);
-    accounts
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "productpage"}}))?,
-        )
-        .await?;
-    let token = accounts
-        .create_token_request(
-            "productpage",
-            &PostParams::default(),
-            &serde_json::from_value::<TokenRequest>(json!({
-                "spec": {"audiences": [AUDIENCE], "expirationSeconds": 600},
-            }))?,
-        )
-        .await?
-        .status
-        .context("a token")?
-        .token;
+    let token = service_account_token(&client, &apps, "productpage", AUDIENCE).await?;
     let mut envoy = Envoy::start(
         &control_plane.target(&client).await?,
         &Sidecar {

@@ -12,38 +12,20 @@ use anyhow::{Context, ensure};
 use bowline_controlplane::ca::AUDIENCE;
 use bowline_tests::LocalCluster;
 use bowline_tests::cluster::{create_namespace, wait_until};
-use bowline_tests::controlplane::ControlPlane;
+use bowline_tests::controlplane::{ControlPlane, service_account_token};
 use bowline_tests::xds::{
     CLUSTER, Credentials, ENDPOINT, LISTENER, ROUTE, XdsClient, sidecar_node_id,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::{Event, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use kube::Client;
 use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
 use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 
 async fn token(client: &Client, namespace: &str, account: &str) -> anyhow::Result<String> {
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    if accounts.get_opt(account).await?.is_none() {
-        accounts
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(json!({"metadata": {"name": account}}))?,
-            )
-            .await?;
-    }
-    let request: TokenRequest = serde_json::from_value(json!({
-        "spec": {"audiences": [AUDIENCE], "expirationSeconds": 600},
-    }))?;
-    Ok(accounts
-        .create_token_request(account, &PostParams::default(), &request)
-        .await?
-        .status
-        .context("a token")?
-        .token)
+    service_account_token(client, namespace, account, AUDIENCE).await
 }
 
 fn istio_api(client: &Client, namespace: &str, kind: &str) -> Api<DynamicObject> {
