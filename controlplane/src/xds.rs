@@ -14,23 +14,19 @@
 //! newest push (the watch channel keeps only the latest).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
+use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
-use futures::Stream;
 use kube::Client;
 use serde::Serialize;
 use tokio::sync::{Semaphore, mpsc, watch};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Status, Streaming};
 
 use crate::ca::Identity;
 use crate::ca_service::{bearer_token, token_identity};
@@ -38,6 +34,8 @@ use crate::metrics::{Metrics, TypeLabels, type_label};
 use crate::model::{Proxy, ProxyKind, Snapshot};
 use crate::push::{Generated, Generator, PUSH_ORDER, Push};
 use crate::secrets::Secrets;
+
+mod transport;
 
 /// Pushes generated at once, across all proxies.
 pub const PUSH_PERMITS: usize = 100;
@@ -61,17 +59,33 @@ impl std::fmt::Debug for Authenticator {
     }
 }
 
+/// What a caller presented: its TLS client certificate, its bearer token.
+#[derive(Clone, Debug, Default)]
+pub struct Presented {
+    certificate: Option<Vec<u8>>,
+    token: Option<String>,
+}
+
+impl Presented {
+    pub fn of<T>(request: &Request<T>) -> Self {
+        Self {
+            certificate: request
+                .peer_certs()
+                .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec())),
+            token: bearer_token(request.metadata()).map(String::from),
+        }
+    }
+}
+
 impl Authenticator {
     /// The caller's identity: the SPIFFE ID of its client certificate
     /// (verified against the mesh root by the TLS layer), else its
     /// `authorization: Bearer` ServiceAccount token.
-    pub async fn identify<T>(&self, request: &Request<T>) -> Result<Identity, Status> {
-        if let Some(certs) = request.peer_certs()
-            && let Some(leaf) = certs.first()
-        {
-            return spiffe_identity(leaf.as_ref(), &self.trust_domain);
+    pub async fn identify(&self, presented: Presented) -> Result<Identity, Status> {
+        if let Some(leaf) = &presented.certificate {
+            return spiffe_identity(leaf, &self.trust_domain);
         }
-        let token = bearer_token(request.metadata()).ok_or_else(|| {
+        let token = presented.token.ok_or_else(|| {
             Status::unauthenticated(
                 "no client certificate and no ServiceAccount token: send the token as \
                  `authorization: Bearer <token>`",
@@ -80,7 +94,7 @@ impl Authenticator {
         let client = self.client.as_ref().ok_or_else(|| {
             Status::unauthenticated("this server accepts client certificates only")
         })?;
-        token_identity(client, token).await
+        token_identity(client, &token).await
     }
 }
 
@@ -182,7 +196,7 @@ impl Registry {
 pub struct Discovery {
     pushes: watch::Receiver<Arc<Push>>,
     generator: Arc<Generator>,
-    auth: Authenticator,
+    pub(crate) auth: Authenticator,
     pub registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     permits: Arc<Semaphore>,
@@ -215,10 +229,9 @@ impl Discovery {
         }
     }
 
-    pub fn server(self) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(self)
-            .max_decoding_message_size(64 << 20)
-            .max_encoding_message_size(256 << 20)
+    /// The gRPC service, for a tonic server's router.
+    pub fn server(self) -> transport::AdsService {
+        transport::AdsService(self)
     }
 
     /// What `proxy` would be sent now: `/debug/config_dump`.
@@ -329,37 +342,25 @@ fn metadata_labels(node: &Node) -> BTreeMap<String, String> {
         .collect()
 }
 
-type Outgoing<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+/// Where a stream's framed responses go.
+type Responses = mpsc::Sender<Result<Bytes, Status>>;
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for Discovery {
-    type StreamAggregatedResourcesStream = Outgoing<DiscoveryResponse>;
-    type DeltaAggregatedResourcesStream = Outgoing<DeltaDiscoveryResponse>;
-
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let identity = self.auth.identify(&request).await?;
-        let (tx, rx) = mpsc::channel(8);
-        let stream = Connection::new(self.clone(), identity, "sotw");
-        tokio::spawn(stream.run(request.into_inner(), tx, StateOfTheWorld::default()));
-        Ok(Response::new(Box::pin(
-            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+impl Discovery {
+    /// Serves a delta ADS stream for an authenticated proxy.
+    fn delta(&self, identity: Identity, requests: Streaming<DeltaDiscoveryRequest>, tx: Responses) {
+        let stream = Connection::new(self.clone(), identity, "delta");
+        tokio::spawn(stream.run(requests, tx, Delta::default()));
     }
 
-    async fn delta_aggregated_resources(
+    /// Serves a state-of-the-world ADS stream for an authenticated proxy.
+    fn state_of_the_world(
         &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        let identity = self.auth.identify(&request).await?;
-        let (tx, rx) = mpsc::channel(8);
-        let stream = Connection::new(self.clone(), identity, "delta");
-        tokio::spawn(stream.run(request.into_inner(), tx, Delta::default()));
-        Ok(Response::new(Box::pin(
-            tonic::codegen::tokio_stream::wrappers::ReceiverStream::new(rx),
-        )))
+        identity: Identity,
+        requests: Streaming<DiscoveryRequest>,
+        tx: Responses,
+    ) {
+        let stream = Connection::new(self.clone(), identity, "sotw");
+        tokio::spawn(stream.run(requests, tx, StateOfTheWorld::default()));
     }
 }
 
@@ -405,7 +406,7 @@ impl XdsRequest for DiscoveryRequest {
 /// a response is made from it.
 trait Protocol: Send + 'static {
     type Request: XdsRequest;
-    type Response: Send + 'static;
+    type Response: prost::Message + Send + 'static;
 
     /// Takes a request's subscription changes; says whether it asks for
     /// an answer now (a new type or new names).
@@ -454,7 +455,7 @@ impl Connection {
     async fn run<P: Protocol>(
         mut self,
         mut requests: Streaming<P::Request>,
-        tx: mpsc::Sender<Result<P::Response, Status>>,
+        tx: Responses,
         mut protocol: P,
     ) {
         let first = match requests.message().await {
@@ -558,7 +559,7 @@ impl Connection {
     async fn send<P: Protocol>(
         &mut self,
         protocol: &mut P,
-        tx: &mpsc::Sender<Result<P::Response, Status>>,
+        tx: &Responses,
         type_url: &str,
         generated: &Generated,
         push: u64,
@@ -581,7 +582,9 @@ impl Connection {
             P::set_nonce(&mut response, nonce.clone());
             // The last response's ACK stands for them all.
             self.pending.insert(type_url.to_string(), (nonce, push));
-            tx.send(Ok(response)).await.map_err(|_| ())?;
+            tx.send(Ok(transport::frame(&response)))
+                .await
+                .map_err(|_| ())?;
         }
         Ok(())
     }
