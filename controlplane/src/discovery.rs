@@ -229,7 +229,7 @@ pub async fn run(
     let mut first: Option<Instant> = None;
     let mut last = Instant::now();
     loop {
-        let deadline = first.map(|f| (last + DEBOUNCE_QUIET).min(f + DEBOUNCE_MAX));
+        let deadline = first.map(|first| push_at(first, last));
         tokio::select! {
             kind = changes.recv() => {
                 let Some(kind) = kind else { break };
@@ -252,6 +252,13 @@ pub async fn run(
             }
         }
     }
+}
+
+/// When changes seen since `first` (the latest at `last`) are pushed:
+/// after 100 ms without another, or 10 s after the first, whichever comes
+/// first — so a steady stream of changes still gets out.
+pub fn push_at(first: Instant, last: Instant) -> Instant {
+    (last + DEBOUNCE_QUIET).min(first + DEBOUNCE_MAX)
 }
 
 async fn sleep_until(deadline: Option<Instant>) {
@@ -815,5 +822,50 @@ impl Reporting {
         if let Err(error) = self.recorder.publish(&event, &reference).await {
             tracing::warn!(%error, object = %name, "could not record the event");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn changes_wait_for_quiet_but_not_for_ever() {
+        let first = Instant::now();
+        // One change: pushed 100 ms later.
+        assert_eq!(push_at(first, first), first + DEBOUNCE_QUIET);
+        // Another 50 ms on: the quiet period starts again.
+        let later = first + Duration::from_millis(50);
+        assert_eq!(push_at(first, later), later + DEBOUNCE_QUIET);
+        // A change every 50 ms for ever: out 10 s after the first.
+        let steady = first + Duration::from_millis(9_990);
+        assert_eq!(push_at(first, steady), first + DEBOUNCE_MAX);
+    }
+
+    #[test]
+    fn a_service_entry_s_hosts_ports_and_endpoints() {
+        let entry = Config::new(
+            "legacy-db",
+            "shop",
+            serde_json::from_value::<ServiceEntrySpec>(serde_json::json!({
+                "hosts": ["db.legacy.internal"],
+                "addresses": ["192.0.2.10/32"],
+                "ports": [{"number": 5432, "name": "tcp-postgres", "protocol": "TCP"}],
+                "location": "MESH_INTERNAL",
+                "resolution": "STATIC",
+                "endpoints": [{"address": "192.0.2.10", "labels": {"app": "legacy-db"}, "serviceAccount": "db"}],
+            }))
+            .unwrap(),
+        );
+        let services = entry_services(&entry);
+        assert_eq!(services[0].hostname, "db.legacy.internal");
+        assert_eq!(services[0].address.as_deref(), Some("192.0.2.10"));
+        assert_eq!(services[0].resolution, Resolution::Endpoints);
+        assert!(!services[0].external);
+        let (host, endpoints) = &entry_endpoints(&entry)[0];
+        assert_eq!(host, "db.legacy.internal");
+        assert_eq!(endpoints[0].address, "192.0.2.10");
+        assert_eq!(endpoints[0].port, 5432);
+        assert_eq!(endpoints[0].service_account.as_deref(), Some("db"));
     }
 }

@@ -55,10 +55,13 @@ pub struct Sidecar {
     pub labels: serde_json::Value,
     /// Its ServiceAccount token, audience `istio-ca`.
     pub token: String,
+    /// Delta xDS (`DELTA_GRPC`), else state of the world (`GRPC`).
+    pub delta: bool,
 }
 
 impl Envoy {
-    /// Starts Envoy bootstrapped with DELTA_GRPC ADS to `target` over TLS
+    /// Starts Envoy bootstrapped with ADS (delta or state of the world) to
+    /// `target` over TLS
     /// (the mesh root trusted, the control plane's name checked), the
     /// token as `authorization: Bearer`, and no traffic capture.
     pub fn start(target: &Target, sidecar: &Sidecar) -> anyhow::Result<Self> {
@@ -74,7 +77,7 @@ impl Envoy {
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
             "dynamic_resources": {
                 "ads_config": {
-                    "api_type": "DELTA_GRPC",
+                    "api_type": if sidecar.delta { "DELTA_GRPC" } else { "GRPC" },
                     "transport_api_version": "V3",
                     "set_node_on_first_message_only": true,
                     "grpc_services": [{

@@ -1,5 +1,6 @@
 //! A real Envoy as a sidecar of a workload on the local cluster, with all
-//! its configuration from the control plane over delta ADS: it accepts
+//! its configuration from the control plane over ADS (delta, and state of
+//! the world): it accepts
 //! every resource (its `update_success` counters move, no
 //! `update_rejected` does, and the control plane counts no NACK), and it
 //! routes real requests on loopback as the VirtualService says — 90/10
@@ -32,13 +33,25 @@ async fn backend(
 }
 
 #[tokio::test]
-async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()> {
+async fn envoy_on_delta_xds_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()> {
+    split_through_envoy(true).await
+}
+
+#[tokio::test]
+async fn envoy_on_state_of_the_world_xds_does_the_same() -> anyhow::Result<()> {
+    split_through_envoy(false).await
+}
+
+async fn split_through_envoy(delta: bool) -> anyhow::Result<()> {
     let cluster = LocalCluster::shared()?;
     let client = cluster.client().await?;
-    let mesh = cluster.test_namespace(&client, "envoy").await?;
+    let mesh = cluster
+        .test_namespace(&client, if delta { "envoy-delta" } else { "envoy-sotw" })
+        .await?;
     let apps = format!("{mesh}-apps");
     create_namespace(&client, &apps, json!({})).await?;
-    let control_plane = ControlPlane::start(&client, &mesh, "envoy").await?;
+    let revision = if delta { "delta" } else { "sotw" };
+    let control_plane = ControlPlane::start(&client, &mesh, revision).await?;
 
     // reviews v1 on 127.0.0.2 and v2 on 127.0.0.3. Kubernetes refuses
     // loopback addresses in EndpointSlices, so they are the endpoints of a
@@ -114,6 +127,7 @@ async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()>
             node_id: sidecar_node_id("127.0.0.1", "productpage-1", &apps),
             labels: json!({"app": "productpage"}),
             token,
+            delta,
         },
     )?;
     envoy.wait_live(Duration::from_secs(30)).await?;
@@ -140,7 +154,7 @@ async fn envoy_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()>
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let (v1, v2, other) = counts;
-    println!("1,000 requests through Envoy: v1 {v1}, v2 {v2}, other {other}");
+    println!("1,000 requests through Envoy (delta: {delta}): v1 {v1}, v2 {v2}, other {other}");
     ensure!(
         v1 + v2 == 1000,
         "every request answered by a subset: v1 {v1}, v2 {v2}, other {other}\n{}",
