@@ -1,9 +1,11 @@
 //! Bowline driven from Git: a MeshInstallation file applied server-side as
 //! Argo CD and Flux apply it. The operator writes only status, so applying
 //! the same file again changes nothing and `kubectl diff` is empty; and
-//! the kstatus library those tools judge health with reads the
-//! installation as InProgress while it waits, Current once Ready, Failed
-//! when its spec cannot be installed.
+//! the kstatus library Flux judges health with reads the installation as
+//! InProgress while it waits, Current once Ready, Failed when its spec
+//! cannot be installed — and the Argo CD health check in
+//! config/gitops (run with Lua 5.1, the Lua Argo CD embeds) says
+//! Progressing, Healthy and Degraded at the same moments.
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -51,6 +53,60 @@ async fn kstatus(api: &Api<MeshInstallation>, name: &str) -> anyhow::Result<Stri
         String::from_utf8_lossy(&output.stderr)
     );
     Ok(String::from_utf8(output.stdout)?.trim().to_string())
+}
+
+/// The Argo CD health check from config/gitops/argocd-application.yaml,
+/// run on the installation as the API server has it now.
+async fn argocd_health(api: &Api<MeshInstallation>, name: &str) -> anyhow::Result<String> {
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/gitops/argocd-application.yaml"),
+    )?)?;
+    let script = docs
+        .iter()
+        .find_map(|d| {
+            d["data"]["resource.customizations.health.install.bowline.dev_MeshInstallation"]
+                .as_str()
+        })
+        .context("the health check in argocd-cm")?;
+    let object = serde_json::to_value(api.get(name).await?)?;
+    let program = format!(
+        "obj = {}\nlocal function health()\n{script}\nend\nlocal hs = health()\nprint(hs.status)",
+        lua(&object)
+    );
+    let output = tokio::process::Command::new("lua5.1")
+        .arg("-e")
+        .arg(&program)
+        .output()
+        .await
+        .context("running lua5.1 (Debian's lua5.1 package; .ci/run installs it)")?;
+    ensure!(
+        output.status.success(),
+        "lua: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?.trim().to_string())
+}
+
+/// A JSON value as a Lua literal, as Argo CD hands objects to health checks.
+fn lua(value: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match value {
+        Value::Null => "nil".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Array(items) => format!(
+            "{{{}}}",
+            items.iter().map(lua).collect::<Vec<_>>().join(", ")
+        ),
+        Value::Object(map) => format!(
+            "{{{}}}",
+            map.iter()
+                .map(|(k, v)| format!("[{k:?}] = {}", lua(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
 }
 
 fn kubectl(args: &[&str], file: &Path) -> anyhow::Result<Output> {
@@ -182,6 +238,7 @@ async fn a_mesh_applied_from_git_stays_in_sync_and_reports_health() -> anyhow::R
             .is_ok_and(|s| s.starts_with("Failed") && s.contains("spec.version")))
     })
     .await?;
+    ensure!(argocd_health(&api, name).await? == "Degraded");
 
     let deleted = kubectl(&["delete", "--wait=false"], &file)?;
     ensure!(
