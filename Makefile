@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s envoy kstatus deps bench-operator bench-controlplane
+.PHONY: demo cluster test lint k8s envoy kstatus helm deps bench-operator bench-controlplane
 
 ## demo: bring the local cluster up, deploy a sample workload, show it, stop.
 demo: k8s
@@ -19,7 +19,7 @@ cluster: k8s
 	$(CARGO) run --locked -q -p bowline-tests --bin bowline-cluster
 
 ## test: formatting, clippy (warnings are errors), then every test.
-test: lint k8s envoy kstatus
+test: lint k8s envoy kstatus helm
 	$(CARGO) test --locked --workspace
 
 lint: deps
@@ -48,6 +48,10 @@ envoy:
 ## kstatus: build the kstatus checker GitOps health is tested with.
 kstatus: deps
 	bash tests/kstatus/build.sh
+
+## helm: build helm (pinned, from its Go module) for the chart's tests.
+helm: deps
+	bash tests/helm/build.sh
 
 ## deps: what the builds need besides cargo and go.
 deps:

@@ -59,6 +59,17 @@ struct RunArgs {
     /// This replica's name in the Lease and in Events.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+
+    /// Log lines as text for people or JSON for log pipelines; the level
+    /// comes from RUST_LOG (default `info`).
+    #[arg(long, env = "BOWLINE_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[tokio::main]
@@ -102,11 +113,15 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    match args.log_format {
+        LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),
+        LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .init(),
+    }
     let metrics = Arc::new(Metrics::default());
     let config = kube::Config::infer()
         .await
