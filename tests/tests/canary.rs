@@ -299,11 +299,14 @@ async fn a_canary_waits_for_the_new_revision_then_moves_everything() -> anyhow::
         },
     )
     .await?;
+    // The status counts what the next reconcile sees: the one that pruned
+    // wrote its status before the objects were gone.
+    wait_until("the status to show one revision", || async {
+        let settled = status(&api, name).await?;
+        Ok(settled.revisions.as_ref().is_some_and(|r| r.total == 1))
+    })
+    .await?;
     let settled = status(&api, name).await?;
-    ensure!(
-        settled.revisions.as_ref().is_some_and(|r| r.total == 1),
-        "{settled:#?}"
-    );
     ensure!(reason(&settled, "WorkloadsUpdated").0 == "WorkloadsOnActiveRevision");
 
     tags.delete("canary-stable", &DeleteParams::default())
