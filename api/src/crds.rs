@@ -7,8 +7,16 @@ use crate::install::{MeshInstallation, MeshRevision, MeshRevisionTag};
 use crate::networking::{DestinationRule, Gateway, ServiceEntry, Sidecar, VirtualService};
 use crate::security::{AuthorizationPolicy, PeerAuthentication, RequestAuthentication};
 
+/// The annotation naming the Bowline release whose CRDs these are: the
+/// operator upgrades CRDs older than its own and never downgrades newer
+/// ones.
+pub const VERSION_ANNOTATION: &str = "install.bowline.dev/crd-version";
+
+/// The release these CRDs come with.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
 /// The CRDs, in the order they are applied: Bowline's own, then the
-/// Istio-compatible ones.
+/// Istio-compatible ones; each annotated with the release they come with.
 pub fn all() -> Vec<CustomResourceDefinition> {
     let mut crds = vec![
         MeshInstallation::crd(),
@@ -16,6 +24,12 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         MeshRevisionTag::crd(),
     ];
     crds.extend(istio());
+    for crd in &mut crds {
+        crd.metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(VERSION_ANNOTATION.into(), VERSION.into());
+    }
     crds
 }
 

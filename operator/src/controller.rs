@@ -93,6 +93,10 @@ impl std::fmt::Debug for Context {
 
 /// Runs the controller until the process is asked to stop.
 pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
+    // CRDs first: what this operator reconciles is what its release defines.
+    if let Err(error) = crate::crds::upgrade(&client).await {
+        tracing::warn!(%error, "could not bring the CRDs up to this release; serving with the cluster's");
+    }
     let installations: Api<MeshInstallation> = Api::all(client.clone());
     // No debounce: kube-runtime's resets its timer on every request, so a
     // steady stream of namespace events (which reach every installation)

@@ -18,6 +18,7 @@
 pub mod apply;
 pub mod cache;
 pub mod controller;
+pub mod crds;
 pub mod error;
 pub mod leader;
 pub mod metrics;
