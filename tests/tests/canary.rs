@@ -299,8 +299,8 @@ async fn a_canary_waits_for_the_new_revision_then_moves_everything() -> anyhow::
         },
     )
     .await?;
-    // The status counts what the next reconcile sees: the one that pruned
-    // wrote its status before the objects were gone.
+    // The reconcile that prunes writes its status after the deletions: in
+    // between, the status still counts the old revision.
     wait_until("the status to show one revision", || async {
         let settled = status(&api, name).await?;
         Ok(settled.revisions.as_ref().is_some_and(|r| r.total == 1))

@@ -12,6 +12,7 @@ use std::process::Output;
 
 use anyhow::{Context, ensure};
 use bowline_api::install::MeshInstallation;
+use bowline_tests::binaries::tool;
 use bowline_tests::cluster::wait_until;
 use bowline_tests::operator::shared;
 use kube::Api;
@@ -20,25 +21,11 @@ use serde_json::json;
 /// The field manager a GitOps tool applies with.
 const MANAGER: &str = "argocd-controller";
 
-fn kstatus_binary() -> anyhow::Result<PathBuf> {
-    let cache = std::env::var_os("BOWLINE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bowline")))
-        .context("no HOME")?;
-    let binary = cache.join("kstatus/kstatus");
-    ensure!(
-        binary.exists(),
-        "no kstatus checker at {}: run `make kstatus`",
-        binary.display()
-    );
-    Ok(binary)
-}
-
 /// What kstatus makes of the installation as the API server has it now.
 async fn kstatus(api: &Api<MeshInstallation>, name: &str) -> anyhow::Result<String> {
     use tokio::io::AsyncWriteExt;
     let object = serde_json::to_vec(&api.get(name).await?)?;
-    let mut child = tokio::process::Command::new(kstatus_binary()?)
+    let mut child = tokio::process::Command::new(tool("kstatus/build.sh")?)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()?;

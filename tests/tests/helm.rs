@@ -11,6 +11,7 @@ use std::process::Command;
 use anyhow::{Context, ensure};
 use bowline_api::install::MeshInstallation;
 use bowline_tests::LocalCluster;
+use bowline_tests::binaries::tool;
 use bowline_tests::cluster::wait_until;
 use bowline_tests::operator::{Operator, create_mesh, wait_ready};
 use k8s_openapi::api::apps::v1::Deployment;
@@ -33,16 +34,7 @@ fn chart() -> PathBuf {
 
 /// helm, with its own state in `home` and the cluster's kubeconfig.
 fn helm(cluster: &LocalCluster, home: &Path) -> anyhow::Result<Command> {
-    let cache = std::env::var_os("BOWLINE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/bowline")))
-        .context("no HOME")?;
-    let binary = cache.join("helm/helm");
-    ensure!(
-        binary.exists(),
-        "no helm at {}: run `make helm`",
-        binary.display()
-    );
+    let binary = tool("helm/build.sh")?;
     let mut command = Command::new(binary);
     command
         .env("KUBECONFIG", cluster.kubeconfig())

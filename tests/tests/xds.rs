@@ -315,6 +315,13 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
     );
     let forged = Credentials::Token("not-a-token".into());
     let refused = XdsClient::connect(target.channel(&forged).await?, &forged, &node, &[]).await;
-    ensure!(refused.is_err(), "a forged token is refused");
+    let status = refused
+        .expect_err("a forged token")
+        .downcast::<tonic::Status>()
+        .context("a gRPC status")?;
+    ensure!(
+        status.code() == tonic::Code::Unauthenticated,
+        "a forged token: {status:?}"
+    );
     Ok(())
 }

@@ -29,7 +29,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
 };
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
-use envoy_types::pb::google::protobuf::{Any, BoolValue, UInt32Value};
+use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
 
 use super::{clusters::cluster_name, duration};
@@ -730,13 +730,4 @@ fn header_operations(headers: Option<&Headers>) -> HeaderChanges {
     let (request_add, request_remove) = options(headers.and_then(|h| h.request.as_ref()));
     let (response_add, response_remove) = options(headers.and_then(|h| h.response.as_ref()));
     (request_add, request_remove, response_add, response_remove)
-}
-
-/// Typed per-filter config, for tests and for readers of a route.
-pub fn route_fault(route: &Route) -> Option<HttpFault> {
-    use prost::Message;
-    route
-        .typed_per_filter_config
-        .get(FAULT_FILTER)
-        .and_then(|any: &Any| HttpFault::decode(any.value.as_slice()).ok())
 }
