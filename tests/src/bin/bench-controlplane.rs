@@ -498,13 +498,13 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
         latencies.sort();
         let mean_cpu = cpu.iter().sum::<f64>() / cpu.len() as f64;
         println!(
-            "{kind} change → every proxy has it ({} rounds × {} proxies): p50 {:.0?}, p90 {:.0?}, p99 {:.0?}, max {:.0?}; server CPU per push {:.2} s",
+            "{kind} change → every proxy has it ({} rounds × {} proxies): p50 {} ms, p90 {} ms, p99 {} ms, max {} ms; server CPU per push {:.2} s",
             args.rounds,
             args.proxies,
-            percentile(&latencies, 0.50),
-            percentile(&latencies, 0.90),
-            percentile(&latencies, 0.99),
-            latencies.last().copied().unwrap_or_default(),
+            percentile(&latencies, 0.50).as_millis(),
+            percentile(&latencies, 0.90).as_millis(),
+            percentile(&latencies, 0.99).as_millis(),
+            latencies.last().copied().unwrap_or_default().as_millis(),
             mean_cpu,
         );
     }
