@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s envoy kstatus helm deps bench-operator bench-controlplane
+.PHONY: demo cluster test lint k8s envoy kstatus helm olm-validate olm deps bench-operator bench-controlplane
 
 ## demo: bring the local cluster up, deploy a sample workload, show it, stop.
 demo: k8s
@@ -19,7 +19,7 @@ cluster: k8s
 	$(CARGO) run --locked -q -p bowline-tests --bin bowline-cluster
 
 ## test: formatting, clippy (warnings are errors), then every test.
-test: lint k8s envoy kstatus helm
+test: lint k8s envoy kstatus helm olm-validate
 	$(CARGO) test --locked --workspace
 
 lint: deps
@@ -52,6 +52,15 @@ kstatus: deps
 ## helm: build helm (pinned, from its Go module) for the chart's tests.
 helm: deps
 	bash tests/helm/build.sh
+
+## olm-validate: build the operator framework's bundle validator.
+olm-validate: deps
+	bash tests/olm/build.sh
+
+## olm: write the operator's OLM bundle (config/olm/) from the chart, RBAC,
+## CRDs and samples; commit the result.
+olm: helm
+	$(CARGO) run --locked -q -p bowline-tests --bin olm-bundle
 
 ## deps: what the builds need besides cargo and go.
 deps:

@@ -125,7 +125,8 @@ impl Caches {
 #[derive(Clone, Debug)]
 pub struct Usage {
     namespaces: Index<Namespace>,
-    pods: Index<Pod>,
+    /// One index per watched namespace, or one for the whole cluster.
+    pods: Vec<Index<Pod>>,
 }
 
 /// What uses one revision.
@@ -143,33 +144,47 @@ pub type NamespaceStream = BoxStream<'static, Result<PartialObjectMeta<Namespace
 pub type PodStream = BoxStream<'static, Result<PartialObjectMeta<Pod>, watcher::Error>>;
 
 impl Usage {
-    pub fn watch(client: &Client) -> (Self, NamespaceStream, PodStream) {
-        let namespaces = Index::new(|ns: &PartialObjectMeta<Namespace>| {
-            namespace_selection(ns.labels()).map(str::to_string)
-        });
-        // The mesh's own pods (control plane, gateways, addons) carry the
-        // revision label too, but not injection's status annotation.
-        let pods = Index::new(|pod: &PartialObjectMeta<Pod>| {
-            pod.annotations()
-                .contains_key(INJECTION_STATUS_ANNOTATION)
-                .then(|| pod.labels().get(REVISION_LABEL).cloned())
+    /// Watches the workloads in `watched` namespaces, or in every
+    /// namespace when `watched` is empty.
+    pub fn watch(client: &Client, watched: &[String]) -> (Self, NamespaceStream, PodStream) {
+        let only: Arc<[String]> = watched.into();
+        let namespaces = Index::new(move |ns: &PartialObjectMeta<Namespace>| {
+            let name = ns.name_any();
+            (only.is_empty() || only.contains(&name))
+                .then(|| namespace_selection(ns.labels()).map(str::to_string))
                 .flatten()
         });
-        // `Api<PartialObjectMeta<_>>` asks for metadata only.
+        // `Api<PartialObjectMeta<_>>` asks for metadata only; with a list
+        // of namespaces, one watch each, so nothing else is listed.
         let namespace_stream = namespaces.follow(
             Api::<PartialObjectMeta<Namespace>>::all(client.clone()),
             watcher::Config::default(),
         );
-        let pod_stream = pods.follow(
-            Api::<PartialObjectMeta<Pod>>::all(client.clone()),
-            watcher::Config::default().labels(REVISION_LABEL),
-        );
+        let apis = if watched.is_empty() {
+            vec![Api::<PartialObjectMeta<Pod>>::all(client.clone())]
+        } else {
+            watched
+                .iter()
+                .map(|ns| Api::namespaced(client.clone(), ns))
+                .collect()
+        };
+        let (pods, pod_streams): (Vec<_>, Vec<_>) = apis
+            .into_iter()
+            .map(|api| {
+                let index = Index::new(injected_revision);
+                let stream = index.follow(api, watcher::Config::default().labels(REVISION_LABEL));
+                (index, stream)
+            })
+            .unzip();
+        let pod_stream = futures::stream::select_all(pod_streams).boxed();
         (Self { namespaces, pods }, namespace_stream, pod_stream)
     }
 
     pub async fn ready(&self) {
         self.namespaces.ready().await;
-        self.pods.ready().await;
+        for pods in &self.pods {
+            pods.ready().await;
+        }
     }
 
     /// What uses `revision`, known also by `tags`: the namespaces that
@@ -184,7 +199,11 @@ impl Usage {
         namespaces.dedup();
         RevisionUsage {
             namespaces,
-            workloads: self.pods.count(revision) as i64,
+            workloads: self
+                .pods
+                .iter()
+                .map(|pods| pods.count(revision))
+                .sum::<usize>() as i64,
         }
     }
 
@@ -202,8 +221,21 @@ impl Usage {
 
     /// Pods running a proxy `revision` injected.
     pub fn injected_pods(&self, revision: &str) -> Vec<Arc<PartialObjectMeta<Pod>>> {
-        self.pods.get(revision)
+        self.pods
+            .iter()
+            .flat_map(|pods| pods.get(revision))
+            .collect()
     }
+}
+
+/// The revision that injected a pod's proxy. The mesh's own pods (control
+/// plane, gateways, addons) carry the revision label too, but not
+/// injection's status annotation.
+fn injected_revision(pod: &PartialObjectMeta<Pod>) -> Option<String> {
+    pod.annotations()
+        .contains_key(INJECTION_STATUS_ANNOTATION)
+        .then(|| pod.labels().get(REVISION_LABEL).cloned())
+        .flatten()
 }
 
 /// What an [`Index`] groups an object by; `None` leaves it out.

@@ -91,10 +91,32 @@ impl std::fmt::Debug for Context {
     }
 }
 
+/// How the operator runs, from its command line.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Bring the cluster's CRDs up to this release at start-up. Off where
+    /// something else owns them (OLM installs a bundle's CRDs itself).
+    pub manage_crds: bool,
+    /// The namespaces whose workloads count as using a revision and are
+    /// restarted onto a new one; empty for every namespace.
+    pub watch_namespaces: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            manage_crds: true,
+            watch_namespaces: Vec::new(),
+        }
+    }
+}
+
 /// Runs the controller until the process is asked to stop.
-pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
+pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter, options: Options) {
     // CRDs first: what this operator reconciles is what its release defines.
-    if let Err(error) = crate::crds::upgrade(&client).await {
+    if options.manage_crds
+        && let Err(error) = crate::crds::upgrade(&client).await
+    {
         tracing::warn!(%error, "could not bring the CRDs up to this release; serving with the cluster's");
     }
     let installations: Api<MeshInstallation> = Api::all(client.clone());
@@ -112,7 +134,7 @@ pub async fn run(client: Client, metrics: Arc<Metrics>, reporter: Reporter) {
     // What uses a revision changes with Namespaces and Pods. A pod keeps its
     // revision label for life; a namespace may drop it, so a namespace
     // change looks at every installation.
-    let (usage, namespaces, pods) = Usage::watch(&client);
+    let (usage, namespaces, pods) = Usage::watch(&client, &options.watch_namespaces);
     let (tags, tag_writer) = kube::runtime::reflector::store();
     let tag_stream = watcher(
         Api::<MeshRevisionTag>::all(client.clone()),

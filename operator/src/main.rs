@@ -60,6 +60,16 @@ struct RunArgs {
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
 
+    /// Bring the cluster's CRDs up to this release at start-up; off where
+    /// OLM owns them.
+    #[arg(long, env = "BOWLINE_OPERATOR_MANAGE_CRDS", default_value_t = true, action = clap::ArgAction::Set)]
+    manage_crds: bool,
+
+    /// The namespaces whose workloads count as using a revision and are
+    /// restarted onto a new one, comma-separated; every namespace if unset.
+    #[arg(long, env = "BOWLINE_OPERATOR_WATCH_NAMESPACES", value_delimiter = ',')]
+    watch_namespaces: Vec<String>,
+
     /// Log lines as text for people or JSON for log pipelines; the level
     /// comes from RUST_LOG (default `info`).
     #[arg(long, env = "BOWLINE_OPERATOR_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -147,8 +157,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         controller: "bowline-operator".into(),
         instance: Some(identity.clone()),
     };
+    let options = controller::Options {
+        manage_crds: args.manage_crds,
+        watch_namespaces: args
+            .watch_namespaces
+            .into_iter()
+            .map(|ns| ns.trim().to_string())
+            .filter(|ns| !ns.is_empty())
+            .collect(),
+    };
     if !args.leader_elect {
-        controller::run(client, metrics, reporter).await;
+        controller::run(client, metrics, reporter, options).await;
         return Ok(());
     }
 
@@ -156,7 +175,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         client.clone(),
         &args.namespace,
         &identity,
-        controller::run(client, metrics, reporter),
+        controller::run(client, metrics, reporter, options),
     )
     .await?;
     Ok(())

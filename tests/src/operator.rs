@@ -37,6 +37,19 @@ impl Operator {
     /// Starts an instance that talks to the API server as `config` says:
     /// with leader election when `leader` is given.
     pub fn start(config: Config, leader: Option<Leader>) -> Result<Self, Error> {
+        Self::start_with(
+            config,
+            leader,
+            bowline_operator::controller::Options::default(),
+        )
+    }
+
+    /// [`Operator::start`] with the operator's command-line options.
+    pub fn start_with(
+        config: Config,
+        leader: Option<Leader>,
+        options: bowline_operator::controller::Options,
+    ) -> Result<Self, Error> {
         // Its logs go with the test's output (warnings and up, or RUST_LOG).
         let _ = tracing_subscriber::fmt()
             .with_env_filter(
@@ -75,7 +88,8 @@ impl Operator {
                     }
                 };
                 let _ = started_tx.send(Ok(()));
-                let work = bowline_operator::controller::run(client, run_metrics, reporter);
+                let work =
+                    bowline_operator::controller::run(client, run_metrics, reporter, options);
                 match leader {
                     None => {
                         tokio::select! { _ = work => {}, _ = stopped => {} }

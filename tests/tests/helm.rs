@@ -201,6 +201,8 @@ async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Resu
             "replicaCount=3",
             "--set",
             "log.format=json",
+            "--set",
+            "watchNamespaces={shop,payments}",
         ])
         .arg(chart());
     run(upgrade)?;
@@ -214,6 +216,10 @@ async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Resu
     )?;
     ensure!(
         env.contains("BOWLINE_OPERATOR_LOG_FORMAT") && env.contains("json"),
+        "{env}"
+    );
+    ensure!(
+        env.contains(r#""name":"BOWLINE_OPERATOR_WATCH_NAMESPACES","value":"shop,payments""#),
         "{env}"
     );
 
