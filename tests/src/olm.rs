@@ -495,14 +495,7 @@ fn examples(repo: &Path) -> anyhow::Result<Vec<Value>> {
 
 /// The MeshRevision the operator makes for `installation`.
 fn revision_of(installation: Value) -> anyhow::Result<Value> {
-    let mut installation: bowline_api::install::MeshInstallation =
-        serde_json::from_value(installation)?;
-    installation.metadata.uid = Some("example".into());
-    let resolved = bowline_operator::profile::resolve(&installation.spec)?;
-    let revisions = bowline_operator::revisions::asked_for(&installation, &resolved)?;
-    let objects = bowline_operator::render::render(&installation, &resolved, &revisions)?;
-    let rendered = bowline_operator::render::to_yaml(&objects)?;
-    let mut revision = serde_saphyr::from_multiple::<Value>(&rendered)?
+    let mut revision = crate::operator::render(installation)?
         .into_iter()
         .find(|o| o["kind"] == "MeshRevision")
         .context("the operator renders no MeshRevision for config/samples/default.yaml")?;

@@ -148,6 +148,25 @@ impl Drop for Operator {
     }
 }
 
+/// Every object the operator makes for a MeshInstallation, as
+/// `bowline-operator render` prints them, without a cluster.
+pub fn render(installation: Value) -> anyhow::Result<Vec<Value>> {
+    let mut installation: MeshInstallation = serde_json::from_value(installation)?;
+    installation
+        .metadata
+        .uid
+        .get_or_insert_with(|| "00000000-0000-0000-0000-000000000000".into());
+    let resolved = bowline_operator::profile::resolve(&installation.spec)?;
+    let revisions = bowline_operator::revisions::asked_for(&installation, &resolved)?;
+    let objects = bowline_operator::render::render(&installation, &resolved, &revisions)?;
+    Ok(
+        serde_saphyr::from_multiple::<Value>(&bowline_operator::render::to_yaml(&objects)?)?
+            .into_iter()
+            .filter(|o| !o.is_null())
+            .collect(),
+    )
+}
+
 /// Applies Bowline's CRDs and waits until the API server serves them.
 pub async fn install_crds(client: &Client) -> Result<(), Error> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());

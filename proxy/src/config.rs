@@ -1,0 +1,293 @@
+//! The proxy's settings, read once at start-up from the environment the
+//! injector and the operator give its container (Istio's variable names)
+//! and from the command line. Everything else arrives over xDS, or from a
+//! bootstrap file when there is no control plane.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+
+use crate::error::{Error, Result};
+
+/// Where the control plane is (`host:port`).
+pub const ENV_DISCOVERY_ADDRESS: &str = "DISCOVERY_ADDRESS";
+pub const ENV_POD_NAME: &str = "POD_NAME";
+pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
+pub const ENV_INSTANCE_IP: &str = "INSTANCE_IP";
+pub const ENV_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+/// The DNS domain of the node id (`<ns>.svc.cluster.local`).
+pub const ENV_DNS_DOMAIN: &str = "DNS_DOMAIN";
+/// Worker threads; 0 or unset means two (Istio's sidecar default).
+pub const ENV_CONCURRENCY: &str = "BOWLINE_PROXY_CONCURRENCY";
+/// A bootstrap file: static resources, no control plane needed.
+pub const ENV_BOOTSTRAP: &str = "BOWLINE_PROXY_BOOTSTRAP";
+/// The ServiceAccount token presented to the control plane.
+pub const ENV_TOKEN_FILE: &str = "BOWLINE_PROXY_TOKEN_FILE";
+/// The mesh's root certificate, to trust the control plane with.
+pub const ENV_ROOT_CERT_FILE: &str = "BOWLINE_PROXY_ROOT_CERT_FILE";
+/// Prefix of the variables that become node metadata (Istio's convention:
+/// `ISTIO_META_CLUSTER_ID=Kubernetes` → `CLUSTER_ID: Kubernetes`).
+pub const ENV_META_PREFIX: &str = "ISTIO_META_";
+/// Overrides of the fixed ports, for running several proxies on one host.
+pub const ENV_ADMIN_ADDRESS: &str = "BOWLINE_PROXY_ADMIN_ADDRESS";
+pub const ENV_STATUS_ADDRESS: &str = "BOWLINE_PROXY_STATUS_ADDRESS";
+pub const ENV_STATS_ADDRESS: &str = "BOWLINE_PROXY_STATS_ADDRESS";
+
+const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
+const DEFAULT_ROOT_CERT_FILE: &str = "/var/run/secrets/istio/root-cert.pem";
+
+/// Where the settings come from: the process environment, or a map in
+/// tests.
+pub trait Env {
+    fn get(&self, name: &str) -> Option<String>;
+    /// Every variable, for the node metadata prefix.
+    fn all(&self) -> Vec<(String, String)>;
+}
+
+/// The process environment.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+    fn all(&self) -> Vec<(String, String)> {
+        std::env::vars().collect()
+    }
+}
+
+impl Env for BTreeMap<String, String> {
+    fn get(&self, name: &str) -> Option<String> {
+        BTreeMap::get(self, name).cloned()
+    }
+    fn all(&self) -> Vec<(String, String)> {
+        self.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+}
+
+/// What the proxy is: a workload's sidecar or a gateway (Envoy's node types
+/// `sidecar` and `router`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Sidecar,
+    Gateway,
+}
+
+impl Mode {
+    /// The node type in the node id.
+    pub fn node_type(self) -> &'static str {
+        match self {
+            Mode::Sidecar => "sidecar",
+            Mode::Gateway => "router",
+        }
+    }
+}
+
+/// Where the configuration comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Delta ADS from the control plane.
+    Discovery(Discovery),
+    /// Static resources in a bootstrap file.
+    Bootstrap(PathBuf),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Discovery {
+    /// `host:port`
+    pub address: String,
+    pub token_file: PathBuf,
+    pub root_cert_file: PathBuf,
+}
+
+/// The fixed ports, Istio's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ports {
+    /// Admin (config dump, stats, log level): loopback only.
+    pub admin: SocketAddr,
+    /// `/healthz/ready`.
+    pub status: SocketAddr,
+    /// `/stats/prometheus`, the merged metrics.
+    pub stats: SocketAddr,
+}
+
+impl Default for Ports {
+    fn default() -> Self {
+        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+        Self {
+            admin: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000),
+            status: SocketAddr::new(any, 15021),
+            stats: SocketAddr::new(any, 15020),
+        }
+    }
+}
+
+/// Everything the proxy is started with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Config {
+    pub mode: Mode,
+    pub source: Source,
+    /// `sidecar~10.244.0.5~ratings-7d9f.default~default.svc.cluster.local`
+    pub node_id: String,
+    /// Node metadata (from `ISTIO_META_*`), sent with every request.
+    pub metadata: BTreeMap<String, String>,
+    pub namespace: String,
+    pub workers: usize,
+    pub ports: Ports,
+}
+
+impl Config {
+    /// Reads the settings; `bootstrap` (from the command line) wins over
+    /// the environment's.
+    pub fn from_env(mode: Mode, bootstrap: Option<PathBuf>, env: &impl Env) -> Result<Self> {
+        let namespace = env
+            .get(ENV_POD_NAMESPACE)
+            .unwrap_or_else(|| "default".into());
+        let pod = env
+            .get(ENV_POD_NAME)
+            .unwrap_or_else(|| "bowline-proxy".into());
+        let ip = match env.get(ENV_INSTANCE_IP) {
+            Some(text) => text.parse::<IpAddr>().map_err(|e| Error::Environment {
+                variable: ENV_INSTANCE_IP.into(),
+                message: format!("{text:?} is not an IP address: {e}"),
+            })?,
+            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        };
+        let domain = env
+            .get(ENV_DNS_DOMAIN)
+            .unwrap_or_else(|| format!("{namespace}.svc.cluster.local"));
+        let node_id = format!("{}~{ip}~{pod}.{namespace}~{domain}", mode.node_type());
+
+        let source = match bootstrap.or_else(|| env.get(ENV_BOOTSTRAP).map(PathBuf::from)) {
+            Some(path) => Source::Bootstrap(path),
+            None => Source::Discovery(Discovery {
+                address: env.get(ENV_DISCOVERY_ADDRESS).ok_or_else(|| Error::Environment {
+                    variable: ENV_DISCOVERY_ADDRESS.into(),
+                    message: "not set: set the control plane's host:port, or give a bootstrap file (--bootstrap)".into(),
+                })?,
+                token_file: env
+                    .get(ENV_TOKEN_FILE)
+                    .unwrap_or_else(|| DEFAULT_TOKEN_FILE.into())
+                    .into(),
+                root_cert_file: env
+                    .get(ENV_ROOT_CERT_FILE)
+                    .unwrap_or_else(|| DEFAULT_ROOT_CERT_FILE.into())
+                    .into(),
+            }),
+        };
+
+        let workers = match env.get(ENV_CONCURRENCY) {
+            Some(text) => text.parse::<usize>().map_err(|e| Error::Environment {
+                variable: ENV_CONCURRENCY.into(),
+                message: format!("{text:?} is not a number of threads: {e}"),
+            })?,
+            None => 0,
+        };
+        let mut ports = Ports::default();
+        for (variable, port) in [
+            (ENV_ADMIN_ADDRESS, &mut ports.admin),
+            (ENV_STATUS_ADDRESS, &mut ports.status),
+            (ENV_STATS_ADDRESS, &mut ports.stats),
+        ] {
+            if let Some(text) = env.get(variable) {
+                *port = text.parse().map_err(|e| Error::Environment {
+                    variable: variable.into(),
+                    message: format!("{text:?} is not an address (ip:port): {e}"),
+                })?;
+            }
+        }
+        let mut metadata: BTreeMap<String, String> = env
+            .all()
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix(ENV_META_PREFIX)?.to_string(), v)))
+            .collect();
+        metadata.insert("NAMESPACE".into(), namespace.clone());
+        if let Some(account) = env.get(ENV_SERVICE_ACCOUNT) {
+            metadata.insert("SERVICE_ACCOUNT".into(), account);
+        }
+        Ok(Self {
+            mode,
+            source,
+            node_id,
+            metadata,
+            namespace,
+            workers: if workers == 0 { 2 } else { workers },
+            ports,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn a_sidecar_reads_the_injected_environment() {
+        let config = Config::from_env(
+            Mode::Sidecar,
+            None,
+            &env(&[
+                (ENV_DISCOVERY_ADDRESS, "istiod.istio-system.svc:15012"),
+                (ENV_POD_NAME, "ratings-7d9f"),
+                (ENV_POD_NAMESPACE, "shop"),
+                (ENV_INSTANCE_IP, "10.244.0.5"),
+                (ENV_SERVICE_ACCOUNT, "ratings"),
+                ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.node_id,
+            "sidecar~10.244.0.5~ratings-7d9f.shop~shop.svc.cluster.local"
+        );
+        assert_eq!(config.metadata["CLUSTER_ID"], "Kubernetes");
+        assert_eq!(config.metadata["SERVICE_ACCOUNT"], "ratings");
+        assert_eq!(config.workers, 2);
+        match config.source {
+            Source::Discovery(d) => assert_eq!(d.address, "istiod.istio-system.svc:15012"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_bootstrap_file_needs_no_control_plane() {
+        let config = Config::from_env(
+            Mode::Gateway,
+            Some("/etc/bowline/bootstrap.yaml".into()),
+            &env(&[]),
+        )
+        .unwrap();
+        assert_eq!(
+            config.source,
+            Source::Bootstrap("/etc/bowline/bootstrap.yaml".into())
+        );
+        assert!(config.node_id.starts_with("router~"));
+    }
+
+    #[test]
+    fn bad_values_name_their_variable() {
+        let error = Config::from_env(Mode::Sidecar, None, &env(&[])).unwrap_err();
+        assert!(
+            error.to_string().starts_with("DISCOVERY_ADDRESS: not set"),
+            "{error}"
+        );
+        let error = Config::from_env(
+            Mode::Sidecar,
+            Some("b.yaml".into()),
+            &env(&[(ENV_CONCURRENCY, "many")]),
+        )
+        .unwrap_err();
+        assert!(
+            error.to_string().starts_with("BOWLINE_PROXY_CONCURRENCY:"),
+            "{error}"
+        );
+    }
+}

@@ -1,0 +1,92 @@
+//! Envoy's configuration formats as Envoy reads them: JSON and YAML in
+//! protobuf's JSON mapping (with `@type` in `Any`s), and `Any`s packed in
+//! xDS resources. JSON and YAML are decoded through the protobuf
+//! descriptors of the subset Bowline reads (`envoy.binpb`, written by
+//! `proxy/descriptors` from Envoy's published API), so a file Envoy accepts
+//! means the same here.
+
+use std::sync::LazyLock;
+
+use envoy_types::pb::google::protobuf::Any;
+use prost::{Message, Name};
+use prost_reflect::{DescriptorPool, DynamicMessage};
+
+/// The descriptors of the Envoy API subset Bowline reads.
+static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
+    DescriptorPool::decode(include_bytes!("envoy.binpb").as_ref())
+        .unwrap_or_else(|e| panic!("envoy.binpb is not a descriptor set: {e}"))
+});
+
+/// Decodes `value` (JSON or YAML already parsed) as the message `M`.
+pub fn from_json<M: Message + Name + Default>(value: serde_json::Value) -> Result<M, String> {
+    let descriptor = POOL
+        .get_message_by_name(&M::full_name())
+        .ok_or_else(|| format!("{} is not in the descriptors Bowline reads", M::full_name()))?;
+    let dynamic = DynamicMessage::deserialize(descriptor, value).map_err(|e| e.to_string())?;
+    M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| e.to_string())
+}
+
+/// Unpacks an `Any` holding an `M`.
+pub fn unpack<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
+    if any.type_url != M::type_url() {
+        return Err(format!(
+            "holds {}, expected {}",
+            any.type_url,
+            M::type_url()
+        ));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| e.to_string())
+}
+
+/// The message type an `Any` holds (`type.googleapis.com/<name>` → name).
+pub fn type_name(any: &Any) -> &str {
+    any.type_url.rsplit('/').next().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+    use serde_json::json;
+
+    #[test]
+    fn a_bootstrap_with_typed_configs_decodes() {
+        let bootstrap: Bootstrap = from_json(json!({
+            "static_resources": {
+                "listeners": [{
+                    "name": "http",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 8080}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "http",
+                            "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app", "timeout": "1.5s"}}]}]},
+                        },
+                    }]}],
+                }],
+                "clusters": [{"name": "app", "type": "STATIC", "connect_timeout": "1s"}],
+            },
+        }))
+        .unwrap();
+        let resources = bootstrap.static_resources.unwrap();
+        let filter = &resources.listeners[0].filter_chains[0].filters[0];
+        let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(
+            any,
+        )) = &filter.config_type
+        else {
+            panic!("a typed config");
+        };
+        let manager: HttpConnectionManager = unpack(any).unwrap();
+        assert_eq!(manager.stat_prefix, "http");
+        assert_eq!(resources.clusters[0].name, "app");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let error =
+            from_json::<Bootstrap>(json!({"static_resources": {"listners": []}})).unwrap_err();
+        assert!(error.contains("listners"), "{error}");
+    }
+}

@@ -1,0 +1,79 @@
+//! The proxy's configuration: every resource converted once from Envoy's
+//! types into what the data path reads, held in an immutable [`Snapshot`]
+//! that is replaced whole, so a request finishes on the configuration it
+//! started with.
+
+pub mod cluster;
+pub mod listener;
+pub mod route;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::bootstrap::v3::Bootstrap;
+
+pub use cluster::{Cluster, Endpoints};
+pub use listener::Listener;
+pub use route::RouteTable;
+
+use crate::error::{Error, Result};
+
+/// Everything the proxy serves with, at one moment.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    pub listeners: BTreeMap<String, Arc<Listener>>,
+    pub routes: HashMap<String, Arc<RouteTable>>,
+    pub clusters: HashMap<String, Arc<Cluster>>,
+    /// EDS assignments by service name.
+    pub endpoints: HashMap<String, Arc<Endpoints>>,
+}
+
+impl Snapshot {
+    /// The static resources of an Envoy bootstrap file (YAML or JSON).
+    /// Every resource must convert: a file that half loads is refused.
+    pub fn from_bootstrap_file(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let bootstrap_error = |message: String| Error::Bootstrap {
+            path: path.display().to_string(),
+            message,
+        };
+        // YAML is a superset of JSON.
+        let value: serde_json::Value =
+            serde_saphyr::from_str(&text).map_err(|e| bootstrap_error(e.to_string()))?;
+        let bootstrap: Bootstrap = crate::envoy::from_json(value).map_err(bootstrap_error)?;
+        Self::from_bootstrap(&bootstrap)
+    }
+
+    pub fn from_bootstrap(bootstrap: &Bootstrap) -> Result<Self> {
+        let mut snapshot = Self::default();
+        let Some(resources) = &bootstrap.static_resources else {
+            return Ok(snapshot);
+        };
+        for listener in &resources.listeners {
+            let listener = Listener::from_envoy(listener)?;
+            snapshot
+                .listeners
+                .insert(listener.name.clone(), Arc::new(listener));
+        }
+        for cluster in &resources.clusters {
+            let cluster = Cluster::from_envoy(cluster)?;
+            snapshot
+                .clusters
+                .insert(cluster.name.clone(), Arc::new(cluster));
+        }
+        Ok(snapshot)
+    }
+
+    /// A cluster's endpoints: its own list, or its EDS assignment.
+    pub fn endpoints_of(&self, cluster: &Cluster) -> Option<Arc<Endpoints>> {
+        match &cluster.discovery {
+            cluster::Discovery::Listed(endpoints) => Some(Arc::clone(endpoints)),
+            cluster::Discovery::Eds(service) => self.endpoints.get(service).cloned(),
+            cluster::Discovery::OriginalDst => None,
+        }
+    }
+}

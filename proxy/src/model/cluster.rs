@@ -1,0 +1,310 @@
+//! Clusters and their endpoints: where a route's traffic goes, how an
+//! endpoint is chosen and how the proxy talks to it.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::{self as envoy, cluster};
+use envoy_types::pb::envoy::config::core::v3::{Address, address, socket_address};
+use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    HttpProtocolOptions, http_protocol_options,
+};
+
+use crate::envoy::unpack;
+use crate::error::{Error, Result};
+
+const KIND: &str = "Cluster";
+const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+/// Envoy's connect timeout when a cluster sets none.
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug)]
+pub struct Cluster {
+    pub name: String,
+    pub discovery: Discovery,
+    pub lb: LbPolicy,
+    pub connect_timeout: Duration,
+    pub protocol: Protocol,
+}
+
+/// Where a cluster's endpoints come from.
+#[derive(Debug)]
+pub enum Discovery {
+    /// Listed in the cluster (STATIC, STRICT_DNS, LOGICAL_DNS).
+    Listed(std::sync::Arc<Endpoints>),
+    /// From EDS, under this service name.
+    Eds(String),
+    /// The connection's original destination (ORIGINAL_DST).
+    OriginalDst,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequest,
+    Random,
+}
+
+/// The HTTP version spoken to the cluster's endpoints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+    /// The version the downstream request came with.
+    Downstream,
+}
+
+/// A ClusterLoadAssignment, converted.
+#[derive(Clone, Debug, Default)]
+pub struct Endpoints {
+    pub items: Vec<Endpoint>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: Target,
+    pub weight: u32,
+    pub healthy: bool,
+}
+
+/// An endpoint's address: an IP, or a name resolved when connecting.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Target {
+    Ip(SocketAddr),
+    Dns(String, u16),
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Ip(addr) => addr.fmt(f),
+            Target::Dns(host, port) => write!(f, "{host}:{port}"),
+        }
+    }
+}
+
+impl Cluster {
+    // `http2_protocol_options` is deprecated, and still read by Envoy.
+    #[allow(deprecated)]
+    pub fn from_envoy(cluster: &envoy::Cluster) -> Result<Self> {
+        let name = &cluster.name;
+        let invalid = |field: &str, message: String| Error::resource(KIND, name, field, message);
+        let kind = match &cluster.cluster_discovery_type {
+            None => cluster::DiscoveryType::Static,
+            Some(cluster::ClusterDiscoveryType::Type(t)) => cluster::DiscoveryType::try_from(*t)
+                .map_err(|_| invalid("type", format!("unknown discovery type {t}")))?,
+            Some(cluster::ClusterDiscoveryType::ClusterType(t)) => {
+                return Err(invalid(
+                    "cluster_type",
+                    format!("custom cluster type {} is not supported", t.name),
+                ));
+            }
+        };
+        let discovery = match kind {
+            cluster::DiscoveryType::Static
+            | cluster::DiscoveryType::StrictDns
+            | cluster::DiscoveryType::LogicalDns => {
+                Discovery::Listed(std::sync::Arc::new(match &cluster.load_assignment {
+                    Some(assignment) => {
+                        Endpoints::from_envoy(assignment).map_err(|(field, message)| {
+                            invalid(&format!("load_assignment.{field}"), message)
+                        })?
+                    }
+                    None => Endpoints::default(),
+                }))
+            }
+            cluster::DiscoveryType::Eds => Discovery::Eds(
+                cluster
+                    .eds_cluster_config
+                    .as_ref()
+                    .map(|c| c.service_name.clone())
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| name.clone()),
+            ),
+            cluster::DiscoveryType::OriginalDst => Discovery::OriginalDst,
+        };
+        let lb = match cluster::LbPolicy::try_from(cluster.lb_policy) {
+            Ok(cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
+            Ok(cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
+            Ok(cluster::LbPolicy::Random) => LbPolicy::Random,
+            // ORIGINAL_DST clusters carry CLUSTER_PROVIDED: there is one
+            // endpoint to choose.
+            Ok(cluster::LbPolicy::ClusterProvided)
+                if matches!(discovery, Discovery::OriginalDst) =>
+            {
+                LbPolicy::RoundRobin
+            }
+            Ok(other) => {
+                return Err(invalid(
+                    "lb_policy",
+                    format!("{} is not supported", other.as_str_name()),
+                ));
+            }
+            Err(_) => {
+                return Err(invalid(
+                    "lb_policy",
+                    format!("unknown policy {}", cluster.lb_policy),
+                ));
+            }
+        };
+        let connect_timeout = cluster
+            .connect_timeout
+            .as_ref()
+            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let mut protocol = if cluster.http2_protocol_options.is_some() {
+            Protocol::Http2
+        } else {
+            Protocol::Http1
+        };
+        if let Some(any) = cluster.typed_extension_protocol_options.get(HTTP_OPTIONS) {
+            let options: HttpProtocolOptions = unpack(any).map_err(|e| {
+                invalid(
+                    &format!("typed_extension_protocol_options[{HTTP_OPTIONS}]"),
+                    e,
+                )
+            })?;
+            protocol = match options.upstream_protocol_options {
+                Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(c)) => {
+                    match c.protocol_config {
+                        Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_)) => Protocol::Http2,
+                        _ => Protocol::Http1,
+                    }
+                }
+                Some(http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => {
+                    Protocol::Downstream
+                }
+                _ => protocol,
+            };
+        }
+        Ok(Self {
+            name: name.clone(),
+            discovery,
+            lb,
+            connect_timeout,
+            protocol,
+        })
+    }
+}
+
+impl Endpoints {
+    /// Converts an assignment; an error names the field within it.
+    pub fn from_envoy(
+        assignment: &ClusterLoadAssignment,
+    ) -> std::result::Result<Self, (String, String)> {
+        let mut items = Vec::new();
+        for (l, locality) in assignment.endpoints.iter().enumerate() {
+            for (e, endpoint) in locality.lb_endpoints.iter().enumerate() {
+                let field = format!("endpoints[{l}].lb_endpoints[{e}]");
+                let Some(lb_endpoint::HostIdentifier::Endpoint(inner)) = &endpoint.host_identifier
+                else {
+                    return Err((field, "no endpoint address".into()));
+                };
+                let address = target(inner.address.as_ref())
+                    .map_err(|message| (format!("{field}.endpoint.address"), message))?;
+                // UNKNOWN (0) and HEALTHY (1) take traffic, as in Envoy.
+                let healthy = matches!(endpoint.health_status, 0 | 1);
+                items.push(Endpoint {
+                    address,
+                    weight: endpoint
+                        .load_balancing_weight
+                        .as_ref()
+                        .map_or(1, |w| w.value.max(1)),
+                    healthy,
+                });
+            }
+        }
+        Ok(Self { items })
+    }
+}
+
+/// A socket address as an endpoint target.
+fn target(address: Option<&Address>) -> std::result::Result<Target, String> {
+    let Some(address::Address::SocketAddress(socket)) = address.and_then(|a| a.address.as_ref())
+    else {
+        return Err("only socket addresses are supported".into());
+    };
+    let port = match socket.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => {
+            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
+        }
+        _ => return Err("a port_value is needed".into()),
+    };
+    Ok(match socket.address.parse::<IpAddr>() {
+        Ok(ip) => Target::Ip(SocketAddr::new(ip, port)),
+        Err(_) if !socket.address.is_empty() => Target::Dns(socket.address.clone(), port),
+        Err(_) => return Err("an empty address".into()),
+    })
+}
+
+/// A listener's or admin's socket address.
+pub fn socket_address(address: Option<&Address>) -> std::result::Result<SocketAddr, String> {
+    match target(address)? {
+        Target::Ip(addr) => Ok(addr),
+        Target::Dns(host, _) => Err(format!("{host:?} is not an IP address")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envoy::from_json;
+    use serde_json::json;
+
+    #[test]
+    fn clusters_convert_with_envoys_defaults() {
+        let cluster = Cluster::from_envoy(&from_json(json!({
+            "name": "outbound|9080||reviews.shop.svc.cluster.local",
+            "type": "EDS",
+            "eds_cluster_config": {"eds_config": {"ads": {}}, "service_name": "outbound|9080||reviews.shop.svc.cluster.local"},
+            "lb_policy": "LEAST_REQUEST",
+            "typed_extension_protocol_options": {HTTP_OPTIONS: {
+                "@type": format!("type.googleapis.com/{HTTP_OPTIONS}"),
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }},
+        })).unwrap())
+        .unwrap();
+        assert!(
+            matches!(cluster.discovery, Discovery::Eds(ref s) if s.ends_with("reviews.shop.svc.cluster.local"))
+        );
+        assert_eq!(cluster.lb, LbPolicy::LeastRequest);
+        assert_eq!(cluster.protocol, Protocol::Http2);
+        assert_eq!(cluster.connect_timeout, DEFAULT_CONNECT_TIMEOUT);
+    }
+
+    #[test]
+    fn listed_endpoints_keep_weight_and_health() {
+        let cluster = Cluster::from_envoy(&from_json(json!({
+            "name": "app", "type": "STRICT_DNS", "connect_timeout": "0.25s",
+            "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 8001}}}, "load_balancing_weight": 3},
+                {"endpoint": {"address": {"socket_address": {"address": "localhost", "port_value": 8002}}}, "health_status": "UNHEALTHY"},
+            ]}]},
+        })).unwrap())
+        .unwrap();
+        let Discovery::Listed(endpoints) = cluster.discovery else {
+            panic!()
+        };
+        assert_eq!(
+            endpoints.items[0].address,
+            Target::Ip("127.0.0.1:8001".parse().unwrap())
+        );
+        assert_eq!(endpoints.items[0].weight, 3);
+        assert_eq!(
+            endpoints.items[1].address,
+            Target::Dns("localhost".into(), 8002)
+        );
+        assert!(!endpoints.items[1].healthy);
+        assert_eq!(cluster.connect_timeout, Duration::from_millis(250));
+    }
+
+    #[test]
+    fn unsupported_policies_name_the_field() {
+        let error =
+            Cluster::from_envoy(&from_json(json!({"name": "c", "lb_policy": "MAGLEV"})).unwrap())
+                .unwrap_err()
+                .to_string();
+        assert_eq!(error, "Cluster c: lb_policy: MAGLEV is not supported");
+    }
+}

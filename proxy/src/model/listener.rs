@@ -1,0 +1,395 @@
+//! Listeners: where the proxy accepts connections, which filter chain a
+//! connection takes, and what ends the chain — HTTP routing or TCP
+//! proxying.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::listener::v3::{self as envoy, filter};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpConnectionManager, http_connection_manager,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+
+use super::cluster::socket_address;
+use super::route::{Destinations, HeaderOps, RouteTable};
+use crate::envoy::{type_name, unpack};
+use crate::error::{Error, Result};
+
+const KIND: &str = "Listener";
+const HTTP_CONNECTION_MANAGER: &str =
+    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager";
+const TCP_PROXY: &str = "envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy";
+
+#[derive(Debug)]
+pub struct Listener {
+    pub name: String,
+    pub address: SocketAddr,
+    /// False for the listeners a captured connection is handed to by its
+    /// original destination: they own no socket.
+    pub bind: bool,
+    /// Hand connections to the listener for their original destination
+    /// (15001, 15006).
+    pub use_original_dst: bool,
+    pub chains: Vec<FilterChain>,
+    pub default_chain: Option<FilterChain>,
+}
+
+#[derive(Debug)]
+pub struct FilterChain {
+    pub name: String,
+    matcher: ChainMatch,
+    /// Whether the chain terminates TLS. Not served yet: such a connection
+    /// is closed.
+    pub tls: bool,
+    pub terminal: Terminal,
+}
+
+#[derive(Debug, Default)]
+struct ChainMatch {
+    destination_port: Option<u16>,
+    prefix_ranges: Vec<(IpAddr, u8)>,
+    transport_protocol: Option<String>,
+    server_names: Vec<String>,
+    application_protocols: Vec<String>,
+}
+
+/// What a filter chain ends in.
+#[derive(Debug)]
+pub enum Terminal {
+    Http(Arc<HttpManager>),
+    Tcp(Arc<TcpRoute>),
+}
+
+#[derive(Debug)]
+pub struct HttpManager {
+    pub stat_prefix: String,
+    pub routes: RouteSource,
+}
+
+#[derive(Debug)]
+pub enum RouteSource {
+    /// A RouteConfiguration from RDS, by name.
+    Rds(String),
+    Inline(Arc<RouteTable>),
+}
+
+#[derive(Debug)]
+pub struct TcpRoute {
+    pub stat_prefix: String,
+    pub destinations: Destinations,
+}
+
+/// What a connection is known by when its chain is chosen.
+#[derive(Debug, Default)]
+pub struct ConnectionInfo<'a> {
+    pub destination: Option<SocketAddr>,
+    pub transport_protocol: &'a str,
+    pub server_name: Option<&'a str>,
+    pub application_protocols: &'a [String],
+}
+
+impl Listener {
+    pub fn from_envoy(listener: &envoy::Listener) -> Result<Self> {
+        let name = &listener.name;
+        let address = socket_address(listener.address.as_ref())
+            .map_err(|e| Error::resource(KIND, name, "address", e))?;
+        let chains = listener
+            .filter_chains
+            .iter()
+            .enumerate()
+            .map(|(i, chain)| FilterChain::from_envoy(name, &format!("filter_chains[{i}]"), chain))
+            .collect::<Result<_>>()?;
+        let default_chain = listener
+            .default_filter_chain
+            .as_ref()
+            .map(|chain| FilterChain::from_envoy(name, "default_filter_chain", chain))
+            .transpose()?;
+        Ok(Self {
+            name: name.clone(),
+            address,
+            bind: listener.bind_to_port.as_ref().is_none_or(|b| b.value),
+            use_original_dst: listener.use_original_dst.as_ref().is_some_and(|b| b.value),
+            chains,
+            default_chain,
+        })
+    }
+
+    /// The chain for a connection: the most specific match, as Envoy orders
+    /// them (destination port, then address range, then server name,
+    /// transport protocol and application protocols), else the default.
+    pub fn find_chain(&self, connection: &ConnectionInfo<'_>) -> Option<&FilterChain> {
+        self.chains
+            .iter()
+            .filter_map(|chain| chain.matcher.rank(connection).map(|rank| (rank, chain)))
+            .max_by_key(|(rank, _)| *rank)
+            .map(|(_, chain)| chain)
+            .or(self.default_chain.as_ref())
+    }
+}
+
+impl FilterChain {
+    fn from_envoy(listener: &str, field: &str, chain: &envoy::FilterChain) -> Result<Self> {
+        let invalid = |f: &str, message: String| {
+            Error::resource(KIND, listener, format!("{field}.{f}"), message)
+        };
+        let matcher = match &chain.filter_chain_match {
+            None => ChainMatch::default(),
+            Some(m) => ChainMatch {
+                destination_port: m
+                    .destination_port
+                    .as_ref()
+                    .map(|p| u16::try_from(p.value))
+                    .transpose()
+                    .map_err(|_| {
+                        invalid("filter_chain_match.destination_port", "out of range".into())
+                    })?,
+                prefix_ranges: m
+                    .prefix_ranges
+                    .iter()
+                    .map(|r| {
+                        let ip = r.address_prefix.parse::<IpAddr>().map_err(|e| {
+                            invalid(
+                                "filter_chain_match.prefix_ranges",
+                                format!("{:?}: {e}", r.address_prefix),
+                            )
+                        })?;
+                        Ok((
+                            ip,
+                            r.prefix_len.as_ref().map_or(0, |l| l.value.min(128) as u8),
+                        ))
+                    })
+                    .collect::<Result<_>>()?,
+                transport_protocol: (!m.transport_protocol.is_empty())
+                    .then(|| m.transport_protocol.clone()),
+                server_names: m
+                    .server_names
+                    .iter()
+                    .map(|s| s.to_ascii_lowercase())
+                    .collect(),
+                application_protocols: m.application_protocols.clone(),
+            },
+        };
+        let mut terminal = None;
+        for (i, f) in chain.filters.iter().enumerate() {
+            let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
+                return Err(invalid(
+                    &format!("filters[{i}]"),
+                    "a typed_config is needed".into(),
+                ));
+            };
+            let at = |what: &str| format!("filters[{i}].typed_config{what}");
+            match type_name(any) {
+                HTTP_CONNECTION_MANAGER => {
+                    let manager: HttpConnectionManager =
+                        unpack(any).map_err(|e| invalid(&at(""), e))?;
+                    let routes = match &manager.route_specifier {
+                        Some(http_connection_manager::RouteSpecifier::Rds(rds)) => {
+                            RouteSource::Rds(rds.route_config_name.clone())
+                        }
+                        Some(http_connection_manager::RouteSpecifier::RouteConfig(config)) => {
+                            RouteSource::Inline(Arc::new(RouteTable::from_envoy(config)?))
+                        }
+                        _ => {
+                            return Err(invalid(
+                                &at(".route_specifier"),
+                                "rds or route_config is needed".into(),
+                            ));
+                        }
+                    };
+                    terminal = Some(Terminal::Http(Arc::new(HttpManager {
+                        stat_prefix: manager.stat_prefix,
+                        routes,
+                    })));
+                }
+                TCP_PROXY => {
+                    let proxy: TcpProxy = unpack(any).map_err(|e| invalid(&at(""), e))?;
+                    let destinations = match proxy.cluster_specifier {
+                        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => Destinations::One(c),
+                        Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+                            let clusters: Vec<_> = w
+                                .clusters
+                                .into_iter()
+                                .map(|c| (c.name, c.weight, HeaderOps::default()))
+                                .collect();
+                            let total = clusters.iter().map(|(_, w, _)| w).sum();
+                            if total == 0 {
+                                return Err(invalid(
+                                    &at(".weighted_clusters"),
+                                    "the weights add up to 0".into(),
+                                ));
+                            }
+                            Destinations::Weighted { clusters, total }
+                        }
+                        None => {
+                            return Err(invalid(
+                                &at(".cluster_specifier"),
+                                "a cluster is needed".into(),
+                            ));
+                        }
+                    };
+                    terminal = Some(Terminal::Tcp(Arc::new(TcpRoute {
+                        stat_prefix: proxy.stat_prefix,
+                        destinations,
+                    })));
+                }
+                // Network filters before the terminal one (RBAC) are
+                // enforced by the data path that reads them; others are
+                // not known.
+                "envoy.extensions.filters.network.rbac.v3.RBAC" => {}
+                other => {
+                    return Err(invalid(
+                        &at(""),
+                        format!("the network filter {other} is not supported"),
+                    ));
+                }
+            }
+        }
+        let terminal = terminal.ok_or_else(|| {
+            invalid(
+                "filters",
+                "no http_connection_manager or tcp_proxy ends the chain".into(),
+            )
+        })?;
+        Ok(Self {
+            name: chain.name.clone(),
+            matcher,
+            tls: chain.transport_socket.is_some(),
+            terminal,
+        })
+    }
+}
+
+impl ChainMatch {
+    /// None when the connection does not match; otherwise how specific the
+    /// match is, criteria in Envoy's order of precedence.
+    fn rank(&self, c: &ConnectionInfo<'_>) -> Option<(bool, u8, bool, bool, bool)> {
+        let port = match self.destination_port {
+            None => false,
+            Some(p) if c.destination.map(|d| d.port()) == Some(p) => true,
+            Some(_) => return None,
+        };
+        let prefix = if self.prefix_ranges.is_empty() {
+            0
+        } else {
+            let ip = c.destination?.ip();
+            let longest = self
+                .prefix_ranges
+                .iter()
+                .filter(|(net, len)| contains(*net, *len, ip))
+                .map(|(_, len)| *len)
+                .max()?;
+            longest + 1
+        };
+        let server = if self.server_names.is_empty() {
+            false
+        } else {
+            let name = c.server_name?.to_ascii_lowercase();
+            let matched = self.server_names.iter().any(|s| {
+                *s == name
+                    || s.strip_prefix('*')
+                        .is_some_and(|suffix| name.ends_with(suffix))
+            });
+            if !matched {
+                return None;
+            }
+            true
+        };
+        let transport = match &self.transport_protocol {
+            None => false,
+            Some(t) if t == c.transport_protocol => true,
+            Some(_) => return None,
+        };
+        let alpn = if self.application_protocols.is_empty() {
+            false
+        } else {
+            if !self
+                .application_protocols
+                .iter()
+                .any(|p| c.application_protocols.contains(p))
+            {
+                return None;
+            }
+            true
+        };
+        Some((port, prefix, server, transport, alpn))
+    }
+}
+
+fn contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {
+    match (net, ip) {
+        (IpAddr::V4(net), IpAddr::V4(ip)) => {
+            let len = u32::from(len.min(32));
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            u32::from(net) & mask == u32::from(ip) & mask
+        }
+        (IpAddr::V6(net), IpAddr::V6(ip)) => {
+            let len = u32::from(len.min(128));
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
+            u128::from(net) & mask == u128::from(ip) & mask
+        }
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envoy::from_json;
+    use serde_json::json;
+
+    fn hcm(route: &str) -> serde_json::Value {
+        json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+            "@type": format!("type.googleapis.com/{HTTP_CONNECTION_MANAGER}"),
+            "stat_prefix": route, "rds": {"route_config_name": route, "config_source": {"ads": {}}},
+        }})
+    }
+
+    #[test]
+    fn chains_are_chosen_by_port_then_range_then_transport() {
+        let listener = Listener::from_envoy(&from_json(json!({
+            "name": "virtualInbound",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 15006}},
+            "use_original_dst": true,
+            "filter_chains": [
+                {"name": "any", "filters": [hcm("any")]},
+                {"name": "9080", "filter_chain_match": {"destination_port": 9080}, "filters": [hcm("9080")]},
+                {"name": "9080-pod", "filter_chain_match": {"destination_port": 9080, "prefix_ranges": [{"address_prefix": "10.0.0.0", "prefix_len": 8}]}, "filters": [hcm("pod")]},
+                {"name": "9080-tls", "filter_chain_match": {"destination_port": 9080, "transport_protocol": "tls"}, "filters": [hcm("tls")]},
+            ],
+        })).unwrap())
+        .unwrap();
+        let chain = |dest: &str, transport: &str| {
+            listener
+                .find_chain(&ConnectionInfo {
+                    destination: Some(dest.parse().unwrap()),
+                    transport_protocol: transport,
+                    ..Default::default()
+                })
+                .map(|c| c.name.as_str())
+        };
+        assert_eq!(chain("192.168.1.1:80", "raw_buffer"), Some("any"));
+        assert_eq!(chain("192.168.1.1:9080", "raw_buffer"), Some("9080"));
+        assert_eq!(chain("10.1.2.3:9080", "raw_buffer"), Some("9080-pod"));
+        assert_eq!(chain("192.168.1.1:9080", "tls"), Some("9080-tls"));
+        assert!(listener.use_original_dst && listener.bind);
+    }
+
+    #[test]
+    fn a_chain_without_a_terminal_filter_is_refused() {
+        let error = Listener::from_envoy(&from_json(json!({
+            "name": "l", "address": {"socket_address": {"address": "127.0.0.1", "port_value": 1}},
+            "filter_chains": [{"filters": []}],
+        })).unwrap())
+        .unwrap_err()
+        .to_string();
+        assert!(
+            error.starts_with("Listener l: filter_chains[0].filters:"),
+            "{error}"
+        );
+    }
+}

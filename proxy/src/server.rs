@@ -1,0 +1,267 @@
+//! The listeners: bound and unbound as the configuration changes, each
+//! connection handed to the listener for its original destination when
+//! captured, then to the filter chain that matches it — HTTP (HTTP/1.1 and
+//! HTTP/2 on one port) or TCP.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::error::Error;
+use crate::http::Connection;
+use crate::model::Snapshot;
+use crate::model::cluster::{Discovery, Target};
+use crate::model::listener::{ConnectionInfo, Listener, TcpRoute, Terminal};
+use crate::state::State;
+use crate::upstream::Upstreams;
+
+/// How long a client may take to send a request's headers.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Keeps the bound listeners in step with the configuration until `stop`
+/// turns true. Marks the proxy ready once a published configuration has all
+/// its listeners bound.
+pub async fn manage(state: Arc<State>, upstreams: Arc<Upstreams>, mut stop: watch::Receiver<bool>) {
+    let mut bound: HashMap<String, (SocketAddr, JoinHandle<()>)> = HashMap::new();
+    let mut changes = state.changes();
+    loop {
+        let published = *changes.borrow_and_update() > 0;
+        let snapshot = state.snapshot();
+        bound.retain(|name, (address, task)| {
+            let keep = snapshot
+                .listeners
+                .get(name)
+                .is_some_and(|l| l.bind && l.address == *address);
+            if !keep {
+                // Connections already accepted finish on their own tasks.
+                task.abort();
+                tracing::info!(listener = %name, %address, "listener removed");
+            }
+            keep
+        });
+        let mut failed = false;
+        for listener in snapshot.listeners.values().filter(|l| l.bind) {
+            if bound.contains_key(&listener.name) {
+                continue;
+            }
+            match bind(listener.address) {
+                Ok(socket) => {
+                    tracing::info!(listener = %listener.name, address = %listener.address, "listening");
+                    let task = tokio::spawn(accept(
+                        socket,
+                        listener.name.clone(),
+                        Arc::clone(&state),
+                        Arc::clone(&upstreams),
+                    ));
+                    bound.insert(listener.name.clone(), (listener.address, task));
+                }
+                Err(error) => {
+                    failed = true;
+                    tracing::error!(listener = %listener.name, %error, "listener not bound; the others serve");
+                }
+            }
+        }
+        upstreams.retain(|name| snapshot.clusters.contains_key(name));
+        if published && !failed {
+            state.set_ready();
+        }
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { break },
+            _ = stop.wait_for(|stop| *stop) => break,
+        }
+    }
+    for (_, (_, task)) in bound {
+        task.abort();
+    }
+}
+
+fn bind(address: SocketAddr) -> Result<TcpListener, Error> {
+    let socket = match address {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    }
+    .and_then(|socket| {
+        socket.set_reuseaddr(true)?;
+        socket.bind(address)?;
+        socket.listen(1024)
+    });
+    socket.map_err(|source| Error::Bind { address, source })
+}
+
+async fn accept(socket: TcpListener, name: String, state: Arc<State>, upstreams: Arc<Upstreams>) {
+    loop {
+        match socket.accept().await {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(connection(
+                    stream,
+                    peer,
+                    name.clone(),
+                    Arc::clone(&state),
+                    Arc::clone(&upstreams),
+                ));
+            }
+            Err(error) => {
+                // Out of file descriptors, say: wait rather than spin.
+                tracing::warn!(listener = %name, %error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+/// One accepted connection, on the configuration of the moment it arrived.
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    name: String,
+    state: Arc<State>,
+    upstreams: Arc<Upstreams>,
+) {
+    let snapshot = state.snapshot();
+    let Some(mut listener) = snapshot.listeners.get(&name).cloned() else {
+        return;
+    };
+    let Ok(local) = stream.local_addr() else {
+        return;
+    };
+    let destination = if listener.use_original_dst {
+        original_destination(&stream).unwrap_or(local)
+    } else {
+        local
+    };
+    if listener.use_original_dst
+        && let Some(target) = listener_for(&snapshot, destination)
+    {
+        listener = target;
+    }
+    let info = ConnectionInfo {
+        destination: Some(destination),
+        transport_protocol: "raw_buffer",
+        ..Default::default()
+    };
+    let Some(chain) = listener.find_chain(&info) else {
+        tracing::debug!(listener = %listener.name, %peer, %destination, "no filter chain matches; closed");
+        return;
+    };
+    if chain.tls {
+        tracing::debug!(listener = %listener.name, chain = %chain.name, "TLS filter chains are not served yet; closed");
+        return;
+    }
+    match &chain.terminal {
+        Terminal::Http(manager) => {
+            let connection = Connection {
+                snapshot: Arc::clone(&snapshot),
+                manager: Arc::clone(manager),
+                upstreams,
+            };
+            let service = hyper::service::service_fn(move |request| {
+                crate::http::serve(connection.clone(), request)
+            });
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT);
+            if let Err(error) = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, %error, "HTTP connection ended");
+            }
+        }
+        Terminal::Tcp(route) => tcp(stream, destination, route, &snapshot, &upstreams).await,
+    }
+}
+
+/// The listener that owns a captured connection's original destination:
+/// one bound to exactly that address, else one on its port on any address.
+fn listener_for(snapshot: &Snapshot, destination: SocketAddr) -> Option<Arc<Listener>> {
+    let unbound = || snapshot.listeners.values().filter(|l| !l.bind);
+    unbound()
+        .find(|l| l.address == destination)
+        .or_else(|| {
+            unbound()
+                .find(|l| l.address.ip().is_unspecified() && l.address.port() == destination.port())
+        })
+        .cloned()
+}
+
+/// Opaque TCP: the bytes go to an endpoint of the route's cluster as they
+/// are.
+async fn tcp(
+    mut stream: TcpStream,
+    destination: SocketAddr,
+    route: &TcpRoute,
+    snapshot: &Snapshot,
+    upstreams: &Upstreams,
+) {
+    let Some((name, _)) = route
+        .destinations
+        .pick(|total| rand::random_range(0..total))
+    else {
+        return;
+    };
+    let Some(cluster) = snapshot.clusters.get(name) else {
+        tracing::debug!(cluster = %name, "no such cluster; closed");
+        return;
+    };
+    let target = if matches!(cluster.discovery, Discovery::OriginalDst) {
+        Target::Ip(destination)
+    } else {
+        let Some(endpoints) = snapshot.endpoints_of(cluster) else {
+            return;
+        };
+        let state = upstreams.get(cluster);
+        let Some(endpoint) = state.pick(&endpoints) else {
+            tracing::debug!(cluster = %name, "no healthy endpoint; closed");
+            return;
+        };
+        endpoint.address.clone()
+    };
+    let connect = async {
+        match &target {
+            Target::Ip(addr) => TcpStream::connect(addr).await,
+            Target::Dns(host, port) => TcpStream::connect((host.as_str(), *port)).await,
+        }
+    };
+    let mut upstream = match tokio::time::timeout(cluster.connect_timeout, connect).await {
+        Ok(Ok(upstream)) => upstream,
+        Ok(Err(error)) => {
+            tracing::debug!(%target, %error, "TCP upstream connect failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%target, "TCP upstream connect timed out");
+            return;
+        }
+    };
+    let _ = upstream.set_nodelay(true);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
+        tracing::debug!(%target, %error, "TCP connection ended");
+    }
+}
+
+/// Where a connection redirected by iptables was going (SO_ORIGINAL_DST).
+fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    match stream.local_addr().ok()? {
+        SocketAddr::V4(_) => {
+            let addr = getsockopt(stream, sockopt::OriginalDst).ok()?;
+            let ip = std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr));
+            Some(SocketAddr::from((ip, u16::from_be(addr.sin_port))))
+        }
+        SocketAddr::V6(_) => {
+            let addr = getsockopt(stream, sockopt::Ip6tOriginalDst).ok()?;
+            let ip = std::net::Ipv6Addr::from(addr.sin6_addr.s6_addr);
+            Some(SocketAddr::from((ip, u16::from_be(addr.sin6_port))))
+        }
+    }
+}
