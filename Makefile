@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s envoy kstatus helm olm-validate olm deps bench-operator bench-controlplane
+.PHONY: demo cluster test lint k8s envoy kstatus helm olm-validate olm descriptors deps bench-operator bench-controlplane
 
 ## demo: bring the local cluster up, deploy a sample workload, show it, stop.
 demo: k8s
@@ -61,6 +61,11 @@ olm-validate: deps
 ## CRDs and samples; commit the result.
 olm: helm
 	$(CARGO) run --locked -q -p bowline-tests --bin olm-bundle
+
+## descriptors: write the Envoy API descriptors the proxy decodes its
+## configuration files with (proxy/src/envoy.binpb); commit the result.
+descriptors: deps
+	"$$(bash proxy/descriptors/build.sh)" > proxy/src/envoy.binpb
 
 ## deps: what the builds need besides cargo and go.
 deps:

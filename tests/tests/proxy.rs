@@ -1,0 +1,271 @@
+//! bowline-proxy from a bootstrap file, observed from outside with curl:
+//! readiness, a 90/10 split over 1,000 requests, HTTP/1.1 and h2c on one
+//! port, rewrites, a redirect and a direct response, Envoy's answers when
+//! there is no route (404), no live endpoint (503) or no answer in time
+//! (504), and TCP proxying. Upstreams are axum servers on loopback.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use bowline_proxy::config::{Config, ENV_STATUS_ADDRESS, Mode};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// An HTTP upstream answering `name` and the path it was asked for; `/slow`
+/// answers after two seconds.
+async fn upstream(name: &'static str) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                "slow"
+            }),
+        )
+        .fallback(move |uri: http::Uri, headers: http::HeaderMap| async move {
+            let host = headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            format!("{name} {} {host}", uri.path())
+        });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(address)
+}
+
+/// A TCP upstream that echoes what it reads.
+async fn echo() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn endpoint(address: SocketAddr) -> serde_json::Value {
+    json!({"endpoint": {"address": {"socket_address": {"address": address.ip().to_string(), "port_value": address.port()}}}})
+}
+
+fn cluster(name: &str, endpoints: &[SocketAddr]) -> serde_json::Value {
+    json!({
+        "name": name, "type": "STATIC", "connect_timeout": "0.5s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{
+            "lb_endpoints": endpoints.iter().map(|a| endpoint(*a)).collect::<Vec<_>>(),
+        }]},
+    })
+}
+
+/// curl, with a status line last: `<body>\n<status>`.
+fn curl(args: &[&str]) -> anyhow::Result<(u16, String)> {
+    let output = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .context("running curl")?;
+    let text = String::from_utf8(output.stdout)?;
+    let (body, status) = text.rsplit_once('\n').context("curl's status line")?;
+    Ok((status.trim().parse()?, body.to_string()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_routes_splits_and_answers_as_envoy_does() -> anyhow::Result<()> {
+    let (v1, v2, echo) = (upstream("v1").await?, upstream("v2").await?, echo().await?);
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+    let (http_port, tcp_port, status_port) = (free_port()?, free_port()?, free_port()?);
+    let manager = json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "http",
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        "route_config": {"name": "local", "virtual_hosts": [
+            {"name": "shop", "domains": ["shop.example"], "routes": [
+                {"match": {"prefix": "/split"}, "route": {"weighted_clusters": {"clusters": [
+                    {"name": "v1", "weight": 90}, {"name": "v2", "weight": 10}]}}},
+                {"match": {"prefix": "/old/"}, "route": {"cluster": "v1", "prefix_rewrite": "/new/", "host_rewrite_literal": "backend.internal"}},
+                {"match": {"prefix": "/slow"}, "route": {"cluster": "v1", "timeout": "0.3s"}},
+                {"match": {"prefix": "/dead"}, "route": {"cluster": "dead"}},
+                {"match": {"path": "/moved"}, "redirect": {"host_redirect": "new.example", "path_redirect": "/here"}},
+                {"match": {"path": "/teapot"}, "direct_response": {"status": 418, "body": {"inline_string": "short and stout"}}},
+                {"match": {"prefix": "/", "headers": [{"name": "x-version", "string_match": {"exact": "v2"}}]}, "route": {"cluster": "v2"}},
+                {"match": {"prefix": "/"}, "route": {"cluster": "v1"}},
+            ]},
+        ]},
+    });
+    let bootstrap = json!({"static_resources": {
+        "listeners": [
+            {"name": "http", "address": {"socket_address": {"address": "127.0.0.1", "port_value": http_port}},
+             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": manager}]}]},
+            {"name": "tcp", "address": {"socket_address": {"address": "127.0.0.1", "port_value": tcp_port}},
+             "filter_chains": [{"filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                 "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                 "stat_prefix": "tcp", "cluster": "echo"}}]}]},
+        ],
+        "clusters": [cluster("v1", &[v1]), cluster("v2", &[v2]), cluster("dead", &[dead]), cluster("echo", &[echo])],
+    }});
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bootstrap.yaml");
+    std::fs::write(&path, serde_saphyr::to_string(&bootstrap)?)?;
+
+    let env = BTreeMap::from([(
+        ENV_STATUS_ADDRESS.to_string(),
+        format!("127.0.0.1:{status_port}"),
+    )]);
+    let config = Config::from_env(Mode::Sidecar, Some(path), &env)?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let proxy = tokio::spawn(bowline_proxy::run(config, stopped));
+
+    let ready = format!("http://127.0.0.1:{status_port}/healthz/ready");
+    let mut waited = 0;
+    while curl(&[&ready])?.0 != 200 {
+        ensure!(waited < 100, "the proxy did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    let url = |path: &str| format!("http://127.0.0.1:{http_port}{path}");
+    let host = "Host: shop.example";
+
+    // 90/10 over 1,000 requests, on kept-alive connections (one curl
+    // process per 100 requests).
+    let mut v1_count = 0;
+    for _ in 0..10 {
+        let urls: Vec<String> = (0..100).map(|_| url("/split")).collect();
+        let output = Command::new("curl")
+            .args(["-s", "-m", "30", "-H", host, "-w", "\n"])
+            .args(&urls)
+            .output()?;
+        let text = String::from_utf8(output.stdout)?;
+        ensure!(text.lines().count() == 100, "100 answers: {text}");
+        v1_count += text.lines().filter(|l| l.starts_with("v1 ")).count();
+    }
+    // Binomial(1000, 0.9): the standard deviation is 9.5.
+    ensure!(
+        (850..=950).contains(&v1_count),
+        "{v1_count} of 1000 went to v1"
+    );
+
+    let (status, body) = curl(&["-H", host, "-H", "x-version: v2", &url("/any")])?;
+    ensure!(
+        status == 200 && body == "v2 /any shop.example",
+        "{status} {body}"
+    );
+    let (status, body) = curl(&["--http2-prior-knowledge", "-H", host, &url("/h2")])?;
+    ensure!(
+        status == 200 && body == "v1 /h2 shop.example",
+        "h2c: {status} {body}"
+    );
+    let (status, body) = curl(&["-H", host, &url("/old/cart")])?;
+    ensure!(
+        status == 200 && body == "v1 /new/cart backend.internal",
+        "{status} {body}"
+    );
+    let (status, _) = curl(&["-H", host, "-D", "-", &url("/moved?x=1")])?;
+    ensure!(status == 301);
+    let output = Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{redirect_url}",
+            "-H",
+            host,
+            &url("/moved?x=1"),
+        ])
+        .output()?;
+    ensure!(String::from_utf8(output.stdout)? == "http://new.example/here?x=1");
+    let (status, body) = curl(&["-H", host, &url("/teapot")])?;
+    ensure!(
+        status == 418 && body == "short and stout",
+        "{status} {body}"
+    );
+    let (status, _) = curl(&["-H", "Host: elsewhere.example", &url("/")])?;
+    ensure!(status == 404, "no virtual host: {status}");
+    let (status, body) = curl(&["-H", host, &url("/dead")])?;
+    ensure!(status == 503 && body.contains("connect"), "{status} {body}");
+    let started = std::time::Instant::now();
+    let (status, _) = curl(&["-H", host, &url("/slow")])?;
+    ensure!(status == 504, "route timeout: {status}");
+    ensure!(
+        started.elapsed() < Duration::from_millis(1500),
+        "answered at the timeout"
+    );
+
+    let mut tcp = tokio::net::TcpStream::connect(("127.0.0.1", tcp_port)).await?;
+    tcp.write_all(b"opaque bytes").await?;
+    let mut echoed = [0u8; 12];
+    tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut echoed)).await??;
+    ensure!(&echoed == b"opaque bytes");
+
+    stop.send(true)?;
+    tokio::time::timeout(Duration::from_secs(5), proxy).await???;
+    Ok(())
+}
+
+#[test]
+fn a_bootstrap_with_a_bad_route_is_refused_with_the_field() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bootstrap.yaml");
+    std::fs::write(
+        &path,
+        r#"
+static_resources:
+  listeners:
+  - name: http
+    address: {socket_address: {address: 127.0.0.1, port_value: 1}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: http
+          route_config:
+            name: local
+            virtual_hosts:
+            - {name: all, domains: ["*"], routes: [{match: {safe_regex: {regex: "(["}}, route: {cluster: a}}]}
+"#,
+    )?;
+    let error = bowline_proxy::model::Snapshot::from_bootstrap_file(&path)
+        .unwrap_err()
+        .to_string();
+    ensure!(
+        error.starts_with("RouteConfiguration local: virtual_hosts[0].routes[0].match.safe_regex:"),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_envoy_descriptors_are_what_make_descriptors_writes() -> anyhow::Result<()> {
+    let writer = bowline_tests::binaries::tool("../proxy/descriptors/build.sh")?;
+    let output = Command::new(writer).output()?;
+    ensure!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let committed = std::fs::read(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../proxy/src/envoy.binpb"),
+    )?;
+    ensure!(
+        output.stdout == committed,
+        "proxy/src/envoy.binpb is stale: run `make descriptors` and commit the result"
+    );
+    Ok(())
+}
