@@ -28,6 +28,9 @@ pub const ENV_ROOT_CERT_FILE: &str = "BOWLINE_PROXY_ROOT_CERT_FILE";
 /// Prefix of the variables that become node metadata (Istio's convention:
 /// `ISTIO_META_CLUSTER_ID=Kubernetes` → `CLUSTER_ID: Kubernetes`).
 pub const ENV_META_PREFIX: &str = "ISTIO_META_";
+/// How long in-flight requests may take to finish once the proxy is asked
+/// to stop (Istio's variable; seconds, default 5).
+pub const ENV_DRAIN_DURATION: &str = "TERMINATION_DRAIN_DURATION_SECONDS";
 /// Overrides of the fixed ports, for running several proxies on one host.
 pub const ENV_ADMIN_ADDRESS: &str = "BOWLINE_PROXY_ADMIN_ADDRESS";
 pub const ENV_STATUS_ADDRESS: &str = "BOWLINE_PROXY_STATUS_ADDRESS";
@@ -135,6 +138,8 @@ pub struct Config {
     pub namespace: String,
     pub workers: usize,
     pub ports: Ports,
+    /// How long connections may drain after a stop.
+    pub drain: std::time::Duration,
 }
 
 impl Config {
@@ -184,6 +189,13 @@ impl Config {
             })?,
             None => 0,
         };
+        let drain = match env.get(ENV_DRAIN_DURATION) {
+            Some(text) => text.parse::<u64>().map_err(|e| Error::Environment {
+                variable: ENV_DRAIN_DURATION.into(),
+                message: format!("{text:?} is not a number of seconds: {e}"),
+            })?,
+            None => 5,
+        };
         let mut ports = Ports::default();
         for (variable, port) in [
             (ENV_ADMIN_ADDRESS, &mut ports.admin),
@@ -214,6 +226,7 @@ impl Config {
             namespace,
             workers: if workers == 0 { 2 } else { workers },
             ports,
+            drain: std::time::Duration::from_secs(drain),
         })
     }
 }

@@ -31,7 +31,8 @@ use crate::model::Snapshot;
 use crate::state::State;
 use crate::upstream::Upstreams;
 
-/// Runs the proxy until `stop` turns true.
+/// Runs the proxy until `stop` turns true, then drains: listeners close,
+/// requests in flight get `config.drain` to finish.
 pub async fn run(config: Config, stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
     let state = Arc::new(State::default());
     let upstreams = Arc::new(Upstreams::default());
@@ -50,6 +51,6 @@ pub async fn run(config: Config, stop: tokio::sync::watch::Receiver<bool>) -> Re
             });
         }
     }
-    server::manage(state, upstreams, stop).await;
+    server::manage(state, upstreams, stop, config.drain).await;
     Ok(())
 }

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -24,25 +25,33 @@ use crate::upstream::Upstreams;
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The most a request's headers may take, buffered (Envoy's default
+/// limit is 60 KiB): a client sending more is refused, not buffered.
+const MAX_HEADERS_BYTES: usize = 64 * 1024;
 
 /// Keeps the bound listeners in step with the configuration until `stop`
-/// turns true. Marks the proxy ready once a published configuration has all
-/// its listeners bound.
-pub async fn manage(state: Arc<State>, upstreams: Arc<Upstreams>, mut stop: watch::Receiver<bool>) {
-    let mut bound: HashMap<String, (SocketAddr, JoinHandle<()>)> = HashMap::new();
+/// turns true, then drains them all. Marks the proxy ready once a published
+/// configuration has all its listeners bound.
+pub async fn manage(
+    state: Arc<State>,
+    upstreams: Arc<Upstreams>,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let mut bound: HashMap<String, Bound> = HashMap::new();
     let mut changes = state.changes();
     loop {
         let published = *changes.borrow_and_update() > 0;
         let snapshot = state.snapshot();
-        bound.retain(|name, (address, task)| {
+        bound.retain(|name, listener| {
             let keep = snapshot
                 .listeners
                 .get(name)
-                .is_some_and(|l| l.bind && l.address == *address);
+                .is_some_and(|l| l.bind && l.address == listener.address);
             if !keep {
-                // Connections already accepted finish on their own tasks.
-                task.abort();
-                tracing::info!(listener = %name, %address, "listener removed");
+                // It stops accepting; what it accepted drains on its own.
+                let _ = listener.stop.send(true);
+                tracing::info!(listener = %name, address = %listener.address, "listener removed");
             }
             keep
         });
@@ -54,13 +63,23 @@ pub async fn manage(state: Arc<State>, upstreams: Arc<Upstreams>, mut stop: watc
             match bind(listener.address) {
                 Ok(socket) => {
                     tracing::info!(listener = %listener.name, address = %listener.address, "listening");
+                    let (stop, stopped) = watch::channel(false);
                     let task = tokio::spawn(accept(
                         socket,
                         listener.name.clone(),
                         Arc::clone(&state),
                         Arc::clone(&upstreams),
+                        stopped,
+                        drain,
                     ));
-                    bound.insert(listener.name.clone(), (listener.address, task));
+                    bound.insert(
+                        listener.name.clone(),
+                        Bound {
+                            address: listener.address,
+                            stop,
+                            task,
+                        },
+                    );
                 }
                 Err(error) => {
                     failed = true;
@@ -74,12 +93,29 @@ pub async fn manage(state: Arc<State>, upstreams: Arc<Upstreams>, mut stop: watc
         }
         tokio::select! {
             changed = changes.changed() => if changed.is_err() { break },
-            _ = stop.wait_for(|stop| *stop) => break,
+            _ = stopped(&mut stop) => break,
         }
     }
-    for (_, (_, task)) in bound {
-        task.abort();
+    tracing::info!(?drain, "draining");
+    for listener in bound.values() {
+        let _ = listener.stop.send(true);
     }
+    for (_, listener) in bound {
+        let _ = listener.task.await;
+    }
+}
+
+/// A bound listener: its accept loop, and how to stop it.
+struct Bound {
+    address: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Resolves once `stop` is true (the guard `wait_for` returns is not
+/// `Send`, so it is dropped here).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await;
 }
 
 fn bind(address: SocketAddr) -> Result<TcpListener, Error> {
@@ -95,25 +131,48 @@ fn bind(address: SocketAddr) -> Result<TcpListener, Error> {
     socket.map_err(|source| Error::Bind { address, source })
 }
 
-async fn accept(socket: TcpListener, name: String, state: Arc<State>, upstreams: Arc<Upstreams>) {
+/// Accepts until `stop`, then closes the socket and gives the connections
+/// it accepted `drain` to finish: HTTP connections finish the requests in
+/// flight and close (HTTP/2 with a GOAWAY), TCP connections run on.
+async fn accept(
+    socket: TcpListener,
+    name: String,
+    state: Arc<State>,
+    upstreams: Arc<Upstreams>,
+    mut stop: watch::Receiver<bool>,
+    drain: Duration,
+) {
+    let graceful = GracefulShutdown::new();
     loop {
-        match socket.accept().await {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(
-                    stream,
-                    peer,
-                    name.clone(),
-                    Arc::clone(&state),
-                    Arc::clone(&upstreams),
-                ));
-            }
-            Err(error) => {
-                // Out of file descriptors, say: wait rather than spin.
-                tracing::warn!(listener = %name, %error, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
+        tokio::select! {
+            accepted = socket.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(connection(
+                        stream,
+                        peer,
+                        name.clone(),
+                        Arc::clone(&state),
+                        Arc::clone(&upstreams),
+                        graceful.watcher(),
+                    ));
+                }
+                Err(error) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!(listener = %name, %error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(&mut stop) => break,
         }
+    }
+    drop(socket);
+    let open = graceful.count();
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::info!(listener = %name, open, "drain period over with connections open");
     }
 }
 
@@ -124,6 +183,7 @@ async fn connection(
     name: String,
     state: Arc<State>,
     upstreams: Arc<Upstreams>,
+    watcher: Watcher,
 ) {
     let snapshot = state.snapshot();
     let Some(mut listener) = snapshot.listeners.get(&name).cloned() else {
@@ -169,15 +229,22 @@ async fn connection(
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT);
-            if let Err(error) = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEADERS_BYTES);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .max_header_list_size(MAX_HEADERS_BYTES as u32);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(error) = watcher.watch(connection).await {
                 tracing::debug!(%peer, %error, "HTTP connection ended");
             }
         }
-        Terminal::Tcp(route) => tcp(stream, destination, route, &snapshot, &upstreams).await,
+        Terminal::Tcp(route) => {
+            // Watched only so that a drain waits for it.
+            let _draining = watcher;
+            tcp(stream, destination, route, &snapshot, &upstreams).await
+        }
     }
 }
 

@@ -212,6 +212,8 @@ async fn the_proxy_routes_splits_and_answers_as_envoy_does() -> anyhow::Result<(
     let mut echoed = [0u8; 12];
     tokio::time::timeout(Duration::from_secs(5), tcp.read_exact(&mut echoed)).await??;
     ensure!(&echoed == b"opaque bytes");
+    // An open connection would hold the drain for its full period.
+    drop(tcp);
 
     stop.send(true)?;
     tokio::time::timeout(Duration::from_secs(5), proxy).await???;
@@ -267,5 +269,63 @@ fn the_envoy_descriptors_are_what_make_descriptors_writes() -> anyhow::Result<()
         output.stdout == committed,
         "proxy/src/envoy.binpb is stale: run `make descriptors` and commit the result"
     );
+    Ok(())
+}
+
+/// Stopping (SIGTERM) closes the listeners at once and lets a request in
+/// flight finish within the drain period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
+    let v1 = upstream("v1").await?;
+    let (http_port, status_port) = (free_port()?, free_port()?);
+    let bootstrap = json!({"static_resources": {
+        "listeners": [{"name": "http", "address": {"socket_address": {"address": "127.0.0.1", "port_value": http_port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "http",
+                "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "v1"}}]}]},
+            }}]}]}],
+        "clusters": [cluster("v1", &[v1])],
+    }});
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bootstrap.json");
+    std::fs::write(&path, bootstrap.to_string())?;
+    let env = BTreeMap::from([
+        (
+            ENV_STATUS_ADDRESS.to_string(),
+            format!("127.0.0.1:{status_port}"),
+        ),
+        (
+            "TERMINATION_DRAIN_DURATION_SECONDS".to_string(),
+            "5".to_string(),
+        ),
+    ]);
+    let config = Config::from_env(Mode::Gateway, Some(path), &env)?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let proxy = tokio::spawn(bowline_proxy::run(config, stopped));
+    let ready = format!("http://127.0.0.1:{status_port}/healthz/ready");
+    let mut waited = 0;
+    while curl(&[&ready])?.0 != 200 {
+        ensure!(waited < 100, "the proxy did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+
+    let slow = format!("http://127.0.0.1:{http_port}/slow");
+    let in_flight = tokio::task::spawn_blocking(move || curl(&[&slow]));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.send(true)?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ensure!(
+        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_err(),
+        "the listener is closed once stopping"
+    );
+    let (status, body) = in_flight.await??;
+    ensure!(
+        status == 200 && body == "slow",
+        "the request in flight finished: {status} {body}"
+    );
+    tokio::time::timeout(Duration::from_secs(5), proxy).await???;
     Ok(())
 }
