@@ -1,6 +1,6 @@
-//! The proxy's own endpoints beside the data path: readiness on the status
-//! port (15021 `/healthz/ready`, the kubelet's probe) and the admin port
-//! (15000, loopback only).
+//! The proxy's own endpoint beside the data path: readiness on the status
+//! port (15021 `/healthz/ready`, the kubelet's probe). The admin port
+//! (15000) and metrics (15020, 15090) are not served yet.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -45,8 +45,8 @@ async fn serve(socket: TcpListener, state: Arc<State>) {
 
 fn respond(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let (status, body) = match request.uri().path() {
-        "/healthz/ready" | "/ready" if state.is_ready() => (StatusCode::OK, "LIVE\n"),
-        "/healthz/ready" | "/ready" => (
+        "/healthz/ready" if state.is_ready() => (StatusCode::OK, "LIVE\n"),
+        "/healthz/ready" => (
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: no complete configuration yet\n",
         ),

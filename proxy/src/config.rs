@@ -21,23 +21,15 @@ pub const ENV_DNS_DOMAIN: &str = "DNS_DOMAIN";
 pub const ENV_CONCURRENCY: &str = "BOWLINE_PROXY_CONCURRENCY";
 /// A bootstrap file: static resources, no control plane needed.
 pub const ENV_BOOTSTRAP: &str = "BOWLINE_PROXY_BOOTSTRAP";
-/// The ServiceAccount token presented to the control plane.
-pub const ENV_TOKEN_FILE: &str = "BOWLINE_PROXY_TOKEN_FILE";
-/// The mesh's root certificate, to trust the control plane with.
-pub const ENV_ROOT_CERT_FILE: &str = "BOWLINE_PROXY_ROOT_CERT_FILE";
 /// Prefix of the variables that become node metadata (Istio's convention:
 /// `ISTIO_META_CLUSTER_ID=Kubernetes` → `CLUSTER_ID: Kubernetes`).
 pub const ENV_META_PREFIX: &str = "ISTIO_META_";
 /// How long in-flight requests may take to finish once the proxy is asked
 /// to stop (Istio's variable; seconds, default 5).
 pub const ENV_DRAIN_DURATION: &str = "TERMINATION_DRAIN_DURATION_SECONDS";
-/// Overrides of the fixed ports, for running several proxies on one host.
-pub const ENV_ADMIN_ADDRESS: &str = "BOWLINE_PROXY_ADMIN_ADDRESS";
+/// Where readiness (`/healthz/ready`) is served; Istio's port 15021 on
+/// every address unless set, for running several proxies on one host.
 pub const ENV_STATUS_ADDRESS: &str = "BOWLINE_PROXY_STATUS_ADDRESS";
-pub const ENV_STATS_ADDRESS: &str = "BOWLINE_PROXY_STATS_ADDRESS";
-
-const DEFAULT_TOKEN_FILE: &str = "/var/run/secrets/tokens/istio-token";
-const DEFAULT_ROOT_CERT_FILE: &str = "/var/run/secrets/istio/root-cert.pem";
 
 /// Where the settings come from: the process environment, or a map in
 /// tests.
@@ -100,30 +92,6 @@ pub enum Source {
 pub struct Discovery {
     /// `host:port`
     pub address: String,
-    pub token_file: PathBuf,
-    pub root_cert_file: PathBuf,
-}
-
-/// The fixed ports, Istio's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ports {
-    /// Admin (config dump, stats, log level): loopback only.
-    pub admin: SocketAddr,
-    /// `/healthz/ready`.
-    pub status: SocketAddr,
-    /// `/stats/prometheus`, the merged metrics.
-    pub stats: SocketAddr,
-}
-
-impl Default for Ports {
-    fn default() -> Self {
-        let any = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
-        Self {
-            admin: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000),
-            status: SocketAddr::new(any, 15021),
-            stats: SocketAddr::new(any, 15020),
-        }
-    }
 }
 
 /// Everything the proxy is started with.
@@ -133,11 +101,12 @@ pub struct Config {
     pub source: Source,
     /// `sidecar~10.244.0.5~ratings-7d9f.default~default.svc.cluster.local`
     pub node_id: String,
-    /// Node metadata (from `ISTIO_META_*`), sent with every request.
+    /// Node metadata (from `ISTIO_META_*`), what the control plane is told
+    /// about this proxy beside its node id.
     pub metadata: BTreeMap<String, String>,
-    pub namespace: String,
     pub workers: usize,
-    pub ports: Ports,
+    /// Readiness, Istio's 15021 by default.
+    pub status: SocketAddr,
     /// How long connections may drain after a stop.
     pub drain: std::time::Duration,
 }
@@ -152,13 +121,8 @@ impl Config {
         let pod = env
             .get(ENV_POD_NAME)
             .unwrap_or_else(|| "bowline-proxy".into());
-        let ip = match env.get(ENV_INSTANCE_IP) {
-            Some(text) => text.parse::<IpAddr>().map_err(|e| Error::Environment {
-                variable: ENV_INSTANCE_IP.into(),
-                message: format!("{text:?} is not an IP address: {e}"),
-            })?,
-            None => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        };
+        let ip = parsed(env, ENV_INSTANCE_IP, "an IP address")?
+            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
         let domain = env
             .get(ENV_DNS_DOMAIN)
             .unwrap_or_else(|| format!("{namespace}.svc.cluster.local"));
@@ -171,50 +135,18 @@ impl Config {
                     variable: ENV_DISCOVERY_ADDRESS.into(),
                     message: "not set: set the control plane's host:port, or give a bootstrap file (--bootstrap)".into(),
                 })?,
-                token_file: env
-                    .get(ENV_TOKEN_FILE)
-                    .unwrap_or_else(|| DEFAULT_TOKEN_FILE.into())
-                    .into(),
-                root_cert_file: env
-                    .get(ENV_ROOT_CERT_FILE)
-                    .unwrap_or_else(|| DEFAULT_ROOT_CERT_FILE.into())
-                    .into(),
             }),
         };
-
-        let workers = match env.get(ENV_CONCURRENCY) {
-            Some(text) => text.parse::<usize>().map_err(|e| Error::Environment {
-                variable: ENV_CONCURRENCY.into(),
-                message: format!("{text:?} is not a number of threads: {e}"),
-            })?,
-            None => 0,
-        };
-        let drain = match env.get(ENV_DRAIN_DURATION) {
-            Some(text) => text.parse::<u64>().map_err(|e| Error::Environment {
-                variable: ENV_DRAIN_DURATION.into(),
-                message: format!("{text:?} is not a number of seconds: {e}"),
-            })?,
-            None => 5,
-        };
-        let mut ports = Ports::default();
-        for (variable, port) in [
-            (ENV_ADMIN_ADDRESS, &mut ports.admin),
-            (ENV_STATUS_ADDRESS, &mut ports.status),
-            (ENV_STATS_ADDRESS, &mut ports.stats),
-        ] {
-            if let Some(text) = env.get(variable) {
-                *port = text.parse().map_err(|e| Error::Environment {
-                    variable: variable.into(),
-                    message: format!("{text:?} is not an address (ip:port): {e}"),
-                })?;
-            }
-        }
+        let workers = parsed(env, ENV_CONCURRENCY, "a number of threads")?.unwrap_or(0);
+        let drain = parsed(env, ENV_DRAIN_DURATION, "a number of seconds")?.unwrap_or(5);
+        let status = parsed(env, ENV_STATUS_ADDRESS, "an address (ip:port)")?
+            .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15021));
         let mut metadata: BTreeMap<String, String> = env
             .all()
             .into_iter()
             .filter_map(|(k, v)| Some((k.strip_prefix(ENV_META_PREFIX)?.to_string(), v)))
             .collect();
-        metadata.insert("NAMESPACE".into(), namespace.clone());
+        metadata.insert("NAMESPACE".into(), namespace);
         if let Some(account) = env.get(ENV_SERVICE_ACCOUNT) {
             metadata.insert("SERVICE_ACCOUNT".into(), account);
         }
@@ -223,12 +155,28 @@ impl Config {
             source,
             node_id,
             metadata,
-            namespace,
             workers: if workers == 0 { 2 } else { workers },
-            ports,
+            status,
             drain: std::time::Duration::from_secs(drain),
         })
     }
+}
+
+/// The variable `name` parsed, if set; an error names the variable and
+/// what it should hold.
+fn parsed<T>(env: &impl Env, name: &str, what: &str) -> Result<Option<T>>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    env.get(name)
+        .map(|text| {
+            text.parse().map_err(|e| Error::Environment {
+                variable: name.into(),
+                message: format!("{text:?} is not {what}: {e}"),
+            })
+        })
+        .transpose()
 }
 
 #[cfg(test)]

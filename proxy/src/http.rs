@@ -20,8 +20,8 @@ use crate::model::listener::{HttpManager, RouteSource};
 use crate::model::route::{Action, Forward, Route};
 use crate::upstream::{Body, Upstreams};
 
-/// Why a request did not get an upstream's answer, as Envoy's response
-/// flags say it.
+/// Why a request did not get an upstream's answer: Envoy's response flags
+/// NR, NC, UH, UF and UT.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flag {
     NoRoute,
@@ -32,16 +32,6 @@ pub enum Flag {
 }
 
 impl Flag {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Flag::NoRoute => "NR",
-            Flag::NoCluster => "NC",
-            Flag::NoHealthyUpstream => "UH",
-            Flag::UpstreamConnectionFailure => "UF",
-            Flag::UpstreamTimeout => "UT",
-        }
-    }
-
     fn status(self) -> StatusCode {
         match self {
             Flag::NoRoute => StatusCode::NOT_FOUND,

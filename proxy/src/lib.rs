@@ -10,7 +10,7 @@
 //! - [`http`]: one request: route, then forward, redirect or answer.
 //! - [`upstream`]: pooled connections to a cluster's endpoints, and the
 //!   choice of endpoint.
-//! - [`admin`]: readiness and the admin port.
+//! - [`admin`]: readiness on the status port.
 
 pub mod admin;
 pub mod config;
@@ -36,7 +36,7 @@ use crate::upstream::Upstreams;
 pub async fn run(config: Config, stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
     let state = Arc::new(State::default());
     let upstreams = Arc::new(Upstreams::default());
-    admin::bind_status(config.ports.status, Arc::clone(&state)).await?;
+    admin::bind_status(config.status, Arc::clone(&state)).await?;
     match &config.source {
         Source::Bootstrap(path) => {
             state.publish(Snapshot::from_bootstrap_file(path)?);

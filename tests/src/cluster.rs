@@ -641,3 +641,34 @@ pub fn free_port() -> Result<u16, Error> {
         "no free loopback port between {first} and {low}"
     )))
 }
+
+/// A token of ServiceAccount `account` in `namespace` (made when missing),
+/// valid for two hours: for `audience` (`istio-ca` for the control plane's
+/// CA and xDS), or for the API server itself when `None` — a client with it
+/// may do exactly what RBAC grants the account.
+pub async fn service_account_token(
+    client: &Client,
+    namespace: &str,
+    account: &str,
+    audience: Option<&str>,
+) -> Result<String, Error> {
+    use k8s_openapi::api::authentication::v1::TokenRequest;
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    if accounts.get_opt(account).await?.is_none() {
+        accounts
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(json!({"metadata": {"name": account}}))?,
+            )
+            .await?;
+    }
+    let request: TokenRequest = serde_json::from_value(json!({
+        "spec": {"audiences": audience.into_iter().collect::<Vec<_>>(), "expirationSeconds": 7200},
+    }))?;
+    accounts
+        .create_token_request(account, &PostParams::default(), &request)
+        .await?
+        .status
+        .map(|s| s.token)
+        .ok_or_else(|| Error::Request(format!("no token for ServiceAccount {namespace}/{account}")))
+}

@@ -194,34 +194,3 @@ impl ControlPlane {
         crate::http::get(self.monitoring_port, path).await
     }
 }
-
-/// A token of ServiceAccount `account` in `namespace` (made when missing)
-/// for `audience` — `istio-ca` for the control plane's CA and xDS.
-pub async fn service_account_token(
-    client: &Client,
-    namespace: &str,
-    account: &str,
-    audience: &str,
-) -> anyhow::Result<String> {
-    use k8s_openapi::api::authentication::v1::TokenRequest;
-    use k8s_openapi::api::core::v1::ServiceAccount;
-    use kube::api::PostParams;
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
-    if accounts.get_opt(account).await?.is_none() {
-        accounts
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(serde_json::json!({"metadata": {"name": account}}))?,
-            )
-            .await?;
-    }
-    let request: TokenRequest = serde_json::from_value(serde_json::json!({
-        "spec": {"audiences": [audience], "expirationSeconds": 600},
-    }))?;
-    Ok(accounts
-        .create_token_request(account, &PostParams::default(), &request)
-        .await?
-        .status
-        .context("a token")?
-        .token)
-}

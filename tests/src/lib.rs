@@ -11,6 +11,7 @@
 //! - [`controlplane`]: the control plane run in-process on loopback ports.
 //! - [`envoy`]: Envoy as a sidecar configured over ADS by the control plane.
 //! - [`http`]: a plain GET for monitoring and admin ports.
+//! - [`manifests`]: the repository's YAML, and the Helm chart rendered.
 //! - [`olm`]: the operator's OLM bundle, made from the chart, RBAC and CRDs.
 //! - [`xds`]: a delta-ADS client standing in for a proxy.
 
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod envoy;
 pub mod http;
+pub mod manifests;
 pub mod olm;
 pub mod operator;
 pub mod pki;

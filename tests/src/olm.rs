@@ -13,21 +13,18 @@
 //! from what this makes.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use anyhow::{Context, ensure};
+use anyhow::Context;
 use base64::Engine;
 use serde_json::{Value, json};
 
-use crate::binaries::tool;
+use crate::manifests::repo;
 
 /// The OLM package, and the one channel it publishes to.
 pub const PACKAGE: &str = "bowline-operator";
 pub const CHANNEL: &str = "candidate";
 /// The oldest Kubernetes the bundle installs on (the chart's `kubeVersion`).
 pub const MIN_KUBE_VERSION: &str = "1.28.0";
-/// The Kubernetes the chart is rendered for.
-const RENDER_KUBE_VERSION: &str = "1.33.0";
 /// What the chart's labels say about Helm, which an OLM install is not.
 const HELM_LABELS: [&str; 2] = ["app.kubernetes.io/managed-by", "helm.sh/chart"];
 
@@ -39,13 +36,14 @@ pub struct BundleFile {
 }
 
 /// The repository's `config/olm/`.
-pub fn dir(repo: &Path) -> PathBuf {
-    repo.join("config/olm")
+pub fn dir() -> PathBuf {
+    repo().join("config/olm")
 }
 
-/// Every file of the bundle, made from the repository at `repo`.
-pub fn bundle(repo: &Path) -> anyhow::Result<Vec<BundleFile>> {
-    let chart = chart_objects(repo)?;
+/// Every file of the bundle, made from the repository.
+pub fn bundle() -> anyhow::Result<Vec<BundleFile>> {
+    let repo = &repo();
+    let chart = crate::manifests::chart(PACKAGE, "placeholder")?;
     let version = chart_app_version(repo)?;
     let csv = cluster_service_version(repo, &chart, &version)?;
     let mut files = vec![BundleFile {
@@ -112,12 +110,7 @@ fn dockerfile() -> String {
 fn cluster_service_version(repo: &Path, chart: &[Value], version: &str) -> anyhow::Result<Value> {
     let deployment = find(chart, "Deployment")?;
     let mut spec = deployment["spec"].clone();
-    let labels = spec["template"]["metadata"]["labels"]
-        .as_object_mut()
-        .context("the Deployment's pod labels")?;
-    for label in HELM_LABELS {
-        labels.remove(label);
-    }
+    remove_helm_labels(&mut spec["template"]["metadata"]["labels"]);
     let container = spec["template"]["spec"]["containers"]
         .get_mut(0)
         .context("the operator's container")?;
@@ -141,7 +134,7 @@ fn cluster_service_version(repo: &Path, chart: &[Value], version: &str) -> anyho
         .map(owned_crd)
         .collect::<anyhow::Result<Vec<_>>>()?;
     let examples = examples(repo)?;
-    let icon = std::fs::read(dir(repo).join("icon.svg")).context("config/olm/icon.svg")?;
+    let icon = std::fs::read(dir().join("icon.svg")).context("config/olm/icon.svg")?;
 
     Ok(json!({
         "apiVersion": "operators.coreos.com/v1alpha1",
@@ -386,34 +379,6 @@ fn description(kind: &str) -> &'static str {
     }
 }
 
-/// The chart rendered with its default values, one object per document.
-fn chart_objects(repo: &Path) -> anyhow::Result<Vec<Value>> {
-    let helm = tool("helm/build.sh")?;
-    let output = Command::new(helm)
-        .args([
-            "template",
-            PACKAGE,
-            "--namespace",
-            "placeholder",
-            "--kube-version",
-            RENDER_KUBE_VERSION,
-        ])
-        .arg(repo.join("config/helm/bowline-operator"))
-        .output()
-        .context("running helm template")?;
-    ensure!(
-        output.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok(
-        serde_saphyr::from_multiple::<Value>(&String::from_utf8(output.stdout)?)?
-            .into_iter()
-            .filter(|d| !d.is_null())
-            .collect(),
-    )
-}
-
 fn chart_app_version(repo: &Path) -> anyhow::Result<String> {
     let chart: Value = serde_saphyr::from_str(&std::fs::read_to_string(
         repo.join("config/helm/bowline-operator/Chart.yaml"),
@@ -436,10 +401,14 @@ fn find<'a>(objects: &'a [Value], kind: &str) -> anyhow::Result<&'a Value> {
 fn strip_helm(object: &mut Value) {
     if let Some(metadata) = object["metadata"].as_object_mut() {
         metadata.remove("namespace");
-        if let Some(labels) = metadata.get_mut("labels").and_then(Value::as_object_mut) {
-            for label in HELM_LABELS {
-                labels.remove(label);
-            }
+    }
+    remove_helm_labels(&mut object["metadata"]["labels"]);
+}
+
+fn remove_helm_labels(labels: &mut Value) {
+    if let Some(labels) = labels.as_object_mut() {
+        for label in HELM_LABELS {
+            labels.remove(label);
         }
     }
 }
@@ -447,8 +416,7 @@ fn strip_helm(object: &mut Value) {
 /// The rules of the first Role or ClusterRole in `config/rbac/<file>`.
 fn rbac_rules(repo: &Path, file: &str) -> anyhow::Result<Vec<Value>> {
     let path = repo.join("config/rbac").join(file);
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let role = serde_saphyr::from_multiple::<Value>(&text)?
+    let role = crate::manifests::read(&path)?
         .into_iter()
         .find(|d| d["kind"] == "Role" || d["kind"] == "ClusterRole")
         .with_context(|| format!("{} has no role", path.display()))?;
@@ -474,17 +442,17 @@ pub fn writes_crds(rule: &Value) -> bool {
 /// sample of each Istio kind in config/samples/istio.
 fn examples(repo: &Path) -> anyhow::Result<Vec<Value>> {
     let samples = repo.join("config/samples");
-    let installation = sample_documents(&samples.join("default.yaml"))?
+    let installation = crate::manifests::read(&samples.join("default.yaml"))?
         .pop()
         .context("config/samples/default.yaml is empty")?;
     let mut examples = vec![installation.clone(), revision_of(installation)?];
-    examples.extend(sample_documents(&samples.join("tag-default.yaml"))?);
+    examples.extend(crate::manifests::read(&samples.join("tag-default.yaml"))?);
     let mut files: Vec<PathBuf> = std::fs::read_dir(samples.join("istio"))?
         .map(|entry| Ok(entry?.path()))
         .collect::<std::io::Result<_>>()?;
     files.sort();
     for file in files {
-        for document in sample_documents(&file)? {
+        for document in crate::manifests::read(&file)? {
             if !examples.iter().any(|e| e["kind"] == document["kind"]) {
                 examples.push(document);
             }
@@ -503,14 +471,6 @@ fn revision_of(installation: Value) -> anyhow::Result<Value> {
         metadata.remove("ownerReferences");
     }
     Ok(revision)
-}
-
-fn sample_documents(path: &Path) -> anyhow::Result<Vec<Value>> {
-    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
-    Ok(serde_saphyr::from_multiple::<Value>(&text)?
-        .into_iter()
-        .filter(|d| !d.is_null())
-        .collect())
 }
 
 fn generated_yaml(value: &Value) -> anyhow::Result<String> {

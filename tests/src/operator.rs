@@ -159,12 +159,7 @@ pub fn render(installation: Value) -> anyhow::Result<Vec<Value>> {
     let resolved = bowline_operator::profile::resolve(&installation.spec)?;
     let revisions = bowline_operator::revisions::asked_for(&installation, &resolved)?;
     let objects = bowline_operator::render::render(&installation, &resolved, &revisions)?;
-    Ok(
-        serde_saphyr::from_multiple::<Value>(&bowline_operator::render::to_yaml(&objects)?)?
-            .into_iter()
-            .filter(|o| !o.is_null())
-            .collect(),
-    )
+    crate::manifests::documents(&bowline_operator::render::to_yaml(&objects)?)
 }
 
 /// Applies Bowline's CRDs and waits until the API server serves them.
@@ -193,8 +188,7 @@ pub async fn operator_token(
     cluster: &crate::LocalCluster,
     client: &Client,
 ) -> Result<String, Error> {
-    use k8s_openapi::api::authentication::v1::TokenRequest;
-    use k8s_openapi::api::core::v1::{Namespace, ServiceAccount};
+    use k8s_openapi::api::core::v1::Namespace;
     use kube::api::PostParams;
 
     let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -224,16 +218,8 @@ pub async fn operator_token(
             String::from_utf8_lossy(&output.stderr)
         )));
     }
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), OPERATOR_NAMESPACE);
-    let request: TokenRequest =
-        serde_json::from_value(serde_json::json!({"spec": {"expirationSeconds": 7200}}))?;
-    let token = accounts
-        .create_token_request("bowline-operator", &PostParams::default(), &request)
-        .await?
-        .status
-        .map(|s| s.token)
-        .unwrap_or_default();
-    Ok(token)
+    crate::cluster::service_account_token(client, OPERATOR_NAMESPACE, "bowline-operator", None)
+        .await
 }
 
 /// The local cluster with one operator for every test of the binary,

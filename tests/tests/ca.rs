@@ -6,8 +6,8 @@
 use anyhow::{Context, ensure};
 use bowline_controlplane::ca::{self, Authority, Identity};
 use bowline_tests::LocalCluster;
+use bowline_tests::cluster::service_account_token;
 use bowline_tests::cluster::wait_until;
-use bowline_tests::controlplane::service_account_token;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, PostParams};
 use serde_json::json;
@@ -18,13 +18,13 @@ async fn token(
     audience: &str,
 ) -> anyhow::Result<String> {
     let namespace = accounts.namespace().context("a namespaced API")?;
-    service_account_token(
+    Ok(service_account_token(
         &accounts.clone().into_client(),
         namespace,
         account,
-        audience,
+        Some(audience),
     )
-    .await
+    .await?)
 }
 
 #[tokio::test]

@@ -11,8 +11,9 @@ use std::time::Duration;
 use anyhow::ensure;
 use bowline_controlplane::ca::AUDIENCE;
 use bowline_tests::LocalCluster;
+use bowline_tests::cluster::service_account_token;
 use bowline_tests::cluster::{create_namespace, free_port};
-use bowline_tests::controlplane::{ControlPlane, service_account_token};
+use bowline_tests::controlplane::ControlPlane;
 use bowline_tests::envoy::{Envoy, Sidecar};
 use bowline_tests::xds::sidecar_node_id;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
@@ -120,7 +121,7 @@ async fn split_through_envoy(delta: bool) -> anyhow::Result<()> {
         }]},
     })).await?;
 
-    let token = service_account_token(&client, &apps, "productpage", AUDIENCE).await?;
+    let token = service_account_token(&client, &apps, "productpage", Some(AUDIENCE)).await?;
     let mut envoy = Envoy::start(
         &control_plane.target(&client).await?,
         &Sidecar {

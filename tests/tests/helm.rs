@@ -5,32 +5,24 @@
 //! installs a mesh, an upgrade applies new values, and an uninstall leaves
 //! nothing but the CRDs (Helm never deletes what `crds/` installed).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use anyhow::{Context, ensure};
 use bowline_api::install::MeshInstallation;
 use bowline_tests::LocalCluster;
 use bowline_tests::binaries::tool;
-use bowline_tests::cluster::wait_until;
+use bowline_tests::cluster::{service_account_token, wait_until};
+use bowline_tests::manifests::{KUBE_VERSION, chart_dir, documents, read, repo};
 use bowline_tests::operator::{Operator, create_mesh, wait_ready};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::authentication::v1::TokenRequest;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, PostParams};
-use serde_json::{Value, json};
+use kube::api::Api;
+use serde_json::json;
 
 const NAMESPACE: &str = "bowline-helm";
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn chart() -> PathBuf {
-    repo().join("config/helm/bowline-operator")
-}
 
 /// helm, with its own state in `home` and the cluster's kubeconfig.
 fn helm(cluster: &LocalCluster, home: &Path) -> anyhow::Result<Command> {
@@ -55,13 +47,6 @@ fn run(mut command: Command) -> anyhow::Result<String> {
     Ok(String::from_utf8(output.stdout)?)
 }
 
-fn yaml_documents(text: &str) -> anyhow::Result<Vec<Value>> {
-    Ok(serde_saphyr::from_multiple::<Value>(text)?
-        .into_iter()
-        .filter(|d| !d.is_null())
-        .collect())
-}
-
 #[tokio::test]
 async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Result<()> {
     let cluster = LocalCluster::shared()?;
@@ -70,7 +55,7 @@ async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Resu
 
     // Lint, and render as `helm install` would.
     let mut lint = helm(cluster, home.path())?;
-    lint.arg("lint").arg(chart());
+    lint.arg("lint").arg(chart_dir());
     run(lint)?;
     let mut template = helm(cluster, home.path())?;
     template
@@ -80,10 +65,10 @@ async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Resu
             "--namespace",
             NAMESPACE,
             "--kube-version",
-            "1.33.0",
+            KUBE_VERSION,
         ])
-        .arg(chart());
-    let rendered = yaml_documents(&run(template)?)?;
+        .arg(chart_dir());
+    let rendered = documents(&run(template)?)?;
     let kinds: Vec<&str> = rendered.iter().filter_map(|d| d["kind"].as_str()).collect();
     for kind in [
         "ServiceAccount",
@@ -101,9 +86,7 @@ async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Resu
         );
     }
     // The ClusterRole is config/rbac's, rule for rule.
-    let rbac = yaml_documents(&std::fs::read_to_string(
-        repo().join("config/rbac/role.yaml"),
-    )?)?;
+    let rbac = read(&repo().join("config/rbac/role.yaml"))?;
     let role = rendered
         .iter()
         .find(|d| d["kind"] == "ClusterRole")
@@ -116,7 +99,7 @@ async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Resu
     for entry in std::fs::read_dir(repo().join("config/crd"))? {
         let path = entry?.path();
         let name = path.file_name().context("a name")?;
-        let copy = chart().join("crds").join(name);
+        let copy = chart_dir().join("crds").join(name);
         ensure!(
             std::fs::read(&copy).ok() == Some(std::fs::read(&path)?),
             "{} differs from {}: copy config/crd/ into the chart's crds/",
@@ -143,7 +126,7 @@ async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Resu
             NAMESPACE,
             "--create-namespace",
         ])
-        .arg(chart());
+        .arg(chart_dir());
     run(install)?;
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     ensure!(
@@ -169,16 +152,7 @@ async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Resu
     // No container runs here: the operator runs in-process as the chart's
     // ServiceAccount, with exactly the permissions the chart grants.
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NAMESPACE);
-    let token = accounts
-        .create_token_request(
-            "bowline-operator",
-            &PostParams::default(),
-            &serde_json::from_value::<TokenRequest>(json!({"spec": {"expirationSeconds": 3600}}))?,
-        )
-        .await?
-        .status
-        .context("a token")?
-        .token;
+    let token = service_account_token(&client, NAMESPACE, "bowline-operator", None).await?;
     let operator = Operator::start(cluster.config_with_token(&token).await?, None)?;
     let meshes: Api<MeshInstallation> = create_mesh(
         &client,
@@ -204,7 +178,7 @@ async fn the_chart_installs_the_operator_which_installs_a_mesh() -> anyhow::Resu
             "--set",
             "watchNamespaces={shop,payments}",
         ])
-        .arg(chart());
+        .arg(chart_dir());
     run(upgrade)?;
     let upgraded = deployments.get("bowline-operator").await?;
     ensure!(upgraded.spec.as_ref().and_then(|s| s.replicas) == Some(3));

@@ -6,17 +6,12 @@
 //! exposes every port they declare, and carries the OCI labels.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail, ensure};
-use bowline_tests::binaries::tool;
+use bowline_tests::manifests::{chart, read, repo};
 use dockerfile_parser::{Dockerfile, Instruction};
 use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
 
 /// What the final stage of a component's Dockerfile says.
 #[derive(Debug)]
@@ -181,8 +176,9 @@ fn each_image_builds_and_starts_its_crates_binary() -> anyhow::Result<()> {
 /// EXPOSE match the container.
 #[test]
 fn the_operators_deployments_match_the_images() -> anyhow::Result<()> {
-    let sample = repo().join("config/samples/demo.yaml");
-    let installation: Value = serde_saphyr::from_str(&std::fs::read_to_string(&sample)?)?;
+    let installation = read(&repo().join("config/samples/demo.yaml"))?
+        .pop()
+        .context("config/samples/demo.yaml is empty")?;
     let objects = bowline_tests::operator::render(installation)?;
     let hub = bowline_operator::release::default_hub();
     let mut seen = BTreeSet::new();
@@ -227,16 +223,7 @@ fn the_operators_deployments_match_the_images() -> anyhow::Result<()> {
 /// hub's `operator`, it requires a non-root user, and its ports are exposed.
 #[test]
 fn the_charts_deployment_matches_the_operator_image() -> anyhow::Result<()> {
-    let output = Command::new(tool("helm/build.sh")?)
-        .args(["template", "bowline", "--kube-version", "1.33.0"])
-        .arg(repo().join("config/helm/bowline-operator"))
-        .output()?;
-    ensure!(
-        output.status.success(),
-        "helm template: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let objects = serde_saphyr::from_multiple::<Value>(&String::from_utf8(output.stdout)?)?;
+    let objects = chart("bowline", "bowline-system")?;
     let Some(deployment) = objects.iter().find(|o| o["kind"] == "Deployment") else {
         bail!("the chart renders no Deployment");
     };

@@ -5,18 +5,16 @@
 //! to the ServiceAccount, the operator run as that account with the CSV's
 //! settings installs a mesh.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{Context, ensure};
 use bowline_operator::controller::Options;
 use bowline_tests::LocalCluster;
 use bowline_tests::binaries::tool;
-use bowline_tests::cluster::{create_namespace, wait_established};
+use bowline_tests::cluster::{create_namespace, service_account_token, wait_established};
 use bowline_tests::olm;
 use bowline_tests::operator::{Leader, Operator, create_mesh, wait_ready};
-use k8s_openapi::api::authentication::v1::TokenRequest;
-use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -24,19 +22,15 @@ use serde_json::{Value, json};
 
 const NAMESPACE: &str = "bowline-olm";
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
 fn csv() -> anyhow::Result<Value> {
-    let path = olm::dir(&repo()).join("manifests/bowline-operator.clusterserviceversion.yaml");
+    let path = olm::dir().join("manifests/bowline-operator.clusterserviceversion.yaml");
     Ok(serde_saphyr::from_str(&std::fs::read_to_string(path)?)?)
 }
 
 #[test]
 fn the_committed_bundle_is_what_make_olm_makes() -> anyhow::Result<()> {
-    let dir = olm::dir(&repo());
-    let made = olm::bundle(&repo())?;
+    let dir = olm::dir();
+    let made = olm::bundle()?;
     for file in &made {
         let committed = std::fs::read_to_string(dir.join(&file.path)).unwrap_or_default();
         ensure!(
@@ -64,7 +58,7 @@ fn the_committed_bundle_is_what_make_olm_makes() -> anyhow::Result<()> {
 fn the_operator_framework_validators_pass() -> anyhow::Result<()> {
     let validator = tool("olm/build.sh")?;
     let output = Command::new(validator)
-        .arg(olm::dir(&repo()))
+        .arg(olm::dir())
         .arg("1.33.0")
         .output()?;
     let findings = String::from_utf8(output.stdout)?;
@@ -92,7 +86,7 @@ fn the_operator_framework_validators_pass() -> anyhow::Result<()> {
 }
 
 #[test]
-fn the_csv_runs_the_charts_operator_without_crd_rights() -> anyhow::Result<()> {
+fn the_csv_grants_no_crd_writes_and_installs_cluster_wide() -> anyhow::Result<()> {
     let csv = csv()?;
     let install = &csv["spec"]["install"]["spec"];
     let rules = install["clusterPermissions"][0]["rules"]
@@ -130,7 +124,7 @@ fn the_csv_runs_the_charts_operator_without_crd_rights() -> anyhow::Result<()> {
 async fn an_operator_with_the_csvs_permissions_installs_a_mesh() -> anyhow::Result<()> {
     let cluster = LocalCluster::shared()?;
     let client = cluster.client().await?;
-    let manifests = olm::dir(&repo()).join("manifests");
+    let manifests = olm::dir().join("manifests");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     let apply = PatchParams::apply("olm").force();
     for entry in std::fs::read_dir(&manifests)? {
@@ -146,68 +140,32 @@ async fn an_operator_with_the_csvs_permissions_installs_a_mesh() -> anyhow::Resu
 
     create_namespace(&client, NAMESPACE, json!({})).await?;
     let account = "bowline-operator";
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), NAMESPACE);
-    accounts
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": account}}))?,
-        )
-        .await?;
+    let token = service_account_token(&client, NAMESPACE, account, None).await?;
     let install = &csv()?["spec"]["install"]["spec"];
-    let subject = json!([{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]);
-    let cluster_roles: Api<ClusterRole> = Api::all(client.clone());
-    cluster_roles
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "bowline-olm"},
-                "rules": install["clusterPermissions"][0]["rules"],
-            }))?,
-        )
-        .await?;
-    let cluster_bindings: Api<ClusterRoleBinding> = Api::all(client.clone());
-    cluster_bindings
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "bowline-olm"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "bowline-olm"},
-                "subjects": subject,
-            }))?,
-        )
-        .await?;
-    let roles: Api<Role> = Api::namespaced(client.clone(), NAMESPACE);
-    roles
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "bowline-olm"},
-                "rules": install["permissions"][0]["rules"],
-            }))?,
-        )
-        .await?;
-    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), NAMESPACE);
-    bindings
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "bowline-olm"},
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "bowline-olm"},
-                "subjects": subject,
-            }))?,
-        )
-        .await?;
+    let subjects = json!([{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]);
+    let role_ref = |kind: &str| json!({"apiGroup": "rbac.authorization.k8s.io", "kind": kind, "name": "bowline-olm"});
+    let metadata = json!({"name": "bowline-olm"});
+    create::<ClusterRole>(
+        Api::all(client.clone()),
+        json!({"metadata": metadata, "rules": install["clusterPermissions"][0]["rules"]}),
+    )
+    .await?;
+    create::<ClusterRoleBinding>(
+        Api::all(client.clone()),
+        json!({"metadata": metadata, "roleRef": role_ref("ClusterRole"), "subjects": subjects}),
+    )
+    .await?;
+    create::<Role>(
+        Api::namespaced(client.clone(), NAMESPACE),
+        json!({"metadata": metadata, "rules": install["permissions"][0]["rules"]}),
+    )
+    .await?;
+    create::<RoleBinding>(
+        Api::namespaced(client.clone(), NAMESPACE),
+        json!({"metadata": metadata, "roleRef": role_ref("Role"), "subjects": subjects}),
+    )
+    .await?;
 
-    let token = accounts
-        .create_token_request(
-            account,
-            &PostParams::default(),
-            &serde_json::from_value::<TokenRequest>(json!({"spec": {"expirationSeconds": 3600}}))?,
-        )
-        .await?
-        .status
-        .context("a token")?
-        .token;
     let options = Options {
         manage_crds: false,
         ..Options::default()
@@ -228,5 +186,14 @@ async fn an_operator_with_the_csvs_permissions_installs_a_mesh() -> anyhow::Resu
     )
     .await?;
     wait_ready(&meshes, "olm-mesh").await?;
+    Ok(())
+}
+
+async fn create<K>(api: Api<K>, object: Value) -> anyhow::Result<()>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
+{
+    api.create(&PostParams::default(), &serde_json::from_value(object)?)
+        .await?;
     Ok(())
 }

@@ -85,11 +85,58 @@ fn curl(args: &[&str]) -> anyhow::Result<(u16, String)> {
     Ok((status.trim().parse()?, body.to_string()))
 }
 
+/// A running proxy serving `bootstrap`, ready; `env` adds to its
+/// environment. Sending `true` on `stop` stops it.
+struct Running {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<bowline_proxy::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start(bootstrap: serde_json::Value, env: &[(&str, &str)]) -> anyhow::Result<Running> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("bootstrap.yaml");
+    std::fs::write(&path, serde_saphyr::to_string(&bootstrap)?)?;
+    let status_port = free_port()?;
+    let mut env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    env.insert(
+        ENV_STATUS_ADDRESS.into(),
+        format!("127.0.0.1:{status_port}"),
+    );
+    let config = Config::from_env(Mode::Sidecar, Some(path), &env)?;
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(bowline_proxy::run(config, stopped));
+    let ready = format!("http://127.0.0.1:{status_port}/healthz/ready");
+    let mut waited = 0;
+    while curl(&[&ready])?.0 != 200 {
+        ensure!(waited < 100, "the proxy did not become ready");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        waited += 1;
+    }
+    Ok(Running {
+        stop,
+        task,
+        _dir: dir,
+    })
+}
+
+impl Running {
+    /// Stops the proxy and waits for it to drain.
+    async fn stop(self) -> anyhow::Result<()> {
+        self.stop.send(true)?;
+        tokio::time::timeout(Duration::from_secs(10), self.task).await???;
+        Ok(())
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_routes_splits_and_answers_as_envoy_does() -> anyhow::Result<()> {
     let (v1, v2, echo) = (upstream("v1").await?, upstream("v2").await?, echo().await?);
     let dead = SocketAddr::from(([127, 0, 0, 1], free_port()?));
-    let (http_port, tcp_port, status_port) = (free_port()?, free_port()?, free_port()?);
+    let (http_port, tcp_port) = (free_port()?, free_port()?);
     let manager = json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "http",
@@ -119,25 +166,7 @@ async fn the_proxy_routes_splits_and_answers_as_envoy_does() -> anyhow::Result<(
         ],
         "clusters": [cluster("v1", &[v1]), cluster("v2", &[v2]), cluster("dead", &[dead]), cluster("echo", &[echo])],
     }});
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("bootstrap.yaml");
-    std::fs::write(&path, serde_saphyr::to_string(&bootstrap)?)?;
-
-    let env = BTreeMap::from([(
-        ENV_STATUS_ADDRESS.to_string(),
-        format!("127.0.0.1:{status_port}"),
-    )]);
-    let config = Config::from_env(Mode::Sidecar, Some(path), &env)?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let proxy = tokio::spawn(bowline_proxy::run(config, stopped));
-
-    let ready = format!("http://127.0.0.1:{status_port}/healthz/ready");
-    let mut waited = 0;
-    while curl(&[&ready])?.0 != 200 {
-        ensure!(waited < 100, "the proxy did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-    }
+    let proxy = start(bootstrap, &[]).await?;
     let url = |path: &str| format!("http://127.0.0.1:{http_port}{path}");
     let host = "Host: shop.example";
 
@@ -215,9 +244,7 @@ async fn the_proxy_routes_splits_and_answers_as_envoy_does() -> anyhow::Result<(
     // An open connection would hold the drain for its full period.
     drop(tcp);
 
-    stop.send(true)?;
-    tokio::time::timeout(Duration::from_secs(5), proxy).await???;
-    Ok(())
+    proxy.stop().await
 }
 
 #[test]
@@ -277,7 +304,7 @@ fn the_envoy_descriptors_are_what_make_descriptors_writes() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
     let v1 = upstream("v1").await?;
-    let (http_port, status_port) = (free_port()?, free_port()?);
+    let http_port = free_port()?;
     let bootstrap = json!({"static_resources": {
         "listeners": [{"name": "http", "address": {"socket_address": {"address": "127.0.0.1", "port_value": http_port}},
             "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
@@ -288,34 +315,12 @@ async fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
             }}]}]}],
         "clusters": [cluster("v1", &[v1])],
     }});
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("bootstrap.json");
-    std::fs::write(&path, bootstrap.to_string())?;
-    let env = BTreeMap::from([
-        (
-            ENV_STATUS_ADDRESS.to_string(),
-            format!("127.0.0.1:{status_port}"),
-        ),
-        (
-            "TERMINATION_DRAIN_DURATION_SECONDS".to_string(),
-            "5".to_string(),
-        ),
-    ]);
-    let config = Config::from_env(Mode::Gateway, Some(path), &env)?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let proxy = tokio::spawn(bowline_proxy::run(config, stopped));
-    let ready = format!("http://127.0.0.1:{status_port}/healthz/ready");
-    let mut waited = 0;
-    while curl(&[&ready])?.0 != 200 {
-        ensure!(waited < 100, "the proxy did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-    }
+    let proxy = start(bootstrap, &[("TERMINATION_DRAIN_DURATION_SECONDS", "5")]).await?;
 
     let slow = format!("http://127.0.0.1:{http_port}/slow");
     let in_flight = tokio::task::spawn_blocking(move || curl(&[&slow]));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.send(true)?;
+    let stopping = tokio::spawn(proxy.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
     ensure!(
         std::net::TcpStream::connect(("127.0.0.1", http_port)).is_err(),
@@ -326,6 +331,5 @@ async fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
         status == 200 && body == "slow",
         "the request in flight finished: {status} {body}"
     );
-    tokio::time::timeout(Duration::from_secs(5), proxy).await???;
-    Ok(())
+    stopping.await?
 }

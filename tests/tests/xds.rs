@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, ensure};
 use bowline_controlplane::ca::AUDIENCE;
 use bowline_tests::LocalCluster;
+use bowline_tests::cluster::service_account_token;
 use bowline_tests::cluster::{create_namespace, wait_until};
-use bowline_tests::controlplane::{ControlPlane, service_account_token};
+use bowline_tests::controlplane::ControlPlane;
 use bowline_tests::xds::{
     CLUSTER, Credentials, ENDPOINT, LISTENER, ROUTE, XdsClient, sidecar_node_id,
 };
@@ -25,7 +26,7 @@ use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
 
 async fn token(client: &Client, namespace: &str, account: &str) -> anyhow::Result<String> {
-    service_account_token(client, namespace, account, AUDIENCE).await
+    Ok(service_account_token(client, namespace, account, Some(AUDIENCE)).await?)
 }
 
 fn istio_api(client: &Client, namespace: &str, kind: &str) -> Api<DynamicObject> {

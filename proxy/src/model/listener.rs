@@ -212,14 +212,8 @@ impl FilterChain {
                                 .into_iter()
                                 .map(|c| (c.name, c.weight, HeaderOps::default()))
                                 .collect();
-                            let total = clusters.iter().map(|(_, w, _)| w).sum();
-                            if total == 0 {
-                                return Err(invalid(
-                                    &at(".weighted_clusters"),
-                                    "the weights add up to 0".into(),
-                                ));
-                            }
-                            Destinations::Weighted { clusters, total }
+                            Destinations::weighted(clusters)
+                                .map_err(|e| invalid(&at(".weighted_clusters"), e))?
                         }
                         None => {
                             return Err(invalid(

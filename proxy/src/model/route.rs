@@ -349,7 +349,7 @@ impl Route {
 }
 
 impl RouteMatch {
-    fn matches(&self, _method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+    fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
         let path = uri.path();
         let path_matches = match &self.path {
             PathMatch::Prefix(p) if self.ignore_case => path
@@ -361,7 +361,7 @@ impl RouteMatch {
             PathMatch::Regex(r) => r.is_match(path),
         };
         path_matches
-            && self.headers.iter().all(|h| h.matches(headers))
+            && self.headers.iter().all(|h| h.matches(method, uri, headers))
             && self
                 .query
                 .iter()
@@ -370,16 +370,31 @@ impl RouteMatch {
 }
 
 impl HeaderMatch {
-    fn matches(&self, headers: &HeaderMap) -> bool {
-        // Pseudo-headers are the request line's parts.
-        let values: Vec<&str> = headers
-            .get_all(self.name.as_str())
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
-        let value = (!values.is_empty()).then(|| values.join(","));
+    fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+        // Pseudo-headers are the request line's parts (Istio's method and
+        // authority matches arrive as `:method` and `:authority`).
+        let value = match self.name.as_str() {
+            ":method" => Some(method.as_str().to_string()),
+            ":path" => uri.path_and_query().map(|p| p.as_str().to_string()),
+            ":scheme" => Some(uri.scheme_str().unwrap_or("http").to_string()),
+            ":authority" => uri
+                .authority()
+                .map(|a| a.as_str().to_string())
+                .or_else(|| header_value(headers, "host")),
+            name => header_value(headers, name),
+        };
         self.test.matches(value.as_deref()) != self.invert
     }
+}
+
+/// A header's values, joined with commas as Envoy joins repeated headers.
+fn header_value(headers: &HeaderMap, name: &str) -> Option<String> {
+    let values: Vec<&str> = headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.join(","))
 }
 
 impl QueryMatch {
@@ -452,6 +467,15 @@ impl Forward {
 }
 
 impl Destinations {
+    /// Clusters by weight; refused when the weights add up to nothing.
+    pub fn weighted(clusters: Vec<(String, u32, HeaderOps)>) -> std::result::Result<Self, String> {
+        let total: u32 = clusters.iter().map(|(_, w, _)| w).sum();
+        if total == 0 {
+            return Err("the weights add up to 0: give at least one cluster a weight".into());
+        }
+        Ok(Destinations::Weighted { clusters, total })
+    }
+
     /// The cluster for one request; `roll` is uniform in `0..total`.
     pub fn pick(&self, roll: impl FnOnce(u32) -> u32) -> Option<(&str, Option<&HeaderOps>)> {
         match self {
@@ -579,14 +603,7 @@ fn forward(action: &envoy::RouteAction) -> std::result::Result<Forward, (String,
                     ))
                 })
                 .collect::<std::result::Result<Vec<_>, _>>()?;
-            let total: u32 = clusters.iter().map(|(_, w, _)| w).sum();
-            if total == 0 {
-                return Err((
-                    "weighted_clusters".into(),
-                    "the weights add up to 0: give at least one cluster a weight".into(),
-                ));
-            }
-            Destinations::Weighted { clusters, total }
+            Destinations::weighted(clusters).map_err(|e| ("weighted_clusters".to_string(), e))?
         }
         _ => {
             return Err((
@@ -806,6 +823,26 @@ mod tests {
         assert_eq!(route("/api/v2/items", &[]), Some("regex"));
         assert_eq!(route("/xapi/v2/items", &[]), Some("rest"));
         assert_eq!(route("/x?debug=1", &[]), Some("query"));
+    }
+
+    #[test]
+    fn pseudo_headers_match_the_request_line() {
+        let t = table(
+            json!({"name": "80", "virtual_hosts": [{"name": "h", "domains": ["*"], "routes": [
+                {"name": "post", "match": {"prefix": "/", "headers": [{"name": ":method", "string_match": {"exact": "POST"}}]}, "route": {"cluster": "writes"}},
+                {"name": "api-host", "match": {"prefix": "/", "headers": [{"name": ":authority", "string_match": {"prefix": "api."}}]}, "route": {"cluster": "api"}},
+                {"name": "rest", "match": {"prefix": "/"}, "route": {"cluster": "reads"}},
+            ]}]}),
+        );
+        let host = t.find_host("shop").unwrap();
+        let route = |method: Method, authority: &str| {
+            let (uri, headers) = request("/cart", &[("host", authority)]);
+            host.find_route(&method, &uri, &headers)
+                .map(|r| r.name.as_str())
+        };
+        assert_eq!(route(Method::POST, "shop"), Some("post"));
+        assert_eq!(route(Method::GET, "api.shop"), Some("api-host"));
+        assert_eq!(route(Method::GET, "shop"), Some("rest"));
     }
 
     #[test]
