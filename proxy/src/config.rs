@@ -24,6 +24,20 @@ pub const ENV_BOOTSTRAP: &str = "BOWLINE_PROXY_BOOTSTRAP";
 /// Prefix of the variables that become node metadata (Istio's convention:
 /// `ISTIO_META_CLUSTER_ID=Kubernetes` → `CLUSTER_ID: Kubernetes`).
 pub const ENV_META_PREFIX: &str = "ISTIO_META_";
+/// Prefix of the variables whose JSON value becomes node metadata
+/// (`ISTIO_METAJSON_LABELS={"app":"reviews"}` → `LABELS`).
+pub const ENV_META_JSON_PREFIX: &str = "ISTIO_METAJSON_";
+/// The mesh root that the control plane's serving certificate chains to
+/// (Istio's variable; the `istio-ca-root-cert` ConfigMap's mount).
+pub const ENV_ROOT_CERT: &str = "XDS_ROOT_CA";
+pub const DEFAULT_ROOT_CERT: &str = "/var/run/secrets/istio/root-cert.pem";
+/// The ServiceAccount token presented to the control plane, re-read on
+/// every connection since the kubelet rotates it.
+pub const ENV_TOKEN: &str = "BOWLINE_PROXY_TOKEN_PATH";
+pub const DEFAULT_TOKEN: &str = "/var/run/secrets/tokens/istio-token";
+/// The name the control plane's certificate must carry, when it is not
+/// the host of DISCOVERY_ADDRESS (Istio's variable).
+pub const ENV_SERVER_NAME: &str = "ISTIOD_SAN";
 /// How long in-flight requests may take to finish once the proxy is asked
 /// to stop (Istio's variable; seconds, default 5).
 pub const ENV_DRAIN_DURATION: &str = "TERMINATION_DRAIN_DURATION_SECONDS";
@@ -88,10 +102,17 @@ pub enum Source {
     Bootstrap(PathBuf),
 }
 
+/// The control plane and how to reach it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Discovery {
     /// `host:port`
     pub address: String,
+    /// The DNS name its serving certificate must carry.
+    pub server_name: String,
+    /// PEM file of the mesh root.
+    pub root_cert: PathBuf,
+    /// File of the ServiceAccount token.
+    pub token: PathBuf,
 }
 
 /// Everything the proxy is started with.
@@ -101,9 +122,9 @@ pub struct Config {
     pub source: Source,
     /// `sidecar~10.244.0.5~ratings-7d9f.default~default.svc.cluster.local`
     pub node_id: String,
-    /// Node metadata (from `ISTIO_META_*`), what the control plane is told
-    /// about this proxy beside its node id.
-    pub metadata: BTreeMap<String, String>,
+    /// Node metadata (from `ISTIO_META_*` and `ISTIO_METAJSON_*`), what
+    /// the control plane is told about this proxy beside its node id.
+    pub metadata: BTreeMap<String, serde_json::Value>,
     pub workers: usize,
     /// Readiness, Istio's 15021 by default.
     pub status: SocketAddr,
@@ -130,25 +151,56 @@ impl Config {
 
         let source = match bootstrap.or_else(|| env.get(ENV_BOOTSTRAP).map(PathBuf::from)) {
             Some(path) => Source::Bootstrap(path),
-            None => Source::Discovery(Discovery {
-                address: env.get(ENV_DISCOVERY_ADDRESS).ok_or_else(|| Error::Environment {
+            None => {
+                let address = env.get(ENV_DISCOVERY_ADDRESS).ok_or_else(|| Error::Environment {
                     variable: ENV_DISCOVERY_ADDRESS.into(),
                     message: "not set: set the control plane's host:port, or give a bootstrap file (--bootstrap)".into(),
-                })?,
-            }),
+                })?;
+                let host = match address.rsplit_once(':') {
+                    Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host
+                        .trim_start_matches('[')
+                        .trim_end_matches(']')
+                        .to_string(),
+                    _ => {
+                        return Err(Error::Environment {
+                            variable: ENV_DISCOVERY_ADDRESS.into(),
+                            message: format!("{address:?} is not host:port"),
+                        });
+                    }
+                };
+                Source::Discovery(Discovery {
+                    server_name: env.get(ENV_SERVER_NAME).unwrap_or(host),
+                    root_cert: env
+                        .get(ENV_ROOT_CERT)
+                        .unwrap_or_else(|| DEFAULT_ROOT_CERT.into())
+                        .into(),
+                    token: env
+                        .get(ENV_TOKEN)
+                        .unwrap_or_else(|| DEFAULT_TOKEN.into())
+                        .into(),
+                    address,
+                })
+            }
         };
         let workers = parsed(env, ENV_CONCURRENCY, "a number of threads")?.unwrap_or(0);
         let drain = parsed(env, ENV_DRAIN_DURATION, "a number of seconds")?.unwrap_or(5);
         let status = parsed(env, ENV_STATUS_ADDRESS, "an address (ip:port)")?
             .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15021));
-        let mut metadata: BTreeMap<String, String> = env
-            .all()
-            .into_iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix(ENV_META_PREFIX)?.to_string(), v)))
-            .collect();
-        metadata.insert("NAMESPACE".into(), namespace);
+        let mut metadata = BTreeMap::new();
+        for (variable, value) in env.all() {
+            if let Some(key) = variable.strip_prefix(ENV_META_JSON_PREFIX) {
+                let value = serde_json::from_str(&value).map_err(|e| Error::Environment {
+                    variable: variable.clone(),
+                    message: format!("not JSON: {e}"),
+                })?;
+                metadata.insert(key.to_string(), value);
+            } else if let Some(key) = variable.strip_prefix(ENV_META_PREFIX) {
+                metadata.insert(key.to_string(), serde_json::Value::String(value));
+            }
+        }
+        metadata.insert("NAMESPACE".into(), namespace.into());
         if let Some(account) = env.get(ENV_SERVICE_ACCOUNT) {
-            metadata.insert("SERVICE_ACCOUNT".into(), account);
+            metadata.insert("SERVICE_ACCOUNT".into(), account.into());
         }
         Ok(Self {
             mode,
@@ -202,6 +254,7 @@ mod tests {
                 (ENV_INSTANCE_IP, "10.244.0.5"),
                 (ENV_SERVICE_ACCOUNT, "ratings"),
                 ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
+                ("ISTIO_METAJSON_LABELS", r#"{"app":"ratings"}"#),
             ]),
         )
         .unwrap();
@@ -211,9 +264,18 @@ mod tests {
         );
         assert_eq!(config.metadata["CLUSTER_ID"], "Kubernetes");
         assert_eq!(config.metadata["SERVICE_ACCOUNT"], "ratings");
+        assert_eq!(
+            config.metadata["LABELS"],
+            serde_json::json!({"app": "ratings"})
+        );
         assert_eq!(config.workers, 2);
         match config.source {
-            Source::Discovery(d) => assert_eq!(d.address, "istiod.istio-system.svc:15012"),
+            Source::Discovery(d) => {
+                assert_eq!(d.address, "istiod.istio-system.svc:15012");
+                assert_eq!(d.server_name, "istiod.istio-system.svc");
+                assert_eq!(d.root_cert, PathBuf::from(DEFAULT_ROOT_CERT));
+                assert_eq!(d.token, PathBuf::from(DEFAULT_TOKEN));
+            }
             other => panic!("{other:?}"),
         }
     }

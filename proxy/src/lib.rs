@@ -10,6 +10,7 @@
 //! - [`http`]: one request: route, then forward, redirect or answer.
 //! - [`upstream`]: pooled connections to a cluster's endpoints, and the
 //!   choice of endpoint.
+//! - [`xds`]: the delta ADS client that keeps the configuration current.
 //! - [`admin`]: readiness on the status port.
 
 pub mod admin;
@@ -21,6 +22,7 @@ pub mod model;
 pub mod server;
 pub mod state;
 pub mod upstream;
+pub mod xds;
 
 use std::sync::Arc;
 
@@ -42,13 +44,9 @@ pub async fn run(config: Config, stop: tokio::sync::watch::Receiver<bool>) -> Re
             state.publish(Snapshot::from_bootstrap_file(path)?);
         }
         Source::Discovery(discovery) => {
-            return Err(Error::Environment {
-                variable: config::ENV_DISCOVERY_ADDRESS.into(),
-                message: format!(
-                    "{}: configuration over xDS is not available in this build; start with a bootstrap file (--bootstrap)",
-                    discovery.address
-                ),
-            });
+            let (config, discovery) = (config.clone(), discovery.clone());
+            let (state, stop) = (Arc::clone(&state), stop.clone());
+            tokio::spawn(async move { xds::follow(&config, &discovery, state, stop).await });
         }
     }
     server::manage(state, upstreams, stop, config.drain).await;

@@ -30,6 +30,21 @@ impl Drop for ControlPlane {
     }
 }
 
+/// A control plane stopped by [`ControlPlane::stop`].
+#[derive(Debug)]
+pub struct Stopped {
+    namespace: String,
+    revision: String,
+    ports: (u16, u16, u16),
+}
+
+impl Stopped {
+    /// Starts it again on its ports.
+    pub async fn start(self, client: &Client) -> anyhow::Result<ControlPlane> {
+        ControlPlane::launch_on(client, &self.namespace, &self.revision, self.ports).await
+    }
+}
+
 fn loopback(port: u16) -> SocketAddr {
     ([127, 0, 0, 1], port).into()
 }
@@ -125,13 +140,35 @@ impl ControlPlane {
         Self::launch(client, namespace, revision, webhook_port).await
     }
 
+    /// Stops it, keeping its ports for [`Stopped::start`]: a pod restarted
+    /// behind the same Service, that proxies reconnect to.
+    pub async fn stop(mut self) -> Stopped {
+        self.task.abort();
+        let _ = (&mut self.task).await;
+        Stopped {
+            namespace: self.namespace.clone(),
+            revision: self.revision.clone(),
+            ports: (self.xds_port, self.webhook_port, self.monitoring_port),
+        }
+    }
+
     async fn launch(
         client: &Client,
         namespace: &str,
         revision: &str,
         webhook_port: u16,
     ) -> anyhow::Result<Self> {
-        let (xds_port, monitoring_port) = (free_port()?, free_port()?);
+        let ports = (free_port()?, webhook_port, free_port()?);
+        Self::launch_on(client, namespace, revision, ports).await
+    }
+
+    /// Launches on (xDS, webhook, monitoring) ports.
+    async fn launch_on(
+        client: &Client,
+        namespace: &str,
+        revision: &str,
+        (xds_port, webhook_port, monitoring_port): (u16, u16, u16),
+    ) -> anyhow::Result<Self> {
         let settings = Settings {
             revision: revision.into(),
             namespace: namespace.into(),

@@ -13,6 +13,9 @@
 //! - [`http`]: a plain GET for monitoring and admin ports.
 //! - [`manifests`]: the repository's YAML, and the Helm chart rendered.
 //! - [`olm`]: the operator's OLM bundle, made from the chart, RBAC and CRDs.
+//! - [`proxy`]: bowline-proxy run in-process, upstreams on loopback, curl.
+//! - [`reviews`]: a service on loopback behind ServiceEntry, subsets and a
+//!   split, for a sidecar without capture.
 //! - [`xds`]: a delta-ADS client standing in for a proxy.
 
 pub mod binaries;
@@ -25,6 +28,8 @@ pub mod olm;
 pub mod operator;
 pub mod pki;
 pub mod process;
+pub mod proxy;
+pub mod reviews;
 pub mod xds;
 
 use std::path::{Path, PathBuf};

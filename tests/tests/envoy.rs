@@ -11,27 +11,13 @@ use std::time::Duration;
 use anyhow::ensure;
 use bowline_controlplane::ca::AUDIENCE;
 use bowline_tests::LocalCluster;
-use bowline_tests::cluster::service_account_token;
-use bowline_tests::cluster::{create_namespace, free_port};
+use bowline_tests::cluster::{create_namespace, service_account_token};
 use bowline_tests::controlplane::ControlPlane;
 use bowline_tests::envoy::{Envoy, Sidecar};
+use bowline_tests::proxy::first_words;
+use bowline_tests::reviews::Reviews;
 use bowline_tests::xds::sidecar_node_id;
-use kube::api::{Api, DynamicObject, Patch, PatchParams};
-use kube::core::{ApiResource, GroupVersionKind};
 use serde_json::json;
-
-/// An HTTP server on `ip:port` answering every request with `body`.
-async fn backend(
-    ip: [u8; 4],
-    port: u16,
-    body: &'static str,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
-    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), port)).await?;
-    let app = axum::Router::new().fallback(move || async move { body });
-    Ok(tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    }))
-}
 
 #[tokio::test]
 async fn envoy_on_delta_xds_takes_the_config_and_splits_traffic_90_10() -> anyhow::Result<()> {
@@ -54,72 +40,8 @@ async fn split_through_envoy(delta: bool) -> anyhow::Result<()> {
     let revision = if delta { "delta" } else { "sotw" };
     let control_plane = ControlPlane::start(&client, &mesh, revision).await?;
 
-    // reviews v1 on 127.0.0.2 and v2 on 127.0.0.3. Kubernetes refuses
-    // loopback addresses in EndpointSlices, so they are the endpoints of a
-    // MESH_INTERNAL ServiceEntry for the service's name, as Istio allows
-    // for workloads outside Kubernetes, labelled for the subsets.
-    let (service_port, v1_port, v2_port) = (free_port()?, free_port()?, free_port()?);
-    let _v1 = backend([127, 0, 0, 2], v1_port, "v1\n").await?;
-    let _v2 = backend([127, 0, 0, 3], v2_port, "v2\n").await?;
-    let istio = |kind: &str| {
-        Api::<DynamicObject>::namespaced_with(
-            client.clone(),
-            &apps,
-            &ApiResource::from_gvk(&GroupVersionKind::gvk("networking.istio.io", "v1", kind)),
-        )
-    };
-    let apply = |kind: &str, object: serde_json::Value| {
-        let api = istio(kind);
-        async move {
-            let name = object["metadata"]["name"]
-                .as_str()
-                .unwrap_or_default()
-                .to_string();
-            api.patch(
-                &name,
-                &PatchParams::apply("bowline-tests").force(),
-                &Patch::Apply(object),
-            )
-            .await
-        }
-    };
-    apply("ServiceEntry", json!({
-        "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry", "metadata": {"name": "reviews"},
-        "spec": {
-            "hosts": [format!("reviews.{apps}.svc.cluster.local")],
-            "location": "MESH_INTERNAL", "resolution": "STATIC",
-            "ports": [{"number": service_port, "name": "http", "protocol": "HTTP"}],
-            "endpoints": [
-                {"address": "127.0.0.2", "ports": {"http": v1_port}, "labels": {"version": "v1"}},
-                {"address": "127.0.0.3", "ports": {"http": v2_port}, "labels": {"version": "v2"}},
-            ],
-        },
-    })).await?;
-    apply("DestinationRule", json!({
-        "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule", "metadata": {"name": "reviews"},
-        "spec": {"host": "reviews", "subsets": [
-            {"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}},
-        ]},
-    })).await?;
-    apply("VirtualService", json!({
-        "apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "reviews"},
-        "spec": {"hosts": ["reviews"], "http": [{
-            "route": [
-                {"destination": {"host": "reviews", "subset": "v1"}, "weight": 90},
-                {"destination": {"host": "reviews", "subset": "v2"}, "weight": 10},
-            ],
-            "retries": {"attempts": 3, "perTryTimeout": "2s", "retryOn": "5xx,connect-failure"},
-            "timeout": "10s",
-        }]},
-    })).await?;
-    // Without capture the sidecar binds its outbound port itself.
-    apply("Sidecar", json!({
-        "apiVersion": "networking.istio.io/v1", "kind": "Sidecar", "metadata": {"name": "default"},
-        "spec": {"egress": [{
-            "port": {"number": service_port, "protocol": "HTTP", "name": "http"},
-            "bind": "127.0.0.1", "captureMode": "NONE", "hosts": ["./*"],
-        }]},
-    })).await?;
+    let reviews = Reviews::deploy(&client, &apps).await?;
+    let service_port = reviews.service_port;
 
     let token = service_account_token(&client, &apps, "productpage", Some(AUDIENCE)).await?;
     let mut envoy = Envoy::start(
@@ -134,27 +56,17 @@ async fn split_through_envoy(delta: bool) -> anyhow::Result<()> {
     envoy.wait_live(Duration::from_secs(30)).await?;
 
     // Wait for the bound listener and the endpoints, then send traffic.
-    let url = format!("http://127.0.0.1:{service_port}/reviews/[1-1000]");
-    let mut counts = (0, 0, 0);
+    let mut counts = Default::default();
     for _ in 0..100 {
-        let output = tokio::process::Command::new("curl")
-            .args(["-s", "--max-time", "20", "-H", "Host: reviews", &url])
-            .output()
-            .await?;
-        let body = String::from_utf8_lossy(&output.stdout);
-        counts = body
-            .lines()
-            .fold((0, 0, 0), |(v1, v2, other), line| match line {
-                "v1" => (v1 + 1, v2, other),
-                "v2" => (v1, v2 + 1, other),
-                _ => (v1, v2, other + 1),
-            });
-        if counts.0 + counts.1 == 1000 {
+        counts = first_words(&reviews.url("/reviews"), &["Host: reviews"], 1000).await?;
+        if counts.get("v1").unwrap_or(&0) + counts.get("v2").unwrap_or(&0) == 1000 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let (v1, v2, other) = counts;
+    let count = |word: &str| counts.get(word).copied().unwrap_or(0);
+    let (v1, v2) = (count("v1"), count("v2"));
+    let other = 1000usize.saturating_sub(v1 + v2);
     println!("1,000 requests through Envoy (delta: {delta}): v1 {v1}, v2 {v2}, other {other}");
     ensure!(
         v1 + v2 == 1000,

@@ -4,133 +4,15 @@
 //! there is no route (404), no live endpoint (503) or no answer in time
 //! (504), and TCP proxying. Upstreams are axum servers on loopback.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, ensure};
-use bowline_proxy::config::{Config, ENV_STATUS_ADDRESS, Mode};
+use anyhow::ensure;
+use bowline_tests::cluster::free_port;
+use bowline_tests::proxy::{Running, curl, echo, static_cluster as cluster, upstream};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// An HTTP upstream answering `name` and the path it was asked for; `/slow`
-/// answers after two seconds.
-async fn upstream(name: &'static str) -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    let app = axum::Router::new()
-        .route(
-            "/slow",
-            axum::routing::get(|| async {
-                tokio::time::sleep(Duration::from_secs(2)).await;
-                "slow"
-            }),
-        )
-        .fallback(move |uri: http::Uri, headers: http::HeaderMap| async move {
-            let host = headers
-                .get("host")
-                .and_then(|h| h.to_str().ok())
-                .unwrap_or("")
-                .to_string();
-            format!("{name} {} {host}", uri.path())
-        });
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    Ok(address)
-}
-
-/// A TCP upstream that echoes what it reads.
-async fn echo() -> anyhow::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let address = listener.local_addr()?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
-    Ok(address)
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn endpoint(address: SocketAddr) -> serde_json::Value {
-    json!({"endpoint": {"address": {"socket_address": {"address": address.ip().to_string(), "port_value": address.port()}}}})
-}
-
-fn cluster(name: &str, endpoints: &[SocketAddr]) -> serde_json::Value {
-    json!({
-        "name": name, "type": "STATIC", "connect_timeout": "0.5s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{
-            "lb_endpoints": endpoints.iter().map(|a| endpoint(*a)).collect::<Vec<_>>(),
-        }]},
-    })
-}
-
-/// curl, with a status line last: `<body>\n<status>`.
-fn curl(args: &[&str]) -> anyhow::Result<(u16, String)> {
-    let output = Command::new("curl")
-        .args(["-s", "-m", "10", "-w", "\n%{http_code}"])
-        .args(args)
-        .output()
-        .context("running curl")?;
-    let text = String::from_utf8(output.stdout)?;
-    let (body, status) = text.rsplit_once('\n').context("curl's status line")?;
-    Ok((status.trim().parse()?, body.to_string()))
-}
-
-/// A running proxy serving `bootstrap`, ready; `env` adds to its
-/// environment. Sending `true` on `stop` stops it.
-struct Running {
-    stop: tokio::sync::watch::Sender<bool>,
-    task: tokio::task::JoinHandle<bowline_proxy::Result<()>>,
-    _dir: tempfile::TempDir,
-}
-
-async fn start(bootstrap: serde_json::Value, env: &[(&str, &str)]) -> anyhow::Result<Running> {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("bootstrap.yaml");
-    std::fs::write(&path, serde_saphyr::to_string(&bootstrap)?)?;
-    let status_port = free_port()?;
-    let mut env: BTreeMap<String, String> = env
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    env.insert(
-        ENV_STATUS_ADDRESS.into(),
-        format!("127.0.0.1:{status_port}"),
-    );
-    let config = Config::from_env(Mode::Sidecar, Some(path), &env)?;
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let task = tokio::spawn(bowline_proxy::run(config, stopped));
-    let ready = format!("http://127.0.0.1:{status_port}/healthz/ready");
-    let mut waited = 0;
-    while curl(&[&ready])?.0 != 200 {
-        ensure!(waited < 100, "the proxy did not become ready");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-    }
-    Ok(Running {
-        stop,
-        task,
-        _dir: dir,
-    })
-}
-
-impl Running {
-    /// Stops the proxy and waits for it to drain.
-    async fn stop(self) -> anyhow::Result<()> {
-        self.stop.send(true)?;
-        tokio::time::timeout(Duration::from_secs(10), self.task).await???;
-        Ok(())
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_proxy_routes_splits_and_answers_as_envoy_does() -> anyhow::Result<()> {
@@ -166,7 +48,7 @@ async fn the_proxy_routes_splits_and_answers_as_envoy_does() -> anyhow::Result<(
         ],
         "clusters": [cluster("v1", &[v1]), cluster("v2", &[v2]), cluster("dead", &[dead]), cluster("echo", &[echo])],
     }});
-    let proxy = start(bootstrap, &[]).await?;
+    let proxy = Running::bootstrap(bootstrap, &[]).await?;
     let url = |path: &str| format!("http://127.0.0.1:{http_port}{path}");
     let host = "Host: shop.example";
 
@@ -315,7 +197,8 @@ async fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
             }}]}]}],
         "clusters": [cluster("v1", &[v1])],
     }});
-    let proxy = start(bootstrap, &[("TERMINATION_DRAIN_DURATION_SECONDS", "5")]).await?;
+    let proxy =
+        Running::bootstrap(bootstrap, &[("TERMINATION_DRAIN_DURATION_SECONDS", "5")]).await?;
 
     let slow = format!("http://127.0.0.1:{http_port}/slow");
     let in_flight = tokio::task::spawn_blocking(move || curl(&[&slow]));

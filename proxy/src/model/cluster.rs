@@ -188,6 +188,16 @@ impl Cluster {
     }
 }
 
+impl Cluster {
+    /// The EDS service name its endpoints come under, if from EDS.
+    pub fn eds_service(&self) -> Option<&str> {
+        match &self.discovery {
+            Discovery::Eds(service) => Some(service),
+            _ => None,
+        }
+    }
+}
+
 impl Endpoints {
     /// Converts an assignment; an error names the field within it.
     pub fn from_envoy(

@@ -115,6 +115,20 @@ impl Listener {
         })
     }
 
+    /// The route configurations its HTTP chains read from RDS.
+    pub fn route_names(&self) -> impl Iterator<Item = &str> {
+        self.chains
+            .iter()
+            .chain(self.default_chain.as_ref())
+            .filter_map(|chain| match &chain.terminal {
+                Terminal::Http(manager) => match &manager.routes {
+                    RouteSource::Rds(name) => Some(name.as_str()),
+                    RouteSource::Inline(_) => None,
+                },
+                Terminal::Tcp(_) => None,
+            })
+    }
+
     /// The chain for a connection: the most specific match, as Envoy orders
     /// them (destination port, then address range, then server name,
     /// transport protocol and application protocols), else the default.

@@ -1,0 +1,227 @@
+//! bowline-proxy run in-process as the tests use it — from a bootstrap
+//! file or from the control plane — with upstream servers on loopback and
+//! curl as the client.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use bowline_proxy::config::{
+    Config, ENV_DISCOVERY_ADDRESS, ENV_ROOT_CERT, ENV_SERVER_NAME, ENV_STATUS_ADDRESS, ENV_TOKEN,
+    Mode,
+};
+use serde_json::json;
+
+use crate::cluster::free_port;
+use crate::xds::Target;
+
+/// An HTTP upstream on `ip` (port chosen) answering `name` and the path it
+/// was asked for; `/slow` answers after two seconds.
+pub async fn upstream_on(ip: [u8; 4], name: &'static str) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).await?;
+    let address = listener.local_addr()?;
+    let app = axum::Router::new()
+        .route(
+            "/slow",
+            axum::routing::get(|| async {
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                "slow"
+            }),
+        )
+        .fallback(move |uri: http::Uri, headers: http::HeaderMap| async move {
+            let host = headers
+                .get("host")
+                .and_then(|h| h.to_str().ok())
+                .unwrap_or("")
+                .to_string();
+            format!("{name} {} {host}", uri.path())
+        });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok(address)
+}
+
+/// [`upstream_on`] 127.0.0.1.
+pub async fn upstream(name: &'static str) -> anyhow::Result<SocketAddr> {
+    upstream_on([127, 0, 0, 1], name).await
+}
+
+/// A TCP upstream that echoes what it reads.
+pub async fn echo() -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    Ok(address)
+}
+
+/// curl, with a status line last: `<body>\n<status>`.
+pub fn curl(args: &[&str]) -> anyhow::Result<(u16, String)> {
+    let output = Command::new("curl")
+        .args(["-s", "-m", "10", "-w", "\n%{http_code}"])
+        .args(args)
+        .output()
+        .context("running curl")?;
+    let text = String::from_utf8(output.stdout)?;
+    let (body, status) = text.rsplit_once('\n').context("curl's status line")?;
+    Ok((status.trim().parse()?, body.to_string()))
+}
+
+/// `count` GETs of `url` with `headers`, on kept-alive connections (one
+/// curl process per 100): the first word of each answer, counted (`""`
+/// for a request with no answer).
+pub async fn first_words(
+    url: &str,
+    headers: &[&str],
+    count: usize,
+) -> anyhow::Result<BTreeMap<String, usize>> {
+    let mut words = BTreeMap::new();
+    let mut left = count;
+    while left > 0 {
+        let batch = left.min(100);
+        left -= batch;
+        let mut command = tokio::process::Command::new("curl");
+        command.args(["-s", "-m", "30", "-w", "\n"]);
+        for header in headers {
+            command.args(["-H", header]);
+        }
+        let output = command.args(vec![url; batch]).output().await?;
+        let text = String::from_utf8(output.stdout)?;
+        let mut answered = 0;
+        for line in text.lines().filter(|l| !l.is_empty()) {
+            answered += 1;
+            let word = line.split_whitespace().next().unwrap_or_default();
+            *words.entry(word.to_string()).or_default() += 1;
+        }
+        if answered < batch {
+            *words.entry(String::new()).or_default() += batch - answered;
+        }
+    }
+    Ok(words)
+}
+
+/// The environment of a proxy configured by the control plane at
+/// `target`, presenting `token`: the files it reads are written to `dir`.
+pub fn discovery_env(
+    target: &Target,
+    token: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<(String, String)>> {
+    let (root, token_file) = (dir.join("root-cert.pem"), dir.join("istio-token"));
+    std::fs::write(&root, &target.root_pem)?;
+    std::fs::write(&token_file, token)?;
+    let path = |p: PathBuf| p.display().to_string();
+    Ok(vec![
+        (ENV_DISCOVERY_ADDRESS.into(), target.address.clone()),
+        (ENV_SERVER_NAME.into(), target.server_name.clone()),
+        (ENV_ROOT_CERT.into(), path(root)),
+        (ENV_TOKEN.into(), path(token_file)),
+    ])
+}
+
+/// A running proxy. [`Running::stop`] stops it as SIGTERM would.
+#[derive(Debug)]
+pub struct Running {
+    pub status_port: u16,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<bowline_proxy::Result<()>>,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    /// A sidecar serving `bootstrap`, ready; `env` adds to its environment.
+    pub async fn bootstrap(
+        bootstrap: serde_json::Value,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("bootstrap.yaml");
+        std::fs::write(&path, serde_saphyr::to_string(&bootstrap)?)?;
+        let env = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Self::start(Mode::Sidecar, Some(path), env, dir).await
+    }
+
+    /// A proxy in `mode` configured over xDS at `target` (see
+    /// [`discovery_env`]), ready; `env` adds to its environment.
+    pub async fn discovery(
+        mode: Mode,
+        target: &Target,
+        token: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut all = discovery_env(target, token, dir.path())?;
+        all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::start(mode, None, all, dir).await
+    }
+
+    async fn start(
+        mode: Mode,
+        bootstrap: Option<PathBuf>,
+        env: Vec<(String, String)>,
+        dir: tempfile::TempDir,
+    ) -> anyhow::Result<Self> {
+        let status_port = free_port()?;
+        let mut env: BTreeMap<String, String> = env.into_iter().collect();
+        env.insert(
+            ENV_STATUS_ADDRESS.into(),
+            format!("127.0.0.1:{status_port}"),
+        );
+        let config = Config::from_env(mode, bootstrap, &env)?;
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(bowline_proxy::run(config, stopped));
+        let running = Self {
+            status_port,
+            stop,
+            task,
+            _dir: dir,
+        };
+        let mut waited = 0;
+        while !running.ready().await? {
+            ensure!(
+                !running.task.is_finished(),
+                "the proxy stopped before it was ready"
+            );
+            ensure!(waited < 300, "the proxy did not become ready in 30 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            waited += 1;
+        }
+        Ok(running)
+    }
+
+    /// Whether `/healthz/ready` answers 200.
+    pub async fn ready(&self) -> anyhow::Result<bool> {
+        Ok(crate::http::get(self.status_port, "/healthz/ready")
+            .await
+            .is_ok_and(|(status, _)| status == 200))
+    }
+
+    /// Stops the proxy and waits for it to drain.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.stop.send(true)?;
+        tokio::time::timeout(Duration::from_secs(10), self.task).await???;
+        Ok(())
+    }
+}
+
+/// An Envoy STATIC cluster of `endpoints`, for bootstrap files.
+pub fn static_cluster(name: &str, endpoints: &[SocketAddr]) -> serde_json::Value {
+    json!({
+        "name": name, "type": "STATIC", "connect_timeout": "0.5s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{
+            "lb_endpoints": endpoints.iter().map(|a| json!({"endpoint": {"address": {"socket_address": {
+                "address": a.ip().to_string(), "port_value": a.port()}}}})).collect::<Vec<_>>(),
+        }]},
+    })
+}

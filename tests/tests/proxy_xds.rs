@@ -1,0 +1,137 @@
+//! bowline-proxy as a sidecar on the local cluster, configured only by the
+//! control plane over delta ADS (TLS, ServiceAccount token): it is ready
+//! once its first configuration is whole and then splits 1,000 requests
+//! 90/10 as the VirtualService says; a VirtualService change reaches it
+//! while it serves; the control plane counts no NACK — the proxy takes
+//! everything the control plane's translation emits for this workload.
+//! With the control plane gone it keeps serving its last configuration
+//! and stays ready; when the control plane is back it reconnects and
+//! follows changes again.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bowline_controlplane::ca::AUDIENCE;
+use bowline_proxy::Mode;
+use bowline_proxy::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
+use bowline_tests::LocalCluster;
+use bowline_tests::cluster::{create_namespace, service_account_token};
+use bowline_tests::controlplane::ControlPlane;
+use bowline_tests::proxy::{Running, first_words};
+use bowline_tests::reviews::Reviews;
+use serde_json::json;
+
+/// `count` requests through the sidecar: how many each version answered.
+async fn versions(reviews: &Reviews, count: usize) -> anyhow::Result<BTreeMap<String, usize>> {
+    first_words(&reviews.url("/reviews"), &["Host: reviews"], count).await
+}
+
+/// Waits until 20 requests in a row all reach `version`.
+async fn until_all_reach(reviews: &Reviews, version: &str) -> anyhow::Result<Duration> {
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(20) {
+        let counts = versions(reviews, 20).await?;
+        if counts.get(version) == Some(&20) {
+            return Ok(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("requests did not all reach {version} within 20 s")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxy_follows_the_control_plane_and_outlives_it() -> anyhow::Result<()> {
+    let cluster = LocalCluster::shared()?;
+    let client = cluster.client().await?;
+    let mesh = cluster.test_namespace(&client, "proxy-xds").await?;
+    let apps = format!("{mesh}-apps");
+    create_namespace(&client, &apps, json!({})).await?;
+    let control_plane = ControlPlane::start(&client, &mesh, "pxds").await?;
+    let reviews = Reviews::deploy(&client, &apps).await?;
+
+    let token = service_account_token(&client, &apps, "productpage", Some(AUDIENCE)).await?;
+    let target = control_plane.target(&client).await?;
+    let started = Instant::now();
+    let proxy = Running::discovery(
+        Mode::Sidecar,
+        &target,
+        &token,
+        &[
+            ("POD_NAME", "productpage-1"),
+            ("POD_NAMESPACE", &apps),
+            ("INSTANCE_IP", "127.0.0.1"),
+            ("ISTIO_METAJSON_LABELS", r#"{"app":"productpage"}"#),
+            ("ISTIO_META_INTERCEPTION_MODE", "NONE"),
+        ],
+    )
+    .await?;
+    println!(
+        "ready on its first configuration in {:?}",
+        started.elapsed()
+    );
+
+    // Ready means whole: the first requests already find the listener,
+    // the route and both subsets' endpoints.
+    let counts = versions(&reviews, 1000).await?;
+    let (v1, v2) = (counts.get("v1").copied(), counts.get("v2").copied());
+    println!("1,000 requests through bowline-proxy: {counts:?}");
+    ensure!(
+        v1.unwrap_or(0) + v2.unwrap_or(0) == 1000,
+        "every request answered by a subset: {counts:?}"
+    );
+    // Binomial(1000, 0.1): the standard deviation is 9.5.
+    ensure!(
+        (60..=140).contains(&v2.unwrap_or(0)),
+        "about 10 % to v2: {counts:?}"
+    );
+
+    reviews.split(0, 100).await?;
+    let took = until_all_reach(&reviews, "v2").await?;
+    println!("a VirtualService change reached the proxy's traffic in {took:?}");
+
+    let (_, metrics) = control_plane.get("/metrics").await?;
+    ensure!(
+        !metrics.contains("pilot_total_xds_rejects_total"),
+        "the proxy NACKed nothing: {}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("reject"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
+    // The control plane goes away: the last configuration keeps serving.
+    let stopped = control_plane.stop().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let counts = versions(&reviews, 100).await?;
+    ensure!(
+        counts.get("v2") == Some(&100),
+        "served without a control plane: {counts:?}"
+    );
+    ensure!(proxy.ready().await?, "still ready without a control plane");
+
+    // It comes back on the same address; the proxy reconnects and follows.
+    let control_plane = stopped.start(&client).await?;
+    reviews.split(100, 0).await?;
+    let took = until_all_reach(&reviews, "v1").await?;
+    println!("after the control plane restarted, a change reached the proxy in {took:?}");
+    // The new control plane sees the proxy on a stream of its own, every
+    // type ACKed and nothing NACKed.
+    let (_, syncz) = control_plane.get("/debug/syncz").await?;
+    let syncz: serde_json::Value = serde_json::from_str(&syncz)?;
+    let node = format!("sidecar~127.0.0.1~productpage-1.{apps}~{apps}.svc.cluster.local");
+    let entry = syncz
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["proxy"] == node.as_str()))
+        .with_context(|| format!("{node} in syncz: {syncz}"))?;
+    for type_url in [CLUSTER, ENDPOINT, LISTENER, ROUTE] {
+        ensure!(
+            entry["acked"][type_url].is_u64(),
+            "{type_url} ACKed: {entry}"
+        );
+    }
+    ensure!(entry["lastNack"].is_null(), "no NACK: {entry}");
+    drop(control_plane);
+    proxy.stop().await
+}
