@@ -1,9 +1,11 @@
 //! One HTTP request through the proxy: the route table of the listener's
 //! HTTP connection manager, the virtual host for the authority, the first
 //! matching route, then its action — forward to a cluster's endpoint,
-//! redirect, or answer directly. Failures answer as Envoy does, with its
-//! response flags: 404 NR (no route), 503 NC (no cluster), UH (no healthy
-//! endpoint), UF (connection failure), 504 UT (timeout).
+//! redirect, or answer directly — with the route's faults injected first,
+//! and its retries, per-try timeout and mirrors on the way. Failures
+//! answer as Envoy does, with its response flags: 404 NR (no route), 503
+//! NC (no cluster), UH (no healthy endpoint), UF (connection failure), UR
+//! (reset), UO (circuit breaker), 504 UT (timeout), FI (injected abort).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -14,21 +16,31 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::model::Snapshot;
+use backon::{BackoffBuilder, ExponentialBuilder};
+use http_body::Body as _;
+
 use crate::model::cluster::Target;
 use crate::model::listener::{HttpManager, RouteSource};
+use crate::model::resilience::{Abort, Attempt, Fault};
 use crate::model::route::{Action, Forward, Route};
-use crate::upstream::{Body, Upstreams};
+use crate::model::{Endpoints, Snapshot};
+use crate::upstream::{Admission, Body, ClusterState, Host, HostGuard, Outcome, Upstreams};
 
 /// Why a request did not get an upstream's answer: Envoy's response flags
-/// NR, NC, UH, UF and UT.
+/// NR, NC, UH, UF, UR, UT, UO and FI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Flag {
     NoRoute,
     NoCluster,
     NoHealthyUpstream,
     UpstreamConnectionFailure,
+    UpstreamReset,
     UpstreamTimeout,
+    /// A circuit breaker was full.
+    Overflow,
+    FaultAbort(Abort),
+    /// The client went away before its request was read.
+    DownstreamTermination,
 }
 
 impl Flag {
@@ -36,6 +48,9 @@ impl Flag {
         match self {
             Flag::NoRoute => StatusCode::NOT_FOUND,
             Flag::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Flag::FaultAbort(Abort::Http(status)) => status,
+            Flag::FaultAbort(Abort::Grpc(_)) => StatusCode::OK,
+            Flag::DownstreamTermination => StatusCode::BAD_REQUEST,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -45,11 +60,43 @@ impl Flag {
             Flag::NoRoute => "",
             Flag::NoCluster => "no cluster",
             Flag::NoHealthyUpstream => "no healthy upstream",
-            Flag::UpstreamConnectionFailure => {
+            Flag::UpstreamConnectionFailure | Flag::UpstreamReset => {
                 "upstream connect error or disconnect/reset before headers"
             }
             Flag::UpstreamTimeout => "upstream request timeout",
+            Flag::Overflow => {
+                "upstream connect error or disconnect/reset before headers. reset reason: overflow"
+            }
+            Flag::FaultAbort(Abort::Http(_)) => "fault filter abort",
+            Flag::FaultAbort(Abort::Grpc(_)) => "",
+            Flag::DownstreamTermination => "downstream disconnected",
         }
+    }
+
+    /// The answer the proxy makes itself.
+    fn reply(self) -> Response<Body> {
+        let mut response = local_reply(self.status(), self.body());
+        match self {
+            Flag::Overflow => {
+                response
+                    .headers_mut()
+                    .insert("x-envoy-overloaded", HeaderValue::from_static("true"));
+            }
+            Flag::FaultAbort(Abort::Grpc(code)) => {
+                let headers = response.headers_mut();
+                headers.insert(
+                    http::header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/grpc"),
+                );
+                headers.insert("grpc-status", HeaderValue::from(code));
+                headers.insert(
+                    "grpc-message",
+                    HeaderValue::from_static("fault filter abort"),
+                );
+            }
+            _ => {}
+        }
+        response
     }
 }
 
@@ -68,7 +115,7 @@ pub async fn serve(
 ) -> Result<Response<Body>, Infallible> {
     Ok(match proxy(&connection, request).await {
         Ok(response) => response,
-        Err(flag) => local_reply(flag.status(), flag.body()),
+        Err(flag) => flag.reply(),
     })
 }
 
@@ -107,11 +154,95 @@ async fn proxy(
             Ok(response)
         }
         Action::Forward(forward) => {
+            if let Some(fault) = &route.fault {
+                inject(fault).await?;
+            }
             let mut response = send(connection, host, route, forward, request, &authority).await?;
             route.headers.response.apply(response.headers_mut());
             host.headers.response.apply(response.headers_mut());
             Ok(response)
         }
+    }
+}
+
+/// The route's faults: a delay, then perhaps an abort, each for its share
+/// of requests.
+async fn inject(fault: &Fault) -> Result<(), Flag> {
+    let roll = || rand::random_range(0..1_000_000);
+    if let Some((delay, share)) = fault.delay
+        && share.hit(roll())
+    {
+        tokio::time::sleep(delay).await;
+    }
+    match fault.abort {
+        Some((abort, share)) if share.hit(roll()) => Err(Flag::FaultAbort(abort)),
+        _ => Ok(()),
+    }
+}
+
+/// The largest request body kept for retries and mirrors; larger or
+/// unsized bodies stream through once.
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// A request body: kept whole (sent again on a retry, copied to mirrors)
+/// or streamed once.
+enum RequestBody {
+    Kept(Bytes),
+    Once(Option<Incoming>),
+}
+
+impl RequestBody {
+    async fn read(body: Incoming, headers: &http::HeaderMap, keep: bool) -> Result<Self, Flag> {
+        let small = body.is_end_stream()
+            || headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .is_some_and(|n| n <= REPLAY_LIMIT);
+        if !(keep && small) {
+            return Ok(Self::Once(Some(body)));
+        }
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|_| Flag::DownstreamTermination)?
+            .to_bytes();
+        Ok(Self::Kept(bytes))
+    }
+
+    fn kept(&self) -> Option<&Bytes> {
+        match self {
+            Self::Kept(bytes) => Some(bytes),
+            Self::Once(_) => None,
+        }
+    }
+
+    /// The body for the next attempt.
+    fn next(&mut self) -> Body {
+        match self {
+            Self::Kept(bytes) => full(bytes.clone()),
+            Self::Once(body) => match body.take() {
+                Some(body) => body.boxed(),
+                None => full(Bytes::new()),
+            },
+        }
+    }
+}
+
+/// The request as it goes upstream, before an endpoint is chosen.
+struct Upstream {
+    method: http::Method,
+    path: String,
+    headers: http::HeaderMap,
+}
+
+impl Upstream {
+    fn request(&self, target: &Target, body: Body) -> Result<Request<Body>, Flag> {
+        let mut request = Request::new(body);
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() =
+            upstream_uri(target, &self.path).ok_or(Flag::UpstreamConnectionFailure)?;
+        *request.headers_mut() = self.headers.clone();
+        Ok(request)
     }
 }
 
@@ -133,10 +264,9 @@ async fn send(
     let endpoints = snapshot
         .endpoints_of(cluster)
         .ok_or(Flag::NoHealthyUpstream)?;
-    let endpoint = upstream.pick(&endpoints).ok_or(Flag::NoHealthyUpstream)?;
 
     let (mut parts, body) = request.into_parts();
-    let downstream_h2 = parts.version == Version::HTTP_2;
+    let h2 = upstream.speaks_h2(parts.version == Version::HTTP_2);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -145,8 +275,6 @@ async fn send(
     let path = forward
         .rewrite_path(route, &path_and_query)
         .unwrap_or(path_and_query);
-    parts.uri = upstream_uri(&endpoint.address, &path).ok_or(Flag::UpstreamConnectionFailure)?;
-    parts.version = Version::HTTP_11;
     let host_header = match &forward.host_rewrite {
         Some(rewrite) => rewrite.clone(),
         None => HeaderValue::from_str(authority).map_err(|_| Flag::NoRoute)?,
@@ -158,20 +286,199 @@ async fn send(
     }
     route.headers.request.apply(&mut parts.headers);
     host.headers.request.apply(&mut parts.headers);
-    let request = Request::from_parts(parts, body.boxed());
+    let head = Upstream {
+        method: parts.method,
+        path,
+        headers: parts.headers,
+    };
 
-    let call = upstream.client(downstream_h2).request(request);
-    let response = match forward.timeout {
-        Some(timeout) => tokio::time::timeout(timeout, call)
+    let attempts = async {
+        let keep = forward.retry.is_some() || !forward.mirrors.is_empty();
+        let mut body = RequestBody::read(body, &head.headers, keep).await?;
+        if let Some(bytes) = body.kept() {
+            for mirror in &forward.mirrors {
+                if mirror.share.hit(rand::random_range(0..1_000_000)) {
+                    shadow(connection, &mirror.cluster, &head, authority, bytes.clone());
+                }
+            }
+        }
+        attempt(&upstream, &endpoints, forward, &head, &mut body, h2).await
+    };
+    match forward.timeout {
+        Some(timeout) => tokio::time::timeout(timeout, attempts)
             .await
-            .map_err(|_| Flag::UpstreamTimeout)?,
-        None => call.await,
+            .unwrap_or(Err(Flag::UpstreamTimeout)),
+        None => attempts.await,
     }
-    .map_err(|error| {
-        tracing::debug!(%error, endpoint = %endpoint.address, "upstream request failed");
-        Flag::UpstreamConnectionFailure
-    })?;
-    Ok(response.map(|body| body.boxed()))
+}
+
+/// Tries the request on the cluster's endpoints: once, or again as the
+/// route's retry policy says (on another endpoint when it asks, after a
+/// jittered backoff, while the retry circuit breaker allows).
+async fn attempt(
+    upstream: &Arc<ClusterState>,
+    endpoints: &Arc<Endpoints>,
+    forward: &Forward,
+    head: &Upstream,
+    body: &mut RequestBody,
+    h2: bool,
+) -> Result<Response<Body>, Flag> {
+    // A body that streams once cannot be sent twice.
+    let policy = forward.retry.as_ref().filter(|_| body.kept().is_some());
+    let mut retries_left = policy.map_or(0, |p| p.retries);
+    let mut backoff = policy.map(|p| {
+        ExponentialBuilder::default()
+            .with_min_delay(p.base_interval)
+            .with_max_delay(p.max_interval)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    });
+    let mut tried: Vec<Arc<Host>> = Vec::new();
+    let mut _retry = None;
+    loop {
+        let avoid = if policy.is_some_and(|p| p.other_hosts) {
+            tried.as_slice()
+        } else {
+            &[]
+        };
+        let target = upstream
+            .pick(endpoints, avoid)
+            .ok_or(Flag::NoHealthyUpstream)?;
+        let admission = upstream.admit(h2).await.map_err(|_| Flag::Overflow)?;
+        let in_flight = target.start();
+        let call = upstream
+            .client(h2)
+            .request(head.request(&target.address, body.next())?);
+        let result = match policy.and_then(|p| p.per_try_timeout) {
+            Some(limit) => match tokio::time::timeout(limit, call).await {
+                Ok(result) => result.map_err(|error| classify(&error, &target.address)),
+                Err(_) => Err(Attempt::TimedOut),
+            },
+            None => call
+                .await
+                .map_err(|error| classify(&error, &target.address)),
+        };
+        let (outcome, ended) = match &result {
+            Ok(response) => {
+                let status = response.status();
+                let grpc = response
+                    .headers()
+                    .get("grpc-status")
+                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let outcome = if status.is_server_error() {
+                    Outcome::ServerError(status.as_u16())
+                } else {
+                    Outcome::Success
+                };
+                (outcome, Attempt::Answered(status, grpc))
+            }
+            Err(attempt) => (Outcome::LocalFailure, *attempt),
+        };
+        upstream.record(&target, outcome);
+        let again = retries_left > 0 && policy.is_some_and(|p| p.retries_on(ended)) && {
+            _retry = upstream.admit_retry();
+            _retry.is_some()
+        };
+        if !again {
+            return match result {
+                Ok(response) => Ok(response.map(|body| {
+                    Guarded {
+                        body,
+                        _guards: (admission, in_flight),
+                    }
+                    .boxed()
+                })),
+                Err(Attempt::ConnectFailure) => Err(Flag::UpstreamConnectionFailure),
+                Err(Attempt::TimedOut) => Err(Flag::UpstreamTimeout),
+                Err(_) => Err(Flag::UpstreamReset),
+            };
+        }
+        retries_left -= 1;
+        tried.push(target);
+        drop((result, admission, in_flight));
+        if let Some(delay) = backoff.as_mut().and_then(Iterator::next) {
+            tokio::time::sleep(delay).await;
+        }
+    }
+}
+
+fn classify(error: &hyper_util::client::legacy::Error, target: &Target) -> Attempt {
+    tracing::debug!(%error, endpoint = %target, "upstream request failed");
+    if error.is_connect() {
+        Attempt::ConnectFailure
+    } else {
+        Attempt::Reset
+    }
+}
+
+/// Sends a copy of the request to `cluster` with the authority suffixed
+/// `-shadow`, as Envoy does; its answer is dropped.
+fn shadow(connection: &Connection, cluster: &str, head: &Upstream, authority: &str, body: Bytes) {
+    let snapshot = &connection.snapshot;
+    let Some(cluster) = snapshot.clusters.get(cluster) else {
+        return;
+    };
+    let Some(endpoints) = snapshot.endpoints_of(cluster) else {
+        return;
+    };
+    let upstream = connection.upstreams.get(cluster);
+    let Some(target) = upstream.pick(&endpoints, &[]) else {
+        return;
+    };
+    let Ok(mut request) = head.request(&target.address, full(body)) else {
+        return;
+    };
+    let host = authority
+        .rsplit_once(':')
+        .filter(|(_, port)| port.parse::<u16>().is_ok())
+        .map_or_else(
+            || format!("{authority}-shadow"),
+            |(h, p)| format!("{h}-shadow:{p}"),
+        );
+    if let Ok(host) = HeaderValue::from_str(&host) {
+        request.headers_mut().insert(HOST, host);
+    }
+    let client = upstream.client(false).clone();
+    tokio::spawn(async move {
+        let _in_flight = target.start();
+        if let Ok(Ok(response)) =
+            tokio::time::timeout(SHADOW_TIMEOUT, client.request(request)).await
+        {
+            let _ = response.into_body().collect().await;
+        }
+    });
+}
+
+/// How long a mirrored request may take.
+const SHADOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// An upstream response body holding what the request occupies — its
+/// circuit-breaker admission and its count at the endpoint — until it is
+/// read or dropped.
+struct Guarded {
+    body: Incoming,
+    _guards: (Admission, HostGuard),
+}
+
+impl http_body::Body for Guarded {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 /// The request's authority: `:authority` (HTTP/2, absolute URIs), else

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod listener;
+pub mod resilience;
 pub mod route;
 
 use std::collections::{BTreeMap, HashMap};

@@ -21,7 +21,7 @@ use crate::model::Snapshot;
 use crate::model::cluster::{Discovery, Target};
 use crate::model::listener::{ConnectionInfo, Listener, TcpRoute, Terminal};
 use crate::state::State;
-use crate::upstream::Upstreams;
+use crate::upstream::{Outcome, Upstreams};
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -280,26 +280,39 @@ async fn tcp(
         tracing::debug!(cluster = %name, "no such cluster; closed");
         return;
     };
-    let target = if matches!(cluster.discovery, Discovery::OriginalDst) {
-        Target::Ip(destination)
+    let state = upstreams.get(cluster);
+    let Ok(_admission) = state.admit(false).await else {
+        tracing::debug!(cluster = %name, "circuit breaker open (UO); closed");
+        return;
+    };
+    let (target, host) = if matches!(cluster.discovery, Discovery::OriginalDst) {
+        (Target::Ip(destination), None)
     } else {
         let Some(endpoints) = snapshot.endpoints_of(cluster) else {
             return;
         };
-        let state = upstreams.get(cluster);
-        let Some(endpoint) = state.pick(&endpoints) else {
+        let Some(host) = state.pick(&endpoints, &[]) else {
             tracing::debug!(cluster = %name, "no healthy endpoint; closed");
             return;
         };
-        endpoint.address.clone()
+        (host.address.clone(), Some(host))
     };
+    let _in_flight = host.as_ref().map(|h| h.start());
     let connect = async {
         match &target {
             Target::Ip(addr) => TcpStream::connect(addr).await,
             Target::Dns(host, port) => TcpStream::connect((host.as_str(), *port)).await,
         }
     };
-    let mut upstream = match tokio::time::timeout(cluster.connect_timeout, connect).await {
+    let connected = tokio::time::timeout(cluster.connect_timeout, connect).await;
+    if let Some(host) = &host {
+        let outcome = match &connected {
+            Ok(Ok(_)) => Outcome::Success,
+            _ => Outcome::LocalFailure,
+        };
+        state.record(host, outcome);
+    }
+    let mut upstream = match connected {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(error)) => {
             tracing::debug!(%target, %error, "TCP upstream connect failed");

@@ -1,20 +1,24 @@
 //! The proxy's side of a cluster: pooled keep-alive connections to its
-//! endpoints and the choice of endpoint. Kept across configuration swaps
+//! endpoints, circuit breakers, outlier detection and the choice of
+//! endpoint. Kept across configuration swaps
 //! for as long as the cluster itself does not change, so pools and
 //! balancing state outlive a route change.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::model::cluster::{Endpoint, LbPolicy, Protocol};
+use crate::model::cluster::{LbPolicy, Protocol, Target};
 use crate::model::{Cluster, Endpoints};
 
 /// The body of requests and responses on the data path.
@@ -52,13 +56,120 @@ impl Upstreams {
     }
 }
 
+/// One cluster's upstream side: its connection pools, its circuit
+/// breakers, and the state of each endpoint (requests in flight for
+/// least-request, failures and ejection for outlier detection).
 #[derive(Debug)]
 pub struct ClusterState {
     pub config: Arc<Cluster>,
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
     next: AtomicUsize,
+    requests: AtomicU32,
+    pending: AtomicU32,
+    retries: AtomicU32,
+    /// HTTP/1.1 connections busy: one request each.
+    connections: Arc<Semaphore>,
+    hosts: ArcSwap<Hosts>,
+    /// Ejection times are kept as milliseconds since this instant.
+    epoch: Instant,
 }
+
+/// The state of each endpoint of the endpoints last seen, in their order.
+#[derive(Debug, Default)]
+struct Hosts {
+    source: Option<Arc<Endpoints>>,
+    states: Vec<Arc<Host>>,
+}
+
+/// One endpoint's state, kept across EDS updates while it stays.
+#[derive(Debug)]
+pub struct Host {
+    pub address: Target,
+    active: AtomicU32,
+    consecutive_5xx: AtomicU32,
+    consecutive_gateway: AtomicU32,
+    /// Milliseconds since the cluster's epoch until which it is ejected;
+    /// 0 when it is not.
+    ejected_until: AtomicU64,
+    ejections: AtomicU32,
+}
+
+impl Host {
+    fn new(address: Target) -> Self {
+        Self {
+            address,
+            active: AtomicU32::new(0),
+            consecutive_5xx: AtomicU32::new(0),
+            consecutive_gateway: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            ejections: AtomicU32::new(0),
+        }
+    }
+
+    fn ejected(&self, now: u64) -> bool {
+        self.ejected_until.load(Ordering::Relaxed) > now
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn start(self: &Arc<Self>) -> HostGuard {
+        self.active.fetch_add(1, Ordering::Relaxed);
+        HostGuard(Arc::clone(self))
+    }
+}
+
+/// A request in flight to a host.
+#[derive(Debug)]
+pub struct HostGuard(Arc<Host>);
+
+impl Drop for HostGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// How an attempt at an endpoint went, for outlier detection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// An answer below 500.
+    Success,
+    /// A 5xx answer; 502, 503 and 504 are gateway failures.
+    ServerError(u16),
+    /// Connection failure, reset or timeout: a gateway failure.
+    LocalFailure,
+}
+
+/// The circuit breakers said no: Envoy's UO.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Overflow;
+
+/// A request admitted by the circuit breakers, counted until it drops
+/// (with its response body).
+#[derive(Debug)]
+pub struct Admission {
+    cluster: Arc<ClusterState>,
+    _connection: Option<OwnedSemaphorePermit>,
+}
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.cluster.requests.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A retry admitted by the `max_retries` breaker.
+#[derive(Debug)]
+pub struct RetryAdmission(Arc<ClusterState>);
+
+impl Drop for RetryAdmission {
+    fn drop(&mut self) {
+        self.0.retries.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Below this share of endpoints available, ejection is ignored and all
+/// healthy endpoints take traffic (Envoy's panic threshold, 50 %).
+const PANIC_PERCENT: usize = 50;
 
 impl ClusterState {
     fn new(config: Arc<Cluster>) -> Self {
@@ -73,68 +184,258 @@ impl ClusterState {
                 .http2_only(http2)
                 .build(connector.clone())
         };
+        let connections = (config.limits.max_connections as usize).min(Semaphore::MAX_PERMITS);
         Self {
             http1: client(false),
             http2: client(true),
             next: AtomicUsize::new(0),
+            requests: AtomicU32::new(0),
+            pending: AtomicU32::new(0),
+            retries: AtomicU32::new(0),
+            connections: Arc::new(Semaphore::new(connections)),
+            hosts: ArcSwap::from_pointee(Hosts::default()),
+            epoch: Instant::now(),
             config,
         }
     }
 
-    /// The client for a request that arrived as HTTP/2 (`downstream_h2`)
-    /// or not.
-    pub fn client(&self, downstream_h2: bool) -> &Client<HttpConnector, Body> {
-        let h2 = match self.config.protocol {
+    /// Whether requests to it go as HTTP/2, for a request that arrived as
+    /// HTTP/2 (`downstream_h2`) or not.
+    pub fn speaks_h2(&self, downstream_h2: bool) -> bool {
+        match self.config.protocol {
             Protocol::Http1 => false,
             Protocol::Http2 => true,
             Protocol::Downstream => downstream_h2,
-        };
+        }
+    }
+
+    pub fn client(&self, h2: bool) -> &Client<HttpConnector, Body> {
         if h2 { &self.http2 } else { &self.http1 }
     }
 
-    /// An endpoint for the next request: healthy ones only, by the
-    /// cluster's policy.
-    pub fn pick<'a>(&self, endpoints: &'a Endpoints) -> Option<&'a Endpoint> {
-        let healthy: Vec<&Endpoint> = endpoints.items.iter().filter(|e| e.healthy).collect();
-        let equal = healthy.windows(2).all(|w| w[0].weight == w[1].weight);
-        match (self.config.lb, healthy.len()) {
-            (_, 0) => None,
-            (_, 1) => Some(healthy[0]),
-            (LbPolicy::RoundRobin, n) if equal => {
-                Some(healthy[self.next.fetch_add(1, Ordering::Relaxed) % n])
+    /// Admits a request past the circuit breakers: at most `max_requests`
+    /// in flight; over HTTP/1.1 one per connection and at most
+    /// `max_connections` of those, with up to `max_pending_requests`
+    /// waiting for one.
+    pub async fn admit(self: &Arc<Self>, h2: bool) -> Result<Admission, Overflow> {
+        let limits = self.config.limits;
+        if self.requests.fetch_add(1, Ordering::Relaxed) >= limits.max_requests {
+            self.requests.fetch_sub(1, Ordering::Relaxed);
+            return Err(Overflow);
+        }
+        let mut admission = Admission {
+            cluster: Arc::clone(self),
+            _connection: None,
+        };
+        if h2 {
+            return Ok(admission);
+        }
+        let permit = match Arc::clone(&self.connections).try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                if self.pending.fetch_add(1, Ordering::Relaxed) >= limits.max_pending_requests {
+                    self.pending.fetch_sub(1, Ordering::Relaxed);
+                    return Err(Overflow);
+                }
+                let permit = Arc::clone(&self.connections).acquire_owned().await;
+                self.pending.fetch_sub(1, Ordering::Relaxed);
+                permit.map_err(|_| Overflow)?
             }
-            // Weighted (or random, or least-request until in-flight counts
-            // are kept): by weight at random.
-            _ => {
-                let total: u64 = healthy.iter().map(|e| u64::from(e.weight)).sum();
-                let mut point = rand::random_range(0..total);
-                healthy.into_iter().find(|e| {
-                    let hit = point < u64::from(e.weight);
-                    point = point.saturating_sub(u64::from(e.weight));
-                    hit
-                })
+        };
+        admission._connection = Some(permit);
+        Ok(admission)
+    }
+
+    /// Admits one more retry, under `max_retries` at once.
+    pub fn admit_retry(self: &Arc<Self>) -> Option<RetryAdmission> {
+        if self.retries.fetch_add(1, Ordering::Relaxed) >= self.config.limits.max_retries {
+            self.retries.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(RetryAdmission(Arc::clone(self)))
+    }
+
+    fn now(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The state of each of `endpoints`, made when they change: what is
+    /// known of an address that stays is kept.
+    fn hosts(&self, endpoints: &Arc<Endpoints>) -> Arc<Hosts> {
+        let hosts = self.hosts.load_full();
+        if hosts
+            .source
+            .as_ref()
+            .is_some_and(|s| Arc::ptr_eq(s, endpoints))
+        {
+            return hosts;
+        }
+        let states = endpoints
+            .items
+            .iter()
+            .map(|e| {
+                hosts
+                    .states
+                    .iter()
+                    .find(|h| h.address == e.address)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Host::new(e.address.clone())))
+            })
+            .collect();
+        let fresh = Arc::new(Hosts {
+            source: Some(Arc::clone(endpoints)),
+            states,
+        });
+        self.hosts.store(Arc::clone(&fresh));
+        fresh
+    }
+
+    /// An endpoint for the next attempt by the cluster's policy, among the
+    /// healthy ones not ejected (all healthy ones when too few are left),
+    /// avoiding `tried` when another is available.
+    pub fn pick(&self, endpoints: &Arc<Endpoints>, tried: &[Arc<Host>]) -> Option<Arc<Host>> {
+        let hosts = self.hosts(endpoints);
+        let now = self.now();
+        let healthy: Vec<(usize, &Arc<Host>)> = hosts
+            .states
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| endpoints.items[*i].healthy)
+            .collect();
+        let available: Vec<(usize, &Arc<Host>)> = healthy
+            .iter()
+            .copied()
+            .filter(|(_, h)| !h.ejected(now))
+            .collect();
+        let mut candidates = if available.len() * 100 < healthy.len() * PANIC_PERCENT {
+            healthy
+        } else {
+            available
+        };
+        if !tried.is_empty() {
+            let untried: Vec<(usize, &Arc<Host>)> = candidates
+                .iter()
+                .copied()
+                .filter(|(_, h)| !tried.iter().any(|t| Arc::ptr_eq(t, h)))
+                .collect();
+            if !untried.is_empty() {
+                candidates = untried;
             }
         }
+        let weight = |i: usize| endpoints.items[i].weight;
+        let equal = candidates
+            .windows(2)
+            .all(|w| weight(w[0].0) == weight(w[1].0));
+        let chosen = match (self.config.lb, candidates.len()) {
+            (_, 0) => return None,
+            (_, 1) => candidates[0].1,
+            (LbPolicy::RoundRobin, n) if equal => {
+                candidates[self.next.fetch_add(1, Ordering::Relaxed) % n].1
+            }
+            // Power of two choices: the less loaded of two at random.
+            (LbPolicy::LeastRequest, n) if equal => {
+                let first = rand::random_range(0..n);
+                let second = (first + rand::random_range(1..n)) % n;
+                let (a, b) = (candidates[first].1, candidates[second].1);
+                if b.active.load(Ordering::Relaxed) < a.active.load(Ordering::Relaxed) {
+                    b
+                } else {
+                    a
+                }
+            }
+            // By weight at random (and RANDOM).
+            _ => {
+                let total: u64 = candidates.iter().map(|(i, _)| u64::from(weight(*i))).sum();
+                let mut point = rand::random_range(0..total);
+                candidates
+                    .iter()
+                    .find(|(i, _)| {
+                        let hit = point < u64::from(weight(*i));
+                        point = point.saturating_sub(u64::from(weight(*i)));
+                        hit
+                    })?
+                    .1
+            }
+        };
+        Some(Arc::clone(chosen))
+    }
+
+    /// Counts an attempt's outcome against its endpoint, and ejects the
+    /// endpoint when outlier detection says so: after so many consecutive
+    /// 5xx or gateway failures, for the base ejection time times its
+    /// ejections so far (at most the maximum), while no more than the
+    /// maximum share of endpoints is ejected (at least one may be).
+    pub fn record(&self, host: &Host, outcome: Outcome) {
+        let Some(outlier) = self.config.outlier else {
+            return;
+        };
+        let (server, gateway) = match outcome {
+            Outcome::Success => {
+                host.consecutive_5xx.store(0, Ordering::Relaxed);
+                host.consecutive_gateway.store(0, Ordering::Relaxed);
+                return;
+            }
+            Outcome::ServerError(code) => (true, matches!(code, 502..=504)),
+            Outcome::LocalFailure => (true, true),
+        };
+        let fives = host
+            .consecutive_5xx
+            .fetch_add(u32::from(server), Ordering::Relaxed)
+            + 1;
+        let gateways = if gateway {
+            host.consecutive_gateway.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            host.consecutive_gateway.store(0, Ordering::Relaxed);
+            0
+        };
+        let tripped = (outlier.consecutive_5xx > 0 && fives >= outlier.consecutive_5xx)
+            || (outlier.consecutive_gateway > 0 && gateways >= outlier.consecutive_gateway);
+        let now = self.now();
+        if !tripped || host.ejected(now) {
+            return;
+        }
+        let hosts = self.hosts.load();
+        let total = hosts.states.len();
+        let ejected = hosts.states.iter().filter(|h| h.ejected(now)).count();
+        let allowed = (total * outlier.max_ejection_percent as usize / 100).max(1);
+        if ejected >= allowed {
+            return;
+        }
+        let ejections = host.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        let time = (outlier.base_ejection_time * ejections)
+            .min(outlier.max_ejection_time.max(outlier.base_ejection_time));
+        host.ejected_until
+            .store(now + time.as_millis() as u64, Ordering::Relaxed);
+        host.consecutive_5xx.store(0, Ordering::Relaxed);
+        host.consecutive_gateway.store(0, Ordering::Relaxed);
+        tracing::info!(cluster = %self.config.name, endpoint = %host.address, ?time, "endpoint ejected");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cluster::{Discovery, Target};
+    use crate::model::cluster::{Discovery, Endpoint};
+    use crate::model::resilience::{Limits, Outlier};
 
-    fn cluster(lb: LbPolicy) -> Arc<Cluster> {
+    fn cluster(lb: LbPolicy, outlier: Option<Outlier>) -> Arc<Cluster> {
         Arc::new(Cluster {
             name: "c".into(),
             discovery: Discovery::Eds("c".into()),
             lb,
             connect_timeout: Duration::from_secs(1),
             protocol: Protocol::Http1,
+            limits: Limits {
+                max_connections: 1,
+                max_pending_requests: 1,
+                ..Limits::default()
+            },
+            outlier,
         })
     }
 
-    fn endpoints(weights: &[(u16, u32, bool)]) -> Endpoints {
-        Endpoints {
+    fn endpoints(weights: &[(u16, u32, bool)]) -> Arc<Endpoints> {
+        Arc::new(Endpoints {
             items: weights
                 .iter()
                 .map(|(port, weight, healthy)| Endpoint {
@@ -143,40 +444,131 @@ mod tests {
                     healthy: *healthy,
                 })
                 .collect(),
+        })
+    }
+
+    fn port(host: &Host) -> u16 {
+        match &host.address {
+            Target::Ip(a) => a.port(),
+            Target::Dns(_, p) => *p,
         }
     }
 
     #[tokio::test]
     async fn round_robin_takes_turns_among_healthy_endpoints() {
-        let state = ClusterState::new(cluster(LbPolicy::RoundRobin));
+        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, None));
         let endpoints = endpoints(&[(1, 1, true), (2, 1, false), (3, 1, true)]);
-        let picked: Vec<String> = (0..4)
-            .map(|_| state.pick(&endpoints).unwrap().address.to_string())
+        let picked: Vec<u16> = (0..4)
+            .map(|_| port(&state.pick(&endpoints, &[]).unwrap()))
             .collect();
-        assert_eq!(
-            picked,
-            ["127.0.0.1:1", "127.0.0.1:3", "127.0.0.1:1", "127.0.0.1:3"]
+        assert_eq!(picked, [1, 3, 1, 3]);
+        assert!(
+            state
+                .pick(&self::endpoints(&[(1, 1, false)]), &[])
+                .is_none()
         );
-        assert!(state.pick(&self::endpoints(&[(1, 1, false)])).is_none());
     }
 
     #[tokio::test]
     async fn weights_bias_the_choice() {
-        let state = ClusterState::new(cluster(LbPolicy::RoundRobin));
+        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, None));
         let endpoints = endpoints(&[(1, 9, true), (2, 1, true)]);
         let first = (0..2000)
-            .filter(|_| state.pick(&endpoints).unwrap().address.to_string() == "127.0.0.1:1")
+            .filter(|_| port(&state.pick(&endpoints, &[]).unwrap()) == 1)
             .count();
         assert!((1700..1900).contains(&first), "{first} of 2000");
     }
 
     #[tokio::test]
+    async fn least_request_prefers_the_less_busy_of_two() {
+        let state = ClusterState::new(cluster(LbPolicy::LeastRequest, None));
+        let endpoints = endpoints(&[(1, 1, true), (2, 1, true)]);
+        let busy = state.pick(&endpoints, &[]).unwrap();
+        let _guards: Vec<HostGuard> = (0..3).map(|_| busy.start()).collect();
+        for _ in 0..20 {
+            assert_ne!(port(&state.pick(&endpoints, &[]).unwrap()), port(&busy));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_retry_avoids_the_endpoint_tried() {
+        let state = ClusterState::new(cluster(LbPolicy::Random, None));
+        let endpoints = endpoints(&[(1, 1, true), (2, 1, true)]);
+        for _ in 0..20 {
+            let first = state.pick(&endpoints, &[]).unwrap();
+            let second = state
+                .pick(&endpoints, std::slice::from_ref(&first))
+                .unwrap();
+            assert_ne!(port(&first), port(&second));
+        }
+    }
+
+    #[tokio::test]
+    async fn consecutive_errors_eject_an_endpoint_until_its_time_is_up() {
+        let outlier = Outlier {
+            consecutive_5xx: 2,
+            consecutive_gateway: 0,
+            base_ejection_time: Duration::from_millis(200),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejection_percent: 50,
+        };
+        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, Some(outlier)));
+        let endpoints = endpoints(&[(1, 1, true), (2, 1, true), (3, 1, true), (4, 1, true)]);
+        let hosts = state.hosts(&endpoints);
+        let failing = &hosts.states[0];
+        state.record(failing, Outcome::ServerError(500));
+        state.record(failing, Outcome::Success);
+        state.record(failing, Outcome::ServerError(500));
+        assert!(!failing.ejected(state.now()), "not consecutive");
+        state.record(failing, Outcome::LocalFailure);
+        assert!(failing.ejected(state.now()));
+        for _ in 0..12 {
+            assert_ne!(port(&state.pick(&endpoints, &[]).unwrap()), 1);
+        }
+        // 50 % of four: a second may go, a third may not.
+        for host in &hosts.states[1..] {
+            state.record(host, Outcome::ServerError(503));
+            state.record(host, Outcome::ServerError(503));
+        }
+        let ejected = hosts
+            .states
+            .iter()
+            .filter(|h| h.ejected(state.now()))
+            .count();
+        assert_eq!(ejected, 2);
+        // The same endpoints under a new assignment keep their state.
+        let again = self::endpoints(&[(1, 1, true), (2, 1, true), (3, 1, true), (4, 1, true)]);
+        assert!(Arc::ptr_eq(&state.hosts(&again).states[0], failing));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(
+            !failing.ejected(state.now()),
+            "back after the base ejection time"
+        );
+    }
+
+    #[tokio::test]
+    async fn circuit_breakers_overflow_beyond_connections_and_pending() {
+        let state = Arc::new(ClusterState::new(cluster(LbPolicy::RoundRobin, None)));
+        let first = state.admit(false).await.unwrap();
+        // The second waits for the connection; the third overflows.
+        let waiting = tokio::spawn({
+            let state = Arc::clone(&state);
+            async move { state.admit(false).await.map(|_| ()) }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(state.admit(false).await.err(), Some(Overflow));
+        drop(first);
+        assert_eq!(waiting.await.unwrap(), Ok(()));
+        assert!(state.admit(false).await.is_ok(), "all released");
+    }
+
+    #[tokio::test]
     async fn a_changed_cluster_gets_new_state() {
         let upstreams = Upstreams::default();
-        let first = cluster(LbPolicy::RoundRobin);
+        let first = cluster(LbPolicy::RoundRobin, None);
         let a = upstreams.get(&first);
         assert!(Arc::ptr_eq(&a, &upstreams.get(&first)));
-        let b = upstreams.get(&cluster(LbPolicy::Random));
+        let b = upstreams.get(&cluster(LbPolicy::Random, None));
         assert!(!Arc::ptr_eq(&a, &b));
     }
 }

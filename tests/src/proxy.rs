@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
@@ -18,17 +20,51 @@ use serde_json::json;
 use crate::cluster::free_port;
 use crate::xds::Target;
 
-/// An HTTP upstream on `ip` (port chosen) answering `name` and the path it
-/// was asked for; `/slow` answers after two seconds.
+/// An HTTP upstream on `ip` (port chosen) answering `name`, the path it
+/// was asked for and the Host: `/slow` answers after two seconds,
+/// `/sleep/<ms>` after so long, `/status/<code>` with that status, and
+/// `/flaky` with 503 and 200 in turns.
 pub async fn upstream_on(ip: [u8; 4], name: &'static str) -> anyhow::Result<SocketAddr> {
+    use axum::extract::Path;
+    use axum::routing::get;
     let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).await?;
     let address = listener.local_addr()?;
+    let calls = Arc::new(AtomicUsize::new(0));
     let app = axum::Router::new()
         .route(
             "/slow",
-            axum::routing::get(|| async {
+            get(|| async {
                 tokio::time::sleep(Duration::from_secs(2)).await;
                 "slow"
+            }),
+        )
+        .route(
+            "/sleep/{ms}",
+            get(move |Path(ms): Path<u64>| async move {
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                format!("{name} slept {ms}")
+            }),
+        )
+        .route(
+            "/status/{code}",
+            get(move |Path(code): Path<u16>| async move {
+                (
+                    http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_REQUEST),
+                    format!("{name} {code}"),
+                )
+            }),
+        )
+        .route(
+            "/flaky",
+            get(move || async move {
+                if calls.fetch_add(1, Ordering::Relaxed).is_multiple_of(2) {
+                    (
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        format!("{name} failed"),
+                    )
+                } else {
+                    (http::StatusCode::OK, format!("{name} ok"))
+                }
             }),
         )
         .fallback(move |uri: http::Uri, headers: http::HeaderMap| async move {
@@ -41,6 +77,42 @@ pub async fn upstream_on(ip: [u8; 4], name: &'static str) -> anyhow::Result<Sock
         });
     tokio::spawn(async move { axum::serve(listener, app).await });
     Ok(address)
+}
+
+/// An HTTP upstream that answers everything with 503, and counts.
+pub async fn failing(name: &'static str) -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&calls);
+    let app = axum::Router::new().fallback(move || async move {
+        counted.fetch_add(1, Ordering::Relaxed);
+        (
+            http::StatusCode::SERVICE_UNAVAILABLE,
+            format!("{name} failing"),
+        )
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((address, calls))
+}
+
+/// An HTTP upstream that keeps the Host header of each request it gets.
+pub async fn recorder() -> anyhow::Result<(SocketAddr, Arc<std::sync::Mutex<Vec<String>>>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let hosts = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let kept = Arc::clone(&hosts);
+    let app = axum::Router::new().fallback(move |headers: http::HeaderMap| async move {
+        let host = headers
+            .get("host")
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        kept.lock().expect("hosts").push(host);
+        "recorded"
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    Ok((address, hosts))
 }
 
 /// [`upstream_on`] 127.0.0.1.
@@ -224,4 +296,22 @@ pub fn static_cluster(name: &str, endpoints: &[SocketAddr]) -> serde_json::Value
                 "address": a.ip().to_string(), "port_value": a.port()}}}})).collect::<Vec<_>>(),
         }]},
     })
+}
+
+/// A bootstrap with one HTTP listener on 127.0.0.1:`port` whose one
+/// virtual host (any domain) has `routes`, and `clusters`.
+pub fn http_bootstrap(
+    port: u16,
+    routes: serde_json::Value,
+    clusters: Vec<serde_json::Value>,
+) -> serde_json::Value {
+    json!({"static_resources": {
+        "listeners": [{"name": "http", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "http",
+                "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+            }}]}]}],
+        "clusters": clusters,
+    }})
 }

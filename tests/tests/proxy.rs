@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use bowline_tests::cluster::free_port;
-use bowline_tests::proxy::{Running, curl, echo, static_cluster as cluster, upstream};
+use bowline_tests::proxy::{
+    Running, curl, echo, http_bootstrap, static_cluster as cluster, upstream,
+};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -187,16 +189,11 @@ fn the_envoy_descriptors_are_what_make_descriptors_writes() -> anyhow::Result<()
 async fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
     let v1 = upstream("v1").await?;
     let http_port = free_port()?;
-    let bootstrap = json!({"static_resources": {
-        "listeners": [{"name": "http", "address": {"socket_address": {"address": "127.0.0.1", "port_value": http_port}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "http",
-                "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"],
-                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "v1"}}]}]},
-            }}]}]}],
-        "clusters": [cluster("v1", &[v1])],
-    }});
+    let bootstrap = http_bootstrap(
+        http_port,
+        json!([{"match": {"prefix": "/"}, "route": {"cluster": "v1"}}]),
+        vec![cluster("v1", &[v1])],
+    );
     let proxy =
         Running::bootstrap(bootstrap, &[("TERMINATION_DRAIN_DURATION_SECONDS", "5")]).await?;
 

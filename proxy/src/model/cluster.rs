@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 
 use crate::envoy::unpack;
 use crate::error::{Error, Result};
+use crate::model::resilience::{Limits, Outlier};
 
 const KIND: &str = "Cluster";
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -26,6 +27,8 @@ pub struct Cluster {
     pub lb: LbPolicy,
     pub connect_timeout: Duration,
     pub protocol: Protocol,
+    pub limits: Limits,
+    pub outlier: Option<Outlier>,
 }
 
 /// Where a cluster's endpoints come from.
@@ -184,6 +187,8 @@ impl Cluster {
             lb,
             connect_timeout,
             protocol,
+            limits: Limits::from_envoy(cluster.circuit_breakers.as_ref()),
+            outlier: cluster.outlier_detection.as_ref().map(Outlier::from_envoy),
         })
     }
 }

@@ -14,8 +14,11 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use regex::Regex;
 
 use crate::error::{Error, Result};
+use crate::model::resilience::{Fault, Mirror, RetryPolicy};
 
 const KIND: &str = "RouteConfiguration";
+/// The fault filter, under whose name routes carry their faults.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 /// Envoy's route timeout when a route sets none (0 disables it).
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -39,6 +42,8 @@ pub struct Route {
     matcher: RouteMatch,
     pub action: Action,
     pub headers: HeaderOps,
+    /// Delays and aborts injected before the action.
+    pub fault: Option<Fault>,
 }
 
 #[derive(Debug)]
@@ -98,6 +103,8 @@ pub struct Forward {
     prefix_rewrite: Option<String>,
     regex_rewrite: Option<(Regex, String)>,
     pub host_rewrite: Option<HeaderValue>,
+    pub retry: Option<RetryPolicy>,
+    pub mirrors: Vec<Mirror>,
 }
 
 /// Where a route sends requests: one cluster, or clusters by weight.
@@ -327,8 +334,19 @@ impl Route {
             },
             _ => return Err(invalid("action", "only route, redirect and direct_response are supported".into())),
         };
+        let fault = match route.typed_per_filter_config.get(FAULT_FILTER) {
+            Some(any) => {
+                let fault = crate::envoy::unpack(any)
+                    .map_err(|e| invalid(&format!("typed_per_filter_config[{FAULT_FILTER}]"), e))?;
+                Some(Fault::from_envoy(&fault).map_err(|(f, e)| {
+                    invalid(&format!("typed_per_filter_config[{FAULT_FILTER}].{f}"), e)
+                })?)
+            }
+            None => None,
+        };
         Ok(Self {
             name: route.name.clone(),
+            fault,
             matcher: RouteMatch {
                 path,
                 ignore_case,
@@ -641,9 +659,21 @@ fn forward(action: &envoy::RouteAction) -> std::result::Result<Forward, (String,
         ),
         _ => None,
     };
+    let retry = action
+        .retry_policy
+        .as_ref()
+        .map(RetryPolicy::from_envoy)
+        .transpose()
+        .map_err(|(f, e)| (format!("retry_policy.{f}"), e))?;
     Ok(Forward {
         destinations,
         timeout,
+        retry,
+        mirrors: action
+            .request_mirror_policies
+            .iter()
+            .map(Mirror::from_envoy)
+            .collect(),
         prefix_rewrite: (!action.prefix_rewrite.is_empty()).then(|| action.prefix_rewrite.clone()),
         regex_rewrite,
         host_rewrite,

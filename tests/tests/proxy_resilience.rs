@@ -1,0 +1,269 @@
+//! bowline-proxy's resilience, observed from outside with curl against
+//! upstreams on loopback, each configured as Envoy reads it: a retry
+//! turns a flaky upstream's 503 into 200 and a per-try timeout moves a
+//! slow attempt to another endpoint; an injected delay is measured and an
+//! injected abort answers its share; the circuit breaker answers 503
+//! (`x-envoy-overloaded`) beyond one connection and one pending request;
+//! outlier detection stops traffic to a failing endpoint, which returns
+//! after its ejection time; a mirror gets a copy with `-shadow` in its
+//! Host.
+
+use std::time::{Duration, Instant};
+
+use anyhow::ensure;
+use bowline_tests::cluster::free_port;
+use bowline_tests::proxy::{
+    Running, curl, failing, first_words, http_bootstrap, recorder, static_cluster, upstream,
+};
+use serde_json::json;
+
+fn url(port: u16, path: &str) -> String {
+    format!("http://127.0.0.1:{port}{path}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_and_per_try_timeouts_hide_failures() -> anyhow::Result<()> {
+    let (flaky, other) = (upstream("flaky").await?, upstream("other").await?);
+    let port = free_port()?;
+    let proxy = Running::bootstrap(
+        http_bootstrap(
+            port,
+            json!([
+                {"match": {"prefix": "/retried"}, "route": {"cluster": "flaky", "prefix_rewrite": "/flaky",
+                    "retry_policy": {"retry_on": "5xx", "num_retries": 2}}},
+                {"match": {"prefix": "/flaky"}, "route": {"cluster": "flaky"}},
+                {"match": {"prefix": "/sleep"}, "route": {"cluster": "both",
+                    "retry_policy": {"retry_on": "gateway-error", "num_retries": 3, "per_try_timeout": "0.2s",
+                                     "host_selection_retry_max_attempts": 5}}},
+            ]),
+            vec![
+                static_cluster("flaky", &[flaky]),
+                static_cluster("both", &[flaky, other]),
+            ],
+        ),
+        &[],
+    )
+    .await?;
+
+    // Without retries, half the requests fail; with them, none.
+    let (mut ok, mut failed) = (0, 0);
+    for _ in 0..50 {
+        match curl(&[&url(port, "/flaky")])?.0 {
+            200 => ok += 1,
+            _ => failed += 1,
+        }
+    }
+    ensure!(
+        ok == 25 && failed == 25,
+        "in turns: {ok} ok, {failed} failed"
+    );
+    for _ in 0..50 {
+        let (status, body) = curl(&[&url(port, "/retried")])?;
+        ensure!(
+            status == 200 && body == "flaky ok",
+            "retried: {status} {body}"
+        );
+    }
+
+    // Both endpoints take a second on `/sleep/1000`: each of the four
+    // attempts times out at 0.2 s, then 504.
+    let started = Instant::now();
+    let (status, _) = curl(&[&url(port, "/sleep/1000")])?;
+    let took = started.elapsed();
+    ensure!(status == 504, "every try timed out: {status}");
+    ensure!(
+        took >= Duration::from_millis(800) && took < Duration::from_millis(2000),
+        "four tries of 0.2 s and backoff: {took:?}"
+    );
+    // A fast answer within the per-try timeout is taken at once.
+    let (status, body) = curl(&[&url(port, "/sleep/10")])?;
+    ensure!(
+        status == 200 && body.ends_with("slept 10"),
+        "{status} {body}"
+    );
+    proxy.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_delay_and_abort_their_share() -> anyhow::Result<()> {
+    let backend = upstream("backend").await?;
+    let port = free_port()?;
+    let fault = |config: serde_json::Value| {
+        let mut config = config;
+        config["@type"] =
+            json!("type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault");
+        json!({"envoy.filters.http.fault": config})
+    };
+    let proxy = Running::bootstrap(
+        http_bootstrap(
+            port,
+            json!([
+                {"match": {"prefix": "/delayed"}, "route": {"cluster": "backend"},
+                 "typed_per_filter_config": fault(json!({"delay": {"fixed_delay": "0.5s",
+                     "percentage": {"numerator": 100, "denominator": "HUNDRED"}}}))},
+                {"match": {"prefix": "/aborted"}, "route": {"cluster": "backend"},
+                 "typed_per_filter_config": fault(json!({"abort": {"http_status": 418,
+                     "percentage": {"numerator": 250000, "denominator": "MILLION"}}}))},
+            ]),
+            vec![static_cluster("backend", &[backend])],
+        ),
+        &[],
+    )
+    .await?;
+
+    let started = Instant::now();
+    let (status, _) = curl(&[&url(port, "/delayed")])?;
+    let took = started.elapsed();
+    println!("a 0.5 s injected delay took {took:?}");
+    ensure!(status == 200, "{status}");
+    ensure!(
+        took >= Duration::from_millis(500) && took < Duration::from_millis(1500),
+        "delayed by 0.5 s: {took:?}"
+    );
+
+    let words = first_words(&url(port, "/aborted"), &[], 1000).await?;
+    let aborted = words.get("fault").copied().unwrap_or(0);
+    println!("25 % aborts over 1,000 requests: {words:?}");
+    // Binomial(1000, 0.25): the standard deviation is 13.7.
+    ensure!((180..=320).contains(&aborted), "{words:?}");
+    ensure!(
+        aborted + words.get("backend").copied().unwrap_or(0) == 1000,
+        "{words:?}"
+    );
+    let output = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+        .args(vec![url(port, "/aborted"); 20])
+        .output()?;
+    let codes = String::from_utf8(output.stdout)?;
+    ensure!(codes.contains("418"), "the abort's status: {codes}");
+    proxy.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_circuit_breaker_overflows_beyond_its_limits() -> anyhow::Result<()> {
+    let backend = upstream("backend").await?;
+    let port = free_port()?;
+    let mut cluster = static_cluster("backend", &[backend]);
+    cluster["circuit_breakers"] =
+        json!({"thresholds": [{"max_connections": 1, "max_pending_requests": 1}]});
+    let proxy = Running::bootstrap(
+        http_bootstrap(
+            port,
+            json!([{"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]),
+            vec![cluster],
+        ),
+        &[],
+    )
+    .await?;
+
+    // Six at once, each holding its connection for 0.5 s: one is served,
+    // one waits for the connection, four overflow.
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            tokio::process::Command::new("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code} %header{x-envoy-overloaded}",
+                ])
+                .arg(url(port, "/sleep/500"))
+                .output()
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for call in futures::future::join_all(calls).await {
+        answers.push(String::from_utf8(call?.stdout)?);
+    }
+    answers.sort();
+    println!("six concurrent requests, one connection and one pending allowed: {answers:?}");
+    ensure!(
+        answers
+            == [
+                "200 ", "200 ", "503 true", "503 true", "503 true", "503 true"
+            ],
+        "{answers:?}"
+    );
+    proxy.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outlier_detection_ejects_a_failing_endpoint_until_its_time_is_up() -> anyhow::Result<()> {
+    let good = upstream("good").await?;
+    let (bad, bad_calls) = failing("bad").await?;
+    let port = free_port()?;
+    let mut cluster = static_cluster("pool", &[good, bad]);
+    cluster["outlier_detection"] = json!({
+        "consecutive_5xx": 3, "interval": "0.5s", "base_ejection_time": "2s", "max_ejection_percent": 100,
+    });
+    let proxy = Running::bootstrap(
+        http_bootstrap(
+            port,
+            json!([{"match": {"prefix": "/"}, "route": {"cluster": "pool"}}]),
+            vec![cluster],
+        ),
+        &[],
+    )
+    .await?;
+
+    // Round robin: the bad endpoint gets every other request until its
+    // third failure in a row ejects it.
+    let words = first_words(&url(port, "/"), &[], 40).await?;
+    println!("40 requests, one endpoint failing: {words:?}");
+    ensure!(
+        words.get("bad") == Some(&3),
+        "three failures, then ejected: {words:?}"
+    );
+    ensure!(words.get("good") == Some(&37), "{words:?}");
+    let ejected_at = Instant::now();
+    let words = first_words(&url(port, "/"), &[], 20).await?;
+    ensure!(words.get("good") == Some(&20), "still ejected: {words:?}");
+
+    // After the base ejection time it takes traffic again.
+    tokio::time::sleep(
+        Duration::from_secs(2).saturating_sub(ejected_at.elapsed()) + Duration::from_millis(200),
+    )
+    .await;
+    let before = bad_calls.load(std::sync::atomic::Ordering::Relaxed);
+    let words = first_words(&url(port, "/"), &[], 10).await?;
+    ensure!(
+        bad_calls.load(std::sync::atomic::Ordering::Relaxed) > before,
+        "back after the ejection time: {words:?}"
+    );
+    proxy.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_gets_a_shadow_copy() -> anyhow::Result<()> {
+    let backend = upstream("backend").await?;
+    let (mirror, seen) = recorder().await?;
+    let port = free_port()?;
+    let proxy = Running::bootstrap(
+        http_bootstrap(
+            port,
+            json!([{"match": {"prefix": "/"}, "route": {"cluster": "backend",
+                "request_mirror_policies": [{"cluster": "mirror"}]}}]),
+            vec![
+                static_cluster("backend", &[backend]),
+                static_cluster("mirror", &[mirror]),
+            ],
+        ),
+        &[],
+    )
+    .await?;
+    let (status, body) = curl(&["-H", "Host: shop.example", &url(port, "/cart")])?;
+    ensure!(
+        status == 200 && body == "backend /cart shop.example",
+        "{status} {body}"
+    );
+    for _ in 0..50 {
+        if !seen.lock().expect("hosts").is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let hosts = seen.lock().expect("hosts").clone();
+    ensure!(hosts == ["shop.example-shadow"], "{hosts:?}");
+    proxy.stop().await
+}
