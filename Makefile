@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s envoy kstatus helm olm-validate olm descriptors deps bench-operator bench-controlplane
+.PHONY: demo cluster test lint k8s envoy kstatus helm olm-validate olm descriptors deps bench-operator bench-controlplane bench-proxy
 
 ## demo: bring the local cluster up, deploy a sample workload, show it, stop.
 demo: k8s
@@ -36,6 +36,12 @@ bench-operator: k8s
 ## delta ADS: convergence after a change, CPU per push, memory per proxy.
 bench-controlplane: deps
 	$(CARGO) run --locked --release -q -p bowline-tests --bin bench-controlplane
+
+## bench-proxy: bowline-proxy beside Envoy, nginx and HAProxy on loopback
+## (wrk, h2load; apt-get install wrk nghttp2-client nginx-light haproxy).
+bench-proxy: envoy
+	$(CARGO) build --locked --release -p bowline-proxy -p bowline-tests --bin bowline-proxy --bin bench-proxy
+	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(CARGO_TARGET_DIR)/release/bowline-proxy $(BENCH_ARGS)
 
 ## k8s: build (or find, when up to date) the local cluster's binaries.
 k8s: deps
