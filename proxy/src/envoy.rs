@@ -5,21 +5,21 @@
 //! `proxy/descriptors` from Envoy's published API), so a file Envoy accepts
 //! means the same here.
 
-use std::sync::LazyLock;
-
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 use prost_reflect::{DescriptorPool, DynamicMessage};
 
-/// The descriptors of the Envoy API subset Bowline reads.
-static POOL: LazyLock<DescriptorPool> = LazyLock::new(|| {
+/// The descriptors of the Envoy API subset Bowline reads. Decoded for each
+/// file read and dropped after: a proxy reads one bootstrap file at most,
+/// and the pool is megabytes it need not keep.
+fn pool() -> DescriptorPool {
     DescriptorPool::decode(include_bytes!("envoy.binpb").as_ref())
         .unwrap_or_else(|e| panic!("envoy.binpb is not a descriptor set: {e}"))
-});
+}
 
 /// Decodes `value` (JSON or YAML already parsed) as the message `M`.
 pub fn from_json<M: Message + Name + Default>(value: serde_json::Value) -> Result<M, String> {
-    let descriptor = POOL
+    let descriptor = pool()
         .get_message_by_name(&M::full_name())
         .ok_or_else(|| format!("{} is not in the descriptors Bowline reads", M::full_name()))?;
     let dynamic = DynamicMessage::deserialize(descriptor, value).map_err(|e| e.to_string())?;
