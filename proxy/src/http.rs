@@ -439,7 +439,7 @@ fn shadow(connection: &Connection, cluster: &str, head: &Upstream, authority: &s
     if let Ok(host) = HeaderValue::from_str(&host) {
         request.headers_mut().insert(HOST, host);
     }
-    let client = upstream.client(false).clone();
+    let client = upstream.client(upstream.speaks_h2(false)).clone();
     tokio::spawn(async move {
         let _in_flight = target.start();
         if let Ok(Ok(response)) =

@@ -64,28 +64,23 @@ pub async fn follow(
     let mut held = Held::default();
     let mut backoff = backoff();
     while !*stop.borrow() {
-        let outcome = tokio::select! {
-            outcome = session(discovery, &node, &mut held, &state) => outcome,
+        let (responses, error) = tokio::select! {
+            ended = session(discovery, &node, &mut held, &state) => ended,
             _ = stop.wait_for(|s| *s) => return,
         };
-        let delay = match outcome {
-            Ok(Ended { responses }) => {
-                if responses > 0 {
-                    backoff = self::backoff();
-                }
-                let delay = backoff.next().unwrap_or(BACKOFF_MAX);
-                tracing::warn!(address = %discovery.address, ?delay, "the control plane closed the stream; reconnecting");
-                delay
+        // A stream that worked starts the backoff over.
+        if responses > 0 {
+            backoff = self::backoff();
+        }
+        let delay = backoff.next().unwrap_or(BACKOFF_MAX);
+        match error {
+            None => {
+                tracing::warn!(address = %discovery.address, ?delay, "the control plane closed the stream; reconnecting")
             }
-            Err(Failed { responses, error }) => {
-                if responses > 0 {
-                    backoff = self::backoff();
-                }
-                let delay = backoff.next().unwrap_or(BACKOFF_MAX);
-                tracing::warn!(address = %discovery.address, error = format!("{error:#}"), ?delay, "no connection to the control plane; serving the last configuration and retrying");
-                delay
+            Some(error) => {
+                tracing::warn!(address = %discovery.address, error = format!("{error:#}"), ?delay, "no connection to the control plane; serving the last configuration and retrying")
             }
-        };
+        }
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = stop.wait_for(|s| *s) => return,
@@ -103,80 +98,27 @@ fn backoff() -> backon::ExponentialBackoff {
         .build()
 }
 
-/// A stream the control plane ended, after so many responses.
-struct Ended {
-    responses: usize,
-}
-
-/// A stream that could not be opened or broke.
-struct Failed {
-    responses: usize,
-    error: anyhow::Error,
-}
-
-/// One stream, from connecting until it ends.
+/// One stream, from connecting until it ends: the responses it brought,
+/// and why it ended unless the control plane closed it.
 async fn session(
     discovery: &Discovery,
     node: &Node,
     held: &mut Held,
     state: &State,
-) -> std::result::Result<Ended, Failed> {
-    let failed = |responses| move |error| Failed { responses, error };
-    let channel = channel(discovery).await.map_err(failed(0))?;
-    let token = std::fs::read_to_string(&discovery.token)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "reading the ServiceAccount token {}: {e}",
-                discovery.token.display()
-            )
-        })
-        .map_err(failed(0))?;
-    let (requests, outgoing) = mpsc::channel(16);
-    // What is held is announced, so only what changed comes again.
-    for type_url in [CLUSTER, LISTENER, ENDPOINT, ROUTE] {
-        let subscribe = held.names(type_url);
-        if subscribe.is_empty() && matches!(type_url, ENDPOINT | ROUTE) {
-            continue;
-        }
-        let request = DeltaDiscoveryRequest {
-            node: (type_url == CLUSTER).then(|| node.clone()),
-            type_url: type_url.into(),
-            resource_names_subscribe: subscribe,
-            initial_resource_versions: held.versions(type_url),
-            ..Default::default()
-        };
-        let _ = requests.try_send(request);
-    }
-    held.start_stream();
-    let mut request = tonic::Request::new(ReceiverStream::new(outgoing));
-    let bearer = format!("Bearer {}", token.trim())
-        .parse()
-        .map_err(|_| {
-            anyhow::anyhow!(
-                "the ServiceAccount token in {} is not a header value",
-                discovery.token.display()
-            )
-        })
-        .map_err(failed(0))?;
-    request.metadata_mut().insert("authorization", bearer);
-    let mut responses = AggregatedDiscoveryServiceClient::new(channel)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .delta_aggregated_resources(request)
-        .await
-        .map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))
-        .map_err(failed(0))?
-        .into_inner();
+) -> (usize, Option<anyhow::Error>) {
+    let (requests, mut responses) = match open(discovery, node, held).await {
+        Ok(opened) => opened,
+        Err(error) => return (0, Some(error)),
+    };
     tracing::info!(address = %discovery.address, "connected to the control plane");
     let mut count = 0;
     loop {
         let response = match responses.message().await {
             Ok(Some(response)) => response,
-            Ok(None) => return Ok(Ended { responses: count }),
+            Ok(None) => return (count, None),
             Err(status) => {
-                return Err(Failed {
-                    responses: count,
-                    error: anyhow::anyhow!("{}: {}", status.code(), status.message()),
-                });
+                let error = anyhow::anyhow!("{}: {}", status.code(), status.message());
+                return (count, Some(error));
             }
         };
         count += 1;
@@ -201,7 +143,7 @@ async fn session(
         answers.extend(held.resubscribe());
         for answer in answers {
             if requests.send(answer).await.is_err() {
-                return Ok(Ended { responses: count });
+                return (count, None);
             }
         }
         if held.complete() {
@@ -216,6 +158,56 @@ async fn session(
             state.publish(held.snapshot());
         }
     }
+}
+
+/// Connects and opens the stream, asking again for what is held with the
+/// versions held, so that only what changed comes again.
+async fn open(
+    discovery: &Discovery,
+    node: &Node,
+    held: &mut Held,
+) -> anyhow::Result<(
+    mpsc::Sender<DeltaDiscoveryRequest>,
+    tonic::Streaming<DeltaDiscoveryResponse>,
+)> {
+    let channel = channel(discovery).await?;
+    let token = std::fs::read_to_string(&discovery.token).map_err(|e| {
+        anyhow::anyhow!(
+            "reading the ServiceAccount token {}: {e}",
+            discovery.token.display()
+        )
+    })?;
+    let bearer = format!("Bearer {}", token.trim()).parse().map_err(|_| {
+        anyhow::anyhow!(
+            "the ServiceAccount token in {} is not a header value",
+            discovery.token.display()
+        )
+    })?;
+    let (requests, outgoing) = mpsc::channel(16);
+    for type_url in [CLUSTER, LISTENER, ENDPOINT, ROUTE] {
+        let subscribe = held.names(type_url);
+        if subscribe.is_empty() && matches!(type_url, ENDPOINT | ROUTE) {
+            continue;
+        }
+        let request = DeltaDiscoveryRequest {
+            node: (type_url == CLUSTER).then(|| node.clone()),
+            type_url: type_url.into(),
+            resource_names_subscribe: subscribe,
+            initial_resource_versions: held.versions(type_url),
+            ..Default::default()
+        };
+        requests.try_send(request)?;
+    }
+    held.start_stream();
+    let mut request = tonic::Request::new(ReceiverStream::new(outgoing));
+    request.metadata_mut().insert("authorization", bearer);
+    let responses = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .delta_aggregated_resources(request)
+        .await
+        .map_err(|status| anyhow::anyhow!("{}: {}", status.code(), status.message()))?
+        .into_inner();
+    Ok((requests, responses))
 }
 
 async fn channel(discovery: &Discovery) -> anyhow::Result<Channel> {

@@ -16,6 +16,7 @@
 //! - [`proxy`]: bowline-proxy run in-process, upstreams on loopback, curl.
 //! - [`reviews`]: a service on loopback behind ServiceEntry, subsets and a
 //!   split, for a sidecar without capture.
+//! - [`usage`]: a process's resident memory and CPU time, for benchmarks.
 //! - [`xds`]: a delta-ADS client standing in for a proxy.
 
 pub mod binaries;
@@ -30,6 +31,7 @@ pub mod pki;
 pub mod process;
 pub mod proxy;
 pub mod reviews;
+pub mod usage;
 pub mod xds;
 
 use std::path::{Path, PathBuf};

@@ -114,6 +114,14 @@ impl ProcessGroup {
         Ok(())
     }
 
+    /// The process id of child `name`.
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|named| named.name == name)
+            .map(|named| named.child.id())
+    }
+
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.log_dir.join(format!("{name}.log"))
     }

@@ -6,6 +6,7 @@
 //! VirtualService splitting between them, and a Sidecar that binds the
 //! outbound port on 127.0.0.1 since nothing is captured.
 
+use anyhow::Context;
 use kube::Client;
 use kube::api::{Api, DynamicObject, Patch, PatchParams};
 use kube::core::{ApiResource, GroupVersionKind};
@@ -113,23 +114,35 @@ impl Reviews {
     /// Applies an Istio `networking.istio.io/v1` object of `kind` in the
     /// namespace.
     pub async fn apply(&self, kind: &str, mut object: serde_json::Value) -> anyhow::Result<()> {
-        let api: Api<DynamicObject> = Api::namespaced_with(
-            self.client.clone(),
-            &self.namespace,
-            &ApiResource::from_gvk(&GroupVersionKind::gvk("networking.istio.io", "v1", kind)),
-        );
         object["apiVersion"] = json!("networking.istio.io/v1");
         object["kind"] = json!(kind);
-        let name = object["metadata"]["name"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        api.patch(
-            &name,
-            &PatchParams::apply("bowline-tests").force(),
-            &Patch::Apply(object),
-        )
-        .await?;
-        Ok(())
+        apply_istio(&self.client, &self.namespace, object).await
     }
+}
+
+/// Server-side applies an Istio object (its `apiVersion` and `kind` say
+/// which) in `namespace`, as the tests' field manager.
+pub async fn apply_istio(
+    client: &Client,
+    namespace: &str,
+    object: serde_json::Value,
+) -> anyhow::Result<()> {
+    let (group, version) = object["apiVersion"]
+        .as_str()
+        .and_then(|v| v.split_once('/'))
+        .context("an apiVersion group/version")?;
+    let kind = object["kind"].as_str().context("a kind")?;
+    let name = object["metadata"]["name"].as_str().context("a name")?;
+    let api: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        namespace,
+        &ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind)),
+    );
+    api.patch(
+        name,
+        &PatchParams::apply("bowline-tests").force(),
+        &Patch::Apply(&object),
+    )
+    .await?;
+    Ok(())
 }

@@ -14,6 +14,7 @@ use bowline_tests::LocalCluster;
 use bowline_tests::cluster::service_account_token;
 use bowline_tests::cluster::{create_namespace, wait_until};
 use bowline_tests::controlplane::ControlPlane;
+use bowline_tests::reviews::apply_istio;
 use bowline_tests::xds::{
     CLUSTER, Credentials, ENDPOINT, LISTENER, ROUTE, XdsClient, sidecar_node_id,
 };
@@ -21,31 +22,11 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
 use k8s_openapi::api::core::v1::{Event, Pod, Service};
 use kube::Client;
-use kube::api::{Api, DynamicObject, ListParams, Patch, PatchParams, PostParams};
-use kube::core::{ApiResource, GroupVersionKind};
+use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 
 async fn token(client: &Client, namespace: &str, account: &str) -> anyhow::Result<String> {
     Ok(service_account_token(client, namespace, account, Some(AUDIENCE)).await?)
-}
-
-fn istio_api(client: &Client, namespace: &str, kind: &str) -> Api<DynamicObject> {
-    let resource = ApiResource::from_gvk(&GroupVersionKind::gvk("networking.istio.io", "v1", kind));
-    Api::namespaced_with(client.clone(), namespace, &resource)
-}
-
-async fn apply(api: &Api<DynamicObject>, object: serde_json::Value) -> anyhow::Result<()> {
-    let name = object["metadata"]["name"]
-        .as_str()
-        .context("a name")?
-        .to_string();
-    api.patch(
-        &name,
-        &PatchParams::apply("bowline-tests").force(),
-        &Patch::Apply(object),
-    )
-    .await?;
-    Ok(())
 }
 
 fn split(host: &str, v1: u32, v2: u32) -> serde_json::Value {
@@ -108,8 +89,9 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
         "metadata": {"name": "reviews"},
         "spec": {"selector": {"app": "reviews"}, "ports": [{"name": "http", "port": 9080, "targetPort": 9080}]},
     }))?).await?;
-    apply(
-        &istio_api(&client, &apps, "DestinationRule"),
+    apply_istio(
+        &client,
+        &apps,
         json!({
             "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
             "metadata": {"name": "reviews"},
@@ -120,8 +102,7 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
         }),
     )
     .await?;
-    let virtual_services = istio_api(&client, &apps, "VirtualService");
-    apply(&virtual_services, split("reviews", 90, 10)).await?;
+    apply_istio(&client, &apps, split("reviews", 90, 10)).await?;
 
     let target = control_plane.target(&client).await?;
     let credentials = Credentials::Token(token(&client, &apps, "productpage").await?);
@@ -182,7 +163,7 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
     // A change reaches the proxy: the time from the API server's answer to
     // the new route, as the issue asks, with 100 ms of debounce in it.
     let changed = Instant::now();
-    apply(&virtual_services, split("reviews", 75, 25)).await?;
+    apply_istio(&client, &apps, split("reviews", 75, 25)).await?;
     proxy
         .until("the 75/25 route", Duration::from_secs(10), |p| {
             weights(p, &host) == Some(vec![(v1.clone(), 75), (v2.clone(), 25)])
@@ -194,8 +175,9 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
 
     // Config that got past validation is skipped alone: a second
     // VirtualService with bad weights is reported, and the route stays.
-    apply(
-        &istio_api(&client, &apps, "VirtualService"),
+    apply_istio(
+        &client,
+        &apps,
         json!({
             "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
             "metadata": {"name": "ratings"},
@@ -238,7 +220,7 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
         metrics.contains("pilot_xds_pushes_total{type=\"rds\"}"),
         "{metrics}"
     );
-    apply(&virtual_services, split("reviews", 50, 50)).await?;
+    apply_istio(&client, &apps, split("reviews", 50, 50)).await?;
     proxy
         .until(
             "the 50/50 route, beside the bad config",
@@ -275,7 +257,7 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
 
     // A NACK: the proxy keeps what it had, the server records it.
     proxy.reject = Some(ROUTE.into());
-    apply(&virtual_services, split("reviews", 20, 80)).await?;
+    apply_istio(&client, &apps, split("reviews", 20, 80)).await?;
     proxy
         .until("the pushed route (to NACK)", Duration::from_secs(10), |p| {
             weights(p, &host) == Some(vec![(v1.clone(), 20), (v2.clone(), 80)])

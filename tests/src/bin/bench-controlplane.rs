@@ -25,6 +25,7 @@ use bowline_controlplane::metrics::Metrics;
 use bowline_controlplane::model::{Config, Endpoint, Protocol, Service, ServicePort, Snapshot};
 use bowline_controlplane::push::{CLUSTER, ENDPOINT, LISTENER, Push, ROUTE};
 use bowline_controlplane::xds::{Authenticator, Discovery};
+use bowline_tests::usage;
 use bowline_tests::xds::{Credentials, Target, sidecar_node_id};
 use clap::Parser;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -319,25 +320,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1]
 }
 
-/// Resident memory (kB) and CPU time (clock ticks) of a process.
-fn usage(pid: u32) -> anyhow::Result<(u64, u64)> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .context("VmRSS")?;
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .context("stat")?
-        .1
-        .split_whitespace()
-        .collect();
-    let ticks = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok((rss, ticks))
-}
-
 struct ServerProcess(Child);
 
 impl Drop for ServerProcess {
@@ -381,7 +363,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     if line.trim() != "serving" {
         bail!("the server did not start: {line:?}");
     }
-    let (idle_rss, _) = usage(pid)?;
+    let idle_rss = usage::of(pid)?.rss_mb;
 
     // Proxies in the ten namespaces, each with a certificate for its
     // namespace's ServiceAccount.
@@ -450,7 +432,7 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     let connected_in = connect_started.elapsed();
     tokio::time::sleep(Duration::from_secs(2)).await;
     while seen.try_recv().is_ok() {}
-    let (connected_rss, _) = usage(pid)?;
+    let connected_rss = usage::of(pid)?.rss_mb;
     println!(
         "mesh: {} services, {} endpoints, {} proxies connected and configured in {:.1?}",
         args.services,
@@ -460,17 +442,16 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
     );
     println!(
         "server memory: {:.1} MiB idle, {:.1} MiB with the proxies: {:.0} KiB per connected proxy",
-        idle_rss as f64 / 1024.0,
-        connected_rss as f64 / 1024.0,
-        connected_rss.saturating_sub(idle_rss) as f64 / args.proxies as f64
+        idle_rss,
+        connected_rss,
+        (connected_rss - idle_rss).max(0.0) * 1024.0 / args.proxies as f64
     );
 
-    let ticks_per_second = 100.0;
     for (kind, type_url) in [("route", ROUTE), ("endpoints", ENDPOINT)] {
         let mut latencies = Vec::new();
         let mut cpu = Vec::new();
         for round in 1..=args.rounds {
-            let (_, before) = usage(pid)?;
+            let before = usage::of(pid)?.cpu;
             let changed = Instant::now();
             writeln!(stdin, "{kind} {round}")?;
             stdin.flush()?;
@@ -491,8 +472,8 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
             }
             // Let the server finish its ACK bookkeeping before reading CPU.
             tokio::time::sleep(Duration::from_millis(300)).await;
-            let (_, after) = usage(pid)?;
-            cpu.push((after - before) as f64 / ticks_per_second);
+            let after = usage::of(pid)?.cpu;
+            cpu.push((after - before).as_secs_f64());
             while seen.try_recv().is_ok() {}
         }
         latencies.sort();
@@ -508,11 +489,8 @@ async fn bench(args: &Args) -> anyhow::Result<()> {
             mean_cpu,
         );
     }
-    let (final_rss, _) = usage(pid)?;
-    println!(
-        "server memory after the pushes: {:.1} MiB",
-        final_rss as f64 / 1024.0
-    );
+    let final_rss = usage::of(pid)?.rss_mb;
+    println!("server memory after the pushes: {:.1} MiB", final_rss);
     DONE.store(true, std::sync::atomic::Ordering::Relaxed);
     Ok(())
 }

@@ -70,16 +70,8 @@ impl OperatorProcess {
 
     /// Resident and peak resident memory, in MiB.
     fn memory(&self) -> anyhow::Result<(f64, f64)> {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))?;
-        let kib = |key: &str| -> f64 {
-            status
-                .lines()
-                .find(|l| l.starts_with(key))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        Ok((kib("VmRSS:") / 1024.0, kib("VmHWM:") / 1024.0))
+        let usage = bowline_tests::usage::of(self.child.id())?;
+        Ok((usage.rss_mb, usage.peak_rss_mb))
     }
 }
 

@@ -6,19 +6,19 @@
 //! and the load generators run on core 0 — run this binary under
 //! `taskset -c 0`, as `make bench-proxy` does — and each proxy on core 1.
 //! Per target: saturation throughput with wrk (HTTP/1.1) and h2load
-//! (HTTP/2, prior knowledge); p50/p99 latency and CPU at a fixed rate on
-//! kept-alive connections; resident memory idle and under load. Every load
+//! (HTTP/2, prior knowledge); p50/p99 latency and CPU at a fixed rate (h2load, evenly
+//! spaced on a kept-alive connection); resident memory idle and under load. Every load
 //! is bounded in time. Prints a table and the ratios of bowline-proxy to
 //! the upstream alone, to Envoy and to nginx.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use bowline_tests::cluster::free_port;
+use bowline_tests::process::ProcessGroup;
+use bowline_tests::usage;
 use clap::Parser;
 use serde_json::json;
 
@@ -36,157 +36,55 @@ struct Args {
     #[arg(long, default_value_t = 1000)]
     rate: u64,
 
-    /// Connections of the fixed-rate run.
-    #[arg(long, default_value_t = 10)]
+    /// Connections of the fixed-rate run. One spaces the requests evenly;
+    /// h2load's clients tick together, so with several the requests arrive
+    /// in bursts, which each proxy serves with fewer wake-ups and less CPU
+    /// than evenly spaced ones.
+    #[arg(long, default_value_t = 1)]
     connections: u64,
 
     /// The core the proxies run on.
     #[arg(long, default_value_t = 1)]
     proxy_core: usize,
-
-    /// Skip targets whose binary is missing instead of failing.
-    #[arg(long)]
-    skip_missing: bool,
 }
 
-/// A process (tree) killed on drop.
-struct Process {
-    name: String,
-    child: Child,
-    log: PathBuf,
+/// One thing measured: its process (and descendants) in a group of its
+/// own, stopped when dropped.
+struct Target {
+    name: &'static str,
+    group: ProcessGroup,
 }
 
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Process {
-    fn spawn(name: &str, mut command: Command, path: &Path) -> anyhow::Result<Self> {
-        let log = std::fs::File::create(path)?;
-        let child = command
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting {name}"))?;
-        Ok(Self {
-            name: name.into(),
-            child,
-            log: path.into(),
-        })
+impl Target {
+    fn start(name: &'static str, dir: &Path, command: Command) -> anyhow::Result<Self> {
+        let mut group = ProcessGroup::new(&dir.join(format!("{name}.owned")), dir)?;
+        group.spawn(name, command)?;
+        Ok(Self { name, group })
     }
 
-    /// The process and its descendants.
-    fn tree(&self) -> Vec<u32> {
-        let mut pids = vec![self.child.id()];
-        let mut i = 0;
-        while i < pids.len() {
-            let pid = pids[i];
-            if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-                for task in tasks.flatten() {
-                    let children =
-                        std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-                    pids.extend(
-                        children
-                            .split_whitespace()
-                            .filter_map(|c| c.parse::<u32>().ok()),
-                    );
-                }
+    fn usage(&self) -> anyhow::Result<usage::Usage> {
+        usage::of_tree(self.group.pid(self.name).context("the target's pid")?)
+    }
+
+    /// Waits until `port` answers a GET with 200.
+    fn wait_serving(&mut self, port: u16) -> anyhow::Result<()> {
+        for _ in 0..300 {
+            self.group.check_running()?;
+            let output = Command::new("curl")
+                .args(["-s", "-o", "/dev/null", "-w", "%{http_code}"])
+                .arg(format!("http://127.0.0.1:{port}/"))
+                .output()?;
+            if output.stdout == b"200" {
+                return Ok(());
             }
-            i += 1;
+            std::thread::sleep(Duration::from_millis(100));
         }
-        pids
+        bail!(
+            "{} did not answer on {port}:\n{}",
+            self.name,
+            self.group.log_tail(self.name, 20)
+        )
     }
-
-    /// CPU time used so far, user and system, by the whole tree.
-    fn cpu(&self) -> Duration {
-        let ticks: u64 = self
-            .tree()
-            .iter()
-            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
-            .filter_map(|stat| {
-                // After the command's closing parenthesis: state is field 3,
-                // utime 14 and stime 15.
-                let rest = &stat[stat.rfind(')')? + 2..];
-                let fields: Vec<&str> = rest.split_whitespace().collect();
-                Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
-            })
-            .sum();
-        // USER_HZ is 100 on Linux.
-        Duration::from_millis(ticks * 10)
-    }
-
-    /// Resident memory of the whole tree, in MB.
-    fn rss_mb(&self) -> f64 {
-        let kb: u64 = self
-            .tree()
-            .iter()
-            .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/status")).ok())
-            .filter_map(|status| {
-                status
-                    .lines()
-                    .find(|l| l.starts_with("VmRSS:"))?
-                    .split_whitespace()
-                    .nth(1)?
-                    .parse::<u64>()
-                    .ok()
-            })
-            .sum();
-        kb as f64 / 1024.0
-    }
-}
-
-/// Waits until `port` answers an HTTP/1.1 GET with 200.
-fn wait_serving(port: u16, process: &mut Process) -> anyhow::Result<()> {
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(30) {
-        if let Some(status) = process.child.try_wait()? {
-            bail!(
-                "{} exited with {status}; its output is in {}",
-                process.name,
-                process.log.display()
-            );
-        }
-        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port))
-            && one_request(&mut stream, port).is_ok_and(|status| status == 200)
-        {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    bail!("{} did not answer on {port}", process.name)
-}
-
-/// One GET on a kept-alive connection; the status.
-fn one_request(stream: &mut TcpStream, port: u16) -> anyhow::Result<u16> {
-    write!(stream, "GET / HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n")?;
-    let mut reader = BufReader::new(&mut *stream);
-    let mut line = String::new();
-    reader.read_line(&mut line)?;
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .context("a status line")?
-        .parse()?;
-    let mut length = 0usize;
-    loop {
-        line.clear();
-        reader.read_line(&mut line)?;
-        if line == "\r\n" || line.is_empty() {
-            break;
-        }
-        if let Some((name, value)) = line.split_once(':')
-            && name.eq_ignore_ascii_case("content-length")
-        {
-            length = value.trim().parse()?;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    Ok(status)
 }
 
 /// What one target measured.
@@ -245,54 +143,43 @@ fn h2load(port: u16, seconds: u64) -> anyhow::Result<f64> {
 }
 
 /// `rate` requests per second for `seconds` over `connections` kept-alive
-/// connections, each sending on its own schedule (so a slow answer delays
-/// only its connection): latencies in milliseconds, and errors.
-fn fixed_rate(port: u16, rate: u64, seconds: u64, connections: u64) -> (Vec<f64>, u64) {
-    let per_connection = Duration::from_secs_f64(connections as f64 / rate as f64);
-    let count = rate * seconds / connections;
-    let threads: Vec<_> = (0..connections)
-        .map(|c| {
-            std::thread::spawn(move || {
-                let mut latencies = Vec::with_capacity(count as usize);
-                let mut errors = 0;
-                let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
-                    return (latencies, count);
-                };
-                let _ = stream.set_nodelay(true);
-                let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-                // Spread the connections' schedules over one period.
-                let start = Instant::now() + per_connection.mul_f64(c as f64 / connections as f64);
-                for i in 0..count {
-                    let due = start + per_connection * i as u32;
-                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                        std::thread::sleep(wait);
-                    }
-                    let sent = Instant::now();
-                    match one_request(&mut stream, port) {
-                        Ok(200) => latencies.push(sent.elapsed().as_secs_f64() * 1000.0),
-                        _ => {
-                            errors += 1;
-                            match TcpStream::connect(("127.0.0.1", port)) {
-                                Ok(fresh) => stream = fresh,
-                                Err(_) => return (latencies, errors + count - i - 1),
-                            }
-                        }
-                    }
-                }
-                (latencies, errors)
-            })
-        })
-        .collect();
-    let mut all = Vec::new();
-    let mut errors = 0;
-    for thread in threads {
-        if let Ok((latencies, e)) = thread.join() {
-            all.extend(latencies);
-            errors += e;
+/// HTTP/1.1 connections, sent by h2load on a fixed schedule: each request's
+/// latency in milliseconds (from h2load's per-request log), and how many
+/// failed.
+fn fixed_rate(
+    port: u16,
+    rate: u64,
+    seconds: u64,
+    connections: u64,
+    log: &Path,
+) -> anyhow::Result<(Vec<f64>, u64)> {
+    let output = Command::new("h2load")
+        .args(["--h1", "-t1", &format!("-c{connections}")])
+        .arg(format!("--rps={}", rate / connections))
+        .args(["-D", &seconds.to_string()])
+        .arg("--log-file")
+        .arg(log)
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .context("running h2load (apt-get install nghttp2-client)")?;
+    if !output.status.success() {
+        bail!("h2load: {}", String::from_utf8_lossy(&output.stderr));
+    }
+    // Columns: start (µs since the epoch), status, µs to the response's end.
+    let mut latencies = Vec::new();
+    let mut failed = 0;
+    for line in std::fs::read_to_string(log)?.lines() {
+        let columns: Vec<&str> = line.split('\t').collect();
+        match (
+            columns.get(1),
+            columns.get(2).and_then(|c| c.parse::<f64>().ok()),
+        ) {
+            (Some(&"200"), Some(micros)) => latencies.push(micros / 1000.0),
+            _ => failed += 1,
         }
     }
-    all.sort_by(f64::total_cmp);
-    (all, errors)
+    latencies.sort_by(f64::total_cmp);
+    Ok((latencies, failed))
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {
@@ -304,79 +191,79 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 
 fn measure(
     args: &Args,
-    process: &mut Process,
+    target: &mut Target,
     h1_port: u16,
     h2_port: u16,
+    dir: &Path,
 ) -> anyhow::Result<Figures> {
-    wait_serving(h1_port, process)?;
-    let rss_idle_mb = process.rss_mb();
+    println!("measuring: {}", target.name);
+    target.wait_serving(h1_port)?;
+    let rss_idle_mb = target.usage()?.rss_mb;
     let h1_rps = wrk(h1_port, args.seconds)?;
     let h2_rps = h2load(h2_port, args.seconds)?;
     // Let the saturation runs' connections close before the quiet run.
     std::thread::sleep(Duration::from_secs(1));
-    let cpu_before = process.cpu();
-    let started = Instant::now();
-    let (latencies, errors) = fixed_rate(h1_port, args.rate, args.seconds, args.connections);
-    let wall = started.elapsed();
-    let cpu = process.cpu().saturating_sub(cpu_before);
-    let rss_load_mb = process.rss_mb();
+    let before = target.usage()?.cpu;
+    let log = dir.join(format!("{}.latency.tsv", target.name));
+    let (latencies, errors) = fixed_rate(h1_port, args.rate, args.seconds, args.connections, &log)?;
+    let after = target.usage()?;
+    let cpu = after.cpu.saturating_sub(before);
     let served = latencies.len().max(1) as f64;
     Ok(Figures {
         h1_rps,
         h2_rps,
         p50_ms: percentile(&latencies, 0.50),
         p99_ms: percentile(&latencies, 0.99),
-        cores: cpu.as_secs_f64() / wall.as_secs_f64(),
+        cores: cpu.as_secs_f64() / args.seconds as f64,
         cpu_ms_per_1000: cpu.as_secs_f64() * 1000.0 / (served / 1000.0),
         rss_idle_mb,
-        rss_load_mb,
+        rss_load_mb: after.rss_mb,
         errors,
     })
 }
 
-fn pinned(core: usize, program: &Path) -> Command {
-    let mut command = Command::new("taskset");
-    command.arg("-c").arg(core.to_string()).arg(program);
-    command
-}
-
-fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")?
-        .to_str()?
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|dir| Path::new(dir).join(program))
-        .find(|p| p.is_file())
+/// `program` on `core` only (none: where this process runs, core 0).
+fn pinned(core: Option<usize>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match core {
+        Some(core) => {
+            let mut command = Command::new("taskset");
+            command.arg("-c").arg(core.to_string()).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
 }
 
 /// nginx with one worker, its files in `dir`, serving `servers`.
-fn nginx_config(dir: &Path, servers: &str) -> String {
-    let d = dir.display();
-    format!(
-        "worker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
-         events {{ worker_connections 4096; }}\n\
-         http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 60s;\n  \
-         client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
-         uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{servers}\n}}\n"
-    )
-}
-
-fn nginx(core: Option<usize>, dir: &Path, servers: &str, name: &str) -> anyhow::Result<Process> {
-    std::fs::create_dir_all(dir)?;
-    let config = dir.join("nginx.conf");
-    std::fs::write(&config, nginx_config(dir, servers))?;
-    let binary = which("nginx").context("nginx (apt-get install nginx-light)")?;
-    let mut command = match core {
-        Some(core) => pinned(core, &binary),
-        None => Command::new(&binary),
-    };
+fn nginx(
+    name: &'static str,
+    core: Option<usize>,
+    dir: &Path,
+    servers: &str,
+) -> anyhow::Result<Target> {
+    let own = dir.join(name);
+    std::fs::create_dir_all(&own)?;
+    let d = own.display();
+    let config = own.join("nginx.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "worker_processes 1;\nuser root;\npid {d}/nginx.pid;\nerror_log {d}/error.log warn;\n\
+             events {{ worker_connections 4096; }}\n\
+             http {{\n  access_log off;\n  keepalive_requests 1000000;\n  keepalive_timeout 60s;\n  \
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
+             uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{servers}\n}}\n"
+        ),
+    )?;
+    // Debian installs it in /usr/sbin, which a user's PATH may lack.
+    let mut command = pinned(core, "/usr/sbin/nginx");
     command
         .arg("-p")
-        .arg(dir)
+        .arg(&own)
         .arg("-c")
         .arg(&config)
         .args(["-g", "daemon off;"]);
-    Process::spawn(name, command, &dir.join("out.log"))
+    Target::start(name, dir, command)
 }
 
 /// The Envoy bootstrap both Envoy and bowline-proxy read: one listener
@@ -402,36 +289,35 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let root = dir.path();
-    let core = args.proxy_core;
+    let core = Some(args.proxy_core);
 
     let (upstream, upstream_h2) = (free_port()?, free_port()?);
-    let mut upstream_process = nginx(
+    let mut direct = nginx(
+        "direct",
         None,
-        &root.join("upstream"),
+        root,
         &format!(
             "  server {{\n    listen 127.0.0.1:{upstream} backlog=4096;\n    listen 127.0.0.1:{upstream_h2} http2;\n    \
              location / {{ return 200 \"hello from the upstream\\n\"; }}\n  }}"
         ),
-        "upstream nginx",
     )?;
-    wait_serving(upstream, &mut upstream_process)?;
-
-    let mut results: Vec<(&str, Figures)> = Vec::new();
     println!(
-        "one worker each on core {core}; load and upstream on core 0; {} s per saturation run; {} rps over {} connections for latency and CPU",
-        args.seconds, args.rate, args.connections
+        "one worker each on core {}; load and upstream on core 0; {} s per saturation run; {} rps over {} connections for latency and CPU",
+        args.proxy_core, args.seconds, args.rate, args.connections
     );
+    let mut results: Vec<(&str, Figures)> = Vec::new();
 
     // The upstream alone: its own process is what is measured.
-    println!("measuring: direct");
-    let figures = measure(&args, &mut upstream_process, upstream, upstream_h2)?;
-    results.push(("direct", figures));
+    results.push((
+        "direct",
+        measure(&args, &mut direct, upstream, upstream_h2, root)?,
+    ));
 
-    // bowline-proxy.
+    // bowline-proxy and Envoy, from the same bootstrap file.
+    let file = root.join("bootstrap.json");
+    let port = free_port()?;
+    std::fs::write(&file, serde_json::to_vec(&bootstrap(port, upstream))?)?;
     {
-        let (port, status) = (free_port()?, free_port()?);
-        let file = root.join("bowline.yaml");
-        std::fs::write(&file, serde_json::to_vec(&bootstrap(port, upstream))?)?;
         let mut command = pinned(core, &args.proxy);
         command
             .args(["gateway", "--bootstrap"])
@@ -439,76 +325,59 @@ fn main() -> anyhow::Result<()> {
             .env("BOWLINE_PROXY_CONCURRENCY", "1")
             .env(
                 "BOWLINE_PROXY_STATUS_ADDRESS",
-                format!("127.0.0.1:{status}"),
+                format!("127.0.0.1:{}", free_port()?),
             )
             .env("RUST_LOG", "warn");
-        let mut process = Process::spawn("bowline-proxy", command, &root.join("bowline.log"))?;
-        println!("measuring: bowline-proxy");
-        results.push(("bowline", measure(&args, &mut process, port, port)?));
+        let mut target = Target::start("bowline", root, command)?;
+        results.push(("bowline", measure(&args, &mut target, port, port, root)?));
     }
-
-    // Envoy, from the same bootstrap.
-    match bowline_tests::binaries::tool("envoy/fetch.sh") {
-        Ok(envoy) => {
-            let port = free_port()?;
-            let file = root.join("envoy.json");
-            std::fs::write(&file, serde_json::to_vec(&bootstrap(port, upstream))?)?;
-            let mut command = pinned(core, &envoy);
-            command.arg("-c").arg(&file).args([
-                "--concurrency",
-                "1",
-                "--disable-hot-restart",
-                "--log-level",
-                "warn",
-            ]);
-            let mut process = Process::spawn("envoy", command, &root.join("envoy.log"))?;
-            println!("measuring: envoy");
-            results.push(("envoy", measure(&args, &mut process, port, port)?));
-        }
-        Err(error) if args.skip_missing => eprintln!("skipping Envoy: {error}"),
-        Err(error) => return Err(error.into()),
+    {
+        let mut command = pinned(core, bowline_tests::binaries::tool("envoy/fetch.sh")?);
+        command.arg("-c").arg(&file).args([
+            "--concurrency",
+            "1",
+            "--disable-hot-restart",
+            "--log-level",
+            "warn",
+        ]);
+        let mut target = Target::start("envoy", root, command)?;
+        results.push(("envoy", measure(&args, &mut target, port, port, root)?));
     }
 
     // nginx as a proxy: HTTP/1.1 and h2c need a port each.
     {
         let (port, h2) = (free_port()?, free_port()?);
-        let mut process = nginx(
-            Some(core),
-            &root.join("nginx"),
+        let mut target = nginx(
+            "nginx",
+            core,
+            root,
             &format!(
                 "  upstream backend {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n  server {{\n    \
                  listen 127.0.0.1:{port} backlog=4096;\n    listen 127.0.0.1:{h2} http2;\n    location / {{\n      \
                  proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}"
             ),
-            "nginx",
         )?;
-        println!("measuring: nginx");
-        results.push(("nginx", measure(&args, &mut process, port, h2)?));
+        results.push(("nginx", measure(&args, &mut target, port, h2, root)?));
     }
 
     // HAProxy.
-    match which("haproxy") {
-        Some(binary) => {
-            let (port, h2) = (free_port()?, free_port()?);
-            let config = root.join("haproxy.cfg");
-            std::fs::write(
-                &config,
-                format!(
-                    "global\n  nbthread 1\n  maxconn 4000\n\
-                     defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  \
-                     option http-keep-alive\n  http-reuse always\n\
-                     frontend bench\n  bind 127.0.0.1:{port}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend upstream\n\
-                     backend upstream\n  server upstream 127.0.0.1:{upstream}\n"
-                ),
-            )?;
-            let mut command = pinned(core, &binary);
-            command.arg("-db").arg("-f").arg(&config);
-            let mut process = Process::spawn("haproxy", command, &root.join("haproxy.log"))?;
-            println!("measuring: haproxy");
-            results.push(("haproxy", measure(&args, &mut process, port, h2)?));
-        }
-        None if args.skip_missing => eprintln!("skipping HAProxy: not installed"),
-        None => bail!("haproxy (apt-get install haproxy)"),
+    {
+        let (port, h2) = (free_port()?, free_port()?);
+        let config = root.join("haproxy.cfg");
+        std::fs::write(
+            &config,
+            format!(
+                "global\n  nbthread 1\n  maxconn 4000\n\
+                 defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  \
+                 option http-keep-alive\n  http-reuse always\n\
+                 frontend bench\n  bind 127.0.0.1:{port}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend upstream\n\
+                 backend upstream\n  server upstream 127.0.0.1:{upstream}\n"
+            ),
+        )?;
+        let mut command = pinned(core, "/usr/sbin/haproxy");
+        command.arg("-db").arg("-f").arg(&config);
+        let mut target = Target::start("haproxy", root, command)?;
+        results.push(("haproxy", measure(&args, &mut target, port, h2, root)?));
     }
 
     println!();
