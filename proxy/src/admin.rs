@@ -1,40 +1,81 @@
-//! The proxy's own endpoint beside the data path: readiness on the status
-//! port (15021 `/healthz/ready`, the kubelet's probe). The admin port
-//! (15000) and metrics (15020, 15090) are not served yet.
+//! The proxy's own endpoints beside the data path, on Istio's and Envoy's
+//! ports so that kubelets, Prometheus and Istio's tools find them:
+//!
+//! - status (15021): `/healthz/ready`, the kubelet's probe;
+//! - metrics (15020 merged, 15090 the proxy's): `/stats/prometheus`;
+//! - admin (127.0.0.1:15000): `/ready`, `/stats`, `/stats/prometheus`,
+//!   `/server_info`, `POST /logging?level=debug`, `POST /quitquitquit`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
-use http::{Request, Response, StatusCode};
+use http::header::{CONTENT_TYPE, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::error::Error;
 use crate::state::State;
+use crate::telemetry::metrics::Metrics;
 
-/// Serves the status port until the process ends.
-pub async fn bind_status(address: SocketAddr, state: Arc<State>) -> Result<(), Error> {
+/// Changes the log filter (`tracing_subscriber`'s directives, e.g.
+/// `debug` or `bowline_proxy::xds=trace`); given by the binary, which owns
+/// the subscriber.
+pub type SetLogFilter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+/// What the endpoints read and act on.
+pub struct Admin {
+    pub state: Arc<State>,
+    pub metrics: Arc<Metrics>,
+    pub node_id: String,
+    /// Set to stop the proxy (`/quitquitquit`).
+    pub stop: Arc<watch::Sender<bool>>,
+    pub log_filter: Option<SetLogFilter>,
+    pub started: Instant,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("node_id", &self.node_id)
+            .field("log_filter", &self.log_filter.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which endpoint a port serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Port {
+    Status,
+    Metrics,
+    Admin,
+}
+
+/// Binds `address` for `port` and serves it until the process ends.
+pub async fn bind(address: SocketAddr, port: Port, admin: Arc<Admin>) -> Result<(), Error> {
     let socket = TcpListener::bind(address)
         .await
         .map_err(|source| Error::Bind { address, source })?;
-    tokio::spawn(serve(socket, state));
+    tokio::spawn(serve(socket, port, admin));
     Ok(())
 }
 
-async fn serve(socket: TcpListener, state: Arc<State>) {
+async fn serve(socket: TcpListener, port: Port, admin: Arc<Admin>) {
     loop {
         let Ok((stream, _)) = socket.accept().await else {
             continue;
         };
-        let state = Arc::clone(&state);
+        let admin = Arc::clone(&admin);
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request| {
-                std::future::ready(Ok::<_, Infallible>(respond(&state, &request)))
+                std::future::ready(Ok::<_, Infallible>(respond(&admin, port, &request)))
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -43,16 +84,111 @@ async fn serve(socket: TcpListener, state: Arc<State>) {
     }
 }
 
-fn respond(state: &State, request: &Request<Incoming>) -> Response<Full<Bytes>> {
-    let (status, body) = match request.uri().path() {
-        "/healthz/ready" if state.is_ready() => (StatusCode::OK, "LIVE\n"),
-        "/healthz/ready" => (
+fn respond(admin: &Admin, port: Port, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    let method = request.method();
+    let state = &admin.state;
+    match (port, method, path) {
+        (_, &Method::GET, "/healthz/ready") if state.is_ready() => text(StatusCode::OK, "LIVE\n"),
+        (_, &Method::GET, "/healthz/ready") => text(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no complete configuration yet\n",
+            if state.is_draining() {
+                "not ready: draining\n"
+            } else {
+                "not ready: no complete configuration yet\n"
+            },
         ),
-        _ => (StatusCode::NOT_FOUND, "not found\n"),
+        (Port::Metrics | Port::Admin, &Method::GET, "/stats/prometheus") => metrics(admin),
+        (Port::Admin, &Method::GET, "/stats") => metrics(admin),
+        (Port::Admin, &Method::GET, "/ready") => {
+            let (status, body) = server_state(state);
+            text(status, &format!("{body}\n"))
+        }
+        (Port::Admin, &Method::GET, "/server_info") => {
+            let (_, state) = server_state(state);
+            let info = serde_json::json!({
+                "version": env!("CARGO_PKG_VERSION"),
+                "state": state,
+                "node": {"id": admin.node_id},
+                "uptime_current_epoch": format!("{}s", admin.started.elapsed().as_secs()),
+            });
+            let mut response = text(StatusCode::OK, &format!("{info:#}\n"));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        (Port::Admin, &Method::POST, "/logging") => logging(admin, request.uri().query()),
+        (Port::Admin, &Method::POST, "/quitquitquit") => {
+            let _ = admin.stop.send(true);
+            text(StatusCode::OK, "OK\n")
+        }
+        (Port::Admin, _, "/logging" | "/quitquitquit") => {
+            text(StatusCode::METHOD_NOT_ALLOWED, "use POST\n")
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+/// Envoy's server states, and the readiness answer for each.
+fn server_state(state: &State) -> (StatusCode, &'static str) {
+    if state.is_draining() {
+        (StatusCode::SERVICE_UNAVAILABLE, "DRAINING")
+    } else if state.is_ready() {
+        (StatusCode::OK, "LIVE")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING")
+    }
+}
+
+fn metrics(admin: &Admin) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(admin.metrics.encode())));
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+    );
+    response
+}
+
+/// `level=debug` sets every target; `bowline_proxy::xds=trace` one.
+fn logging(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
+    let Some(set) = &admin.log_filter else {
+        return text(
+            StatusCode::NOT_IMPLEMENTED,
+            "this proxy's log level is fixed at start (RUST_LOG)\n",
+        );
     };
-    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let directives: Vec<String> = query
+        .unwrap_or_default()
+        .split('&')
+        .filter(|pair| !pair.is_empty())
+        .map(|pair| match pair.split_once('=') {
+            Some(("level", level)) => level.to_string(),
+            Some((target, level)) => format!("{target}={level}"),
+            None => pair.to_string(),
+        })
+        .collect();
+    if directives.is_empty() {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "say what to log: /logging?level=debug or /logging?bowline_proxy::xds=trace\n",
+        );
+    }
+    let filter = directives.join(",");
+    match set(&filter) {
+        Ok(()) => {
+            tracing::info!(%filter, "log filter changed");
+            text(StatusCode::OK, &format!("log filter: {filter}\n"))
+        }
+        Err(error) => text(StatusCode::BAD_REQUEST, &format!("{filter:?}: {error}\n")),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::copy_from_slice(body.as_bytes())));
     *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     response
 }

@@ -44,6 +44,15 @@ pub const ENV_DRAIN_DURATION: &str = "TERMINATION_DRAIN_DURATION_SECONDS";
 /// Where readiness (`/healthz/ready`) is served; Istio's port 15021 on
 /// every address unless set, for running several proxies on one host.
 pub const ENV_STATUS_ADDRESS: &str = "BOWLINE_PROXY_STATUS_ADDRESS";
+/// Where the merged metrics are served (Istio's 15020, which Prometheus
+/// scrapes by the pod's `prometheus.io/port` annotation).
+pub const ENV_STATS_ADDRESS: &str = "BOWLINE_PROXY_STATS_ADDRESS";
+/// Where the proxy's own metrics are served (Envoy's 15090, which Istio's
+/// PodMonitors scrape).
+pub const ENV_PROMETHEUS_ADDRESS: &str = "BOWLINE_PROXY_PROMETHEUS_ADDRESS";
+/// The admin endpoint (Envoy's 127.0.0.1:15000): configuration dump,
+/// stats, readiness, log level. Loopback only unless set otherwise.
+pub const ENV_ADMIN_ADDRESS: &str = "BOWLINE_PROXY_ADMIN_ADDRESS";
 
 /// Where the settings come from: the process environment, or a map in
 /// tests.
@@ -128,6 +137,12 @@ pub struct Config {
     pub workers: usize,
     /// Readiness, Istio's 15021 by default.
     pub status: SocketAddr,
+    /// Merged metrics, 15020.
+    pub stats: SocketAddr,
+    /// The proxy's metrics, 15090.
+    pub prometheus: SocketAddr,
+    /// Admin, 127.0.0.1:15000.
+    pub admin: SocketAddr,
     /// How long connections may drain after a stop.
     pub drain: std::time::Duration,
 }
@@ -184,8 +199,14 @@ impl Config {
         };
         let workers = parsed(env, ENV_CONCURRENCY, "a number of threads")?.unwrap_or(0);
         let drain = parsed(env, ENV_DRAIN_DURATION, "a number of seconds")?.unwrap_or(5);
-        let status = parsed(env, ENV_STATUS_ADDRESS, "an address (ip:port)")?
-            .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 15021));
+        let address = |name, ip, port| -> Result<SocketAddr> {
+            Ok(parsed(env, name, "an address (ip:port)")?
+                .unwrap_or(SocketAddr::new(IpAddr::V4(ip), port)))
+        };
+        let status = address(ENV_STATUS_ADDRESS, Ipv4Addr::UNSPECIFIED, 15021)?;
+        let stats = address(ENV_STATS_ADDRESS, Ipv4Addr::UNSPECIFIED, 15020)?;
+        let prometheus = address(ENV_PROMETHEUS_ADDRESS, Ipv4Addr::UNSPECIFIED, 15090)?;
+        let admin = address(ENV_ADMIN_ADDRESS, Ipv4Addr::LOCALHOST, 15000)?;
         let mut metadata = BTreeMap::new();
         for (variable, value) in env.all() {
             if let Some(key) = variable.strip_prefix(ENV_META_JSON_PREFIX) {
@@ -209,6 +230,9 @@ impl Config {
             metadata,
             workers: if workers == 0 { 2 } else { workers },
             status,
+            stats,
+            prometheus,
+            admin,
             drain: std::time::Duration::from_secs(drain),
         })
     }

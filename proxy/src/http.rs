@@ -24,6 +24,11 @@ use crate::model::listener::{HttpManager, RouteSource};
 use crate::model::resilience::{Abort, Attempt, Fault};
 use crate::model::route::{Action, Forward, Route};
 use crate::model::{Endpoints, Snapshot};
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::{
+    Completed, Flags, Peers, Protocol, Recorded, Reporter, Security, grpc_status, header_bytes,
+};
+use crate::telemetry::peer::{Exchange, Interned, Service, Workload};
 use crate::upstream::{Admission, Body, ClusterState, Host, HostGuard, Outcome, Upstreams};
 
 /// Why a request did not get an upstream's answer: Envoy's response flags
@@ -44,6 +49,21 @@ pub enum Flag {
 }
 
 impl Flag {
+    /// Its response flag in the metrics.
+    fn flags(self) -> Flags {
+        match self {
+            Flag::NoRoute => Flags::NO_ROUTE,
+            Flag::NoCluster => Flags::NO_CLUSTER,
+            Flag::NoHealthyUpstream => Flags::NO_HEALTHY_UPSTREAM,
+            Flag::UpstreamConnectionFailure => Flags::UPSTREAM_CONNECTION_FAILURE,
+            Flag::UpstreamReset => Flags::UPSTREAM_RESET,
+            Flag::UpstreamTimeout => Flags::UPSTREAM_TIMEOUT,
+            Flag::Overflow => Flags::OVERFLOW,
+            Flag::FaultAbort(_) => Flags::FAULT_ABORT,
+            Flag::DownstreamTermination => Flags::DOWNSTREAM_TERMINATION,
+        }
+    }
+
     fn status(self) -> StatusCode {
         match self {
             Flag::NoRoute => StatusCode::NOT_FOUND,
@@ -106,30 +126,108 @@ pub struct Connection {
     pub snapshot: Arc<Snapshot>,
     pub manager: Arc<HttpManager>,
     pub upstreams: Arc<Upstreams>,
+    pub telemetry: Arc<Telemetry>,
+    /// Whether requests arrive for this proxy's workload: it reports them
+    /// as their destination and learns the caller from its headers.
+    pub inbound: bool,
 }
 
-/// Serves one request; never fails (errors are answers).
+/// What the way through the proxy tells the metrics.
+#[derive(Default)]
+struct Report {
+    service: Option<Interned<Service>>,
+    flags: Flags,
+}
+
+/// Serves one request; never fails (errors are answers). Its metrics are
+/// recorded when the response's body ends.
 pub async fn serve(
     connection: Connection,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
-    Ok(match proxy(&connection, request).await {
-        Ok(response) => response,
-        Err(flag) => flag.reply(),
-    })
+    mut request: Request<Incoming>,
+) -> Result<Response<Recorded<Body>>, Infallible> {
+    let started = std::time::Instant::now();
+    let telemetry = &connection.telemetry;
+    let exchange = &telemetry.exchange;
+    let caller = if connection.inbound {
+        exchange.receive(request.headers_mut())
+    } else {
+        None
+    };
+    let protocol = match request.headers().get(http::header::CONTENT_TYPE) {
+        Some(t) if t.as_bytes().starts_with(b"application/grpc") => Protocol::Grpc,
+        _ => Protocol::Http,
+    };
+    let request_bytes = header_bytes(request.headers())
+        + http_body::Body::size_hint(request.body())
+            .exact()
+            .unwrap_or(0);
+    let authority = authority(&request);
+    let mut report = Report::default();
+    let response = match &authority {
+        Some(authority) => proxy(&connection, request, authority, &mut report).await,
+        None => Err(Flag::NoRoute),
+    };
+    let response = response.unwrap_or_else(|flag| {
+        report.flags.set(flag.flags());
+        flag.reply()
+    });
+    let (mut parts, body) = response.into_parts();
+    let peers = if connection.inbound {
+        if caller.is_some() {
+            exchange.announce(&mut parts.headers);
+        }
+        Peers {
+            reporter: Reporter::Destination,
+            source: caller.unwrap_or_else(Workload::unknown),
+            destination: exchange.own.clone(),
+            service: Service::unknown(),
+            security: Security::None,
+        }
+    } else {
+        Peers {
+            reporter: Reporter::Source,
+            source: exchange.own.clone(),
+            destination: exchange
+                .receive(&mut parts.headers)
+                .unwrap_or_else(Workload::unknown),
+            service: Service::unknown(),
+            security: Security::Unknown,
+        }
+    };
+    let peers = Peers {
+        service: report.service.unwrap_or_else(|| {
+            authority
+                .as_deref()
+                .map_or_else(Service::unknown, Service::of_authority)
+        }),
+        ..peers
+    };
+    let completed = Completed {
+        peers,
+        protocol,
+        code: parts.status.as_u16(),
+        grpc_status: grpc_status(&parts.headers),
+        flags: report.flags,
+        started,
+        request_bytes,
+        response_bytes: header_bytes(&parts.headers),
+    };
+    let body = Recorded::new(body, Arc::clone(&telemetry.metrics), completed);
+    Ok(Response::from_parts(parts, body))
 }
 
 async fn proxy(
     connection: &Connection,
     request: Request<Incoming>,
+    authority: &str,
+    report: &mut Report,
 ) -> Result<Response<Body>, Flag> {
     let snapshot = &connection.snapshot;
     let table = match &connection.manager.routes {
         RouteSource::Inline(table) => Arc::clone(table),
         RouteSource::Rds(name) => snapshot.routes.get(name).cloned().ok_or(Flag::NoRoute)?,
     };
-    let authority = authority(&request).ok_or(Flag::NoRoute)?;
-    let host = table.find_host(&authority).ok_or(Flag::NoRoute)?;
+    let host = table.find_host(authority).ok_or(Flag::NoRoute)?;
     let route = host
         .find_route(request.method(), request.uri(), request.headers())
         .ok_or(Flag::NoRoute)?;
@@ -144,7 +242,7 @@ async fn proxy(
             Ok(response)
         }
         Action::Redirect(redirect) => {
-            let (status, location) = redirect.location(route, "http", &authority, request.uri());
+            let (status, location) = redirect.location(route, "http", authority, request.uri());
             let mut response = local_reply(status, "");
             if let Ok(location) = HeaderValue::from_str(&location) {
                 response
@@ -155,9 +253,10 @@ async fn proxy(
         }
         Action::Forward(forward) => {
             if let Some(fault) = &route.fault {
-                inject(fault).await?;
+                inject(fault, &mut report.flags).await?;
             }
-            let mut response = send(connection, host, route, forward, request, &authority).await?;
+            let mut response =
+                send(connection, host, route, forward, request, authority, report).await?;
             route.headers.response.apply(response.headers_mut());
             host.headers.response.apply(response.headers_mut());
             Ok(response)
@@ -167,11 +266,12 @@ async fn proxy(
 
 /// The route's faults: a delay, then perhaps an abort, each for its share
 /// of requests.
-async fn inject(fault: &Fault) -> Result<(), Flag> {
+async fn inject(fault: &Fault, flags: &mut Flags) -> Result<(), Flag> {
     let roll = || rand::random_range(0..1_000_000);
     if let Some((delay, share)) = fault.delay
         && share.hit(roll())
     {
+        flags.set(Flags::DELAY_INJECTED);
         tokio::time::sleep(delay).await;
     }
     match fault.abort {
@@ -253,6 +353,7 @@ async fn send(
     forward: &Forward,
     request: Request<Incoming>,
     authority: &str,
+    report: &mut Report,
 ) -> Result<Response<Body>, Flag> {
     let (cluster_name, weighted_headers) = forward
         .destinations
@@ -260,6 +361,7 @@ async fn send(
         .ok_or(Flag::NoCluster)?;
     let snapshot = &connection.snapshot;
     let cluster = snapshot.clusters.get(cluster_name).ok_or(Flag::NoCluster)?;
+    report.service.clone_from(&cluster.service);
     let upstream = connection.upstreams.get(cluster);
     let endpoints = snapshot
         .endpoints_of(cluster)
@@ -302,7 +404,13 @@ async fn send(
                 }
             }
         }
-        attempt(&upstream, &endpoints, forward, &head, &mut body, h2).await
+        // The caller is announced to mesh endpoints, except by the
+        // sidecar's inbound side, whose upstream is its own workload.
+        let announce = (!connection.inbound).then_some(&connection.telemetry.exchange);
+        attempt(
+            &upstream, &endpoints, forward, &head, &mut body, h2, announce,
+        )
+        .await
     };
     match forward.timeout {
         Some(timeout) => tokio::time::timeout(timeout, attempts)
@@ -322,6 +430,7 @@ async fn attempt(
     head: &Upstream,
     body: &mut RequestBody,
     h2: bool,
+    announce: Option<&Exchange>,
 ) -> Result<Response<Body>, Flag> {
     // A body that streams once cannot be sent twice.
     let policy = forward.retry.as_ref().filter(|_| body.kept().is_some());
@@ -347,9 +456,11 @@ async fn attempt(
             .ok_or(Flag::NoHealthyUpstream)?;
         let admission = upstream.admit(h2).await.map_err(|_| Flag::Overflow)?;
         let in_flight = target.start();
-        let call = upstream
-            .client(h2)
-            .request(head.request(&target.address, body.next())?);
+        let mut request = head.request(&target.address, body.next())?;
+        if let Some(exchange) = announce.filter(|_| target.mesh) {
+            exchange.announce(request.headers_mut());
+        }
+        let call = upstream.client(h2).request(request);
         let result = match policy.and_then(|p| p.per_try_timeout) {
             Some(limit) => match tokio::time::timeout(limit, call).await {
                 Ok(result) => result.map_err(|error| classify(&error, &target.address)),
@@ -362,10 +473,7 @@ async fn attempt(
         let (outcome, ended) = match &result {
             Ok(response) => {
                 let status = response.status();
-                let grpc = response
-                    .headers()
-                    .get("grpc-status")
-                    .and_then(|v| v.to_str().ok()?.parse().ok());
+                let grpc = grpc_status(response.headers()).map(u32::from);
                 let outcome = if status.is_server_error() {
                     Outcome::ServerError(status.as_u16())
                 } else {

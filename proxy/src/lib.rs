@@ -11,7 +11,10 @@
 //! - [`upstream`]: pooled connections to a cluster's endpoints, and the
 //!   choice of endpoint.
 //! - [`xds`]: the delta ADS client that keeps the configuration current.
-//! - [`admin`]: readiness on the status port.
+//! - [`telemetry`]: Istio's metrics, labelled with the workloads at both
+//!   ends.
+//! - [`admin`]: readiness (15021), metrics (15020, 15090) and the admin
+//!   endpoint (127.0.0.1:15000).
 
 pub mod admin;
 pub mod config;
@@ -21,6 +24,7 @@ pub mod http;
 pub mod model;
 pub mod server;
 pub mod state;
+pub mod telemetry;
 pub mod upstream;
 pub mod xds;
 
@@ -29,26 +33,62 @@ use std::sync::Arc;
 pub use config::{Config, Mode, Source};
 pub use error::{Error, Result};
 
+use crate::admin::{Admin, Port};
 use crate::model::Snapshot;
+use crate::server::Shared;
 use crate::state::State;
+use crate::telemetry::Telemetry;
 use crate::upstream::Upstreams;
 
-/// Runs the proxy until `stop` turns true, then drains: listeners close,
-/// requests in flight get `config.drain` to finish.
-pub async fn run(config: Config, stop: tokio::sync::watch::Receiver<bool>) -> Result<()> {
+/// Runs the proxy until `stop` turns true (or `/quitquitquit` is posted
+/// to the admin endpoint), then drains: listeners close, requests in
+/// flight get `config.drain` to finish. `log_filter`, when given, lets the
+/// admin endpoint change what is logged.
+pub async fn run(
+    config: Config,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    log_filter: Option<admin::SetLogFilter>,
+) -> Result<()> {
     let state = Arc::new(State::default());
-    let upstreams = Arc::new(Upstreams::default());
-    admin::bind_status(config.status, Arc::clone(&state)).await?;
+    let telemetry = Arc::new(Telemetry::new(&config));
+    let (quit, stopping) = tokio::sync::watch::channel(false);
+    let quit = Arc::new(quit);
+    let admin = Arc::new(Admin {
+        state: Arc::clone(&state),
+        metrics: Arc::clone(&telemetry.metrics),
+        node_id: config.node_id.clone(),
+        stop: Arc::clone(&quit),
+        log_filter,
+        started: std::time::Instant::now(),
+    });
+    for (address, port) in [
+        (config.status, Port::Status),
+        (config.stats, Port::Metrics),
+        (config.prometheus, Port::Metrics),
+        (config.admin, Port::Admin),
+    ] {
+        admin::bind(address, port, Arc::clone(&admin)).await?;
+    }
+    tokio::spawn(async move {
+        if stop.wait_for(|stop| *stop).await.is_ok() {
+            let _ = quit.send(true);
+        }
+    });
     match &config.source {
         Source::Bootstrap(path) => {
             state.publish(Snapshot::from_bootstrap_file(path)?);
         }
         Source::Discovery(discovery) => {
             let (config, discovery) = (config.clone(), discovery.clone());
-            let (state, stop) = (Arc::clone(&state), stop.clone());
+            let (state, stop) = (Arc::clone(&state), stopping.clone());
             tokio::spawn(async move { xds::follow(&config, &discovery, state, stop).await });
         }
     }
-    server::manage(state, upstreams, stop, config.drain).await;
+    let shared = Shared {
+        state,
+        upstreams: Arc::new(Upstreams::default()),
+        telemetry,
+    };
+    server::manage(shared, stopping, config.drain).await;
     Ok(())
 }

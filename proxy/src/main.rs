@@ -2,7 +2,10 @@
 
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use anyhow::Context;
+use bowline_proxy::admin::SetLogFilter;
 use bowline_proxy::config::{Config, Mode, ProcessEnv};
 use clap::{Parser, Subcommand};
 
@@ -34,11 +37,7 @@ struct RunArgs {
 }
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    let log_filter = logging();
     let args = Args::parse();
     let (mode, run) = match args.mode {
         Command::Sidecar(run) => (Mode::Sidecar, run),
@@ -57,9 +56,26 @@ fn main() -> anyhow::Result<()> {
             let _ = stop.send(true);
         });
         tracing::info!(node = %config.node_id, "starting");
-        bowline_proxy::run(config, stopped).await
+        bowline_proxy::run(config, stopped, Some(log_filter)).await
     })?;
     Ok(())
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); the filter can
+/// be changed while running through the admin endpoint.
+fn logging() -> SetLogFilter {
+    use tracing_subscriber::prelude::*;
+    use tracing_subscriber::{EnvFilter, fmt, reload};
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt::layer())
+        .init();
+    Arc::new(move |directives: &str| {
+        let filter = EnvFilter::try_new(directives).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
 }
 
 /// SIGTERM (the kubelet) or Ctrl-C.

@@ -21,7 +21,18 @@ use crate::model::Snapshot;
 use crate::model::cluster::{Discovery, Target};
 use crate::model::listener::{ConnectionInfo, Listener, TcpRoute, Terminal};
 use crate::state::State;
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::{Counted, Flags, Peers, Reporter, Security};
+use crate::telemetry::peer::{Service, Workload};
 use crate::upstream::{Outcome, Upstreams};
+
+/// What every connection of the proxy shares.
+#[derive(Clone, Debug)]
+pub struct Shared {
+    pub state: Arc<State>,
+    pub upstreams: Arc<Upstreams>,
+    pub telemetry: Arc<Telemetry>,
+}
 
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -32,12 +43,10 @@ const MAX_HEADERS_BYTES: usize = 64 * 1024;
 /// Keeps the bound listeners in step with the configuration until `stop`
 /// turns true, then drains them all. Marks the proxy ready once a published
 /// configuration has all its listeners bound.
-pub async fn manage(
-    state: Arc<State>,
-    upstreams: Arc<Upstreams>,
-    mut stop: watch::Receiver<bool>,
-    drain: Duration,
-) {
+pub async fn manage(shared: Shared, mut stop: watch::Receiver<bool>, drain: Duration) {
+    let Shared {
+        state, upstreams, ..
+    } = &shared;
     let mut bound: HashMap<String, Bound> = HashMap::new();
     let mut changes = state.changes();
     loop {
@@ -67,8 +76,7 @@ pub async fn manage(
                     let task = tokio::spawn(accept(
                         socket,
                         listener.name.clone(),
-                        Arc::clone(&state),
-                        Arc::clone(&upstreams),
+                        shared.clone(),
                         stopped,
                         drain,
                     ));
@@ -96,6 +104,7 @@ pub async fn manage(
             _ = stopped(&mut stop) => break,
         }
     }
+    state.set_draining();
     tracing::info!(?drain, "draining");
     for listener in bound.values() {
         let _ = listener.stop.send(true);
@@ -137,8 +146,7 @@ fn bind(address: SocketAddr) -> Result<TcpListener, Error> {
 async fn accept(
     socket: TcpListener,
     name: String,
-    state: Arc<State>,
-    upstreams: Arc<Upstreams>,
+    shared: Shared,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -152,8 +160,7 @@ async fn accept(
                         stream,
                         peer,
                         name.clone(),
-                        Arc::clone(&state),
-                        Arc::clone(&upstreams),
+                        shared.clone(),
                         graceful.watcher(),
                     ));
                 }
@@ -181,11 +188,10 @@ async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     name: String,
-    state: Arc<State>,
-    upstreams: Arc<Upstreams>,
+    shared: Shared,
     watcher: Watcher,
 ) {
-    let snapshot = state.snapshot();
+    let snapshot = shared.state.snapshot();
     let Some(mut listener) = snapshot.listeners.get(&name).cloned() else {
         return;
     };
@@ -220,7 +226,9 @@ async fn connection(
             let connection = Connection {
                 snapshot: Arc::clone(&snapshot),
                 manager: Arc::clone(manager),
-                upstreams,
+                inbound: listener.inbound && !shared.telemetry.gateway,
+                upstreams: shared.upstreams,
+                telemetry: shared.telemetry,
             };
             let service = hyper::service::service_fn(move |request| {
                 crate::http::serve(connection.clone(), request)
@@ -243,7 +251,8 @@ async fn connection(
         Terminal::Tcp(route) => {
             // Watched only so that a drain waits for it.
             let _draining = watcher;
-            tcp(stream, destination, route, &snapshot, &upstreams).await
+            let inbound = listener.inbound && !shared.telemetry.gateway;
+            tcp(stream, destination, route, &snapshot, &shared, inbound).await
         }
     }
 }
@@ -264,12 +273,14 @@ fn listener_for(snapshot: &Snapshot, destination: SocketAddr) -> Option<Arc<List
 /// Opaque TCP: the bytes go to an endpoint of the route's cluster as they
 /// are.
 async fn tcp(
-    mut stream: TcpStream,
+    stream: TcpStream,
     destination: SocketAddr,
     route: &TcpRoute,
     snapshot: &Snapshot,
-    upstreams: &Upstreams,
+    shared: &Shared,
+    inbound: bool,
 ) {
+    let upstreams = &shared.upstreams;
     let Some((name, _)) = route
         .destinations
         .pick(|total| rand::random_range(0..total))
@@ -312,21 +323,53 @@ async fn tcp(
         };
         state.record(host, outcome);
     }
-    let mut upstream = match connected {
+    let own = shared.telemetry.exchange.own.clone();
+    let peers = Peers {
+        reporter: if inbound {
+            Reporter::Destination
+        } else {
+            Reporter::Source
+        },
+        // Who is at the other end travels in mTLS; without it, unknown.
+        source: if inbound {
+            Workload::unknown()
+        } else {
+            own.clone()
+        },
+        destination: if inbound { own } else { Workload::unknown() },
+        service: cluster.service.clone().unwrap_or_else(Service::unknown),
+        security: if inbound {
+            Security::None
+        } else {
+            Security::Unknown
+        },
+    };
+    let metrics = &shared.telemetry.metrics;
+    let upstream = match connected {
         Ok(Ok(upstream)) => upstream,
         Ok(Err(error)) => {
             tracing::debug!(%target, %error, "TCP upstream connect failed");
+            metrics
+                .open(peers, Flags::UPSTREAM_CONNECTION_FAILURE)
+                .close();
             return;
         }
         Err(_) => {
             tracing::debug!(%target, "TCP upstream connect timed out");
+            metrics
+                .open(peers, Flags::UPSTREAM_CONNECTION_FAILURE)
+                .close();
             return;
         }
     };
     let _ = upstream.set_nodelay(true);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut stream, &mut upstream).await {
+    let series = metrics.open(peers, Flags::default());
+    let mut downstream = Counted::new(stream, series.received.clone());
+    let mut upstream = Counted::new(upstream, series.sent.clone());
+    if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         tracing::debug!(%target, %error, "TCP connection ended");
     }
+    series.close();
 }
 
 /// Where a connection redirected by iptables was going (SO_ORIGINAL_DST).

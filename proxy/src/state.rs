@@ -17,6 +17,8 @@ pub struct State {
     version: watch::Sender<u64>,
     /// Set once the first complete configuration is serving.
     ready: AtomicBool,
+    /// Set when the proxy is stopping: it is no longer ready.
+    draining: AtomicBool,
 }
 
 impl Default for State {
@@ -25,6 +27,7 @@ impl Default for State {
             snapshot: ArcSwap::from_pointee(Snapshot::default()),
             version: watch::channel(0).0,
             ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
         }
     }
 }
@@ -49,7 +52,16 @@ impl State {
         self.ready.store(true, Ordering::Release);
     }
 
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    /// Serving a complete configuration, and not stopping.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        self.ready.load(Ordering::Acquire) && !self.is_draining()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
     }
 }

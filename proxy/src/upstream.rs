@@ -86,6 +86,10 @@ struct Hosts {
 #[derive(Debug)]
 pub struct Host {
     pub address: Target,
+    /// A mesh proxy runs beside it (see [`Endpoint::mesh`]).
+    ///
+    /// [`Endpoint::mesh`]: crate::model::cluster::Endpoint::mesh
+    pub mesh: bool,
     active: AtomicU32,
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
@@ -96,9 +100,10 @@ pub struct Host {
 }
 
 impl Host {
-    fn new(address: Target) -> Self {
+    fn new(address: Target, mesh: bool) -> Self {
         Self {
             address,
+            mesh,
             active: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
@@ -277,9 +282,9 @@ impl ClusterState {
                 hosts
                     .states
                     .iter()
-                    .find(|h| h.address == e.address)
+                    .find(|h| h.address == e.address && h.mesh == e.mesh)
                     .cloned()
-                    .unwrap_or_else(|| Arc::new(Host::new(e.address.clone())))
+                    .unwrap_or_else(|| Arc::new(Host::new(e.address.clone(), e.mesh)))
             })
             .collect();
         let fresh = Arc::new(Hosts {
@@ -431,6 +436,7 @@ mod tests {
                 ..Limits::default()
             },
             outlier,
+            service: None,
         })
     }
 
@@ -442,6 +448,7 @@ mod tests {
                     address: Target::Ip(([127, 0, 0, 1], *port).into()),
                     weight: *weight,
                     healthy: *healthy,
+                    mesh: false,
                 })
                 .collect(),
         })

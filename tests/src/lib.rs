@@ -13,6 +13,7 @@
 //! - [`http`]: a plain GET for monitoring and admin ports.
 //! - [`manifests`]: the repository's YAML, and the Helm chart rendered.
 //! - [`olm`]: the operator's OLM bundle, made from the chart, RBAC and CRDs.
+//! - [`prometheus`]: Debian's Prometheus scraping loopback targets.
 //! - [`proxy`]: bowline-proxy run in-process, upstreams on loopback, curl.
 //! - [`reviews`]: a service on loopback behind ServiceEntry, subsets and a
 //!   split, for a sidecar without capture.
@@ -29,6 +30,7 @@ pub mod olm;
 pub mod operator;
 pub mod pki;
 pub mod process;
+pub mod prometheus;
 pub mod proxy;
 pub mod reviews;
 pub mod usage;

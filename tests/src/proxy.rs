@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use bowline_proxy::config::{
-    Config, ENV_DISCOVERY_ADDRESS, ENV_ROOT_CERT, ENV_SERVER_NAME, ENV_STATUS_ADDRESS, ENV_TOKEN,
-    Mode,
+    Config, ENV_ADMIN_ADDRESS, ENV_DISCOVERY_ADDRESS, ENV_PROMETHEUS_ADDRESS, ENV_ROOT_CERT,
+    ENV_SERVER_NAME, ENV_STATS_ADDRESS, ENV_STATUS_ADDRESS, ENV_TOKEN, Mode,
 };
 use serde_json::json;
 
@@ -199,10 +199,20 @@ pub fn discovery_env(
     ])
 }
 
+/// Where a test proxy serves readiness (15021), merged metrics (15020),
+/// its metrics (15090) and admin (15000): free ports on 127.0.0.1.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub status: u16,
+    pub stats: u16,
+    pub prometheus: u16,
+    pub admin: u16,
+}
+
 /// A running proxy. [`Running::stop`] stops it as SIGTERM would.
 #[derive(Debug)]
 pub struct Running {
-    pub status_port: u16,
+    pub ports: Ports,
     stop: tokio::sync::watch::Sender<bool>,
     task: tokio::task::JoinHandle<bowline_proxy::Result<()>>,
     _dir: tempfile::TempDir,
@@ -244,17 +254,27 @@ impl Running {
         env: Vec<(String, String)>,
         dir: tempfile::TempDir,
     ) -> anyhow::Result<Self> {
-        let status_port = free_port()?;
+        let ports = Ports {
+            status: free_port()?,
+            stats: free_port()?,
+            prometheus: free_port()?,
+            admin: free_port()?,
+        };
         let mut env: BTreeMap<String, String> = env.into_iter().collect();
-        env.insert(
-            ENV_STATUS_ADDRESS.into(),
-            format!("127.0.0.1:{status_port}"),
-        );
+        for (variable, port) in [
+            (ENV_STATUS_ADDRESS, ports.status),
+            (ENV_STATS_ADDRESS, ports.stats),
+            (ENV_PROMETHEUS_ADDRESS, ports.prometheus),
+            (ENV_ADMIN_ADDRESS, ports.admin),
+        ] {
+            env.entry(variable.into())
+                .or_insert(format!("127.0.0.1:{port}"));
+        }
         let config = Config::from_env(mode, bootstrap, &env)?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
-        let task = tokio::spawn(bowline_proxy::run(config, stopped));
+        let task = tokio::spawn(bowline_proxy::run(config, stopped, None));
         let running = Self {
-            status_port,
+            ports,
             stop,
             task,
             _dir: dir,
@@ -274,7 +294,7 @@ impl Running {
 
     /// Whether `/healthz/ready` answers 200.
     pub async fn ready(&self) -> anyhow::Result<bool> {
-        Ok(crate::http::get(self.status_port, "/healthz/ready")
+        Ok(crate::http::get(self.ports.status, "/healthz/ready")
             .await
             .is_ok_and(|(status, _)| status == 200))
     }

@@ -14,9 +14,12 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 use crate::envoy::unpack;
 use crate::error::{Error, Result};
 use crate::model::resilience::{Limits, Outlier};
+use crate::telemetry::peer::{Interned, Service};
 
 const KIND: &str = "Cluster";
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+/// The endpoint metadata auto-mTLS reads (`tlsMode: istio`).
+const TRANSPORT_SOCKET_MATCH: &str = "envoy.transport_socket_match";
 /// Envoy's connect timeout when a cluster sets none.
 const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -29,6 +32,8 @@ pub struct Cluster {
     pub protocol: Protocol,
     pub limits: Limits,
     pub outlier: Option<Outlier>,
+    /// The service its traffic goes to, as metrics name it.
+    pub service: Option<Interned<Service>>,
 }
 
 /// Where a cluster's endpoints come from.
@@ -69,6 +74,9 @@ pub struct Endpoint {
     pub address: Target,
     pub weight: u32,
     pub healthy: bool,
+    /// Whether a mesh proxy runs beside it (`tlsMode: istio` in its
+    /// metadata, which auto-mTLS also reads): it is told who calls.
+    pub mesh: bool,
 }
 
 /// An endpoint's address: an IP, or a name resolved when connecting.
@@ -189,6 +197,13 @@ impl Cluster {
             protocol,
             limits: Limits::from_envoy(cluster.circuit_breakers.as_ref()),
             outlier: cluster.outlier_detection.as_ref().map(Outlier::from_envoy),
+            service: Service::of_cluster(
+                name,
+                cluster
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get("istio")),
+            ),
         })
     }
 }
@@ -220,7 +235,16 @@ impl Endpoints {
                     .map_err(|message| (format!("{field}.endpoint.address"), message))?;
                 // UNKNOWN (0) and HEALTHY (1) take traffic, as in Envoy.
                 let healthy = matches!(endpoint.health_status, 0 | 1);
+                let mesh = endpoint
+                    .metadata
+                    .as_ref()
+                    .and_then(|m| m.filter_metadata.get(TRANSPORT_SOCKET_MATCH))
+                    .and_then(|m| m.fields.get("tlsMode"))
+                    .is_some_and(|mode| {
+                        matches!(&mode.kind, Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) if s == "istio")
+                    });
                 items.push(Endpoint {
+                    mesh,
                     address,
                     weight: endpoint
                         .load_balancing_weight

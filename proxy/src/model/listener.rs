@@ -31,6 +31,9 @@ pub struct Listener {
     /// Hand connections to the listener for their original destination
     /// (15001, 15006).
     pub use_original_dst: bool,
+    /// Whether it takes traffic to this proxy's workload (the sidecar's
+    /// inbound side, which reports requests as their destination).
+    pub inbound: bool,
     pub chains: Vec<FilterChain>,
     pub default_chain: Option<FilterChain>,
 }
@@ -110,6 +113,8 @@ impl Listener {
             address,
             bind: listener.bind_to_port.as_ref().is_none_or(|b| b.value),
             use_original_dst: listener.use_original_dst.as_ref().is_some_and(|b| b.value),
+            inbound: listener.traffic_direction
+                == envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound as i32,
             chains,
             default_chain,
         })

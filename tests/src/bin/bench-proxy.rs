@@ -323,11 +323,15 @@ fn main() -> anyhow::Result<()> {
             .args(["gateway", "--bootstrap"])
             .arg(&file)
             .env("BOWLINE_PROXY_CONCURRENCY", "1")
-            .env(
-                "BOWLINE_PROXY_STATUS_ADDRESS",
-                format!("127.0.0.1:{}", free_port()?),
-            )
             .env("RUST_LOG", "warn");
+        for variable in [
+            "BOWLINE_PROXY_STATUS_ADDRESS",
+            "BOWLINE_PROXY_STATS_ADDRESS",
+            "BOWLINE_PROXY_PROMETHEUS_ADDRESS",
+            "BOWLINE_PROXY_ADMIN_ADDRESS",
+        ] {
+            command.env(variable, format!("127.0.0.1:{}", free_port()?));
+        }
         let mut target = Target::start("bowline", root, command)?;
         results.push(("bowline", measure(&args, &mut target, port, port, root)?));
     }

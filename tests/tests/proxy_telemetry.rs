@@ -1,0 +1,296 @@
+//! bowline-proxy's telemetry as Istio's users read it: two sidecars on
+//! loopback — productpage's outbound side calling reviews' inbound side —
+//! tell each other who they are in Istio's metadata exchange headers, and
+//! Debian's Prometheus, scraping them on 15020 and 15090, finds
+//! `istio_requests_total`, the duration and size histograms and the TCP
+//! metrics with Istio's labels, from both reporters. The admin endpoint
+//! answers `/ready` and `/server_info`, and `/quitquitquit` drains.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::ensure;
+use bowline_tests::cluster::free_port;
+use bowline_tests::prometheus::{Prometheus, Sample};
+use bowline_tests::proxy::{Running, curl, echo, upstream};
+use serde_json::{Value, json};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const REVIEWS: &str = "reviews.shop.svc.cluster.local";
+const DB: &str = "db.shop.svc.cluster.local";
+
+fn listener(name: &str, port: u16, direction: &str, filter: Value) -> Value {
+    json!({"name": name, "traffic_direction": direction,
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+        "filter_chains": [{"filters": [filter]}]})
+}
+
+fn http_manager(virtual_hosts: Value) -> Value {
+    json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "http", "route_config": {"name": "local", "virtual_hosts": virtual_hosts}}})
+}
+
+/// A STATIC cluster of one endpoint; `sidecar` marks it as a mesh
+/// endpoint (`tlsMode: istio`), `metadata` is the cluster's own.
+fn cluster(name: &str, port: u16, sidecar: bool, metadata: Value) -> Value {
+    let mut endpoint = json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}});
+    if sidecar {
+        endpoint["metadata"] =
+            json!({"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}});
+    }
+    let mut cluster = json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]}});
+    if !metadata.is_null() {
+        cluster["metadata"] = metadata;
+    }
+    cluster
+}
+
+fn workload_env<'a>(name: &'a str, labels: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("POD_NAMESPACE", "shop"),
+        ("ISTIO_META_WORKLOAD_NAME", name),
+        ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
+        ("ISTIO_METAJSON_LABELS", labels),
+    ]
+}
+
+/// The one sample whose labels include all of `want`.
+fn only<'a>(samples: &'a [Sample], want: &[(&str, &str)]) -> anyhow::Result<&'a Sample> {
+    let matching: Vec<&Sample> = samples
+        .iter()
+        .filter(|(labels, _)| {
+            want.iter()
+                .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .collect();
+    ensure!(
+        matching.len() == 1,
+        "one series with {want:?} expected, found {matching:?} among {samples:?}"
+    );
+    Ok(matching[0])
+}
+
+fn total(samples: &[Sample]) -> f64 {
+    samples.iter().map(|(_, v)| v).sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_istios_metrics_from_both_sidecars() -> anyhow::Result<()> {
+    let (app, db) = (upstream("reviews").await?, echo().await?);
+    let (inbound_port, outbound_port, tcp_port) = (free_port()?, free_port()?, free_port()?);
+
+    // reviews-v1's sidecar: inbound, to its app.
+    let reviews = Running::bootstrap(
+        json!({"static_resources": {
+            "listeners": [listener("virtualInbound", inbound_port, "INBOUND", http_manager(json!([
+                {"name": "inbound|http|9080", "domains": ["*"],
+                 "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "inbound|9080||"}}]}])))],
+            "clusters": [cluster("inbound|9080||", app.port(), false, json!({"filter_metadata": {"istio": {
+                "services": [{"host": REVIEWS, "name": "reviews", "namespace": "shop"}]}}}))],
+        }}),
+        &workload_env("reviews-v1", r#"{"app":"reviews","version":"v1"}"#),
+    )
+    .await?;
+    // productpage-v1's sidecar: outbound, to reviews' sidecar and to a
+    // TCP database.
+    let outbound = format!("outbound|9080||{REVIEWS}");
+    let productpage = Running::bootstrap(
+        json!({"static_resources": {
+            "listeners": [
+                listener("0.0.0.0_9080", outbound_port, "OUTBOUND", http_manager(json!([
+                    {"name": "reviews", "domains": [REVIEWS, format!("{REVIEWS}:9080")],
+                     "routes": [{"match": {"prefix": "/"}, "route": {"cluster": outbound}}]}]))),
+                listener("0.0.0.0_5432", tcp_port, "OUTBOUND", json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": "db", "cluster": format!("outbound|5432||{DB}")}})),
+            ],
+            "clusters": [
+                cluster(&outbound, inbound_port, true, Value::Null),
+                cluster(&format!("outbound|5432||{DB}"), db.port(), false, Value::Null),
+            ],
+        }}),
+        &workload_env("productpage-v1", r#"{"app":"productpage","version":"v1"}"#),
+    )
+    .await?;
+
+    let url = |path: &str| format!("http://127.0.0.1:{outbound_port}{path}");
+    let host = format!("Host: {REVIEWS}:9080");
+    for _ in 0..30 {
+        let (status, body) = curl(&["-H", &host, &url("/reviews/1")])?;
+        ensure!(
+            status == 200 && body.starts_with("reviews /reviews/1"),
+            "{status} {body}"
+        );
+    }
+    for _ in 0..5 {
+        ensure!(curl(&["-H", &host, &url("/status/503")])?.0 == 503);
+    }
+    ensure!(curl(&["-H", "Host: nowhere.example", &url("/")])?.0 == 404);
+    // The exchange's headers reach neither application.
+    let (_, headers) = curl(&["-H", &host, "-D", "-", "-o", "/dev/null", &url("/")])?;
+    ensure!(
+        !headers.to_lowercase().contains("x-envoy-peer-metadata"),
+        "{headers}"
+    );
+    let mut connection = tokio::net::TcpStream::connect(("127.0.0.1", tcp_port)).await?;
+    connection.write_all(b"ping").await?;
+    let mut pong = [0; 4];
+    connection.read_exact(&mut pong).await?;
+    drop(connection);
+
+    let mut prometheus = Prometheus::start(&[
+        ("productpage", productpage.ports.stats, "/stats/prometheus"),
+        ("reviews", reviews.ports.prometheus, "/stats/prometheus"),
+    ])?;
+    let limit = Duration::from_secs(30);
+    let requests = prometheus
+        .wait_for("istio_requests_total", limit, |s| total(s) >= 37.0 + 36.0)
+        .await?;
+
+    let common = [
+        ("source_workload", "productpage-v1"),
+        ("source_workload_namespace", "shop"),
+        ("source_app", "productpage"),
+        ("source_version", "v1"),
+        ("source_canonical_service", "productpage"),
+        ("source_cluster", "Kubernetes"),
+        ("destination_workload", "reviews-v1"),
+        ("destination_workload_namespace", "shop"),
+        ("destination_app", "reviews"),
+        ("destination_version", "v1"),
+        ("destination_canonical_revision", "v1"),
+        ("destination_service", REVIEWS),
+        ("destination_service_name", "reviews"),
+        ("destination_service_namespace", "shop"),
+        ("request_protocol", "http"),
+        ("response_flags", "-"),
+    ];
+    for (reporter, job, security) in [
+        ("destination", "reviews", "none"),
+        ("source", "productpage", "unknown"),
+    ] {
+        let mut want = common.to_vec();
+        want.extend([
+            ("reporter", reporter),
+            ("job", job),
+            ("connection_security_policy", security),
+        ]);
+        let ok = only(
+            &requests,
+            &[want.as_slice(), &[("response_code", "200")]].concat(),
+        )?;
+        ensure!(ok.1 == 31.0, "{reporter}: {ok:?}");
+        let failed = only(
+            &requests,
+            &[want.as_slice(), &[("response_code", "503")]].concat(),
+        )?;
+        ensure!(failed.1 == 5.0, "{reporter}: {failed:?}");
+    }
+    let unrouted = only(
+        &requests,
+        &[("response_flags", "NR"), ("response_code", "404")],
+    )?;
+    ensure!(
+        unrouted.0["destination_service"] == "nowhere.example"
+            && unrouted.0["destination_workload"] == "unknown",
+        "{unrouted:?}"
+    );
+
+    // The histograms, as the dashboards read them.
+    let durations = prometheus.query(
+        r#"sum by (reporter) (istio_request_duration_milliseconds_count{destination_workload="reviews-v1"})"#,
+    )?;
+    ensure!(
+        durations.len() == 2 && durations.iter().all(|(_, v)| *v == 36.0),
+        "{durations:?}"
+    );
+    let p50 = prometheus.query(
+        r#"histogram_quantile(0.5, sum by (le) (istio_request_duration_milliseconds_bucket{reporter="destination"}))"#,
+    )?;
+    ensure!(
+        p50.len() == 1 && p50[0].1 > 0.0 && p50[0].1 < 1_000.0,
+        "{p50:?}"
+    );
+    let sizes = prometheus
+        .query(r#"sum(istio_response_bytes_sum{reporter="destination",response_code="200"})"#)?;
+    // Each answer is "reviews <path> <host>" and headers.
+    ensure!(sizes.len() == 1 && sizes[0].1 > 31.0 * 40.0, "{sizes:?}");
+
+    // The TCP connection: opened, closed, four bytes each way.
+    let tcp = prometheus
+        .wait_for(r#"{__name__=~"istio_tcp_.*"}"#, limit, |s| s.len() == 4)
+        .await?;
+    let by_name: BTreeMap<&str, f64> = tcp
+        .iter()
+        .map(|(labels, value)| (labels["__name__"].as_str(), *value))
+        .collect();
+    ensure!(
+        by_name
+            == BTreeMap::from([
+                ("istio_tcp_connections_closed_total", 1.0),
+                ("istio_tcp_connections_opened_total", 1.0),
+                ("istio_tcp_received_bytes_total", 4.0),
+                ("istio_tcp_sent_bytes_total", 4.0),
+            ]),
+        "{tcp:?}"
+    );
+    let (labels, _) = &tcp[0];
+    ensure!(
+        labels["reporter"] == "source"
+            && labels["request_protocol"] == "tcp"
+            && labels["destination_service"] == DB
+            && labels["source_workload"] == "productpage-v1",
+        "{labels:?}"
+    );
+
+    productpage.stop().await?;
+    reviews.stop().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_endpoint_reports_and_drains() -> anyhow::Result<()> {
+    let port = free_port()?;
+    let app = upstream("app").await?;
+    let proxy = Running::bootstrap(
+        bowline_tests::proxy::http_bootstrap(
+            port,
+            json!([{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]),
+            vec![bowline_tests::proxy::static_cluster("app", &[app])],
+        ),
+        &[("TERMINATION_DRAIN_DURATION_SECONDS", "1")],
+    )
+    .await?;
+    let admin = |path: &str| format!("http://127.0.0.1:{}{path}", proxy.ports.admin);
+    ensure!(curl(&[&admin("/ready")])? == (200, "LIVE\n".into()));
+    let (status, info) = curl(&[&admin("/server_info")])?;
+    let info: Value = serde_json::from_str(&info)?;
+    ensure!(status == 200 && info["state"] == "LIVE", "{info}");
+    ensure!(
+        info["node"]["id"]
+            .as_str()
+            .is_some_and(|id| id.starts_with("sidecar~")),
+        "{info}"
+    );
+    // Only through POST.
+    ensure!(curl(&[&admin("/quitquitquit")])?.0 == 405);
+    ensure!(curl(&["-X", "POST", &admin("/quitquitquit")])?.0 == 200);
+    // Draining: not ready, listeners closed.
+    let (status, body) = curl(&[&admin("/ready")])?;
+    ensure!(status == 503 && body == "DRAINING\n", "{status} {body}");
+    let mut closed = false;
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            closed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(closed, "the listener still accepts after /quitquitquit");
+    Ok(())
+}
