@@ -141,7 +141,48 @@ fn inject(pod: &mut Pod, injection: &Injection) -> Result<(), Error> {
     labels
         .entry("service.istio.io/canonical-revision".into())
         .or_insert(canonical_revision);
+
+    // Who the workload is, for the proxy's metrics and the peers it
+    // tells (Istio's node metadata variables).
+    let labels = serde_json::to_string(&labels)?;
+    let workload = workload_name(&pod.metadata);
+    let spec = pod.spec.get_or_insert_with(Default::default);
+    if let Some(sidecar) = spec
+        .containers
+        .iter_mut()
+        .find(|c| c.name == proxy::CONTAINER)
+    {
+        let env = sidecar.env.get_or_insert_with(Vec::new);
+        env.push(proxy::env("ISTIO_METAJSON_LABELS", labels));
+        if let Some(workload) = workload {
+            env.push(proxy::env("ISTIO_META_WORKLOAD_NAME", workload));
+        }
+    }
     Ok(())
+}
+
+/// The workload a pod belongs to, as Istio names it: a Deployment's pod
+/// (`reviews-v1-7d9f8c6b5-` with `pod-template-hash: 7d9f8c6b5`) is the
+/// Deployment's, any other controller's pod the controller's, a bare pod
+/// itself.
+fn workload_name(
+    metadata: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+) -> Option<String> {
+    let Some(generated) = metadata.generate_name.as_deref() else {
+        return metadata.name.clone();
+    };
+    let owner = generated.trim_end_matches('-');
+    let hash = metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("pod-template-hash"));
+    Some(match hash {
+        Some(hash) => owner
+            .strip_suffix(&format!("-{hash}"))
+            .unwrap_or(owner)
+            .to_string(),
+        None => owner.to_string(),
+    })
 }
 
 /// `bowline-proxy init` with istio-iptables' flags, from the pod's
@@ -263,7 +304,7 @@ mod tests {
             "metadata": {
                 "generateName": "reviews-v2-7d9f8-",
                 "namespace": "shop",
-                "labels": {"app": "reviews", "version": "v2"},
+                "labels": {"app": "reviews", "version": "v2", "pod-template-hash": "7d9f8"},
             },
             "spec": {"containers": [{"name": "reviews", "image": "registry.example/reviews:2", "ports": [{"containerPort": 9080}]}]},
         });
@@ -303,6 +344,15 @@ mod tests {
             Some("istiod-default-v0-2-0.istio-system.svc:15012")
         );
         assert_eq!(env["REVISION"].as_deref(), Some("default-v0-2-0"));
+        // The Deployment's name, without the ReplicaSet's hash.
+        assert_eq!(
+            env["ISTIO_META_WORKLOAD_NAME"].as_deref(),
+            Some("reviews-v2")
+        );
+        let labels: BTreeMap<String, String> =
+            serde_json::from_str(env["ISTIO_METAJSON_LABELS"].as_deref().unwrap()).unwrap();
+        assert_eq!(labels["app"], "reviews");
+        assert_eq!(labels["service.istio.io/canonical-revision"], "v2");
         assert_eq!(
             sidecar.security_context.as_ref().unwrap().run_as_user,
             Some(1337)

@@ -289,7 +289,7 @@ pub fn own(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Cluster>, Vec<Listener>) 
     let ports = inbound_ports(snapshot, proxy);
     let sidecar = sidecar_for(snapshot, &proxy.namespace, &proxy.labels);
     (
-        ports.iter().map(|p| inbound_cluster(p.port)).collect(),
+        ports.iter().map(|p| inbound_cluster(snapshot, p)).collect(),
         vec![
             listeners::virtual_outbound(allow_any(snapshot, sidecar.map(|s| &s.spec))),
             listeners::virtual_inbound(&ports),
@@ -390,7 +390,7 @@ fn pick_rule<'s>(
 /// The ports the proxy's workload serves (the target ports of the
 /// endpoints at its address), with the peer authentication each wants.
 fn inbound_ports(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Inbound> {
-    let mut ports: BTreeMap<u32, bool> = BTreeMap::new();
+    let mut ports: BTreeMap<u32, (bool, Vec<String>)> = BTreeMap::new();
     for (host, endpoints) in snapshot.endpoints.iter() {
         for e in endpoints.iter().filter(|e| e.address == proxy.ip) {
             let http = snapshot
@@ -398,15 +398,20 @@ fn inbound_ports(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Inbound> {
                 .get(host)
                 .and_then(|s| s.port(e.service_port))
                 .is_some_and(|p| p.protocol.is_http());
-            *ports.entry(e.port).or_default() |= http;
+            let (any_http, services) = ports.entry(e.port).or_default();
+            *any_http |= http;
+            if !services.contains(host) {
+                services.push(host.clone());
+            }
         }
     }
     let rbac = authz::filters(snapshot, proxy);
     ports
         .into_iter()
-        .map(|(port, http)| Inbound {
+        .map(|(port, (http, services))| Inbound {
             port,
             http,
+            services,
             mtls: mtls_mode(snapshot, proxy, port),
             rbac: rbac.clone(),
         })
@@ -476,8 +481,20 @@ fn fixed_clusters() -> Vec<Cluster> {
 
 /// To the workload on the port a connection came in on, from 127.0.0.6 so
 /// that its traffic is not captured again.
-fn inbound_cluster(port: u32) -> Cluster {
-    original_destination(&listeners::inbound_cluster_name(port), Some("127.0.0.6"))
+/// Its metadata names the services the port serves, for the proxy's
+/// metrics.
+fn inbound_cluster(snapshot: &Snapshot, inbound: &Inbound) -> Cluster {
+    let mut cluster = original_destination(
+        &listeners::inbound_cluster_name(inbound.port),
+        Some("127.0.0.6"),
+    );
+    let services: Vec<&Service> = inbound
+        .services
+        .iter()
+        .filter_map(|host| snapshot.services.get(host))
+        .collect();
+    cluster.metadata = clusters::service_metadata(&services);
+    cluster
 }
 
 fn original_destination(name: &str, bind: Option<&str>) -> Cluster {

@@ -328,6 +328,36 @@ fn a_90_10_split_between_subsets() {
     );
     // `reviews:9080` is the same virtual host.
     assert!(route_config(&resources, "9080").ignore_port_in_host_matching);
+    // The clusters name their service for the proxy's metrics.
+    assert_eq!(
+        istio_services(cluster(&resources, &v1)),
+        [(host("reviews"), "reviews".to_string(), "shop".to_string())]
+    );
+}
+
+/// The `istio` metadata's services of a cluster: (host, name, namespace).
+fn istio_services(cluster: &Cluster) -> Vec<(String, String, String)> {
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let Some(Kind::ListValue(list)) = cluster.metadata.as_ref().unwrap().filter_metadata["istio"]
+        .fields["services"]
+        .kind
+        .clone()
+    else {
+        panic!("a list of services: {cluster:?}");
+    };
+    list.values
+        .iter()
+        .map(|v| {
+            let Some(Kind::StructValue(service)) = &v.kind else {
+                panic!("a service: {v:?}");
+            };
+            let field = |k: &str| match &service.fields[k].kind {
+                Some(Kind::StringValue(s)) => s.clone(),
+                other => panic!("{k}: {other:?}"),
+            };
+            (field("host"), field("name"), field("namespace"))
+        })
+        .collect()
 }
 
 #[test]
@@ -679,6 +709,11 @@ fn peer_authentication_strict_with_a_permissive_port() {
     };
     let tls = DownstreamTlsContext::decode(tls.value.as_slice()).unwrap();
     assert!(tls.require_client_certificate.unwrap().value);
+    // The inbound cluster names the service the port serves.
+    assert_eq!(
+        istio_services(cluster(&resources, "inbound|8080||")),
+        [(host("payments"), "payments".to_string(), "shop".to_string())]
+    );
     // Another workload in the namespace: STRICT everywhere.
     assert_eq!(
         translate::mtls_mode(&snapshot, &sidecar("reviews", "10.244.0.1"), 9080),

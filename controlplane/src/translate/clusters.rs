@@ -85,6 +85,7 @@ pub fn outbound_clusters(
             );
             let sni = format!("outbound_.{}_.{subset}_.{host}", port.port);
             upstream_tls(&mut built, tls, !service.external, &sni, identities);
+            built.metadata = service_metadata(&[service]);
             if port.protocol.is_http() || port.protocol == Protocol::Unknown {
                 http_options(&mut built, policy.as_ref(), port.port, port.protocol);
             }
@@ -92,6 +93,58 @@ pub fn outbound_clusters(
         }
     }
     clusters
+}
+
+/// Istio's cluster metadata naming the services a cluster sends to
+/// (`istio: {services: [{host, name, namespace}]}`), which proxies label
+/// their metrics with. A Kubernetes service's name is its host's first
+/// label; a ServiceEntry host is its own name.
+pub fn service_metadata(services: &[&Service]) -> Option<Metadata> {
+    if services.is_empty() {
+        return None;
+    }
+    let text = |s: &str| Value {
+        kind: Some(value::Kind::StringValue(s.to_string())),
+    };
+    let entries = services
+        .iter()
+        .map(|service| {
+            let host = &service.hostname;
+            let name = host
+                .strip_suffix(".svc.cluster.local")
+                .and_then(|rest| rest.strip_suffix(&format!(".{}", service.namespace)))
+                .filter(|name| !name.contains('.'))
+                .unwrap_or(host);
+            Value {
+                kind: Some(value::Kind::StructValue(Struct {
+                    fields: [
+                        ("host".to_string(), text(host)),
+                        ("name".to_string(), text(name)),
+                        ("namespace".to_string(), text(&service.namespace)),
+                    ]
+                    .into(),
+                })),
+            }
+        })
+        .collect();
+    Some(Metadata {
+        filter_metadata: [(
+            "istio".to_string(),
+            Struct {
+                fields: [(
+                    "services".to_string(),
+                    Value {
+                        kind: Some(value::Kind::ListValue(
+                            envoy_types::pb::google::protobuf::ListValue { values: entries },
+                        )),
+                    },
+                )]
+                .into(),
+            },
+        )]
+        .into(),
+        ..Default::default()
+    })
 }
 
 /// A setting of the policy, its port-level one for `port` first.

@@ -79,6 +79,8 @@ pub struct Bound {
 pub struct Inbound {
     pub port: u32,
     pub http: bool,
+    /// The hosts of the services whose endpoints are this port.
+    pub services: Vec<String>,
     pub mtls: MtlsMode,
     /// The inbound RBAC filters (AUDIT, DENY, ALLOW) of the
     /// AuthorizationPolicies that apply.
