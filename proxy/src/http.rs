@@ -351,10 +351,14 @@ async fn send(
     host: &crate::model::route::VirtualHost,
     route: &Route,
     forward: &Forward,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
     authority: &str,
     report: &mut Report,
 ) -> Result<Response<Body>, Flag> {
+    // A WebSocket (or other HTTP/1.1 upgrade): its Upgrade header goes
+    // upstream, and a 101 joins the two connections.
+    let upgrade = upgrade_of(&request);
+    let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
     let (cluster_name, weighted_headers) = forward
         .destinations
         .pick(|total| rand::random_range(0..total))
@@ -368,7 +372,7 @@ async fn send(
         .ok_or(Flag::NoHealthyUpstream)?;
 
     let (mut parts, body) = request.into_parts();
-    let h2 = upstream.speaks_h2(parts.version == Version::HTTP_2);
+    let h2 = upgrade.is_none() && upstream.speaks_h2(parts.version == Version::HTTP_2);
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -382,6 +386,13 @@ async fn send(
         None => HeaderValue::from_str(authority).map_err(|_| Flag::NoRoute)?,
     };
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = upgrade {
+        parts.headers.insert(
+            http::header::CONNECTION,
+            HeaderValue::from_static("upgrade"),
+        );
+        parts.headers.insert(http::header::UPGRADE, protocol);
+    }
     parts.headers.insert(HOST, host_header);
     if let Some(ops) = weighted_headers {
         ops.request.apply(&mut parts.headers);
@@ -412,11 +423,51 @@ async fn send(
         )
         .await
     };
-    match forward.timeout {
+    let mut response = match forward.timeout {
         Some(timeout) => tokio::time::timeout(timeout, attempts)
             .await
             .unwrap_or(Err(Flag::UpstreamTimeout)),
         None => attempts.await,
+    }?;
+    if let Some(downstream) = downstream_upgrade
+        && response.status() == StatusCode::SWITCHING_PROTOCOLS
+    {
+        let upstream = hyper::upgrade::on(&mut response);
+        tokio::spawn(tunnel(downstream, upstream));
+    }
+    Ok(response)
+}
+
+/// The protocol an HTTP/1.1 request asks to switch to (`Connection:
+/// upgrade` with `Upgrade: websocket`), which Istio's sidecars let
+/// through.
+fn upgrade_of<B>(request: &Request<B>) -> Option<HeaderValue> {
+    let asks = request.version() == Version::HTTP_11
+        && request
+            .headers()
+            .get_all(http::header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    asks.then(|| request.headers().get(http::header::UPGRADE).cloned())
+        .flatten()
+}
+
+/// Once both sides have switched protocols, copies bytes between them
+/// until either closes.
+async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+    let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
+        Ok(both) => both,
+        Err(error) => {
+            tracing::debug!(%error, "upgrade did not complete");
+            return;
+        }
+    };
+    let mut downstream = hyper_util::rt::TokioIo::new(downstream);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        tracing::debug!(%error, "upgraded connection ended");
     }
 }
 

@@ -21,7 +21,8 @@ use crate::cluster::free_port;
 use crate::xds::Target;
 
 /// An HTTP upstream on `ip` (port chosen) answering `name`, the path it
-/// was asked for and the Host: `/slow` answers after two seconds,
+/// was asked for and the Host: `/ws` echoes WebSocket text messages after
+/// `name`, `/slow` answers after two seconds,
 /// `/sleep/<ms>` after so long, `/status/<code>` with that status, and
 /// `/flaky` with 503 and 200 in turns.
 pub async fn upstream_on(ip: [u8; 4], name: &'static str) -> anyhow::Result<SocketAddr> {
@@ -52,6 +53,24 @@ pub async fn upstream_on(ip: [u8; 4], name: &'static str) -> anyhow::Result<Sock
                     http::StatusCode::from_u16(code).unwrap_or(http::StatusCode::BAD_REQUEST),
                     format!("{name} {code}"),
                 )
+            }),
+        )
+        .route(
+            "/ws",
+            get(move |ws: axum::extract::ws::WebSocketUpgrade| async move {
+                ws.on_upgrade(move |mut socket| async move {
+                    use axum::extract::ws::Message;
+                    while let Some(Ok(message)) = socket.recv().await {
+                        let reply = match message {
+                            Message::Text(text) => Message::Text(format!("{name} {text}").into()),
+                            Message::Close(_) => break,
+                            other => other,
+                        };
+                        if socket.send(reply).await.is_err() {
+                            break;
+                        }
+                    }
+                })
             }),
         )
         .route(
