@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bowline_api::install::{MeshConfig, OutboundTrafficMode};
+use bowline_api::install::{AccessLogEncoding, MeshConfig, OutboundTrafficMode};
 use bowline_api::networking::{
     DestinationRule, Gateway, Location, Resolution as SeResolution, ServiceEntry, ServiceEntrySpec,
     Sidecar, VirtualService,
@@ -37,8 +37,8 @@ use tokio::sync::{mpsc, watch};
 
 use crate::metrics::{KindLabels, Metrics};
 use crate::model::{
-    Config, Endpoint, Mesh, Protocol, Resolution, Service, ServicePort, Snapshot, TlsSecret,
-    Workload, resolve_host,
+    AccessLogSettings, Config, Endpoint, Mesh, Protocol, Resolution, Service, ServicePort,
+    Snapshot, TlsSecret, Workload, resolve_host,
 };
 use crate::push::Push;
 use crate::validate;
@@ -471,6 +471,13 @@ fn mesh(config_map: Option<&ConfigMap>, settings: &Settings) -> Mesh {
             .outbound_traffic_policy
             .and_then(|p| p.mode)
             .unwrap_or(OutboundTrafficMode::AllowAny),
+        access_log: config
+            .access_log_file
+            .filter(|path| !path.is_empty())
+            .map(|path| AccessLogSettings {
+                path,
+                json: config.access_log_encoding == Some(AccessLogEncoding::Json),
+            }),
     }
 }
 

@@ -61,6 +61,15 @@ pub struct Mesh {
     pub root_namespace: String,
     pub trust_domain: String,
     pub outbound: OutboundTrafficMode,
+    /// Where proxies write access logs (`accessLogFile`), and whether as
+    /// JSON (`accessLogEncoding`); none when unset.
+    pub access_log: Option<AccessLogSettings>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AccessLogSettings {
+    pub path: String,
+    pub json: bool,
 }
 
 impl Default for Mesh {
@@ -69,6 +78,7 @@ impl Default for Mesh {
             root_namespace: "istio-system".into(),
             trust_domain: "cluster.local".into(),
             outbound: OutboundTrafficMode::AllowAny,
+            access_log: None,
         }
     }
 }

@@ -137,14 +137,16 @@ impl Generator {
         };
         match proxy.kind {
             ProxyKind::Sidecar => {
-                let (clusters, listeners) = translate::own(&push.snapshot, proxy);
+                let (clusters, mut listeners) = translate::own(&push.snapshot, proxy);
+                translate::log_access(&mut listeners, &push.snapshot.mesh);
                 generated.own.insert(CLUSTER, encode(clusters, |c| &c.name));
                 generated
                     .own
                     .insert(LISTENER, encode(listeners, |l| &l.name));
             }
             ProxyKind::Gateway => {
-                let (listeners, routes) = translate::gateway::gateway(&push.snapshot, proxy);
+                let (mut listeners, routes) = translate::gateway::gateway(&push.snapshot, proxy);
+                translate::log_access(&mut listeners, &push.snapshot.mesh);
                 generated
                     .own
                     .insert(LISTENER, encode(listeners, |l| &l.name));
@@ -198,7 +200,9 @@ fn outbound(scope: &Scope<'_>, kind: ProxyKind) -> Encoded {
     encoded.insert(CLUSTER, encode(scope.clusters(), |c| &c.name));
     encoded.insert(ENDPOINT, encode(scope.endpoints(), |e| &e.cluster_name));
     if kind == ProxyKind::Sidecar {
-        encoded.insert(LISTENER, encode(scope.outbound_listeners(), |l| &l.name));
+        let mut listeners = scope.outbound_listeners();
+        translate::log_access(&mut listeners, scope.mesh());
+        encoded.insert(LISTENER, encode(listeners, |l| &l.name));
         encoded.insert(ROUTE, encode(scope.routes(), |r| &r.name));
     }
     encoded

@@ -30,10 +30,11 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::google::protobuf::Duration;
+use envoy_types::util::pack_any;
 
 use crate::model::{
-    Config, HostIndex, Protocol, Proxy, Service, Snapshot, host_matches, oldest, resolve_host,
-    selects,
+    Config, HostIndex, Mesh, Protocol, Proxy, Service, Snapshot, host_matches, oldest,
+    resolve_host, selects,
 };
 use listeners::{Bound, Inbound, Outbound};
 use routes::RouteContext;
@@ -60,7 +61,123 @@ pub fn sidecar(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
     let (clusters, listeners) = own(snapshot, proxy);
     resources.clusters.extend(clusters);
     resources.listeners.extend(listeners);
+    log_access(&mut resources.listeners, &snapshot.mesh);
     resources
+}
+
+/// Istio's default access log line (`accessLogEncoding: TEXT`).
+const ACCESS_LOG_TEXT: &str = "[%START_TIME%] \"%REQ(:METHOD)% %REQ(X-ENVOY-ORIGINAL-PATH?:PATH)% %PROTOCOL%\" %RESPONSE_CODE% %RESPONSE_FLAGS% %RESPONSE_CODE_DETAILS% %CONNECTION_TERMINATION_DETAILS% \"%UPSTREAM_TRANSPORT_FAILURE_REASON%\" %BYTES_RECEIVED% %BYTES_SENT% %DURATION% %RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)% \"%REQ(X-FORWARDED-FOR)%\" \"%REQ(USER-AGENT)%\" \"%REQ(X-REQUEST-ID)%\" \"%REQ(:AUTHORITY)%\" \"%UPSTREAM_HOST%\" %UPSTREAM_CLUSTER_RAW% %UPSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_LOCAL_ADDRESS% %DOWNSTREAM_REMOTE_ADDRESS% %REQUESTED_SERVER_NAME% %ROUTE_NAME%\n";
+
+/// Istio's default access log fields (`accessLogEncoding: JSON`).
+const ACCESS_LOG_JSON: [(&str, &str); 24] = [
+    ("authority", "%REQ(:AUTHORITY)%"),
+    ("bytes_received", "%BYTES_RECEIVED%"),
+    ("bytes_sent", "%BYTES_SENT%"),
+    (
+        "connection_termination_details",
+        "%CONNECTION_TERMINATION_DETAILS%",
+    ),
+    ("downstream_local_address", "%DOWNSTREAM_LOCAL_ADDRESS%"),
+    ("downstream_remote_address", "%DOWNSTREAM_REMOTE_ADDRESS%"),
+    ("duration", "%DURATION%"),
+    ("method", "%REQ(:METHOD)%"),
+    ("path", "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%"),
+    ("protocol", "%PROTOCOL%"),
+    ("request_id", "%REQ(X-REQUEST-ID)%"),
+    ("requested_server_name", "%REQUESTED_SERVER_NAME%"),
+    ("response_code", "%RESPONSE_CODE%"),
+    ("response_code_details", "%RESPONSE_CODE_DETAILS%"),
+    ("response_flags", "%RESPONSE_FLAGS%"),
+    ("route_name", "%ROUTE_NAME%"),
+    ("start_time", "%START_TIME%"),
+    ("upstream_cluster", "%UPSTREAM_CLUSTER_RAW%"),
+    ("upstream_host", "%UPSTREAM_HOST%"),
+    ("upstream_local_address", "%UPSTREAM_LOCAL_ADDRESS%"),
+    (
+        "upstream_service_time",
+        "%RESP(X-ENVOY-UPSTREAM-SERVICE-TIME)%",
+    ),
+    (
+        "upstream_transport_failure_reason",
+        "%UPSTREAM_TRANSPORT_FAILURE_REASON%",
+    ),
+    ("user_agent", "%REQ(USER-AGENT)%"),
+    ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
+];
+
+/// Adds the mesh's access log, when it asks for one, to every HTTP
+/// connection manager and TCP proxy of `listeners`, as Istio does.
+pub fn log_access(listeners: &mut [Listener], mesh: &Mesh) {
+    use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
+    use envoy_types::pb::envoy::config::core::v3::{
+        DataSource, SubstitutionFormatString, data_source, substitution_format_string,
+    };
+    use envoy_types::pb::envoy::config::listener::v3::filter;
+    use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
+        FileAccessLog, file_access_log,
+    };
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+    use envoy_types::pb::google::protobuf::{Struct, Value, value};
+    use prost::{Message, Name};
+
+    let Some(settings) = &mesh.access_log else {
+        return;
+    };
+    let format = if settings.json {
+        substitution_format_string::Format::JsonFormat(Struct {
+            fields: ACCESS_LOG_JSON
+                .iter()
+                .map(|(key, command)| {
+                    let value = Value {
+                        kind: Some(value::Kind::StringValue(command.to_string())),
+                    };
+                    (key.to_string(), value)
+                })
+                .collect(),
+        })
+    } else {
+        substitution_format_string::Format::TextFormatSource(DataSource {
+            specifier: Some(data_source::Specifier::InlineString(ACCESS_LOG_TEXT.into())),
+            ..Default::default()
+        })
+    };
+    let log = AccessLog {
+        name: "envoy.access_loggers.file".into(),
+        config_type: Some(access_log::ConfigType::TypedConfig(pack_any(
+            FileAccessLog {
+                path: settings.path.clone(),
+                access_log_format: Some(file_access_log::AccessLogFormat::LogFormat(
+                    SubstitutionFormatString {
+                        format: Some(format),
+                        ..Default::default()
+                    },
+                )),
+            },
+        ))),
+        ..Default::default()
+    };
+    let chains = listeners.iter_mut().flat_map(|l| {
+        l.filter_chains
+            .iter_mut()
+            .chain(l.default_filter_chain.as_mut())
+    });
+    for filter in chains.flat_map(|c| c.filters.iter_mut()) {
+        let Some(filter::ConfigType::TypedConfig(any)) = &mut filter.config_type else {
+            continue;
+        };
+        if any.type_url == HttpConnectionManager::type_url() {
+            if let Ok(mut manager) = HttpConnectionManager::decode(any.value.as_slice()) {
+                manager.access_log.push(log.clone());
+                *any = pack_any(manager);
+            }
+        } else if any.type_url == TcpProxy::type_url()
+            && let Ok(mut proxy) = TcpProxy::decode(any.value.as_slice())
+        {
+            proxy.access_log.push(log.clone());
+            *any = pack_any(proxy);
+        }
+    }
 }
 
 /// What sidecars of one namespace with the same labels see outbound: the
@@ -240,6 +357,11 @@ impl<'s> Scope<'s> {
 
     /// A listener per HTTP port, one per TCP service port with an
     /// address, and the bound ones.
+    /// The mesh-wide settings.
+    pub fn mesh(&self) -> &Mesh {
+        &self.snapshot.mesh
+    }
+
     pub fn outbound_listeners(&self) -> Vec<Listener> {
         let mut listeners = Vec::new();
         let bound: Vec<Bound> = self.bound().collect();

@@ -26,6 +26,17 @@ pub fn from_json<M: Message + Name + Default>(value: serde_json::Value) -> Resul
     M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| e.to_string())
 }
 
+/// `message` in protobuf's JSON mapping, as Envoy writes it (`Any`s with
+/// their `@type`).
+pub fn to_json<M: Message + Name>(message: &M) -> Result<serde_json::Value, String> {
+    let descriptor = pool()
+        .get_message_by_name(&M::full_name())
+        .ok_or_else(|| format!("{} is not in the descriptors Bowline reads", M::full_name()))?;
+    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
+        .map_err(|e| e.to_string())?;
+    serde_json::to_value(&dynamic).map_err(|e| e.to_string())
+}
+
 /// Unpacks an `Any` holding an `M`.
 pub fn unpack<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
     if any.type_url != M::type_url() {

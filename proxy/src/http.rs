@@ -25,6 +25,7 @@ use crate::model::resilience::{Abort, Attempt, Fault};
 use crate::model::route::{Action, Forward, Route};
 use crate::model::{Endpoints, Snapshot};
 use crate::telemetry::Telemetry;
+use crate::telemetry::access_log::{Head, Pending};
 use crate::telemetry::metrics::{
     Completed, Flags, Peers, Protocol, Recorded, Reporter, Security, grpc_status, header_bytes,
 };
@@ -130,6 +131,9 @@ pub struct Connection {
     /// Whether requests arrive for this proxy's workload: it reports them
     /// as their destination and learns the caller from its headers.
     pub inbound: bool,
+    /// The connection's ends, for access logs.
+    pub local: std::net::SocketAddr,
+    pub peer: std::net::SocketAddr,
 }
 
 /// What the way through the proxy tells the metrics.
@@ -137,6 +141,10 @@ pub struct Connection {
 struct Report {
     service: Option<Interned<Service>>,
     flags: Flags,
+    /// What only access logs need, gathered when there are any.
+    log: Option<Box<Pending>>,
+    /// The endpoint the last attempt went to.
+    endpoint: Option<Arc<Host>>,
 }
 
 /// Serves one request; never fails (errors are answers). Its metrics are
@@ -163,6 +171,25 @@ pub async fn serve(
             .unwrap_or(0);
     let authority = authority(&request);
     let mut report = Report::default();
+    let logs = &connection.manager.access_logs;
+    if !logs.is_empty() {
+        report.log = Some(Box::new(Pending {
+            logs: Arc::clone(logs),
+            started: std::time::SystemTime::now(),
+            head: Head {
+                method: request.method().clone(),
+                uri: request.uri().clone(),
+                version: request.version(),
+                headers: request.headers().clone(),
+            },
+            response: http::HeaderMap::new(),
+            upstream_host: None,
+            upstream_cluster: None,
+            route_name: None,
+            downstream_local: connection.local,
+            downstream_remote: connection.peer,
+        }));
+    }
     let response = match &authority {
         Some(authority) => proxy(&connection, request, authority, &mut report).await,
         None => Err(Flag::NoRoute),
@@ -212,7 +239,11 @@ pub async fn serve(
         request_bytes,
         response_bytes: header_bytes(&parts.headers),
     };
-    let body = Recorded::new(body, Arc::clone(&telemetry.metrics), completed);
+    if let Some(log) = &mut report.log {
+        log.response = parts.headers.clone();
+        log.upstream_host = report.endpoint.map(|host| host.address.to_string());
+    }
+    let body = Recorded::new(body, Arc::clone(&telemetry.metrics), completed, report.log);
     Ok(Response::from_parts(parts, body))
 }
 
@@ -231,6 +262,9 @@ async fn proxy(
     let route = host
         .find_route(request.method(), request.uri(), request.headers())
         .ok_or(Flag::NoRoute)?;
+    if let Some(log) = &mut report.log {
+        log.route_name = Some(route.name.clone());
+    }
     match &route.action {
         Action::Respond { status, body } => {
             let mut response = local_reply(*status, "");
@@ -366,6 +400,9 @@ async fn send(
     let snapshot = &connection.snapshot;
     let cluster = snapshot.clusters.get(cluster_name).ok_or(Flag::NoCluster)?;
     report.service.clone_from(&cluster.service);
+    if let Some(log) = &mut report.log {
+        log.upstream_cluster = Some(cluster.name.clone());
+    }
     let upstream = connection.upstreams.get(cluster);
     let endpoints = snapshot
         .endpoints_of(cluster)
@@ -418,10 +455,15 @@ async fn send(
         // The caller is announced to mesh endpoints, except by the
         // sidecar's inbound side, whose upstream is its own workload.
         let announce = (!connection.inbound).then_some(&connection.telemetry.exchange);
-        attempt(
-            &upstream, &endpoints, forward, &head, &mut body, h2, announce,
-        )
-        .await
+        let plan = Plan {
+            upstream: &upstream,
+            endpoints: &endpoints,
+            forward,
+            head: &head,
+            h2,
+            announce,
+        };
+        attempt(plan, &mut body, &mut report.endpoint).await
     };
     let mut response = match forward.timeout {
         Some(timeout) => tokio::time::timeout(timeout, attempts)
@@ -471,18 +513,34 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     }
 }
 
+/// Where a request's attempts go, and how.
+struct Plan<'a> {
+    upstream: &'a Arc<ClusterState>,
+    endpoints: &'a Arc<Endpoints>,
+    forward: &'a Forward,
+    head: &'a Upstream,
+    /// HTTP/2 to the endpoint.
+    h2: bool,
+    /// Tells mesh endpoints who calls.
+    announce: Option<&'a Exchange>,
+}
+
 /// Tries the request on the cluster's endpoints: once, or again as the
 /// route's retry policy says (on another endpoint when it asks, after a
 /// jittered backoff, while the retry circuit breaker allows).
 async fn attempt(
-    upstream: &Arc<ClusterState>,
-    endpoints: &Arc<Endpoints>,
-    forward: &Forward,
-    head: &Upstream,
+    plan: Plan<'_>,
     body: &mut RequestBody,
-    h2: bool,
-    announce: Option<&Exchange>,
+    chosen: &mut Option<Arc<Host>>,
 ) -> Result<Response<Body>, Flag> {
+    let Plan {
+        upstream,
+        endpoints,
+        forward,
+        head,
+        h2,
+        announce,
+    } = plan;
     // A body that streams once cannot be sent twice.
     let policy = forward.retry.as_ref().filter(|_| body.kept().is_some());
     let mut retries_left = policy.map_or(0, |p| p.retries);
@@ -505,6 +563,7 @@ async fn attempt(
         let target = upstream
             .pick(endpoints, avoid)
             .ok_or(Flag::NoHealthyUpstream)?;
+        *chosen = Some(Arc::clone(&target));
         let admission = upstream.admit(h2).await.map_err(|_| Flag::Overflow)?;
         let in_flight = target.start();
         let mut request = head.request(&target.address, body.next())?;

@@ -22,6 +22,7 @@ use crate::model::cluster::{Discovery, Target};
 use crate::model::listener::{ConnectionInfo, Listener, TcpRoute, Terminal};
 use crate::state::State;
 use crate::telemetry::Telemetry;
+use crate::telemetry::access_log::Entry;
 use crate::telemetry::metrics::{Counted, Flags, Peers, Reporter, Security};
 use crate::telemetry::peer::{Service, Workload};
 use crate::upstream::{Outcome, Upstreams};
@@ -242,6 +243,8 @@ async fn connection(
                 snapshot: Arc::clone(&snapshot),
                 manager: Arc::clone(manager),
                 inbound: listener.inbound && !shared.telemetry.gateway,
+                local: destination,
+                peer,
                 upstreams: shared.upstreams,
                 telemetry: shared.telemetry,
             };
@@ -296,6 +299,8 @@ async fn tcp(
     inbound: bool,
 ) {
     let upstreams = &shared.upstreams;
+    let (started, clock) = (std::time::SystemTime::now(), std::time::Instant::now());
+    let peer = stream.peer_addr().unwrap_or(destination);
     let Some((name, _)) = route
         .destinations
         .pick(|total| rand::random_range(0..total))
@@ -360,20 +365,39 @@ async fn tcp(
         },
     };
     let metrics = &shared.telemetry.metrics;
+    let upstream_host = target.to_string();
+    let log = |flags: Flags, received: u64, sent: u64| {
+        let entry = Entry {
+            started,
+            duration: clock.elapsed(),
+            request: None,
+            response: None,
+            code: None,
+            flags,
+            bytes_received: received,
+            bytes_sent: sent,
+            upstream_host: Some(&upstream_host),
+            upstream_cluster: Some(&cluster.name),
+            downstream_local: destination,
+            downstream_remote: peer,
+            route_name: None,
+            grpc_status: None,
+        };
+        for access_log in route.access_logs.iter() {
+            access_log.write(&entry);
+        }
+    };
     let upstream = match connected {
         Ok(Ok(upstream)) => upstream,
-        Ok(Err(error)) => {
-            tracing::debug!(%target, %error, "TCP upstream connect failed");
+        failed => {
+            match failed {
+                Ok(Err(error)) => tracing::debug!(%target, %error, "TCP upstream connect failed"),
+                _ => tracing::debug!(%target, "TCP upstream connect timed out"),
+            }
             metrics
                 .open(peers, Flags::UPSTREAM_CONNECTION_FAILURE)
                 .close();
-            return;
-        }
-        Err(_) => {
-            tracing::debug!(%target, "TCP upstream connect timed out");
-            metrics
-                .open(peers, Flags::UPSTREAM_CONNECTION_FAILURE)
-                .close();
+            log(Flags::UPSTREAM_CONNECTION_FAILURE, 0, 0);
             return;
         }
     };
@@ -381,10 +405,16 @@ async fn tcp(
     let series = metrics.open(peers, Flags::default());
     let mut downstream = Counted::new(stream, series.received.clone());
     let mut upstream = Counted::new(upstream, series.sent.clone());
-    if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        tracing::debug!(%target, %error, "TCP connection ended");
-    }
+    let (received, sent) = match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await
+    {
+        Ok(counts) => counts,
+        Err(error) => {
+            tracing::debug!(%target, %error, "TCP connection ended");
+            (0, 0)
+        }
+    };
     series.close();
+    log(Flags::default(), received, sent);
 }
 
 /// Where a connection redirected by iptables was going (SO_ORIGINAL_DST).

@@ -3,6 +3,7 @@
 //! ([`peer`]: the proxy's own node metadata, the peer's from Istio's
 //! metadata exchange headers, the service from the cluster).
 
+pub mod access_log;
 pub mod metrics;
 pub mod peer;
 

@@ -294,3 +294,101 @@ async fn the_admin_endpoint_reports_and_drains() -> anyhow::Result<()> {
     ensure!(closed, "the listener still accepts after /quitquitquit");
     Ok(())
 }
+
+/// The access log the control plane adds for `accessLogFile` and
+/// `accessLogEncoding`, on a listener the proxy then serves.
+fn logged_listener(port: u16, cluster: &str, path: &std::path::Path, json: bool) -> Value {
+    use bowline_controlplane::model::{AccessLogSettings, Mesh};
+    use envoy_types::pb::envoy::config::listener::v3::Listener;
+    let listener: Listener = bowline_proxy::envoy::from_json(listener(
+        &format!("http_{port}"),
+        port,
+        "OUTBOUND",
+        http_manager(json!([{"name": "all", "domains": ["*"],
+            "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": cluster}}]}])),
+    ))
+    .expect("a listener");
+    let mut listeners = [listener];
+    let mesh = Mesh {
+        access_log: Some(AccessLogSettings {
+            path: path.display().to_string(),
+            json,
+        }),
+        ..Mesh::default()
+    };
+    bowline_controlplane::translate::log_access(&mut listeners, &mesh);
+    bowline_proxy::envoy::to_json(&listeners[0]).expect("JSON")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_logs_are_written_as_the_mesh_config_asks() -> anyhow::Result<()> {
+    let app = upstream("app").await?;
+    let dir = tempfile::tempdir()?;
+    let (json_log, text_log) = (dir.path().join("json.log"), dir.path().join("text.log"));
+    let (json_port, text_port) = (free_port()?, free_port()?);
+    let proxy = Running::bootstrap(
+        json!({"static_resources": {
+            "listeners": [
+                logged_listener(json_port, "app", &json_log, true),
+                logged_listener(text_port, "app", &text_log, false),
+            ],
+            "clusters": [cluster("app", app.port(), false, Value::Null)],
+        }}),
+        &[],
+    )
+    .await?;
+    let (status, _) = curl(&[
+        "-H",
+        "x-request-id: 7c1f",
+        "-A",
+        "probe/1",
+        &format!("http://127.0.0.1:{json_port}/items/7?x=1"),
+    ])?;
+    ensure!(status == 200);
+    ensure!(curl(&[&format!("http://127.0.0.1:{text_port}/status/503")])?.0 == 503);
+
+    // Lines are written by a thread of their own, soon after.
+    let mut lines = (String::new(), String::new());
+    for _ in 0..50 {
+        lines = (
+            std::fs::read_to_string(&json_log).unwrap_or_default(),
+            std::fs::read_to_string(&text_log).unwrap_or_default(),
+        );
+        if lines.0.ends_with('\n') && lines.1.ends_with('\n') {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let entry: Value = serde_json::from_str(lines.0.trim())?;
+    for (key, want) in [
+        ("method", json!("GET")),
+        ("path", json!("/items/7?x=1")),
+        ("protocol", json!("HTTP/1.1")),
+        ("response_code", json!(200)),
+        ("response_flags", json!("-")),
+        ("request_id", json!("7c1f")),
+        ("user_agent", json!("probe/1")),
+        ("authority", json!(format!("127.0.0.1:{json_port}"))),
+        ("upstream_host", json!(app.to_string())),
+        ("upstream_cluster", json!("app")),
+        ("route_name", json!("default")),
+        ("x_forwarded_for", Value::Null),
+    ] {
+        ensure!(entry[key] == want, "{key}: {} in {entry}", entry[key]);
+    }
+    ensure!(
+        entry["bytes_sent"].as_u64().is_some_and(|n| n > 0)
+            && entry["duration"].is_u64()
+            && entry["start_time"]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z')),
+        "{entry}"
+    );
+    let text = lines.1.trim();
+    ensure!(
+        text.contains("\"GET /status/503 HTTP/1.1\" 503 - via_upstream")
+            && text.contains(&format!("\"{app}\" app ")),
+        "{text}"
+    );
+    proxy.stop().await
+}

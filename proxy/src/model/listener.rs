@@ -15,6 +15,7 @@ use super::cluster::socket_address;
 use super::route::{Destinations, HeaderOps, RouteTable};
 use crate::envoy::{type_name, unpack};
 use crate::error::{Error, Result};
+use crate::telemetry::access_log::AccessLog;
 
 const KIND: &str = "Listener";
 const HTTP_CONNECTION_MANAGER: &str =
@@ -68,6 +69,8 @@ pub enum Terminal {
 pub struct HttpManager {
     pub stat_prefix: String,
     pub routes: RouteSource,
+    /// Where each request is logged, if anywhere.
+    pub access_logs: Arc<[AccessLog]>,
 }
 
 #[derive(Debug)]
@@ -81,6 +84,8 @@ pub enum RouteSource {
 pub struct TcpRoute {
     pub stat_prefix: String,
     pub destinations: Destinations,
+    /// Where each connection is logged, if anywhere.
+    pub access_logs: Arc<[AccessLog]>,
 }
 
 /// What a connection is known by when its chain is chosen.
@@ -217,6 +222,8 @@ impl FilterChain {
                         }
                     };
                     terminal = Some(Terminal::Http(Arc::new(HttpManager {
+                        access_logs: access_logs(&manager.access_log)
+                            .map_err(|(j, e)| invalid(&at(&format!(".access_log[{j}]")), e))?,
                         stat_prefix: manager.stat_prefix,
                         routes,
                     })));
@@ -242,6 +249,8 @@ impl FilterChain {
                         }
                     };
                     terminal = Some(Terminal::Tcp(Arc::new(TcpRoute {
+                        access_logs: access_logs(&proxy.access_log)
+                            .map_err(|(j, e)| invalid(&at(&format!(".access_log[{j}]")), e))?,
                         stat_prefix: proxy.stat_prefix,
                         destinations,
                     })));
@@ -327,6 +336,16 @@ impl ChainMatch {
         };
         Some((port, prefix, server, transport, alpn))
     }
+}
+
+/// A filter's access logs; an error says which one is wrong.
+fn access_logs(
+    logs: &[envoy_types::pb::envoy::config::accesslog::v3::AccessLog],
+) -> std::result::Result<Arc<[AccessLog]>, (usize, String)> {
+    logs.iter()
+        .enumerate()
+        .map(|(j, log)| AccessLog::from_envoy(log).map_err(|e| (j, e)))
+        .collect()
 }
 
 fn contains(net: IpAddr, len: u8, ip: IpAddr) -> bool {

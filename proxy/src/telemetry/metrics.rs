@@ -29,6 +29,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::access_log::Pending;
 use super::peer::{Interned, Service, UNKNOWN, Workload};
 
 /// Envoy's default histogram buckets, which Istio's metrics use: 0.5 ms
@@ -403,20 +404,30 @@ pub struct Recorded<B> {
     body: B,
     metrics: Arc<Metrics>,
     request: Option<Completed>,
+    log: Option<Box<Pending>>,
 }
 
 impl<B> Recorded<B> {
-    pub fn new(body: B, metrics: Arc<Metrics>, request: Completed) -> Self {
+    pub fn new(
+        body: B,
+        metrics: Arc<Metrics>,
+        request: Completed,
+        log: Option<Box<Pending>>,
+    ) -> Self {
         Self {
             body,
             metrics,
             request: Some(request),
+            log,
         }
     }
 
     fn finish(&mut self) {
         if let Some(request) = self.request.take() {
             self.metrics.record(&request);
+            if let Some(log) = self.log.take() {
+                log.write(&request);
+            }
         }
     }
 }
