@@ -136,6 +136,8 @@ pub struct Connection {
     pub peer: std::net::SocketAddr,
 }
 
+const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+
 /// What the way through the proxy tells the metrics.
 #[derive(Default)]
 struct Report {
@@ -169,6 +171,15 @@ pub async fn serve(
         + http_body::Body::size_hint(request.body())
             .exact()
             .unwrap_or(0);
+    // Envoy's request id, which access logs and traces join on, and
+    // which applications pass along.
+    if !request.headers().contains_key(REQUEST_ID) {
+        let id = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+        let mut text = uuid::Uuid::encode_buffer();
+        if let Ok(value) = HeaderValue::from_str(id.hyphenated().encode_lower(&mut text)) {
+            request.headers_mut().insert(REQUEST_ID, value);
+        }
+    }
     let authority = authority(&request);
     let mut report = Report::default();
     let logs = &connection.manager.access_logs;

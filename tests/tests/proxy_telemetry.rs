@@ -385,6 +385,12 @@ async fn access_logs_are_written_as_the_mesh_config_asks() -> anyhow::Result<()>
         "{entry}"
     );
     let text = lines.1.trim();
+    // A request without an id gets one, as from Envoy: a UUID.
+    let request_id = text.split('"').nth(9).unwrap_or_default();
+    ensure!(
+        request_id.len() == 36 && request_id.matches('-').count() == 4,
+        "{request_id:?} in {text}"
+    );
     ensure!(
         text.contains("\"GET /status/503 HTTP/1.1\" 503 - via_upstream")
             && text.contains(&format!("\"{app}\" app ")),
