@@ -4,7 +4,8 @@
 //! - status (15021): `/healthz/ready`, the kubelet's probe;
 //! - metrics (15020 merged, 15090 the proxy's): `/stats/prometheus`;
 //! - admin (127.0.0.1:15000): `/ready`, `/stats`, `/stats/prometheus`,
-//!   `/server_info`, `POST /logging?level=debug`, `POST /quitquitquit`.
+//!   `/server_info`, `/config_dump`, `POST /logging?level=debug`,
+//!   `POST /quitquitquit`.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -118,6 +119,7 @@ fn respond(admin: &Admin, port: Port, request: &Request<Incoming>) -> Response<F
                 .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
+        (Port::Admin, &Method::GET, "/config_dump") => config_dump(admin, request.uri().query()),
         (Port::Admin, &Method::POST, "/logging") => logging(admin, request.uri().query()),
         (Port::Admin, &Method::POST, "/quitquitquit") => {
             let _ = admin.stop.send(true);
@@ -147,6 +149,91 @@ fn metrics(admin: &Admin) -> Response<Full<Bytes>> {
         CONTENT_TYPE,
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
+    response
+}
+
+/// What is served, in the shape of Envoy's `/config_dump`: clusters,
+/// listeners and routes, static (bootstrap) or dynamic (xDS) with their
+/// versions; endpoints with `?include_eds`.
+fn config_dump(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
+    use serde_json::{Value, json};
+    let include_eds = query.is_some_and(|q| q.split('&').any(|p| p.starts_with("include_eds")));
+    let snapshot = admin.state.snapshot();
+    let descriptors = crate::envoy::Descriptors::load();
+    let mut dumps: Vec<(&str, &str, Vec<Value>, Vec<Value>)> = vec![
+        (
+            "ClustersConfigDump",
+            crate::xds::CLUSTER,
+            Vec::new(),
+            Vec::new(),
+        ),
+        (
+            "ListenersConfigDump",
+            crate::xds::LISTENER,
+            Vec::new(),
+            Vec::new(),
+        ),
+        (
+            "RoutesConfigDump",
+            crate::xds::ROUTE,
+            Vec::new(),
+            Vec::new(),
+        ),
+    ];
+    if include_eds {
+        dumps.push((
+            "EndpointsConfigDump",
+            crate::xds::ENDPOINT,
+            Vec::new(),
+            Vec::new(),
+        ));
+    }
+    for raw in snapshot.raw.iter() {
+        let Some((kind, _, statics, dynamics)) =
+            dumps.iter_mut().find(|(_, url, ..)| *url == raw.type_url)
+        else {
+            continue;
+        };
+        let resource = descriptors
+            .json(raw.type_url, &raw.bytes)
+            .unwrap_or_else(|error| json!({"error": error}));
+        let field = match *kind {
+            "ClustersConfigDump" => "cluster",
+            "ListenersConfigDump" => "listener",
+            "RoutesConfigDump" => "route_config",
+            _ => "endpoint_config",
+        };
+        if raw.version.is_empty() {
+            statics.push(json!({ field: resource }));
+        } else if field == "listener" {
+            dynamics.push(json!({"name": raw.name, "active_state": {"version_info": raw.version, "listener": resource}}));
+        } else {
+            dynamics.push(json!({"version_info": raw.version, field: resource}));
+        }
+    }
+    let configs: Vec<Value> = dumps
+        .into_iter()
+        .map(|(kind, _, statics, dynamics)| {
+            let (static_key, dynamic_key) = match kind {
+                "ClustersConfigDump" => ("static_clusters", "dynamic_active_clusters"),
+                "ListenersConfigDump" => ("static_listeners", "dynamic_listeners"),
+                "RoutesConfigDump" => ("static_route_configs", "dynamic_route_configs"),
+                _ => ("static_endpoint_configs", "dynamic_endpoint_configs"),
+            };
+            json!({
+                "@type": format!("type.googleapis.com/envoy.admin.v3.{kind}"),
+                static_key: statics,
+                dynamic_key: dynamics,
+            })
+        })
+        .collect();
+    let mut response = text(
+        StatusCode::OK,
+        &format!("{:#}\n", json!({ "configs": configs })),
+    );
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
 

@@ -34,7 +34,43 @@ pub fn to_json<M: Message + Name>(message: &M) -> Result<serde_json::Value, Stri
         .ok_or_else(|| format!("{} is not in the descriptors Bowline reads", M::full_name()))?;
     let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
         .map_err(|e| e.to_string())?;
-    serde_json::to_value(&dynamic).map_err(|e| e.to_string())
+    as_json(&dynamic)
+}
+
+/// With the proto field names (`connect_timeout`), as Envoy writes JSON.
+fn as_json(message: &DynamicMessage) -> Result<serde_json::Value, String> {
+    let options = prost_reflect::SerializeOptions::new().use_proto_field_name(true);
+    message
+        .serialize_with_options(serde_json::value::Serializer, &options)
+        .map_err(|e| e.to_string())
+}
+
+/// The descriptors held for a while: for writing many resources as JSON.
+#[derive(Debug)]
+pub struct Descriptors(DescriptorPool);
+
+impl Descriptors {
+    pub fn load() -> Self {
+        Self(pool())
+    }
+
+    /// The encoded resource of `type_url` in protobuf's JSON mapping, with
+    /// its `@type` first, as in an `Any`.
+    pub fn json(&self, type_url: &str, bytes: &[u8]) -> Result<serde_json::Value, String> {
+        let name = type_url.rsplit('/').next().unwrap_or_default();
+        let descriptor = self
+            .0
+            .get_message_by_name(name)
+            .ok_or_else(|| format!("{name} is not in the descriptors Bowline reads"))?;
+        let dynamic = DynamicMessage::decode(descriptor, bytes).map_err(|e| e.to_string())?;
+        let mut object = serde_json::Map::new();
+        object.insert("@type".into(), type_url.into());
+        match as_json(&dynamic)? {
+            serde_json::Value::Object(fields) => object.extend(fields),
+            other => return Err(format!("{name} wrote {other}, not an object")),
+        }
+        Ok(serde_json::Value::Object(object))
+    }
 }
 
 /// Unpacks an `Any` holding an `M`.

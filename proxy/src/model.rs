@@ -28,6 +28,19 @@ pub struct Snapshot {
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// EDS assignments by service name.
     pub endpoints: HashMap<String, Arc<Endpoints>>,
+    /// Every resource as it came, for the admin endpoint's dump.
+    pub raw: Arc<[Raw]>,
+}
+
+/// A resource as the control plane or the bootstrap file gave it.
+#[derive(Clone, Debug)]
+pub struct Raw {
+    /// `type.googleapis.com/envoy.config.cluster.v3.Cluster`, …
+    pub type_url: &'static str,
+    pub name: String,
+    /// Empty for a bootstrap file's static resources.
+    pub version: String,
+    pub bytes: bytes::Bytes,
 }
 
 impl Snapshot {
@@ -54,6 +67,24 @@ impl Snapshot {
         let Some(resources) = &bootstrap.static_resources else {
             return Ok(snapshot);
         };
+        let raw = |type_url, name: &str, bytes: Vec<u8>| Raw {
+            type_url,
+            name: name.to_string(),
+            version: String::new(),
+            bytes: bytes.into(),
+        };
+        use prost::Message as _;
+        snapshot.raw = resources
+            .listeners
+            .iter()
+            .map(|l| raw(crate::xds::LISTENER, &l.name, l.encode_to_vec()))
+            .chain(
+                resources
+                    .clusters
+                    .iter()
+                    .map(|c| raw(crate::xds::CLUSTER, &c.name, c.encode_to_vec())),
+            )
+            .collect();
         for listener in &resources.listeners {
             let listener = Listener::from_envoy(listener)?;
             snapshot

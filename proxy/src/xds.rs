@@ -35,7 +35,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::config::{Config, Discovery};
 use crate::error::{Error, Result};
-use crate::model::{Cluster, Endpoints, Listener, RouteTable, Snapshot};
+use crate::model::{Cluster, Endpoints, Listener, Raw, RouteTable, Snapshot};
 use crate::state::State;
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
@@ -283,7 +283,9 @@ fn protobuf_value(json: &serde_json::Value) -> Value {
 }
 
 /// A resource held: the version the control plane gave it, converted.
-type Versioned<T> = BTreeMap<String, (String, Arc<T>)>;
+/// By name: the version, the converted resource, and the resource as it
+/// came (for the admin endpoint's configuration dump).
+type Versioned<T> = BTreeMap<String, (String, Arc<T>, bytes::Bytes)>;
 
 /// Everything the client holds, across streams.
 #[derive(Debug, Default)]
@@ -327,7 +329,7 @@ impl Held {
     fn versions(&self, type_url: &str) -> std::collections::HashMap<String, String> {
         fn of<T>(held: &Versioned<T>) -> std::collections::HashMap<String, String> {
             held.iter()
-                .map(|(name, (version, _))| (name.clone(), version.clone()))
+                .map(|(name, (version, ..))| (name.clone(), version.clone()))
                 .collect()
         }
         match type_url {
@@ -397,12 +399,12 @@ impl Held {
         let endpoints: BTreeSet<String> = self
             .clusters
             .values()
-            .filter_map(|(_, c)| c.eds_service().map(String::from))
+            .filter_map(|(_, c, _)| c.eds_service().map(String::from))
             .collect();
         let routes: BTreeSet<String> = self
             .listeners
             .values()
-            .flat_map(|(_, l)| l.route_names().map(String::from).collect::<Vec<_>>())
+            .flat_map(|(_, l, _)| l.route_names().map(String::from).collect::<Vec<_>>())
             .collect();
         let mut requests = Vec::new();
         for (type_url, wanted) in [(ENDPOINT, endpoints), (ROUTE, routes)] {
@@ -459,13 +461,29 @@ impl Held {
     fn snapshot(&self) -> Snapshot {
         fn of<T>(held: &Versioned<T>) -> impl Iterator<Item = (String, Arc<T>)> + '_ {
             held.iter()
-                .map(|(name, (_, item))| (name.clone(), Arc::clone(item)))
+                .map(|(name, (_, item, _))| (name.clone(), Arc::clone(item)))
+        }
+        fn raw<'h, T>(
+            type_url: &'static str,
+            held: &'h Versioned<T>,
+        ) -> impl Iterator<Item = Raw> + 'h {
+            held.iter().map(move |(name, (version, _, bytes))| Raw {
+                type_url,
+                name: name.clone(),
+                version: version.clone(),
+                bytes: bytes.clone(),
+            })
         }
         Snapshot {
             listeners: of(&self.listeners).collect(),
             routes: of(&self.routes).collect(),
             clusters: of(&self.clusters).collect(),
             endpoints: of(&self.endpoints).collect(),
+            raw: raw(CLUSTER, &self.clusters)
+                .chain(raw(LISTENER, &self.listeners))
+                .chain(raw(ROUTE, &self.routes))
+                .chain(raw(ENDPOINT, &self.endpoints))
+                .collect(),
         }
     }
 }
@@ -502,7 +520,11 @@ fn update<T>(
         };
         match converted {
             Ok(item) => {
-                held.insert(name.clone(), (version.clone(), Arc::new(item)));
+                let raw = resource
+                    .as_ref()
+                    .map(|any| bytes::Bytes::from(any.value.clone()))
+                    .unwrap_or_default();
+                held.insert(name.clone(), (version.clone(), Arc::new(item), raw));
             }
             Err(error) => errors.push(error.to_string()),
         }

@@ -274,6 +274,14 @@ async fn the_admin_endpoint_reports_and_drains() -> anyhow::Result<()> {
             .is_some_and(|id| id.starts_with("sidecar~")),
         "{info}"
     );
+    let (_, dump) = curl(&[&admin("/config_dump")])?;
+    let dump: Value = serde_json::from_str(&dump)?;
+    ensure!(
+        dump["configs"][0]["static_clusters"][0]["cluster"]["name"] == "app"
+            && dump["configs"][1]["static_listeners"][0]["listener"]["address"]["socket_address"]["port_value"]
+                == port,
+        "{dump:#}"
+    );
     // Only through POST.
     ensure!(curl(&[&admin("/quitquitquit")])?.0 == 405);
     ensure!(curl(&["-X", "POST", &admin("/quitquitquit")])?.0 == 200);

@@ -86,6 +86,31 @@ async fn the_proxy_follows_the_control_plane_and_outlives_it() -> anyhow::Result
         "about 10 % to v2: {counts:?}"
     );
 
+    // The admin endpoint dumps what it was sent, with versions, as
+    // Envoy's /config_dump does.
+    let (status, dump) = bowline_tests::proxy::curl(&[&format!(
+        "http://127.0.0.1:{}/config_dump",
+        proxy.ports.admin
+    )])?;
+    let dump: serde_json::Value = serde_json::from_str(&dump)?;
+    let clusters = &dump["configs"][0]["dynamic_active_clusters"];
+    ensure!(
+        status == 200
+            && clusters.as_array().is_some_and(|c| c.iter().any(|c| {
+                c["version_info"].is_string()
+                    && c["cluster"]["name"]
+                        .as_str()
+                        .is_some_and(|n| n.starts_with("outbound|"))
+                    && c["cluster"]["@type"]
+                        == "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+            })),
+        "dynamic clusters in {dump:#}"
+    );
+    ensure!(
+        dump["configs"][1]["dynamic_listeners"][0]["active_state"]["listener"]["name"].is_string(),
+        "dynamic listeners in {dump:#}"
+    );
+
     reviews.split(0, 100).await?;
     let took = until_all_reach(&reviews, "v2").await?;
     println!("a VirtualService change reached the proxy's traffic in {took:?}");
