@@ -355,13 +355,13 @@ impl<'s> Scope<'s> {
             .collect()
     }
 
-    /// A listener per HTTP port, one per TCP service port with an
-    /// address, and the bound ones.
     /// The mesh-wide settings.
     pub fn mesh(&self) -> &Mesh {
         &self.snapshot.mesh
     }
 
+    /// A listener per HTTP port, one per TCP service port with an
+    /// address, and the bound ones.
     pub fn outbound_listeners(&self) -> Vec<Listener> {
         let mut listeners = Vec::new();
         let bound: Vec<Bound> = self.bound().collect();

@@ -7,6 +7,8 @@
 //! - [`state`]: the configuration being served, swapped whole.
 //! - [`server`]: listeners bound as configured; connections to their
 //!   filter chains.
+//! - [`sniff`]: HTTP told from other protocols by a connection's first
+//!   bytes, for listeners that ask.
 //! - [`http`]: one request: route, then forward, redirect or answer.
 //! - [`upstream`]: pooled connections to a cluster's endpoints, and the
 //!   choice of endpoint.
@@ -23,6 +25,7 @@ pub mod error;
 pub mod http;
 pub mod model;
 pub mod server;
+pub mod sniff;
 pub mod state;
 pub mod telemetry;
 pub mod upstream;

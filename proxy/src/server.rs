@@ -20,6 +20,7 @@ use crate::http::Connection;
 use crate::model::Snapshot;
 use crate::model::cluster::{Discovery, Target};
 use crate::model::listener::{ConnectionInfo, Listener, TcpRoute, Terminal};
+use crate::sniff::Detection;
 use crate::state::State;
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::Entry;
@@ -224,9 +225,21 @@ async fn connection(
     {
         listener = target;
     }
+    let mut protocols = Vec::new();
+    if let Some(sniff) = listener.sniff {
+        match crate::sniff::sniff(&stream, sniff.timeout).await {
+            Detection::Http(protocol) => protocols.push(protocol.to_string()),
+            Detection::NeedMore if !sniff.continue_on_timeout => {
+                tracing::debug!(listener = %listener.name, %peer, "no protocol before the listener filters' timeout; closed");
+                return;
+            }
+            Detection::NeedMore | Detection::NotHttp => {}
+        }
+    }
     let info = ConnectionInfo {
         destination: Some(destination),
         transport_protocol: "raw_buffer",
+        application_protocols: &protocols,
         ..Default::default()
     };
     let Some(chain) = listener.find_chain(&info) else {

@@ -127,3 +127,57 @@ async fn grpc_status_travels_in_trailers() -> anyhow::Result<()> {
     }
     proxy.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sniffing_listener_tells_http_from_tcp() -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (app, echo) = (upstream("app").await?, bowline_tests::proxy::echo().await?);
+    let port = free_port()?;
+    let manager = json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "sniffed", "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]}}});
+    let tcp = json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "opaque", "cluster": "echo"}});
+    // As Istio writes a port of unknown protocol: HTTP when the first
+    // bytes say so, else TCP.
+    let proxy = Running::bootstrap(
+        json!({"static_resources": {
+            "listeners": [{"name": "sniffed", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "listener_filters": [{"name": "envoy.filters.listener.http_inspector", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.listener.http_inspector.v3.HttpInspector"}}],
+                "listener_filters_timeout": "1s", "continue_on_listener_filters_timeout": true,
+                "filter_chains": [
+                    {"filter_chain_match": {"application_protocols": ["http/1.1", "http/1.0", "h2c"]}, "filters": [manager]},
+                    {"filters": [tcp]},
+                ]}],
+            "clusters": [static_cluster("app", &[app]), static_cluster("echo", &[echo])],
+        }}),
+        &[],
+    )
+    .await?;
+    let url = format!("http://127.0.0.1:{port}/sniffed");
+    let (status, body) = curl(&[&url])?;
+    ensure!(
+        status == 200 && body.starts_with("app /sniffed"),
+        "{status} {body}"
+    );
+    let (status, body) = curl(&["--http2-prior-knowledge", &url])?;
+    ensure!(
+        status == 200 && body.starts_with("app /sniffed"),
+        "h2c: {status} {body}"
+    );
+    // Not HTTP: the bytes go to the TCP chain's cluster as they are.
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(b"\x00\x01hello, not http\r\n").await?;
+    let mut echoed = [0; 19];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_exact(&mut echoed),
+    )
+    .await??;
+    ensure!(&echoed == b"\x00\x01hello, not http\r\n", "{echoed:?}");
+    drop(stream);
+    proxy.stop().await
+}

@@ -32,12 +32,26 @@ pub struct Listener {
     /// Hand connections to the listener for their original destination
     /// (15001, 15006).
     pub use_original_dst: bool,
+    /// Whether its connections' first bytes are peeked to tell HTTP
+    /// (`http_inspector`), for how long at most, and whether a connection
+    /// that says nothing in time goes on (else it is closed).
+    pub sniff: Option<Sniff>,
     /// Whether it takes traffic to this proxy's workload (the sidecar's
     /// inbound side, which reports requests as their destination).
     pub inbound: bool,
     pub chains: Vec<FilterChain>,
     pub default_chain: Option<FilterChain>,
 }
+
+#[derive(Clone, Copy, Debug)]
+pub struct Sniff {
+    pub timeout: std::time::Duration,
+    pub continue_on_timeout: bool,
+}
+
+/// Envoy's `listener_filters_timeout` when none is set.
+const LISTENER_FILTERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
+const HTTP_INSPECTOR: &str = "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
 
 #[derive(Debug)]
 pub struct FilterChain {
@@ -113,9 +127,23 @@ impl Listener {
             .as_ref()
             .map(|chain| FilterChain::from_envoy(name, "default_filter_chain", chain))
             .transpose()?;
+        let inspects_http = listener.listener_filters.iter().any(|f| {
+            f.name == "envoy.filters.listener.http_inspector"
+                || matches!(&f.config_type,
+                    Some(envoy::listener_filter::ConfigType::TypedConfig(any)) if type_name(any) == HTTP_INSPECTOR)
+        });
+        let sniff = inspects_http.then(|| Sniff {
+            timeout: listener
+                .listener_filters_timeout
+                .as_ref()
+                .map(|d| std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+                .unwrap_or(LISTENER_FILTERS_TIMEOUT),
+            continue_on_timeout: listener.continue_on_listener_filters_timeout,
+        });
         Ok(Self {
             name: name.clone(),
             address,
+            sniff,
             bind: listener.bind_to_port.as_ref().is_none_or(|b| b.value),
             use_original_dst: listener.use_original_dst.as_ref().is_some_and(|b| b.value),
             inbound: listener.traffic_direction
