@@ -137,16 +137,14 @@ impl Generator {
         };
         match proxy.kind {
             ProxyKind::Sidecar => {
-                let (clusters, mut listeners) = translate::own(&push.snapshot, proxy);
-                translate::log_access(&mut listeners, &push.snapshot.mesh);
+                let (clusters, listeners) = translate::own(&push.snapshot, proxy);
                 generated.own.insert(CLUSTER, encode(clusters, |c| &c.name));
                 generated
                     .own
                     .insert(LISTENER, encode(listeners, |l| &l.name));
             }
             ProxyKind::Gateway => {
-                let (mut listeners, routes) = translate::gateway::gateway(&push.snapshot, proxy);
-                translate::log_access(&mut listeners, &push.snapshot.mesh);
+                let (listeners, routes) = translate::gateway::gateway(&push.snapshot, proxy);
                 generated
                     .own
                     .insert(LISTENER, encode(listeners, |l| &l.name));
@@ -200,9 +198,7 @@ fn outbound(scope: &Scope<'_>, kind: ProxyKind) -> Encoded {
     encoded.insert(CLUSTER, encode(scope.clusters(), |c| &c.name));
     encoded.insert(ENDPOINT, encode(scope.endpoints(), |e| &e.cluster_name));
     if kind == ProxyKind::Sidecar {
-        let mut listeners = scope.outbound_listeners();
-        translate::log_access(&mut listeners, scope.mesh());
-        encoded.insert(LISTENER, encode(listeners, |l| &l.name));
+        encoded.insert(LISTENER, encode(scope.outbound_listeners(), |l| &l.name));
         encoded.insert(ROUTE, encode(scope.routes(), |r| &r.name));
     }
     encoded

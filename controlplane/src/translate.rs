@@ -61,7 +61,6 @@ pub fn sidecar(snapshot: &Snapshot, proxy: &Proxy) -> Resources {
     let (clusters, listeners) = own(snapshot, proxy);
     resources.clusters.extend(clusters);
     resources.listeners.extend(listeners);
-    log_access(&mut resources.listeners, &snapshot.mesh);
     resources
 }
 
@@ -355,11 +354,6 @@ impl<'s> Scope<'s> {
             .collect()
     }
 
-    /// The mesh-wide settings.
-    pub fn mesh(&self) -> &Mesh {
-        &self.snapshot.mesh
-    }
-
     /// A listener per HTTP port, one per TCP service port with an
     /// address, and the bound ones.
     pub fn outbound_listeners(&self) -> Vec<Listener> {
@@ -398,6 +392,7 @@ impl<'s> Scope<'s> {
             }
         }
         listeners.extend(bound.iter().map(|b| listeners::bound(b, self.allow_any)));
+        log_access(&mut listeners, &self.snapshot.mesh);
         listeners
     }
 }
@@ -410,12 +405,14 @@ pub fn own(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Cluster>, Vec<Listener>) 
     }
     let ports = inbound_ports(snapshot, proxy);
     let sidecar = sidecar_for(snapshot, &proxy.namespace, &proxy.labels);
+    let mut own = vec![
+        listeners::virtual_outbound(allow_any(snapshot, sidecar.map(|s| &s.spec))),
+        listeners::virtual_inbound(&ports),
+    ];
+    log_access(&mut own, &snapshot.mesh);
     (
         ports.iter().map(|p| inbound_cluster(snapshot, p)).collect(),
-        vec![
-            listeners::virtual_outbound(allow_any(snapshot, sidecar.map(|s| &s.spec))),
-            listeners::virtual_inbound(&ports),
-        ],
+        own,
     )
 }
 

@@ -782,3 +782,49 @@ fn an_authorization_policy_allowing_one_principal() {
         1
     );
 }
+
+#[test]
+fn the_mesh_access_log_reaches_every_connection_manager_and_tcp_proxy() {
+    use bowline_controlplane::model::{AccessLogSettings, Mesh};
+    let mut snapshot = snapshot(&["reviews-90-10", "service-entry"]);
+    let quiet = translate::sidecar(&snapshot, &sidecar("productpage", "10.244.0.10"));
+    snapshot.mesh = Arc::new(Mesh {
+        access_log: Some(AccessLogSettings {
+            path: "/dev/stdout".into(),
+            json: true,
+        }),
+        ..Mesh::default()
+    });
+    let logged = translate::sidecar(&snapshot, &sidecar("productpage", "10.244.0.10"));
+    // (HTTP connection managers, TCP proxies) and their access logs.
+    let count = |resources: &Resources| {
+        let mut found = (0, 0, 0);
+        for listener in &resources.listeners {
+            let chains = listener
+                .filter_chains
+                .iter()
+                .chain(listener.default_filter_chain.as_ref());
+            for filter in chains.flat_map(|c| &c.filters) {
+                let Some(filter::ConfigType::TypedConfig(any)) = &filter.config_type else {
+                    continue;
+                };
+                if any.type_url.ends_with(".HttpConnectionManager") {
+                    found.0 += 1;
+                    found.2 += typed::<HttpConnectionManager>(&filter.config_type)
+                        .access_log
+                        .len();
+                } else if any.type_url.ends_with(".TcpProxy") {
+                    found.1 += 1;
+                    found.2 += typed::<TcpProxy>(&filter.config_type).access_log.len();
+                }
+            }
+        }
+        found
+    };
+    let (http, tcp, logs) = count(&quiet);
+    assert!(http > 0 && tcp > 0, "{http} managers, {tcp} TCP proxies");
+    assert_eq!(logs, 0, "no access log unless the mesh asks");
+    // Each once: the outbound, own (virtualInbound/virtualOutbound) and
+    // bound listeners alike.
+    assert_eq!(count(&logged), (http, tcp, http + tcp));
+}

@@ -113,11 +113,7 @@ fn respond(admin: &Admin, port: Port, request: &Request<Incoming>) -> Response<F
                 "node": {"id": admin.node_id},
                 "uptime_current_epoch": format!("{}s", admin.started.elapsed().as_secs()),
             });
-            let mut response = text(StatusCode::OK, &format!("{info:#}\n"));
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-            response
+            json_body(&info)
         }
         (Port::Admin, &Method::GET, "/config_dump") => config_dump(admin, request.uri().query()),
         (Port::Admin, &Method::POST, "/logging") => logging(admin, request.uri().query()),
@@ -152,74 +148,66 @@ fn metrics(admin: &Admin) -> Response<Full<Bytes>> {
     response
 }
 
+/// The sections of Envoy's `/config_dump` this proxy fills: the resource
+/// type, the dump's type, the field each resource goes in, and the lists
+/// for static (bootstrap) and dynamic (xDS) ones.
+const DUMPS: [(&str, &str, &str, &str, &str); 4] = [
+    (
+        crate::xds::CLUSTER,
+        "ClustersConfigDump",
+        "cluster",
+        "static_clusters",
+        "dynamic_active_clusters",
+    ),
+    (
+        crate::xds::LISTENER,
+        "ListenersConfigDump",
+        "listener",
+        "static_listeners",
+        "dynamic_listeners",
+    ),
+    (
+        crate::xds::ROUTE,
+        "RoutesConfigDump",
+        "route_config",
+        "static_route_configs",
+        "dynamic_route_configs",
+    ),
+    (
+        crate::xds::ENDPOINT,
+        "EndpointsConfigDump",
+        "endpoint_config",
+        "static_endpoint_configs",
+        "dynamic_endpoint_configs",
+    ),
+];
+
 /// What is served, in the shape of Envoy's `/config_dump`: clusters,
-/// listeners and routes, static (bootstrap) or dynamic (xDS) with their
-/// versions; endpoints with `?include_eds`.
+/// listeners and routes, static or dynamic with their versions; endpoints
+/// with `?include_eds`.
 fn config_dump(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
     use serde_json::{Value, json};
     let include_eds = query.is_some_and(|q| q.split('&').any(|p| p.starts_with("include_eds")));
     let snapshot = admin.state.snapshot();
     let descriptors = crate::envoy::Descriptors::load();
-    let mut dumps: Vec<(&str, &str, Vec<Value>, Vec<Value>)> = vec![
-        (
-            "ClustersConfigDump",
-            crate::xds::CLUSTER,
-            Vec::new(),
-            Vec::new(),
-        ),
-        (
-            "ListenersConfigDump",
-            crate::xds::LISTENER,
-            Vec::new(),
-            Vec::new(),
-        ),
-        (
-            "RoutesConfigDump",
-            crate::xds::ROUTE,
-            Vec::new(),
-            Vec::new(),
-        ),
-    ];
-    if include_eds {
-        dumps.push((
-            "EndpointsConfigDump",
-            crate::xds::ENDPOINT,
-            Vec::new(),
-            Vec::new(),
-        ));
-    }
-    for raw in snapshot.raw.iter() {
-        let Some((kind, _, statics, dynamics)) =
-            dumps.iter_mut().find(|(_, url, ..)| *url == raw.type_url)
-        else {
-            continue;
-        };
-        let resource = descriptors
-            .json(raw.type_url, &raw.bytes)
-            .unwrap_or_else(|error| json!({"error": error}));
-        let field = match *kind {
-            "ClustersConfigDump" => "cluster",
-            "ListenersConfigDump" => "listener",
-            "RoutesConfigDump" => "route_config",
-            _ => "endpoint_config",
-        };
-        if raw.version.is_empty() {
-            statics.push(json!({ field: resource }));
-        } else if field == "listener" {
-            dynamics.push(json!({"name": raw.name, "active_state": {"version_info": raw.version, "listener": resource}}));
-        } else {
-            dynamics.push(json!({"version_info": raw.version, field: resource}));
-        }
-    }
-    let configs: Vec<Value> = dumps
-        .into_iter()
-        .map(|(kind, _, statics, dynamics)| {
-            let (static_key, dynamic_key) = match kind {
-                "ClustersConfigDump" => ("static_clusters", "dynamic_active_clusters"),
-                "ListenersConfigDump" => ("static_listeners", "dynamic_listeners"),
-                "RoutesConfigDump" => ("static_route_configs", "dynamic_route_configs"),
-                _ => ("static_endpoint_configs", "dynamic_endpoint_configs"),
-            };
+    let configs: Vec<Value> = DUMPS
+        .iter()
+        .filter(|(type_url, ..)| include_eds || *type_url != crate::xds::ENDPOINT)
+        .map(|&(type_url, kind, field, static_key, dynamic_key)| {
+            let (mut statics, mut dynamics) = (Vec::new(), Vec::new());
+            for raw in snapshot.raw.iter().filter(|r| r.type_url == type_url) {
+                let resource = descriptors
+                    .json(raw.type_url, &raw.bytes)
+                    .unwrap_or_else(|error| json!({"error": error}));
+                if raw.version.is_empty() {
+                    statics.push(json!({ field: resource }));
+                } else if field == "listener" {
+                    dynamics.push(json!({"name": raw.name,
+                        "active_state": {"version_info": raw.version, "listener": resource}}));
+                } else {
+                    dynamics.push(json!({"version_info": raw.version, field: resource}));
+                }
+            }
             json!({
                 "@type": format!("type.googleapis.com/envoy.admin.v3.{kind}"),
                 static_key: statics,
@@ -227,14 +215,7 @@ fn config_dump(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
             })
         })
         .collect();
-    let mut response = text(
-        StatusCode::OK,
-        &format!("{:#}\n", json!({ "configs": configs })),
-    );
-    response
-        .headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    response
+    json_body(&json!({ "configs": configs }))
 }
 
 /// `level=debug` sets every target; `bowline_proxy::xds=trace` one.
@@ -269,6 +250,14 @@ fn logging(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
         }
         Err(error) => text(StatusCode::BAD_REQUEST, &format!("{filter:?}: {error}\n")),
     }
+}
+
+fn json_body(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = text(StatusCode::OK, &format!("{value:#}\n"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {

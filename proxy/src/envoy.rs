@@ -19,28 +19,35 @@ fn pool() -> DescriptorPool {
 
 /// Decodes `value` (JSON or YAML already parsed) as the message `M`.
 pub fn from_json<M: Message + Name + Default>(value: serde_json::Value) -> Result<M, String> {
-    let descriptor = pool()
-        .get_message_by_name(&M::full_name())
-        .ok_or_else(|| format!("{} is not in the descriptors Bowline reads", M::full_name()))?;
+    let descriptor = descriptor(&pool(), &M::full_name())?;
     let dynamic = DynamicMessage::deserialize(descriptor, value).map_err(|e| e.to_string())?;
     M::decode(dynamic.encode_to_vec().as_slice()).map_err(|e| e.to_string())
 }
 
-/// `message` in protobuf's JSON mapping, as Envoy writes it (`Any`s with
-/// their `@type`).
+/// `message` in protobuf's JSON mapping, as Envoy writes it.
 pub fn to_json<M: Message + Name>(message: &M) -> Result<serde_json::Value, String> {
-    let descriptor = pool()
-        .get_message_by_name(&M::full_name())
-        .ok_or_else(|| format!("{} is not in the descriptors Bowline reads", M::full_name()))?;
-    let dynamic = DynamicMessage::decode(descriptor, message.encode_to_vec().as_slice())
-        .map_err(|e| e.to_string())?;
-    as_json(&dynamic)
+    encoded_json(&pool(), &M::full_name(), &message.encode_to_vec())
 }
 
-/// With the proto field names (`connect_timeout`), as Envoy writes JSON.
-fn as_json(message: &DynamicMessage) -> Result<serde_json::Value, String> {
+fn descriptor(
+    pool: &DescriptorPool,
+    name: &str,
+) -> Result<prost_reflect::MessageDescriptor, String> {
+    pool.get_message_by_name(name)
+        .ok_or_else(|| format!("{name} is not in the descriptors Bowline reads"))
+}
+
+/// The encoded message `name` as JSON with the proto field names
+/// (`connect_timeout`), as Envoy writes it.
+fn encoded_json(
+    pool: &DescriptorPool,
+    name: &str,
+    bytes: &[u8],
+) -> Result<serde_json::Value, String> {
+    let dynamic =
+        DynamicMessage::decode(descriptor(pool, name)?, bytes).map_err(|e| e.to_string())?;
     let options = prost_reflect::SerializeOptions::new().use_proto_field_name(true);
-    message
+    dynamic
         .serialize_with_options(serde_json::value::Serializer, &options)
         .map_err(|e| e.to_string())
 }
@@ -54,18 +61,13 @@ impl Descriptors {
         Self(pool())
     }
 
-    /// The encoded resource of `type_url` in protobuf's JSON mapping, with
-    /// its `@type` first, as in an `Any`.
+    /// The encoded resource of `type_url` as JSON, with its `@type` first,
+    /// as in an `Any`.
     pub fn json(&self, type_url: &str, bytes: &[u8]) -> Result<serde_json::Value, String> {
         let name = type_url.rsplit('/').next().unwrap_or_default();
-        let descriptor = self
-            .0
-            .get_message_by_name(name)
-            .ok_or_else(|| format!("{name} is not in the descriptors Bowline reads"))?;
-        let dynamic = DynamicMessage::decode(descriptor, bytes).map_err(|e| e.to_string())?;
         let mut object = serde_json::Map::new();
         object.insert("@type".into(), type_url.into());
-        match as_json(&dynamic)? {
+        match encoded_json(&self.0, name, bytes)? {
             serde_json::Value::Object(fields) => object.extend(fields),
             other => return Err(format!("{name} wrote {other}, not an object")),
         }

@@ -22,14 +22,14 @@ use http_body::Body as _;
 use crate::model::cluster::Target;
 use crate::model::listener::{HttpManager, RouteSource};
 use crate::model::resilience::{Abort, Attempt, Fault};
-use crate::model::route::{Action, Forward, Route};
+use crate::model::route::{Action, Forward, Route, split_port};
 use crate::model::{Endpoints, Snapshot};
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::{Head, Pending};
 use crate::telemetry::metrics::{
-    Completed, Flags, Peers, Protocol, Recorded, Reporter, Security, grpc_status, header_bytes,
+    Completed, Flags, Peers, Protocol, Recorded, RequestLabels, grpc_status, header_bytes,
 };
-use crate::telemetry::peer::{Exchange, Interned, Service, Workload};
+use crate::telemetry::peer::{Exchange, Interned, Service};
 use crate::upstream::{Admission, Body, ClusterState, Host, HostGuard, Outcome, Upstreams};
 
 /// Why a request did not get an upstream's answer: Envoy's response flags
@@ -210,42 +210,30 @@ pub async fn serve(
         flag.reply()
     });
     let (mut parts, body) = response.into_parts();
-    let peers = if connection.inbound {
+    // The caller is answered with who this proxy is; the callee has said
+    // who it is in its answer.
+    let peer = if connection.inbound {
         if caller.is_some() {
             exchange.announce(&mut parts.headers);
         }
-        Peers {
-            reporter: Reporter::Destination,
-            source: caller.unwrap_or_else(Workload::unknown),
-            destination: exchange.own.clone(),
-            service: Service::unknown(),
-            security: Security::None,
-        }
+        caller
     } else {
-        Peers {
-            reporter: Reporter::Source,
-            source: exchange.own.clone(),
-            destination: exchange
-                .receive(&mut parts.headers)
-                .unwrap_or_else(Workload::unknown),
-            service: Service::unknown(),
-            security: Security::Unknown,
-        }
+        exchange.receive(&mut parts.headers)
     };
-    let peers = Peers {
-        service: report.service.unwrap_or_else(|| {
-            authority
-                .as_deref()
-                .map_or_else(Service::unknown, Service::of_authority)
-        }),
-        ..peers
-    };
+    let service = report.service.unwrap_or_else(|| {
+        authority
+            .as_deref()
+            .map_or_else(Service::unknown, Service::of_authority)
+    });
+    let peers = Peers::seen_by(connection.inbound, exchange.own.clone(), peer, service);
     let completed = Completed {
-        peers,
-        protocol,
-        code: parts.status.as_u16(),
-        grpc_status: grpc_status(&parts.headers),
-        flags: report.flags,
+        labels: RequestLabels {
+            peers,
+            protocol,
+            code: parts.status.as_u16(),
+            grpc_status: grpc_status(&parts.headers),
+            flags: report.flags,
+        },
         started,
         request_bytes,
         response_bytes: header_bytes(&parts.headers),
@@ -496,13 +484,7 @@ async fn send(
 /// through.
 fn upgrade_of<B>(request: &Request<B>) -> Option<HeaderValue> {
     let asks = request.version() == Version::HTTP_11
-        && request
-            .headers()
-            .get_all(http::header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+        && connection_options(request.headers()).any(|o| o.eq_ignore_ascii_case("upgrade"));
     asks.then(|| request.headers().get(http::header::UPGRADE).cloned())
         .flatten()
 }
@@ -658,13 +640,10 @@ fn shadow(connection: &Connection, cluster: &str, head: &Upstream, authority: &s
     let Ok(mut request) = head.request(&target.address, full(body)) else {
         return;
     };
-    let host = authority
-        .rsplit_once(':')
-        .filter(|(_, port)| port.parse::<u16>().is_ok())
-        .map_or_else(
-            || format!("{authority}-shadow"),
-            |(h, p)| format!("{h}-shadow:{p}"),
-        );
+    let host = match split_port(authority) {
+        (host, Some(port)) => format!("{host}-shadow:{port}"),
+        (host, None) => format!("{host}-shadow"),
+    };
     if let Ok(host) = HeaderValue::from_str(&host) {
         request.headers_mut().insert(HOST, host);
     }
@@ -726,15 +705,21 @@ fn authority<B>(request: &Request<B>) -> Option<String> {
         })
 }
 
-/// Headers that describe one connection, not the request (RFC 9110 7.6.1),
-/// and the headers the Connection header names.
-fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
-    let named: Vec<http::HeaderName> = headers
+/// The options the Connection header lists (RFC 9110 7.6.1).
+fn connection_options(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
+    headers
         .get_all(http::header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|name| http::HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .map(str::trim)
+}
+
+/// Headers that describe one connection, not the request (RFC 9110 7.6.1),
+/// and the headers the Connection header names.
+fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    let named: Vec<http::HeaderName> = connection_options(headers)
+        .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();
     for name in named {
         headers.remove(name);
@@ -759,11 +744,7 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
 }
 
 fn upstream_uri(target: &Target, path: &str) -> Option<Uri> {
-    let authority = match target {
-        Target::Ip(addr) => addr.to_string(),
-        Target::Dns(host, port) => format!("{host}:{port}"),
-    };
-    format!("http://{authority}{path}").parse().ok()
+    format!("http://{target}{path}").parse().ok()
 }
 
 fn full(bytes: Bytes) -> Body {

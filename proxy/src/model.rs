@@ -20,6 +20,11 @@ pub use route::RouteTable;
 
 use crate::error::{Error, Result};
 
+/// A protobuf duration as a std one (negative parts read as zero).
+pub fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> std::time::Duration {
+    std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
+}
+
 /// Everything the proxy serves with, at one moment.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {

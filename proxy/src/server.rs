@@ -24,8 +24,8 @@ use crate::sniff::Detection;
 use crate::state::State;
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::Entry;
-use crate::telemetry::metrics::{Counted, Flags, Peers, Reporter, Security};
-use crate::telemetry::peer::{Service, Workload};
+use crate::telemetry::metrics::{Counted, Flags, Peers};
+use crate::telemetry::peer::Service;
 use crate::upstream::{Outcome, Upstreams};
 
 /// What every connection of the proxy shares.
@@ -225,6 +225,7 @@ async fn connection(
     {
         listener = target;
     }
+    let inbound = listener.inbound && !shared.telemetry.gateway;
     let mut protocols = Vec::new();
     if let Some(sniff) = listener.sniff {
         match crate::sniff::sniff(&stream, sniff.timeout).await {
@@ -255,7 +256,7 @@ async fn connection(
             let connection = Connection {
                 snapshot: Arc::clone(&snapshot),
                 manager: Arc::clone(manager),
-                inbound: listener.inbound && !shared.telemetry.gateway,
+                inbound,
                 local: destination,
                 peer,
                 upstreams: shared.upstreams,
@@ -282,7 +283,6 @@ async fn connection(
         Terminal::Tcp(route) => {
             // Watched only so that a drain waits for it.
             let _draining = watcher;
-            let inbound = listener.inbound && !shared.telemetry.gateway;
             tcp(stream, destination, route, &snapshot, &shared, inbound).await
         }
     }
@@ -356,27 +356,14 @@ async fn tcp(
         };
         state.record(host, outcome);
     }
-    let own = shared.telemetry.exchange.own.clone();
-    let peers = Peers {
-        reporter: if inbound {
-            Reporter::Destination
-        } else {
-            Reporter::Source
-        },
-        // Who is at the other end travels in mTLS; without it, unknown.
-        source: if inbound {
-            Workload::unknown()
-        } else {
-            own.clone()
-        },
-        destination: if inbound { own } else { Workload::unknown() },
-        service: cluster.service.clone().unwrap_or_else(Service::unknown),
-        security: if inbound {
-            Security::None
-        } else {
-            Security::Unknown
-        },
-    };
+    // Who is at the other end of a TCP connection travels in mTLS;
+    // without it, unknown.
+    let peers = Peers::seen_by(
+        inbound,
+        shared.telemetry.exchange.own.clone(),
+        None,
+        cluster.service.clone().unwrap_or_else(Service::unknown),
+    );
     let metrics = &shared.telemetry.metrics;
     let upstream_host = target.to_string();
     let log = |flags: Flags, received: u64, sent: u64| {
@@ -418,16 +405,11 @@ async fn tcp(
     let series = metrics.open(peers, Flags::default());
     let mut downstream = Counted::new(stream, series.received.clone());
     let mut upstream = Counted::new(upstream, series.sent.clone());
-    let (received, sent) = match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await
-    {
-        Ok(counts) => counts,
-        Err(error) => {
-            tracing::debug!(%target, %error, "TCP connection ended");
-            (0, 0)
-        }
-    };
+    if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        tracing::debug!(%target, %error, "TCP connection ended");
+    }
     series.close();
-    log(Flags::default(), received, sent);
+    log(Flags::default(), downstream.total(), upstream.total());
 }
 
 /// Where a connection redirected by iptables was going (SO_ORIGINAL_DST).

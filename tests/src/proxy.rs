@@ -346,11 +346,24 @@ pub fn http_bootstrap(
 ) -> serde_json::Value {
     json!({"static_resources": {
         "listeners": [{"name": "http", "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
-            "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "http",
-                "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
-            }}]}]}],
+            "filter_chains": [{"filters": [http_manager(json!([{"name": "all", "domains": ["*"], "routes": routes}]))]}]}],
         "clusters": clusters,
     }})
+}
+
+/// [`http_bootstrap`] with every request to `cluster`.
+pub fn in_front_of(port: u16, cluster: serde_json::Value) -> serde_json::Value {
+    let name = cluster["name"].clone();
+    http_bootstrap(
+        port,
+        json!([{"match": {"prefix": "/"}, "route": {"cluster": name}}]),
+        vec![cluster],
+    )
+}
+
+/// An HTTP connection manager filter routing by `virtual_hosts`.
+pub fn http_manager(virtual_hosts: serde_json::Value) -> serde_json::Value {
+    json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "http", "route_config": {"name": "local", "virtual_hosts": virtual_hosts}}})
 }

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use bowline_tests::cluster::free_port;
-use bowline_tests::proxy::{
-    Running, curl, echo, http_bootstrap, static_cluster as cluster, upstream,
-};
+use bowline_tests::proxy::{Running, curl, echo, in_front_of, static_cluster as cluster, upstream};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -189,11 +187,7 @@ fn the_envoy_descriptors_are_what_make_descriptors_writes() -> anyhow::Result<()
 async fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
     let v1 = upstream("v1").await?;
     let http_port = free_port()?;
-    let bootstrap = http_bootstrap(
-        http_port,
-        json!([{"match": {"prefix": "/"}, "route": {"cluster": "v1"}}]),
-        vec![cluster("v1", &[v1])],
-    );
+    let bootstrap = in_front_of(http_port, cluster("v1", &[v1]));
     let proxy =
         Running::bootstrap(bootstrap, &[("TERMINATION_DRAIN_DURATION_SECONDS", "5")]).await?;
 

@@ -5,7 +5,7 @@
 
 use anyhow::{Context, ensure};
 use bowline_tests::cluster::free_port;
-use bowline_tests::proxy::{Running, curl, http_bootstrap, static_cluster, upstream};
+use bowline_tests::proxy::{Running, curl, http_manager, in_front_of, static_cluster, upstream};
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -18,15 +18,7 @@ use tonic_health::pb::health_client::HealthClient;
 async fn a_websocket_is_upgraded_through_the_proxy() -> anyhow::Result<()> {
     let app = upstream("chat").await?;
     let port = free_port()?;
-    let proxy = Running::bootstrap(
-        http_bootstrap(
-            port,
-            json!([{"match": {"prefix": "/"}, "route": {"cluster": "chat"}}]),
-            vec![static_cluster("chat", &[app])],
-        ),
-        &[],
-    )
-    .await?;
+    let proxy = Running::bootstrap(in_front_of(port, static_cluster("chat", &[app])), &[]).await?;
     let (mut socket, response) =
         tokio_tungstenite::connect_async(format!("ws://127.0.0.1:{port}/ws")).await?;
     ensure!(response.status() == 101, "{response:?}");
@@ -63,15 +55,7 @@ async fn grpc_status_travels_in_trailers() -> anyhow::Result<()> {
     let port = free_port()?;
     let mut cluster = static_cluster("grpc", &[([127, 0, 0, 1], grpc_port).into()]);
     cluster["http2_protocol_options"] = json!({});
-    let proxy = Running::bootstrap(
-        http_bootstrap(
-            port,
-            json!([{"match": {"prefix": "/"}, "route": {"cluster": "grpc"}}]),
-            vec![cluster],
-        ),
-        &[],
-    )
-    .await?;
+    let proxy = Running::bootstrap(in_front_of(port, cluster), &[]).await?;
 
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{port}"))?
         .connect()
@@ -133,10 +117,8 @@ async fn a_sniffing_listener_tells_http_from_tcp() -> anyhow::Result<()> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (app, echo) = (upstream("app").await?, bowline_tests::proxy::echo().await?);
     let port = free_port()?;
-    let manager = json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "sniffed", "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]}}});
+    let manager = http_manager(json!([{"name": "all", "domains": ["*"],
+        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]));
     let tcp = json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
         "stat_prefix": "opaque", "cluster": "echo"}});

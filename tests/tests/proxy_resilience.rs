@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::ensure;
 use bowline_tests::cluster::free_port;
 use bowline_tests::proxy::{
-    Running, curl, failing, first_words, http_bootstrap, recorder, static_cluster, upstream,
+    Running, curl, failing, first_words, http_bootstrap, in_front_of, recorder, static_cluster,
+    upstream,
 };
 use serde_json::json;
 
@@ -152,15 +153,7 @@ async fn the_circuit_breaker_overflows_beyond_its_limits() -> anyhow::Result<()>
     let mut cluster = static_cluster("backend", &[backend]);
     cluster["circuit_breakers"] =
         json!({"thresholds": [{"max_connections": 1, "max_pending_requests": 1}]});
-    let proxy = Running::bootstrap(
-        http_bootstrap(
-            port,
-            json!([{"match": {"prefix": "/"}, "route": {"cluster": "backend"}}]),
-            vec![cluster],
-        ),
-        &[],
-    )
-    .await?;
+    let proxy = Running::bootstrap(in_front_of(port, cluster), &[]).await?;
 
     // Six at once, each holding its connection for 0.5 s: one is served,
     // one waits for the connection, four overflow.
@@ -203,15 +196,7 @@ async fn outlier_detection_ejects_a_failing_endpoint_until_its_time_is_up() -> a
     cluster["outlier_detection"] = json!({
         "consecutive_5xx": 3, "interval": "0.5s", "base_ejection_time": "2s", "max_ejection_percent": 100,
     });
-    let proxy = Running::bootstrap(
-        http_bootstrap(
-            port,
-            json!([{"match": {"prefix": "/"}, "route": {"cluster": "pool"}}]),
-            vec![cluster],
-        ),
-        &[],
-    )
-    .await?;
+    let proxy = Running::bootstrap(in_front_of(port, cluster), &[]).await?;
 
     // Round robin: the bad endpoint gets every other request until its
     // third failure in a row ejects it.

@@ -12,7 +12,9 @@ use std::time::Duration;
 use anyhow::ensure;
 use bowline_tests::cluster::free_port;
 use bowline_tests::prometheus::{Prometheus, Sample};
-use bowline_tests::proxy::{Running, curl, echo, upstream};
+use bowline_tests::proxy::{
+    Running, curl, echo, http_manager, in_front_of, static_cluster, upstream,
+};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -25,22 +27,14 @@ fn listener(name: &str, port: u16, direction: &str, filter: Value) -> Value {
         "filter_chains": [{"filters": [filter]}]})
 }
 
-fn http_manager(virtual_hosts: Value) -> Value {
-    json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "http", "route_config": {"name": "local", "virtual_hosts": virtual_hosts}}})
-}
-
-/// A STATIC cluster of one endpoint; `sidecar` marks it as a mesh
-/// endpoint (`tlsMode: istio`), `metadata` is the cluster's own.
+/// A STATIC cluster of one endpoint on 127.0.0.1; `sidecar` marks it as
+/// a mesh endpoint (`tlsMode: istio`), `metadata` is the cluster's own.
 fn cluster(name: &str, port: u16, sidecar: bool, metadata: Value) -> Value {
-    let mut endpoint = json!({"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}});
+    let mut cluster = static_cluster(name, &[([127, 0, 0, 1], port).into()]);
     if sidecar {
-        endpoint["metadata"] =
+        cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["metadata"] =
             json!({"filter_metadata": {"envoy.transport_socket_match": {"tlsMode": "istio"}}});
     }
-    let mut cluster = json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [endpoint]}]}});
     if !metadata.is_null() {
         cluster["metadata"] = metadata;
     }
@@ -255,11 +249,7 @@ async fn the_admin_endpoint_reports_and_drains() -> anyhow::Result<()> {
     let port = free_port()?;
     let app = upstream("app").await?;
     let proxy = Running::bootstrap(
-        bowline_tests::proxy::http_bootstrap(
-            port,
-            json!([{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]),
-            vec![bowline_tests::proxy::static_cluster("app", &[app])],
-        ),
+        in_front_of(port, static_cluster("app", &[app])),
         &[("TERMINATION_DRAIN_DURATION_SECONDS", "1")],
     )
     .await?;
@@ -303,19 +293,14 @@ async fn the_admin_endpoint_reports_and_drains() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The access log the control plane adds for `accessLogFile` and
-/// `accessLogEncoding`, on a listener the proxy then serves.
-fn logged_listener(port: u16, cluster: &str, path: &std::path::Path, json: bool) -> Value {
+/// `filter` on 127.0.0.1:`port`, with the access log the control plane
+/// adds for `accessLogFile` and `accessLogEncoding`.
+fn logged_listener(port: u16, filter: Value, path: &std::path::Path, json: bool) -> Value {
     use bowline_controlplane::model::{AccessLogSettings, Mesh};
     use envoy_types::pb::envoy::config::listener::v3::Listener;
-    let listener: Listener = bowline_proxy::envoy::from_json(listener(
-        &format!("http_{port}"),
-        port,
-        "OUTBOUND",
-        http_manager(json!([{"name": "all", "domains": ["*"],
-            "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": cluster}}]}])),
-    ))
-    .expect("a listener");
+    let listener: Listener =
+        bowline_proxy::envoy::from_json(listener(&format!("l_{port}"), port, "OUTBOUND", filter))
+            .expect("a listener");
     let mut listeners = [listener];
     let mesh = Mesh {
         access_log: Some(AccessLogSettings {
@@ -330,17 +315,30 @@ fn logged_listener(port: u16, cluster: &str, path: &std::path::Path, json: bool)
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_logs_are_written_as_the_mesh_config_asks() -> anyhow::Result<()> {
-    let app = upstream("app").await?;
+    let (app, db) = (upstream("app").await?, echo().await?);
     let dir = tempfile::tempdir()?;
-    let (json_log, text_log) = (dir.path().join("json.log"), dir.path().join("text.log"));
-    let (json_port, text_port) = (free_port()?, free_port()?);
+    let (json_log, text_log, tcp_log) = (
+        dir.path().join("json.log"),
+        dir.path().join("text.log"),
+        dir.path().join("tcp.log"),
+    );
+    let (json_port, text_port, tcp_port) = (free_port()?, free_port()?, free_port()?);
+    let routed = http_manager(json!([{"name": "all", "domains": ["*"],
+        "routes": [{"name": "default", "match": {"prefix": "/"}, "route": {"cluster": "app"}}]}]));
+    let opaque = json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+        "stat_prefix": "db", "cluster": "db"}});
     let proxy = Running::bootstrap(
         json!({"static_resources": {
             "listeners": [
-                logged_listener(json_port, "app", &json_log, true),
-                logged_listener(text_port, "app", &text_log, false),
+                logged_listener(json_port, routed.clone(), &json_log, true),
+                logged_listener(text_port, routed, &text_log, false),
+                logged_listener(tcp_port, opaque, &tcp_log, true),
             ],
-            "clusters": [cluster("app", app.port(), false, Value::Null)],
+            "clusters": [
+                cluster("app", app.port(), false, Value::Null),
+                cluster("db", db.port(), false, Value::Null),
+            ],
         }}),
         &[],
     )
@@ -354,15 +352,21 @@ async fn access_logs_are_written_as_the_mesh_config_asks() -> anyhow::Result<()>
     ])?;
     ensure!(status == 200);
     ensure!(curl(&[&format!("http://127.0.0.1:{text_port}/status/503")])?.0 == 503);
+    let mut connection = tokio::net::TcpStream::connect(("127.0.0.1", tcp_port)).await?;
+    connection.write_all(b"hello").await?;
+    let mut echoed = [0; 5];
+    connection.read_exact(&mut echoed).await?;
+    drop(connection);
 
     // Lines are written by a thread of their own, soon after.
-    let mut lines = (String::new(), String::new());
+    let mut lines = (String::new(), String::new(), String::new());
     for _ in 0..50 {
-        lines = (
-            std::fs::read_to_string(&json_log).unwrap_or_default(),
-            std::fs::read_to_string(&text_log).unwrap_or_default(),
-        );
-        if lines.0.ends_with('\n') && lines.1.ends_with('\n') {
+        let read = |path| std::fs::read_to_string(path).unwrap_or_default();
+        lines = (read(&json_log), read(&text_log), read(&tcp_log));
+        if [&lines.0, &lines.1, &lines.2]
+            .iter()
+            .all(|l| l.ends_with('\n'))
+        {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -403,6 +407,17 @@ async fn access_logs_are_written_as_the_mesh_config_asks() -> anyhow::Result<()>
         text.contains("\"GET /status/503 HTTP/1.1\" 503 - via_upstream")
             && text.contains(&format!("\"{app}\" app ")),
         "{text}"
+    );
+    // A TCP connection: its bytes each way and where it went.
+    let tcp: Value = serde_json::from_str(lines.2.trim())?;
+    ensure!(
+        tcp["bytes_received"] == 5
+            && tcp["bytes_sent"] == 5
+            && tcp["upstream_cluster"] == "db"
+            && tcp["upstream_host"] == db.to_string()
+            && tcp["response_flags"] == "-"
+            && tcp["method"].is_null(),
+        "{tcp}"
     );
     proxy.stop().await
 }

@@ -162,7 +162,7 @@ impl Cluster {
         let connect_timeout = cluster
             .connect_timeout
             .as_ref()
-            .map(|d| Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+            .map(super::duration)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         let mut protocol = if cluster.http2_protocol_options.is_some() {
             Protocol::Http2

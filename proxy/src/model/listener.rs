@@ -136,7 +136,7 @@ impl Listener {
             timeout: listener
                 .listener_filters_timeout
                 .as_ref()
-                .map(|d| std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32))
+                .map(super::duration)
                 .unwrap_or(LISTENER_FILTERS_TIMEOUT),
             continue_on_timeout: listener.continue_on_listener_filters_timeout,
         });
@@ -231,6 +231,9 @@ impl FilterChain {
                 ));
             };
             let at = |what: &str| format!("filters[{i}].typed_config{what}");
+            let logs = |list: &[envoy_types::pb::envoy::config::accesslog::v3::AccessLog]| {
+                access_logs(list).map_err(|(j, e)| invalid(&at(&format!(".access_log[{j}]")), e))
+            };
             match type_name(any) {
                 HTTP_CONNECTION_MANAGER => {
                     let manager: HttpConnectionManager =
@@ -250,8 +253,7 @@ impl FilterChain {
                         }
                     };
                     terminal = Some(Terminal::Http(Arc::new(HttpManager {
-                        access_logs: access_logs(&manager.access_log)
-                            .map_err(|(j, e)| invalid(&at(&format!(".access_log[{j}]")), e))?,
+                        access_logs: logs(&manager.access_log)?,
                         stat_prefix: manager.stat_prefix,
                         routes,
                     })));
@@ -277,8 +279,7 @@ impl FilterChain {
                         }
                     };
                     terminal = Some(Terminal::Tcp(Arc::new(TcpRoute {
-                        access_logs: access_logs(&proxy.access_log)
-                            .map_err(|(j, e)| invalid(&at(&format!(".access_log[{j}]")), e))?,
+                        access_logs: logs(&proxy.access_log)?,
                         stat_prefix: proxy.stat_prefix,
                         destinations,
                     })));

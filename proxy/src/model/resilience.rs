@@ -10,13 +10,9 @@ use envoy_types::pb::envoy::config::route::v3 as envoy;
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{HttpFault, fault_abort};
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
-use envoy_types::pb::google::protobuf::Duration as ProtoDuration;
 use http::StatusCode;
 
-/// A protobuf duration as a std one (negative parts read as zero).
-pub fn duration(d: &ProtoDuration) -> Duration {
-    Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
-}
+use super::duration;
 
 /// A share of requests, in parts per million.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

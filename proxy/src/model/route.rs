@@ -176,12 +176,9 @@ impl RouteTable {
     /// Domains are tried with the authority's port and without it.
     pub fn find_host(&self, authority: &str) -> Option<&VirtualHost> {
         let authority = authority.to_ascii_lowercase();
-        let without_port = authority
-            .rsplit_once(':')
-            .filter(|(_, port)| port.parse::<u16>().is_ok())
-            .map(|(host, _)| host);
+        let (host, port) = split_port(&authority);
         let with_port = self.rank(&authority);
-        let without = without_port.and_then(|host| self.rank(host));
+        let without = port.and_then(|_| self.rank(host));
         match (with_port, without) {
             (Some(a), Some(b)) => Some(if b.0 > a.0 { b.1 } else { a.1 }),
             (a, b) => a.or(b).map(|(_, host)| host),
@@ -559,16 +556,13 @@ impl Redirect {
         uri: &Uri,
     ) -> (StatusCode, String) {
         let scheme = self.scheme.as_deref().unwrap_or(scheme);
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if p.parse::<u16>().is_ok() => (h, Some(p.to_string())),
-            _ => (authority, None),
-        };
+        let (host, port) = split_port(authority);
         let host = self.host.as_deref().unwrap_or(host);
         let port = match (self.port, &self.scheme, port) {
-            (Some(p), _, _) => Some(p.to_string()),
+            (Some(p), _, _) => Some(p),
             // A scheme change drops the old scheme's port.
             (None, Some(_), _) => None,
-            (None, None, p) => p,
+            (None, None, p) => p.map(u32::from),
         };
         let path = uri.path();
         let mut target = match (&self.path, &self.prefix) {
@@ -593,6 +587,18 @@ impl Redirect {
             None => host.to_string(),
         };
         (self.status, format!("{scheme}://{authority}{target}"))
+    }
+}
+
+/// An authority's host and port (`reviews:9080` → `reviews`, 9080); an
+/// authority without a numeric port is all host.
+pub fn split_port(authority: &str) -> (&str, Option<u16>) {
+    match authority.rsplit_once(':') {
+        Some((host, port)) => match port.parse() {
+            Ok(port) => (host, Some(port)),
+            Err(_) => (authority, None),
+        },
+        None => (authority, None),
     }
 }
 
@@ -633,10 +639,7 @@ fn forward(action: &envoy::RouteAction) -> std::result::Result<Forward, (String,
     let timeout = match &action.timeout {
         None => Some(DEFAULT_TIMEOUT),
         Some(d) if d.seconds == 0 && d.nanos == 0 => None,
-        Some(d) => Some(Duration::new(
-            d.seconds.max(0) as u64,
-            d.nanos.max(0) as u32,
-        )),
+        Some(d) => Some(super::duration(d)),
     };
     let regex_rewrite = match &action.regex_rewrite {
         Some(r) => Some((

@@ -128,13 +128,14 @@ impl Flags {
     }
 }
 
+/// What a request's series are told apart by.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
-struct RequestKey {
-    peers: Peers,
-    protocol: Protocol,
-    code: u16,
-    grpc_status: Option<u16>,
-    flags: Flags,
+pub struct RequestLabels {
+    pub peers: Peers,
+    pub protocol: Protocol,
+    pub code: u16,
+    pub grpc_status: Option<u16>,
+    pub flags: Flags,
 }
 
 #[derive(Debug)]
@@ -169,11 +170,7 @@ impl TcpSeries {
 /// A request as it is recorded.
 #[derive(Debug)]
 pub struct Completed {
-    pub peers: Peers,
-    pub protocol: Protocol,
-    pub code: u16,
-    pub grpc_status: Option<u16>,
-    pub flags: Flags,
+    pub labels: RequestLabels,
     pub started: Instant,
     pub request_bytes: u64,
     pub response_bytes: u64,
@@ -182,19 +179,13 @@ pub struct Completed {
 /// The series of one proxy.
 #[derive(Debug, Default)]
 pub struct Metrics {
-    requests: RwLock<HashMap<RequestKey, Arc<RequestSeries>>>,
+    requests: RwLock<HashMap<RequestLabels, Arc<RequestSeries>>>,
     tcp: RwLock<HashMap<TcpKey, Arc<TcpSeries>>>,
 }
 
 impl Metrics {
     pub fn record(&self, request: &Completed) {
-        let key = RequestKey {
-            peers: request.peers.clone(),
-            protocol: request.protocol,
-            code: request.code,
-            grpc_status: request.grpc_status,
-            flags: request.flags,
-        };
+        let key = request.labels.clone();
         let series = series(&self.requests, key, || RequestSeries {
             requests: Counter::default(),
             duration: Histogram::new(BUCKETS),
@@ -319,6 +310,36 @@ impl Collector for Metrics {
 }
 
 impl Peers {
+    /// As the proxy sees a request or connection: a sidecar's inbound side
+    /// is its destination (plaintext until mTLS), every other side its
+    /// source (which cannot know the policy); the other end is `peer` when
+    /// it said who it is, else unknown.
+    pub fn seen_by(
+        inbound: bool,
+        own: Interned<Workload>,
+        peer: Option<Interned<Workload>>,
+        service: Interned<Service>,
+    ) -> Self {
+        let peer = peer.unwrap_or_else(Workload::unknown);
+        if inbound {
+            Self {
+                reporter: Reporter::Destination,
+                source: peer,
+                destination: own,
+                service,
+                security: Security::None,
+            }
+        } else {
+            Self {
+                reporter: Reporter::Source,
+                source: own,
+                destination: peer,
+                service,
+                security: Security::Unknown,
+            }
+        }
+    }
+
     /// The labels of both ends, in Istio's order.
     fn labels(&self) -> [(&'static str, Cow<'_, str>); 21] {
         let (s, d, service) = (&self.source, &self.destination, &self.service);
@@ -365,7 +386,7 @@ impl Peers {
     }
 }
 
-impl EncodeLabelSet for RequestKey {
+impl EncodeLabelSet for RequestLabels {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
         let own = [
             (
@@ -459,7 +480,7 @@ where
                     } else if let Some(trailers) = frame.trailers_ref() {
                         request.response_bytes += header_bytes(trailers);
                         if let Some(status) = grpc_status(trailers) {
-                            request.grpc_status = Some(status);
+                            request.labels.grpc_status = Some(status);
                         }
                     }
                 }
@@ -470,7 +491,7 @@ where
             Poll::Ready(None) => this.finish(),
             Poll::Ready(Some(Err(_))) => {
                 if let Some(request) = &mut this.request {
-                    request.flags.set(Flags::UPSTREAM_RESET);
+                    request.labels.flags.set(Flags::UPSTREAM_RESET);
                 }
                 this.finish();
             }
@@ -503,17 +524,28 @@ pub fn grpc_status(headers: &http::HeaderMap) -> Option<u16> {
         .and_then(|v| v.to_str().ok()?.parse().ok())
 }
 
-/// A TCP stream whose reads are counted as they happen, so long
-/// connections show their bytes before they close.
+/// A TCP stream whose reads are counted as they happen, into its series
+/// (so long connections show their bytes before they close) and for the
+/// connection itself (for its access log line, however it ends).
 #[derive(Debug)]
 pub struct Counted<S> {
     stream: S,
-    read: Counter,
+    series: Counter,
+    total: u64,
 }
 
 impl<S> Counted<S> {
-    pub fn new(stream: S, read: Counter) -> Self {
-        Self { stream, read }
+    pub fn new(stream: S, series: Counter) -> Self {
+        Self {
+            stream,
+            series,
+            total: 0,
+        }
+    }
+
+    /// The bytes read from it so far.
+    pub fn total(&self) -> u64 {
+        self.total
     }
 }
 
@@ -526,7 +558,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         let this = self.get_mut();
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        this.read.inc_by((buf.filled().len() - before) as u64);
+        let read = (buf.filled().len() - before) as u64;
+        this.series.inc_by(read);
+        this.total += read;
         polled
     }
 }
@@ -578,11 +612,13 @@ mod tests {
                 flags.set(Flags::UPSTREAM_CONNECTION_FAILURE);
             }
             metrics.record(&Completed {
-                peers: peers(),
-                protocol: Protocol::Http,
-                code,
-                grpc_status: None,
-                flags,
+                labels: RequestLabels {
+                    peers: peers(),
+                    protocol: Protocol::Http,
+                    code,
+                    grpc_status: None,
+                    flags,
+                },
                 started: Instant::now(),
                 request_bytes: 120,
                 response_bytes: 2_000,

@@ -218,11 +218,7 @@ impl Service {
     /// The service a request named by its authority (port dropped), when
     /// no cluster says.
     pub fn of_authority(authority: &str) -> Interned<Self> {
-        let host = match authority.rsplit_once(':') {
-            Some((host, port)) if port.parse::<u16>().is_ok() => host,
-            _ => authority,
-        };
-        Self::of_host(host)
+        Self::of_host(crate::model::route::split_port(authority).0)
     }
 
     pub fn unknown() -> Interned<Self> {
