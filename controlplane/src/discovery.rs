@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, watch};
 use crate::metrics::{KindLabels, Metrics};
 use crate::model::{
     AccessLogSettings, Config, Endpoint, Mesh, Protocol, Resolution, Service, ServicePort,
-    Snapshot, TlsSecret, Workload, resolve_host,
+    Snapshot, TlsSecret, TracingSettings, Workload, resolve_host,
 };
 use crate::push::Push;
 use crate::validate;
@@ -463,6 +463,7 @@ fn mesh(config_map: Option<&ConfigMap>, settings: &Settings) -> Mesh {
         })
         .unwrap_or_default();
     Mesh {
+        tracing: tracing(&config),
         root_namespace: settings.namespace.clone(),
         trust_domain: config
             .trust_domain
@@ -479,6 +480,33 @@ fn mesh(config_map: Option<&ConfigMap>, settings: &Settings) -> Mesh {
                 json: config.access_log_encoding == Some(AccessLogEncoding::Json),
             }),
     }
+}
+
+/// Istio's tracing defaults: on unless `enableTracing: false`, 1 % of
+/// requests unless `defaultConfig.tracing.sampling` says otherwise; spans
+/// go to `otlpAddress` (the operator names the Jaeger addon's collector).
+fn tracing(config: &MeshConfig) -> Option<TracingSettings> {
+    if config.enable_tracing == Some(false) {
+        return None;
+    }
+    let tracing = config.default_config.as_ref()?.tracing.as_ref()?;
+    let address = tracing.otlp_address.as_deref()?;
+    let Some((host, port)) = address
+        .rsplit_once(':')
+        .and_then(|(host, port)| Some((host, port.parse::<u16>().ok()?)))
+        .filter(|(host, _)| !host.is_empty())
+    else {
+        tracing::warn!(
+            address,
+            "defaultConfig.tracing.otlpAddress is not host:port; proxies will not trace"
+        );
+        return None;
+    };
+    Some(TracingSettings {
+        host: host.to_string(),
+        port,
+        sampling: tracing.sampling.unwrap_or(1.0).clamp(0.0, 100.0),
+    })
 }
 
 /// Secrets with a certificate or a CA under Kubernetes' TLS keys or

@@ -55,7 +55,7 @@ pub struct Workload {
 }
 
 /// The mesh-wide settings translation needs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Mesh {
     /// Where mesh-wide config lives (`istio-system`).
     pub root_namespace: String,
@@ -64,6 +64,19 @@ pub struct Mesh {
     /// Where proxies write access logs (`accessLogFile`), and whether as
     /// JSON (`accessLogEncoding`); none when unset.
     pub access_log: Option<AccessLogSettings>,
+    /// Where proxies send spans and how many requests they trace
+    /// (`enableTracing`, `defaultConfig.tracing`); none when tracing is
+    /// off or no collector is named.
+    pub tracing: Option<TracingSettings>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct TracingSettings {
+    /// The OTLP/gRPC collector's host (a service's FQDN) and port.
+    pub host: String,
+    pub port: u16,
+    /// The percentage of requests traced (Istio's default is 1).
+    pub sampling: f64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -79,6 +92,7 @@ impl Default for Mesh {
             trust_domain: "cluster.local".into(),
             outbound: OutboundTrafficMode::AllowAny,
             access_log: None,
+            tracing: None,
         }
     }
 }

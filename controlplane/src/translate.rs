@@ -33,8 +33,8 @@ use envoy_types::pb::google::protobuf::Duration;
 use envoy_types::util::pack_any;
 
 use crate::model::{
-    Config, HostIndex, Mesh, Protocol, Proxy, Service, Snapshot, host_matches, oldest,
-    resolve_host, selects,
+    AccessLogSettings, Config, HostIndex, Mesh, Protocol, Proxy, Service, Snapshot,
+    TracingSettings, host_matches, oldest, resolve_host, selects,
 };
 use listeners::{Bound, Inbound, Outbound};
 use routes::RouteContext;
@@ -104,25 +104,59 @@ const ACCESS_LOG_JSON: [(&str, &str); 24] = [
     ("x_forwarded_for", "%REQ(X-FORWARDED-FOR)%"),
 ];
 
-/// Adds the mesh's access log, when it asks for one, to every HTTP
-/// connection manager and TCP proxy of `listeners`, as Istio does.
-pub fn log_access(listeners: &mut [Listener], mesh: &Mesh) {
+/// Adds what the mesh asks proxies to tell about traffic to every HTTP
+/// connection manager and TCP proxy of `listeners`, as Istio does: its
+/// access log (`accessLogFile`) on both, and tracing (`enableTracing`,
+/// `defaultConfig.tracing`) on HTTP connection managers.
+pub fn observe(listeners: &mut [Listener], mesh: &Mesh) {
+    use envoy_types::pb::envoy::config::listener::v3::filter;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+    use prost::{Message, Name};
+
+    let log = mesh.access_log.as_ref().map(access_log);
+    let tracing = mesh.tracing.as_ref().map(tracing);
+    if log.is_none() && tracing.is_none() {
+        return;
+    }
+    let chains = listeners.iter_mut().flat_map(|l| {
+        l.filter_chains
+            .iter_mut()
+            .chain(l.default_filter_chain.as_mut())
+    });
+    for filter in chains.flat_map(|c| c.filters.iter_mut()) {
+        let Some(filter::ConfigType::TypedConfig(any)) = &mut filter.config_type else {
+            continue;
+        };
+        if any.type_url == HttpConnectionManager::type_url() {
+            if let Ok(mut manager) = HttpConnectionManager::decode(any.value.as_slice()) {
+                manager.access_log.extend(log.clone());
+                manager.tracing.clone_from(&tracing);
+                *any = pack_any(manager);
+            }
+        } else if let Some(log) = &log
+            && any.type_url == TcpProxy::type_url()
+            && let Ok(mut proxy) = TcpProxy::decode(any.value.as_slice())
+        {
+            proxy.access_log.push(log.clone());
+            *any = pack_any(proxy);
+        }
+    }
+}
+
+/// Istio's file access log: its default TEXT line, or its JSON fields.
+fn access_log(
+    settings: &AccessLogSettings,
+) -> envoy_types::pb::envoy::config::accesslog::v3::AccessLog {
     use envoy_types::pb::envoy::config::accesslog::v3::{AccessLog, access_log};
     use envoy_types::pb::envoy::config::core::v3::{
         DataSource, SubstitutionFormatString, data_source, substitution_format_string,
     };
-    use envoy_types::pb::envoy::config::listener::v3::filter;
     use envoy_types::pb::envoy::extensions::access_loggers::file::v3::{
         FileAccessLog, file_access_log,
     };
-    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
-    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
     use envoy_types::pb::google::protobuf::{Struct, Value, value};
-    use prost::{Message, Name};
 
-    let Some(settings) = &mesh.access_log else {
-        return;
-    };
     let format = if settings.json {
         substitution_format_string::Format::JsonFormat(Struct {
             fields: ACCESS_LOG_JSON
@@ -141,7 +175,7 @@ pub fn log_access(listeners: &mut [Listener], mesh: &Mesh) {
             ..Default::default()
         })
     };
-    let log = AccessLog {
+    AccessLog {
         name: "envoy.access_loggers.file".into(),
         config_type: Some(access_log::ConfigType::TypedConfig(pack_any(
             FileAccessLog {
@@ -155,27 +189,44 @@ pub fn log_access(listeners: &mut [Listener], mesh: &Mesh) {
             },
         ))),
         ..Default::default()
+    }
+}
+
+/// Istio's tracing of an HTTP connection manager: the OpenTelemetry
+/// tracer exporting to the collector's outbound cluster, sampling
+/// `sampling` percent of requests that arrive without a decision
+/// (`x-client-trace-id` always traced).
+fn tracing(
+    settings: &TracingSettings,
+) -> envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::Tracing{
+    use envoy_types::pb::envoy::config::core::v3::{GrpcService, grpc_service};
+    use envoy_types::pb::envoy::config::trace::v3::{OpenTelemetryConfig, tracing};
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_connection_manager::Tracing;
+    use envoy_types::pb::envoy::r#type::v3::Percent;
+
+    let percent = |value| Some(Percent { value });
+    let collector = OpenTelemetryConfig {
+        grpc_service: Some(GrpcService {
+            target_specifier: Some(grpc_service::TargetSpecifier::EnvoyGrpc(
+                grpc_service::EnvoyGrpc {
+                    cluster_name: clusters::cluster_name(settings.port.into(), "", &settings.host),
+                    authority: settings.host.clone(),
+                    ..Default::default()
+                },
+            )),
+            ..Default::default()
+        }),
+        ..Default::default()
     };
-    let chains = listeners.iter_mut().flat_map(|l| {
-        l.filter_chains
-            .iter_mut()
-            .chain(l.default_filter_chain.as_mut())
-    });
-    for filter in chains.flat_map(|c| c.filters.iter_mut()) {
-        let Some(filter::ConfigType::TypedConfig(any)) = &mut filter.config_type else {
-            continue;
-        };
-        if any.type_url == HttpConnectionManager::type_url() {
-            if let Ok(mut manager) = HttpConnectionManager::decode(any.value.as_slice()) {
-                manager.access_log.push(log.clone());
-                *any = pack_any(manager);
-            }
-        } else if any.type_url == TcpProxy::type_url()
-            && let Ok(mut proxy) = TcpProxy::decode(any.value.as_slice())
-        {
-            proxy.access_log.push(log.clone());
-            *any = pack_any(proxy);
-        }
+    Tracing {
+        client_sampling: percent(100.0),
+        random_sampling: percent(settings.sampling),
+        overall_sampling: percent(100.0),
+        provider: Some(tracing::Http {
+            name: "envoy.tracers.opentelemetry".into(),
+            config_type: Some(tracing::http::ConfigType::TypedConfig(pack_any(collector))),
+        }),
+        ..Default::default()
     }
 }
 
@@ -392,7 +443,7 @@ impl<'s> Scope<'s> {
             }
         }
         listeners.extend(bound.iter().map(|b| listeners::bound(b, self.allow_any)));
-        log_access(&mut listeners, &self.snapshot.mesh);
+        observe(&mut listeners, &self.snapshot.mesh);
         listeners
     }
 }
@@ -409,7 +460,7 @@ pub fn own(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Cluster>, Vec<Listener>) 
         listeners::virtual_outbound(allow_any(snapshot, sidecar.map(|s| &s.spec))),
         listeners::virtual_inbound(&ports),
     ];
-    log_access(&mut own, &snapshot.mesh);
+    observe(&mut own, &snapshot.mesh);
     (
         ports.iter().map(|p| inbound_cluster(snapshot, p)).collect(),
         own,

@@ -828,3 +828,111 @@ fn the_mesh_access_log_reaches_every_connection_manager_and_tcp_proxy() {
     // bound listeners alike.
     assert_eq!(count(&logged), (http, tcp, http + tcp));
 }
+
+#[test]
+fn the_mesh_tracing_reaches_every_connection_manager_and_names_its_spans() {
+    use bowline_controlplane::model::{Mesh, TracingSettings};
+    use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
+    use envoy_types::pb::envoy::config::trace::v3::{OpenTelemetryConfig, tracing::http};
+    let mut snapshot = snapshot(&["reviews-90-10", "service-entry"]);
+    let managers = |resources: &Resources| -> Vec<HttpConnectionManager> {
+        resources
+            .listeners
+            .iter()
+            .flat_map(|l| {
+                l.filter_chains
+                    .iter()
+                    .chain(l.default_filter_chain.as_ref())
+            })
+            .flat_map(|c| &c.filters)
+            .filter(|f| {
+                matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(any))
+                    if any.type_url.ends_with(".HttpConnectionManager"))
+            })
+            .map(|f| typed::<HttpConnectionManager>(&f.config_type))
+            .collect()
+    };
+    let quiet = translate::sidecar(&snapshot, &sidecar("productpage", "10.244.0.10"));
+    assert!(managers(&quiet).iter().all(|m| m.tracing.is_none()));
+
+    snapshot.mesh = Arc::new(Mesh {
+        tracing: Some(TracingSettings {
+            host: "jaeger-collector.istio-system.svc.cluster.local".into(),
+            port: 4317,
+            sampling: 25.0,
+        }),
+        ..Mesh::default()
+    });
+    let traced = translate::sidecar(&snapshot, &sidecar("productpage", "10.244.0.10"));
+    let managers = managers(&traced);
+    assert!(!managers.is_empty());
+    for manager in &managers {
+        let tracing = manager.tracing.as_ref().expect("every manager traces");
+        assert_eq!(tracing.random_sampling.as_ref().unwrap().value, 25.0);
+        assert_eq!(tracing.client_sampling.as_ref().unwrap().value, 100.0);
+        let provider = tracing.provider.as_ref().unwrap();
+        assert_eq!(provider.name, "envoy.tracers.opentelemetry");
+        let Some(http::ConfigType::TypedConfig(any)) = &provider.config_type else {
+            panic!("no typed config");
+        };
+        let config = OpenTelemetryConfig::decode(any.value.as_slice()).unwrap();
+        let Some(TargetSpecifier::EnvoyGrpc(target)) =
+            config.grpc_service.unwrap().target_specifier
+        else {
+            panic!("not envoy_grpc");
+        };
+        assert_eq!(
+            target.cluster_name,
+            "outbound|4317||jaeger-collector.istio-system.svc.cluster.local"
+        );
+        assert_eq!(
+            target.authority,
+            "jaeger-collector.istio-system.svc.cluster.local"
+        );
+    }
+
+    // Spans are named as Istio names them: the destination's host:port
+    // and `/*`, outbound and inbound alike.
+    let routes = traced
+        .routes
+        .iter()
+        .find(|r| r.name == "9080")
+        .expect("route configuration 9080");
+    let reviews = routes
+        .virtual_hosts
+        .iter()
+        .find(|v| v.name.starts_with("reviews."))
+        .expect("the reviews virtual host");
+    let operation = &reviews.routes[0].decorator.as_ref().unwrap().operation;
+    assert!(
+        operation.starts_with("reviews.") && operation.ends_with(":9080/*"),
+        "{operation}"
+    );
+    let reviews_pod = translate::sidecar(&snapshot, &sidecar("reviews", "10.244.0.1"));
+    let inbound: HttpConnectionManager = typed(
+        &listener(&reviews_pod, "virtualInbound")
+            .filter_chains
+            .iter()
+            .flat_map(|c| &c.filters)
+            .find(|f| {
+                matches!(&f.config_type, Some(filter::ConfigType::TypedConfig(any))
+                    if any.type_url.ends_with(".HttpConnectionManager"))
+            })
+            .unwrap()
+            .config_type,
+    );
+    let Some(http_connection_manager::RouteSpecifier::RouteConfig(config)) =
+        inbound.route_specifier
+    else {
+        panic!("inbound routes are inline");
+    };
+    let operation = &config.virtual_hosts[0].routes[0]
+        .decorator
+        .as_ref()
+        .expect("an inbound decorator")
+        .operation;
+    assert!(
+        operation.starts_with("reviews.") && operation.ends_with("/*"),
+        "{operation}"
+    );
+}

@@ -36,6 +36,10 @@ fn render_prints_what_the_sample_installs() {
     assert!(yaml.contains("image: ghcr.io/bowline-mesh/controlplane:0.1.0"));
     assert!(yaml.contains("name: istio-egressgateway"));
     assert!(yaml.contains("install.bowline.dev/installation: default"));
+    assert!(
+        yaml.contains("otlpAddress: jaeger-collector.istio-system.svc.cluster.local:4317"),
+        "with the Jaeger addon, proxies send spans to its collector"
+    );
 }
 
 #[test]

@@ -16,6 +16,7 @@ import (
 	endpoint "github.com/envoyproxy/go-control-plane/envoy/config/endpoint/v3"
 	listener "github.com/envoyproxy/go-control-plane/envoy/config/listener/v3"
 	route "github.com/envoyproxy/go-control-plane/envoy/config/route/v3"
+	trace "github.com/envoyproxy/go-control-plane/envoy/config/trace/v3"
 	fileaccesslog "github.com/envoyproxy/go-control-plane/envoy/extensions/access_loggers/file/v3"
 	fault "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/fault/v3"
 	httprbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/http/rbac/v3"
@@ -56,6 +57,7 @@ func main() {
 		&httpinspector.HttpInspector{},
 		&upstreamhttp.HttpProtocolOptions{},
 		&fileaccesslog.FileAccessLog{},
+		&trace.OpenTelemetryConfig{},
 	}
 	set := &descriptorpb.FileDescriptorSet{}
 	seen := map[string]bool{}

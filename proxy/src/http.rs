@@ -30,6 +30,7 @@ use crate::telemetry::metrics::{
     Completed, Flags, Peers, Protocol, Recorded, RequestLabels, grpc_status, header_bytes,
 };
 use crate::telemetry::peer::{Exchange, Interned, Service};
+use crate::telemetry::trace::{Kind, Open};
 use crate::upstream::{Admission, Body, ClusterState, Host, HostGuard, Outcome, Upstreams};
 
 /// Why a request did not get an upstream's answer: Envoy's response flags
@@ -147,6 +148,8 @@ struct Report {
     log: Option<Box<Pending>>,
     /// The endpoint the last attempt went to.
     endpoint: Option<Arc<Host>>,
+    /// The request's span, when it is sampled.
+    span: Option<Box<Open>>,
 }
 
 /// Serves one request; never fails (errors are answers). Its metrics are
@@ -182,6 +185,14 @@ pub async fn serve(
     }
     let authority = authority(&request);
     let mut report = Report::default();
+    if let Some(tracing) = &connection.manager.tracing {
+        let kind = if connection.inbound {
+            Kind::Server
+        } else {
+            Kind::Client
+        };
+        report.span = tracing.start(&mut request, kind, authority.as_deref(), connection.peer);
+    }
     let logs = &connection.manager.access_logs;
     if !logs.is_empty() {
         report.log = Some(Box::new(Pending {
@@ -238,11 +249,23 @@ pub async fn serve(
         request_bytes,
         response_bytes: header_bytes(&parts.headers),
     };
+    let endpoint = report.endpoint.map(|host| host.address.to_string());
+    if let Some(span) = &mut report.span
+        && let Some(endpoint) = &endpoint
+    {
+        span.endpoint(endpoint);
+    }
     if let Some(log) = &mut report.log {
         log.response = parts.headers.clone();
-        log.upstream_host = report.endpoint.map(|host| host.address.to_string());
+        log.upstream_host = endpoint;
     }
-    let body = Recorded::new(body, Arc::clone(&telemetry.metrics), completed, report.log);
+    let body = Recorded::new(
+        body,
+        Arc::clone(telemetry),
+        completed,
+        report.log,
+        report.span,
+    );
     Ok(Response::from_parts(parts, body))
 }
 
@@ -263,6 +286,11 @@ async fn proxy(
         .ok_or(Flag::NoRoute)?;
     if let Some(log) = &mut report.log {
         log.route_name = Some(route.name.clone());
+    }
+    if let Some(span) = &mut report.span
+        && let Some(operation) = &route.operation
+    {
+        span.name(operation);
     }
     match &route.action {
         Action::Respond { status, body } => {
@@ -401,6 +429,9 @@ async fn send(
     report.service.clone_from(&cluster.service);
     if let Some(log) = &mut report.log {
         log.upstream_cluster = Some(cluster.name.clone());
+    }
+    if let Some(span) = &mut report.span {
+        span.cluster(&cluster.name);
     }
     let upstream = connection.upstreams.get(cluster);
     let endpoints = snapshot

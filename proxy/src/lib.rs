@@ -14,7 +14,7 @@
 //!   choice of endpoint.
 //! - [`xds`]: the delta ADS client that keeps the configuration current.
 //! - [`telemetry`]: Istio's metrics, labelled with the workloads at both
-//!   ends.
+//!   ends; access logs; spans exported over OTLP.
 //! - [`admin`]: readiness (15021), metrics (15020, 15090) and the admin
 //!   endpoint (127.0.0.1:15000).
 
@@ -53,7 +53,14 @@ pub async fn run(
     log_filter: Option<admin::SetLogFilter>,
 ) -> Result<()> {
     let state = Arc::new(State::default());
-    let telemetry = Arc::new(Telemetry::new(&config));
+    let (telemetry, finished) = Telemetry::new(&config);
+    let telemetry = Arc::new(telemetry);
+    tokio::spawn(telemetry::trace::export(
+        finished,
+        Arc::clone(&state),
+        telemetry.exchange.own.clone(),
+        config.node_id.clone(),
+    ));
     let (quit, stopping) = tokio::sync::watch::channel(false);
     let quit = Arc::new(quit);
     let admin = Arc::new(Admin {

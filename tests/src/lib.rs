@@ -13,6 +13,7 @@
 //! - [`http`]: a plain GET for monitoring and admin ports.
 //! - [`manifests`]: the repository's YAML, and the Helm chart rendered.
 //! - [`olm`]: the operator's OLM bundle, made from the chart, RBAC and CRDs.
+//! - [`otlp`]: an OTLP/gRPC trace collector keeping the spans it is sent.
 //! - [`prometheus`]: Debian's Prometheus scraping loopback targets.
 //! - [`proxy`]: bowline-proxy run in-process, upstreams on loopback, curl.
 //! - [`reviews`]: a service on loopback behind ServiceEntry, subsets and a
@@ -28,6 +29,7 @@ pub mod http;
 pub mod manifests;
 pub mod olm;
 pub mod operator;
+pub mod otlp;
 pub mod pki;
 pub mod process;
 pub mod prometheus;

@@ -309,7 +309,7 @@ fn logged_listener(port: u16, filter: Value, path: &std::path::Path, json: bool)
         }),
         ..Mesh::default()
     };
-    bowline_controlplane::translate::log_access(&mut listeners, &mesh);
+    bowline_controlplane::translate::observe(&mut listeners, &mesh);
     bowline_proxy::envoy::to_json(&listeners[0]).expect("JSON")
 }
 

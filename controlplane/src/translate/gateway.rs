@@ -161,7 +161,7 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
             ..Default::default()
         });
     }
-    super::log_access(&mut listeners, &snapshot.mesh);
+    super::observe(&mut listeners, &snapshot.mesh);
     (listeners, routes)
 }
 

@@ -20,8 +20,8 @@ use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, filter, listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
-    route_match,
+    Decorator, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route,
+    route_action, route_match,
 };
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
@@ -315,6 +315,11 @@ fn inbound_filter(inbound: &Inbound) -> Filter {
                         timeout: Some(duration(std::time::Duration::ZERO)),
                         ..Default::default()
                     })),
+                    // Spans are named after the service the port serves.
+                    decorator: inbound.services.first().map(|host| Decorator {
+                        operation: format!("{host}:{}/*", inbound.port),
+                        ..Default::default()
+                    }),
                     ..Default::default()
                 }],
                 ..Default::default()

@@ -17,9 +17,10 @@ use envoy_types::pb::envoy::config::core::v3::{
     header_value_option::HeaderAppendAction,
 };
 use envoy_types::pb::envoy::config::route::v3::{
-    DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy, Route,
-    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, header_matcher,
-    query_parameter_matcher, redirect_action, route, route_action, route_match, weighted_cluster,
+    Decorator, DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction,
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, query_parameter_matcher, redirect_action, route, route_action, route_match,
+    weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
@@ -298,10 +299,18 @@ fn http_route(
         response_headers_to_add,
         response_headers_to_remove,
     ) = header_operations(rule.headers.as_ref());
+    let decorator = match &action {
+        route::Action::Route(action) => {
+            let exact = m.and_then(|m| m.uri.as_ref()?.exact.as_deref());
+            decorator(action, exact)
+        }
+        _ => None,
+    };
     Route {
         name: route_name(vs, rule),
         r#match: Some(route_match(m)),
         action: Some(action),
+        decorator,
         typed_per_filter_config,
         request_headers_to_add,
         request_headers_to_remove,
@@ -541,17 +550,40 @@ fn retry_policy(retries: Option<&HttpRetry>) -> Option<RetryPolicy> {
 }
 
 fn default_route(cluster: &str) -> Route {
+    let action = RouteAction {
+        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
+        timeout: Some(duration(std::time::Duration::ZERO)),
+        retry_policy: retry_policy(None),
+        ..Default::default()
+    };
     Route {
         name: "default".into(),
         r#match: Some(route_match(None)),
-        action: Some(route::Action::Route(RouteAction {
-            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
-            timeout: Some(duration(std::time::Duration::ZERO)),
-            retry_policy: retry_policy(None),
-            ..Default::default()
-        })),
+        decorator: decorator(&action, None),
+        action: Some(route::Action::Route(action)),
         ..Default::default()
     }
+}
+
+/// What a route's spans are named, as Istio names them: the first
+/// destination's `host:port`, then the exact path matched or `/*`
+/// (`reviews.shop.svc.cluster.local:9080/*`); other clusters by name.
+pub fn decorator(action: &RouteAction, exact_path: Option<&str>) -> Option<Decorator> {
+    let cluster = match action.cluster_specifier.as_ref()? {
+        route_action::ClusterSpecifier::Cluster(name) => name.as_str(),
+        route_action::ClusterSpecifier::WeightedClusters(weighted) => {
+            weighted.clusters.first()?.name.as_str()
+        }
+        _ => return None,
+    };
+    let operation = match cluster.split('|').collect::<Vec<_>>()[..] {
+        ["outbound", port, _, host] => format!("{host}:{port}{}", exact_path.unwrap_or("/*")),
+        _ => cluster.to_string(),
+    };
+    Some(Decorator {
+        operation,
+        ..Default::default()
+    })
 }
 
 fn direct_response_route(status: u32, body: Option<String>) -> Route {

@@ -232,6 +232,11 @@ fn cluster_reader(
     ])
 }
 
+/// The Jaeger addon's collector Service, and its OTLP/gRPC port, where
+/// proxies send spans.
+pub const JAEGER_COLLECTOR: &str = "jaeger-collector";
+pub const OTLP_GRPC_PORT: i32 = 4317;
+
 fn url(target: &Target<'_>, service: &str, port: i32) -> String {
     format!("http://{service}.{}:{port}", target.namespace())
 }
@@ -574,8 +579,11 @@ fn jaeger(target: &Target<'_>, k8s: &KubernetesSettings) -> Result<Vec<Managed>>
         ("tracing", vec![port("http-query", 80, 16686)]),
         ("zipkin", vec![port("http-zipkin", 9411, 9411)]),
         (
-            "jaeger-collector",
-            vec![port("grpc-otlp", 4317, 4317), port("http-otlp", 4318, 4318)],
+            JAEGER_COLLECTOR,
+            vec![
+                port("grpc-otlp", OTLP_GRPC_PORT, 4317),
+                port("http-otlp", 4318, 4318),
+            ],
         ),
     ] {
         let renamed = Workload {

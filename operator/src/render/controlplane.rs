@@ -240,9 +240,26 @@ fn container(target: &Target<'_>, names: &ControlPlaneNames) -> Container {
     }
 }
 
-/// Istio's `istio` ConfigMap: the mesh config as YAML under `mesh`.
+/// Istio's `istio` ConfigMap: the mesh config as YAML under `mesh`. With
+/// the Jaeger addon on, proxies send their spans to its collector unless
+/// `defaultConfig.tracing.otlpAddress` names another.
 fn mesh_config_map(target: &Target<'_>, names: &ControlPlaneNames) -> Result<ConfigMap> {
-    let mesh = target.resolved.spec.mesh_config.clone().unwrap_or_default();
+    let mut mesh = target.resolved.spec.mesh_config.clone().unwrap_or_default();
+    if super::addons::Addon::Jaeger.enabled(target) {
+        let tracing = mesh
+            .default_config
+            .get_or_insert_with(Default::default)
+            .tracing
+            .get_or_insert_with(Default::default);
+        tracing.otlp_address.get_or_insert_with(|| {
+            format!(
+                "{}.{}.svc.cluster.local:{}",
+                super::addons::JAEGER_COLLECTOR,
+                target.namespace(),
+                super::addons::OTLP_GRPC_PORT
+            )
+        });
+    }
     let yaml = serde_saphyr::to_string(&mesh).map_err(|e| {
         Error::InvalidSpec(format!("spec.meshConfig cannot be written as YAML: {e}"))
     })?;

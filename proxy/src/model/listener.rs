@@ -16,6 +16,7 @@ use super::route::{Destinations, HeaderOps, RouteTable};
 use crate::envoy::{type_name, unpack};
 use crate::error::{Error, Result};
 use crate::telemetry::access_log::AccessLog;
+use crate::telemetry::trace::Tracing;
 
 const KIND: &str = "Listener";
 const HTTP_CONNECTION_MANAGER: &str =
@@ -85,6 +86,8 @@ pub struct HttpManager {
     pub routes: RouteSource,
     /// Where each request is logged, if anywhere.
     pub access_logs: Arc<[AccessLog]>,
+    /// Whether and where requests are traced.
+    pub tracing: Option<Arc<Tracing>>,
 }
 
 #[derive(Debug)]
@@ -252,8 +255,15 @@ impl FilterChain {
                             ));
                         }
                     };
+                    let tracing = match &manager.tracing {
+                        Some(tracing) => Tracing::from_envoy(tracing)
+                            .map_err(|e| invalid(&at(".tracing"), e))?
+                            .map(Arc::new),
+                        None => None,
+                    };
                     terminal = Some(Terminal::Http(Arc::new(HttpManager {
                         access_logs: logs(&manager.access_log)?,
+                        tracing,
                         stat_prefix: manager.stat_prefix,
                         routes,
                     })));

@@ -44,6 +44,8 @@ pub struct Route {
     pub headers: HeaderOps,
     /// Delays and aborts injected before the action.
     pub fault: Option<Fault>,
+    /// What its requests' spans are named (the decorator's operation).
+    pub operation: Option<String>,
 }
 
 #[derive(Debug)]
@@ -344,6 +346,11 @@ impl Route {
         Ok(Self {
             name: route.name.clone(),
             fault,
+            operation: route
+                .decorator
+                .as_ref()
+                .map(|d| d.operation.clone())
+                .filter(|o| !o.is_empty()),
             matcher: RouteMatch {
                 path,
                 ignore_case,

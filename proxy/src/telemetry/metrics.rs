@@ -29,8 +29,10 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::Telemetry;
 use super::access_log::Pending;
 use super::peer::{Interned, Service, UNKNOWN, Workload};
+use super::trace::Open;
 
 /// Envoy's default histogram buckets, which Istio's metrics use: 0.5 ms
 /// to an hour for durations, the same bounds in bytes for sizes.
@@ -423,31 +425,37 @@ impl EncodeLabelSet for TcpKey {
 #[derive(Debug)]
 pub struct Recorded<B> {
     body: B,
-    metrics: Arc<Metrics>,
+    telemetry: Arc<Telemetry>,
     request: Option<Completed>,
     log: Option<Box<Pending>>,
+    span: Option<Box<Open>>,
 }
 
 impl<B> Recorded<B> {
     pub fn new(
         body: B,
-        metrics: Arc<Metrics>,
+        telemetry: Arc<Telemetry>,
         request: Completed,
         log: Option<Box<Pending>>,
+        span: Option<Box<Open>>,
     ) -> Self {
         Self {
             body,
-            metrics,
+            telemetry,
             request: Some(request),
             log,
+            span,
         }
     }
 
     fn finish(&mut self) {
         if let Some(request) = self.request.take() {
-            self.metrics.record(&request);
+            self.telemetry.metrics.record(&request);
             if let Some(log) = self.log.take() {
                 log.write(&request);
+            }
+            if let Some(span) = self.span.take() {
+                (*span).end(&request, &self.telemetry.spans);
             }
         }
     }
