@@ -245,8 +245,11 @@ pub struct Scope<'s> {
     rules: HostIndex<'s, DestinationRuleSpec>,
     /// VirtualServices bound to the mesh, by host.
     routes: HostIndex<'s, VirtualServiceSpec>,
-    /// The outbound ports routed as HTTP.
+    /// The outbound ports routed as HTTP (a `0.0.0.0_<port>` listener).
     http_ports: BTreeSet<u32>,
+    /// Ports with a route configuration: the HTTP ports, and the ports of
+    /// unknown protocol whose HTTP is found by sniffing.
+    routed_ports: BTreeSet<u32>,
 }
 
 impl<'s> Scope<'s> {
@@ -285,8 +288,12 @@ impl<'s> Scope<'s> {
             rules,
             routes,
             http_ports: BTreeSet::new(),
+            routed_ports: BTreeSet::new(),
         };
         scope.http_ports = scope.find_http_ports();
+        let sniffed: Vec<u32> = scope.sniffed().map(|(_, port)| port).collect();
+        scope.routed_ports = scope.http_ports.clone();
+        scope.routed_ports.extend(sniffed);
         scope
     }
 
@@ -364,6 +371,19 @@ impl<'s> Scope<'s> {
         ports
     }
 
+    /// Service ports of unknown protocol (a port name without a protocol
+    /// prefix, no appProtocol) that have an address: told HTTP or not by
+    /// their first bytes, as Istio does.
+    fn sniffed(&self) -> impl Iterator<Item = (&'s Service, u32)> + '_ {
+        self.services.iter().flat_map(|service| {
+            service
+                .ports
+                .iter()
+                .filter(|p| p.protocol == Protocol::Unknown && service.address.is_some())
+                .map(move |p| (*service, p.port))
+        })
+    }
+
     /// Sidecar egress listeners the proxy binds itself.
     fn bound(&self) -> impl Iterator<Item = Bound> + '_ {
         self.sidecar
@@ -389,9 +409,10 @@ impl<'s> Scope<'s> {
         }
     }
 
-    /// One route configuration per outbound HTTP port, named by it.
+    /// One route configuration per outbound HTTP or sniffed port, named
+    /// by it.
     pub fn routes(&self) -> Vec<RouteConfiguration> {
-        self.http_ports
+        self.routed_ports
             .iter()
             .copied()
             .map(|port| {
@@ -424,6 +445,13 @@ impl<'s> Scope<'s> {
             for port in service.ports.iter().filter(|p| !p.protocol.is_http()) {
                 let cluster = clusters::cluster_name(port.port, "", &service.hostname);
                 match &service.address {
+                    Some(address) if port.protocol == Protocol::Unknown => {
+                        listeners.push(listeners::outbound(&Outbound::Sniffed {
+                            address: address.clone(),
+                            port: port.port,
+                            cluster,
+                        }));
+                    }
                     Some(address) => listeners.push(listeners::outbound(&Outbound::Tcp {
                         address: address.clone(),
                         port: port.port,

@@ -936,3 +936,82 @@ fn the_mesh_tracing_reaches_every_connection_manager_and_names_its_spans() {
         "{operation}"
     );
 }
+
+#[test]
+fn a_port_of_unknown_protocol_is_sniffed_http_routed_and_tcp_otherwise() {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+        HttpProtocolOptions, http_protocol_options,
+    };
+    let mut snapshot = snapshot(&[]);
+    let mut legacy = Service::kubernetes(
+        "legacy",
+        NS,
+        vec![ServicePort {
+            name: "tcp-less".into(),
+            port: 7070,
+            protocol: Protocol::Unknown,
+        }],
+    );
+    legacy.address = Some("10.96.0.70".into());
+    let mut services = (*snapshot.services).clone();
+    services.insert(legacy.hostname.clone(), legacy);
+    snapshot.services = Arc::new(services);
+    let resources = translate::sidecar(&snapshot, &sidecar("productpage", "10.244.0.10"));
+    let cluster_name = format!("outbound|7070||{}", host("legacy"));
+
+    let sniffing = listener(&resources, "10.96.0.70_7070");
+    assert_eq!(
+        sniffing.listener_filters[0].name,
+        "envoy.filters.listener.http_inspector"
+    );
+    assert!(sniffing.continue_on_listener_filters_timeout);
+    let [http, tcp] = &sniffing.filter_chains[..] else {
+        panic!("an HTTP and a TCP chain: {:?}", sniffing.filter_chains);
+    };
+    assert_eq!(
+        http.filter_chain_match
+            .as_ref()
+            .unwrap()
+            .application_protocols,
+        ["http/1.1", "http/1.0", "h2c"]
+    );
+    let hcm: HttpConnectionManager = typed(&http.filters[0].config_type);
+    assert!(
+        matches!(hcm.route_specifier, Some(http_connection_manager::RouteSpecifier::Rds(ref r)) if r.route_config_name == "7070")
+    );
+    assert!(tcp.filter_chain_match.is_none());
+    let proxy: TcpProxy = typed(&tcp.filters[0].config_type);
+    assert_eq!(
+        proxy.cluster_specifier,
+        Some(tcp_proxy::ClusterSpecifier::Cluster(cluster_name.clone()))
+    );
+    // No wildcard listener takes every connection to 7070 as HTTP.
+    assert!(!resources.listeners.iter().any(|l| l.name == "0.0.0.0_7070"));
+
+    let routes = resources
+        .routes
+        .iter()
+        .find(|r| r.name == "7070")
+        .expect("route configuration 7070");
+    assert!(
+        routes.virtual_hosts[0].domains.contains(&host("legacy")),
+        "{:?}",
+        routes.virtual_hosts
+    );
+    // The endpoints hear the protocol the client spoke.
+    let cluster = resources
+        .clusters
+        .iter()
+        .find(|c| c.name == cluster_name)
+        .expect("the cluster");
+    let options = HttpProtocolOptions::decode(
+        cluster.typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+            .value
+            .as_slice(),
+    )
+    .unwrap();
+    assert!(matches!(
+        options.upstream_protocol_options,
+        Some(http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(_))
+    ));
+}

@@ -62,7 +62,7 @@ pub fn detect(bytes: &[u8]) -> Detection {
 
 /// Peeks at `stream` until its protocol is known (`Http` or `NotHttp`; a
 /// peer that closes first is not HTTP), or `limit` passes (`NeedMore`).
-pub async fn sniff(stream: &TcpStream, limit: Duration) -> Detection {
+pub async fn sniff(stream: &TcpStream, limit: Option<Duration>) -> Detection {
     let mut buffer = vec![0; MAX_REQUEST_LINE + 1];
     let look = async {
         let mut seen = 0;
@@ -83,9 +83,12 @@ pub async fn sniff(stream: &TcpStream, limit: Duration) -> Detection {
             seen = n;
         }
     };
-    tokio::time::timeout(limit, look)
-        .await
-        .unwrap_or(Detection::NeedMore)
+    match limit {
+        Some(limit) => tokio::time::timeout(limit, look)
+            .await
+            .unwrap_or(Detection::NeedMore),
+        None => look.await,
+    }
 }
 
 #[cfg(test)]

@@ -367,3 +367,85 @@ pub fn http_manager(virtual_hosts: serde_json::Value) -> serde_json::Value {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
         "stat_prefix": "http", "route_config": {"name": "local", "virtual_hosts": virtual_hosts}}})
 }
+
+/// The control plane's translation for one proxy as a bootstrap the proxy
+/// runs without ADS: the listeners named in `listeners` moved to
+/// 127.0.0.1 on the port given and bound (a captured proxy's listeners
+/// are not), the route configurations they take over RDS inlined, and EDS
+/// clusters given their endpoints inline. What runs is otherwise what the
+/// control plane sends.
+pub fn bootstrap_of(
+    resources: &bowline_controlplane::translate::Resources,
+    listeners: &[(&str, u16)],
+) -> anyhow::Result<serde_json::Value> {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        ClusterDiscoveryType, DiscoveryType,
+    };
+    use envoy_types::pb::envoy::config::listener::v3::filter;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_connection_manager::RouteSpecifier,
+    };
+    use envoy_types::pb::google::protobuf::BoolValue;
+    use prost::{Message, Name};
+
+    let mut clusters = Vec::new();
+    for cluster in &resources.clusters {
+        let mut cluster = cluster.clone();
+        let eds = ClusterDiscoveryType::Type(DiscoveryType::Eds as i32);
+        if cluster.cluster_discovery_type == Some(eds) {
+            let service = cluster
+                .eds_cluster_config
+                .take()
+                .map(|c| c.service_name)
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| cluster.name.clone());
+            cluster.load_assignment = resources
+                .endpoints
+                .iter()
+                .find(|e| e.cluster_name == service)
+                .cloned();
+            cluster.cluster_discovery_type =
+                Some(ClusterDiscoveryType::Type(DiscoveryType::Static as i32));
+        }
+        clusters.push(bowline_proxy::envoy::to_json(&cluster).map_err(anyhow::Error::msg)?);
+    }
+    let mut bound = Vec::new();
+    for (name, port) in listeners {
+        let mut listener = resources
+            .listeners
+            .iter()
+            .find(|l| l.name == *name)
+            .with_context(|| format!("the control plane sent no listener {name}"))?
+            .clone();
+        let address: envoy_types::pb::envoy::config::core::v3::Address =
+            bowline_proxy::envoy::from_json(json!({"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}))
+            .map_err(anyhow::Error::msg)?;
+        listener.address = Some(address);
+        listener.bind_to_port = Some(BoolValue { value: true });
+        let chains = listener
+            .filter_chains
+            .iter_mut()
+            .chain(listener.default_filter_chain.as_mut());
+        for filter in chains.flat_map(|c| c.filters.iter_mut()) {
+            let Some(filter::ConfigType::TypedConfig(any)) = &mut filter.config_type else {
+                continue;
+            };
+            if any.type_url != HttpConnectionManager::type_url() {
+                continue;
+            }
+            let mut manager = HttpConnectionManager::decode(any.value.as_slice())?;
+            if let Some(RouteSpecifier::Rds(rds)) = &manager.route_specifier {
+                let routes = resources
+                    .routes
+                    .iter()
+                    .find(|r| r.name == rds.route_config_name)
+                    .with_context(|| format!("no route configuration {}", rds.route_config_name))?;
+                manager.route_specifier = Some(RouteSpecifier::RouteConfig(routes.clone()));
+            }
+            *any = envoy_types::util::pack_any(manager);
+        }
+        bound.push(bowline_proxy::envoy::to_json(&listener).map_err(anyhow::Error::msg)?);
+    }
+    Ok(json!({"static_resources": {"listeners": bound, "clusters": clusters}}))
+}

@@ -163,3 +163,112 @@ async fn a_sniffing_listener_tells_http_from_tcp() -> anyhow::Result<()> {
     drop(stream);
     proxy.stop().await
 }
+
+/// A service whose port names no protocol, as the control plane
+/// translates it for a sidecar, served by the proxy: HTTP found by
+/// sniffing is routed by the service's VirtualService, anything else goes
+/// to the service as TCP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_planes_sniffing_listener_routes_http_and_passes_the_rest() -> anyhow::Result<()>
+{
+    use bowline_controlplane::model::{
+        Config, Endpoint, Protocol, Proxy, ProxyKind, Service, ServicePort, Snapshot,
+    };
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let (app, echo) = (
+        upstream("legacy").await?,
+        bowline_tests::proxy::echo().await?,
+    );
+    let unnamed = |name: &str, vip: &str, port: u32, endpoint: std::net::SocketAddr| {
+        let mut service = Service::kubernetes(
+            name,
+            "shop",
+            vec![ServicePort {
+                name: "web".into(),
+                port,
+                protocol: Protocol::Unknown,
+            }],
+        );
+        service.address = Some(vip.into());
+        let endpoint = Endpoint {
+            address: endpoint.ip().to_string(),
+            service_port: port,
+            port: endpoint.port().into(),
+            labels: BTreeMap::new(),
+            ready: true,
+            sidecar: false,
+            service_account: None,
+        };
+        (service, endpoint)
+    };
+    let (legacy, legacy_endpoint) = unnamed("legacy", "10.96.0.70", 7070, app);
+    let (db, db_endpoint) = unnamed("db", "10.96.0.71", 7071, echo);
+    let endpoints = Arc::new(BTreeMap::from([
+        (legacy.hostname.clone(), vec![legacy_endpoint]),
+        (db.hostname.clone(), vec![db_endpoint]),
+    ]));
+    let services = Arc::new(BTreeMap::from([
+        (legacy.hostname.clone(), legacy),
+        (db.hostname.clone(), db),
+    ]));
+    let virtual_services = Arc::new(vec![Config::new(
+        "legacy",
+        "shop",
+        serde_json::from_value(json!({"hosts": ["legacy"], "http": [
+            {"match": [{"uri": {"prefix": "/teapot"}}],
+             "fault": {"abort": {"httpStatus": 418, "percentage": {"value": 100}}},
+             "route": [{"destination": {"host": "legacy"}}]},
+            {"route": [{"destination": {"host": "legacy"}}]},
+        ]}))?,
+    )]);
+    let snapshot = Snapshot {
+        services,
+        endpoints,
+        virtual_services,
+        ..Snapshot::default()
+    };
+    let resources = bowline_controlplane::translate::sidecar(
+        &snapshot,
+        &Proxy {
+            id: "sidecar~10.244.0.9~client-1.shop~shop.svc.cluster.local".into(),
+            kind: ProxyKind::Sidecar,
+            namespace: "shop".into(),
+            labels: BTreeMap::from([("app".into(), "client".into())]),
+            ip: "10.244.0.9".into(),
+            captured: true,
+        },
+    );
+    let (web_port, db_port) = (free_port()?, free_port()?);
+    let proxy = Running::bootstrap(
+        bowline_tests::proxy::bootstrap_of(
+            &resources,
+            &[("10.96.0.70_7070", web_port), ("10.96.0.71_7071", db_port)],
+        )?,
+        &[],
+    )
+    .await?;
+
+    let host = "Host: legacy.shop.svc.cluster.local:7070";
+    let url = |path: &str| format!("http://127.0.0.1:{web_port}{path}");
+    let (status, body) = curl(&["-H", host, &url("/books")])?;
+    ensure!(
+        status == 200 && body.starts_with("legacy /books"),
+        "{status} {body}"
+    );
+    // The VirtualService's rules apply: it is HTTP, not a byte stream.
+    ensure!(curl(&["-H", host, &url("/teapot")])?.0 == 418);
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", db_port)).await?;
+    stream.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
+    let mut echoed = [0; 14];
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        stream.read_exact(&mut echoed),
+    )
+    .await??;
+    ensure!(&echoed == b"*1\r\n$4\r\nPING\r\n", "{echoed:?}");
+    drop(stream);
+    proxy.stop().await
+}

@@ -313,7 +313,8 @@ fn file(path: &str) -> DataSource {
 
 /// The connection pool's HTTP settings: requests per connection, idle
 /// timeout, and HTTP/2 toward the endpoints for HTTP/2 and gRPC ports or
-/// when `h2UpgradePolicy: UPGRADE` asks.
+/// when `h2UpgradePolicy: UPGRADE` asks; a port of unknown protocol, whose
+/// HTTP is found by sniffing, speaks to its endpoints as the client spoke.
 fn http_options(
     cluster: &mut Cluster,
     policy: Option<&TrafficPolicy>,
@@ -335,30 +336,45 @@ fn http_options(
     let per_connection = http
         .and_then(|h| h.max_requests_per_connection)
         .filter(|n| *n > 0);
-    if !h2 && idle.is_none() && per_connection.is_none() {
+    let sniffed = protocol == Protocol::Unknown && !h2;
+    if !h2 && !sniffed && idle.is_none() && per_connection.is_none() {
         return;
     }
+    let explicit = |protocol_config| {
+        http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
+            http_protocol_options::ExplicitHttpConfig {
+                protocol_config: Some(protocol_config),
+            },
+        )
+    };
+    let upstream = if h2 {
+        explicit(
+            http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                Default::default(),
+            ),
+        )
+    } else if sniffed {
+        http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+            http_protocol_options::UseDownstreamHttpConfig {
+                http_protocol_options: Some(Default::default()),
+                http2_protocol_options: Some(Default::default()),
+                ..Default::default()
+            },
+        )
+    } else {
+        explicit(
+            http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
+                Default::default(),
+            ),
+        )
+    };
     let options = HttpProtocolOptions {
         common_http_protocol_options: Some(CoreHttpOptions {
             idle_timeout: idle.map(duration),
             max_requests_per_connection: per_connection.map(|n| UInt32Value { value: n as u32 }),
             ..Default::default()
         }),
-        upstream_protocol_options: Some(
-            http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
-                http_protocol_options::ExplicitHttpConfig {
-                    protocol_config: Some(if h2 {
-                        http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                            Default::default(),
-                        )
-                    } else {
-                        http_protocol_options::explicit_http_config::ProtocolConfig::HttpProtocolOptions(
-                            Default::default(),
-                        )
-                    }),
-                },
-            ),
-        ),
+        upstream_protocol_options: Some(upstream),
         ..Default::default()
     };
     cluster.typed_extension_protocol_options.insert(

@@ -64,7 +64,19 @@ pub enum Outbound {
         port: u32,
         cluster: String,
     },
+    /// `<vip>_<port>` of a port whose protocol is not declared: HTTP,
+    /// found by its first bytes, routed by the route configuration
+    /// `<port>`; anything else to `cluster`.
+    Sniffed {
+        address: String,
+        port: u32,
+        cluster: String,
+    },
 }
+
+/// What a sniffed connection's first bytes may show: Envoy's
+/// http_inspector names them so.
+const HTTP_PROTOCOLS: [&str; 3] = ["http/1.1", "http/1.0", "h2c"];
 
 /// A listener the proxy binds itself (a Sidecar egress listener with
 /// `captureMode: NONE`), routed like the captured one for its port.
@@ -148,6 +160,43 @@ pub fn outbound(listener: &Outbound) -> Listener {
                 filters: vec![tcp_proxy_filter(cluster, cluster)],
                 ..Default::default()
             }],
+            ..Default::default()
+        },
+        Outbound::Sniffed {
+            address,
+            port,
+            cluster,
+        } => Listener {
+            name: format!("{address}_{port}"),
+            address: Some(socket(address, *port)),
+            bind_to_port: Some(BoolValue { value: false }),
+            traffic_direction: TrafficDirection::Outbound as i32,
+            listener_filters: vec![http_inspector()],
+            // Istio's protocolDetectionTimeout: wait for the client's
+            // first bytes however long they take, so a pooled connection
+            // used late is still HTTP (server-first protocols need their
+            // port's protocol declared).
+            listener_filters_timeout: Some(duration(std::time::Duration::ZERO)),
+            continue_on_listener_filters_timeout: true,
+            filter_chains: vec![
+                FilterChain {
+                    name: format!("{address}_{port}_http"),
+                    filter_chain_match: Some(FilterChainMatch {
+                        application_protocols: HTTP_PROTOCOLS.map(String::from).to_vec(),
+                        ..Default::default()
+                    }),
+                    filters: vec![rds_filter(
+                        &format!("outbound_{address}_{port}"),
+                        &port.to_string(),
+                    )],
+                    ..Default::default()
+                },
+                FilterChain {
+                    name: format!("{address}_{port}_tcp"),
+                    filters: vec![tcp_proxy_filter(cluster, cluster)],
+                    ..Default::default()
+                },
+            ],
             ..Default::default()
         },
     }
@@ -265,14 +314,8 @@ pub fn virtual_inbound(ports: &[Inbound]) -> Listener {
                 "envoy.filters.listener.original_dst",
                 pack_any(OriginalDst::default()),
             ),
-            listener_filter(
-                "envoy.filters.listener.tls_inspector",
-                pack_any(TlsInspector::default()),
-            ),
-            listener_filter(
-                "envoy.filters.listener.http_inspector",
-                pack_any(HttpInspector::default()),
-            ),
+            tls_inspector(),
+            http_inspector(),
         ],
         listener_filters_timeout: Some(duration(std::time::Duration::from_secs(1))),
         continue_on_listener_filters_timeout: true,
@@ -401,6 +444,15 @@ pub fn rds_filter(stat_prefix: &str, routes: &str) -> Filter {
 /// Every connection to `cluster`.
 pub fn tcp_proxy(cluster: &str) -> Filter {
     tcp_proxy_filter(cluster, cluster)
+}
+
+/// Tells HTTP/1.x and h2c from other protocols by a connection's first
+/// bytes, before a filter chain is chosen.
+pub fn http_inspector() -> ListenerFilter {
+    listener_filter(
+        "envoy.filters.listener.http_inspector",
+        pack_any(HttpInspector::default()),
+    )
 }
 
 /// Reads SNI and ALPN before a filter chain is chosen.

@@ -35,7 +35,7 @@ use envoy_types::util::pack_any;
 
 use super::{clusters::cluster_name, duration};
 use crate::model::{
-    Config, HostIndex, Service, Snapshot, host_matches, oldest, resolve_host, selects,
+    Config, HostIndex, Protocol, Service, Snapshot, host_matches, oldest, resolve_host, selects,
 };
 use bowline_api::duration::parse as parse_duration;
 
@@ -71,7 +71,8 @@ pub const DEFAULT_HTTP_PORT: u32 = 80;
 pub const MESH_GATEWAY: &str = "mesh";
 
 /// The route configuration a sidecar uses for outbound HTTP on `port`: a
-/// virtual host per service that has the port, with the VirtualService
+/// virtual host per service that has the port as HTTP (or of unknown
+/// protocol, when sniffing finds HTTP), with the VirtualService
 /// bound to the mesh for its host when there is one, and a last virtual
 /// host for everything else (passed through, or refused with
 /// REGISTRY_ONLY).
@@ -83,7 +84,10 @@ pub fn outbound_route_configuration(
 ) -> RouteConfiguration {
     let mut virtual_hosts: Vec<VirtualHost> = services
         .iter()
-        .filter(|s| s.port(ctx.port).is_some_and(|p| p.protocol.is_http()))
+        .filter(|s| {
+            s.port(ctx.port)
+                .is_some_and(|p| p.protocol.is_http() || p.protocol == Protocol::Unknown)
+        })
         .map(|service| {
             let routes = match virtual_service_for(ctx, &service.hostname) {
                 Some(vs) => http_routes(ctx, vs),

@@ -46,7 +46,9 @@ pub struct Listener {
 
 #[derive(Clone, Copy, Debug)]
 pub struct Sniff {
-    pub timeout: std::time::Duration,
+    /// How long to wait for the first bytes; no limit when none (Envoy's
+    /// `listener_filters_timeout: 0s`).
+    pub timeout: Option<std::time::Duration>,
     pub continue_on_timeout: bool,
 }
 
@@ -136,11 +138,13 @@ impl Listener {
                     Some(envoy::listener_filter::ConfigType::TypedConfig(any)) if type_name(any) == HTTP_INSPECTOR)
         });
         let sniff = inspects_http.then(|| Sniff {
-            timeout: listener
-                .listener_filters_timeout
-                .as_ref()
-                .map(super::duration)
-                .unwrap_or(LISTENER_FILTERS_TIMEOUT),
+            timeout: Some(
+                listener
+                    .listener_filters_timeout
+                    .as_ref()
+                    .map_or(LISTENER_FILTERS_TIMEOUT, super::duration),
+            )
+            .filter(|t| !t.is_zero()),
             continue_on_timeout: listener.continue_on_listener_filters_timeout,
         });
         Ok(Self {
