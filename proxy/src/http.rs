@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use http_body::Body as _;
 
-use crate::model::cluster::Target;
+use crate::model::cluster::{Discovery, Target};
 use crate::model::listener::{HttpManager, RouteSource};
 use crate::model::resilience::{Abort, Attempt, Fault};
 use crate::model::route::{Action, Forward, Route, split_port};
@@ -135,6 +135,10 @@ pub struct Connection {
     /// The connection's ends, for access logs.
     pub local: std::net::SocketAddr,
     pub peer: std::net::SocketAddr,
+    /// Where a captured connection was going: the endpoint of ORIGINAL_DST
+    /// clusters (PassthroughCluster). Requests on connections that were
+    /// not captured cannot use them (they would come back to the proxy).
+    pub original_destination: Option<std::net::SocketAddr>,
 }
 
 const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -434,9 +438,19 @@ async fn send(
         span.cluster(&cluster.name);
     }
     let upstream = connection.upstreams.get(cluster);
-    let endpoints = snapshot
-        .endpoints_of(cluster)
-        .ok_or(Flag::NoHealthyUpstream)?;
+    let reach = match &cluster.discovery {
+        Discovery::OriginalDst => {
+            let destination = connection
+                .original_destination
+                .ok_or(Flag::NoHealthyUpstream)?;
+            Reach::Original(Arc::new(Host::new(Target::Ip(destination), false)))
+        }
+        _ => Reach::Endpoints(
+            snapshot
+                .endpoints_of(cluster)
+                .ok_or(Flag::NoHealthyUpstream)?,
+        ),
+    };
 
     let (mut parts, body) = request.into_parts();
     let h2 = upgrade.is_none() && upstream.speaks_h2(parts.version == Version::HTTP_2);
@@ -487,7 +501,7 @@ async fn send(
         let announce = (!connection.inbound).then_some(&connection.telemetry.exchange);
         let plan = Plan {
             upstream: &upstream,
-            endpoints: &endpoints,
+            reach: &reach,
             forward,
             head: &head,
             h2,
@@ -537,10 +551,18 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     }
 }
 
+/// Where a cluster's requests can go.
+enum Reach {
+    /// Its endpoints, one chosen per attempt by its policy.
+    Endpoints(Arc<Endpoints>),
+    /// The connection's original destination (ORIGINAL_DST).
+    Original(Arc<Host>),
+}
+
 /// Where a request's attempts go, and how.
 struct Plan<'a> {
     upstream: &'a Arc<ClusterState>,
-    endpoints: &'a Arc<Endpoints>,
+    reach: &'a Reach,
     forward: &'a Forward,
     head: &'a Upstream,
     /// HTTP/2 to the endpoint.
@@ -559,7 +581,7 @@ async fn attempt(
 ) -> Result<Response<Body>, Flag> {
     let Plan {
         upstream,
-        endpoints,
+        reach,
         forward,
         head,
         h2,
@@ -584,9 +606,11 @@ async fn attempt(
         } else {
             &[]
         };
-        let target = upstream
-            .pick(endpoints, avoid)
-            .ok_or(Flag::NoHealthyUpstream)?;
+        let target = match reach {
+            Reach::Endpoints(endpoints) => upstream.pick(endpoints, avoid),
+            Reach::Original(host) => Some(Arc::clone(host)),
+        }
+        .ok_or(Flag::NoHealthyUpstream)?;
         *chosen = Some(Arc::clone(&target));
         let admission = upstream.admit(h2).await.map_err(|_| Flag::Overflow)?;
         let in_flight = target.start();

@@ -215,11 +215,13 @@ async fn connection(
     let Ok(local) = stream.local_addr() else {
         return;
     };
-    let destination = if listener.use_original_dst {
-        original_destination(&stream).unwrap_or(local)
-    } else {
-        local
-    };
+    // Where a captured connection was going (iptables' REDIRECT keeps it).
+    let captured = listener
+        .use_original_dst
+        .then(|| original_destination(&stream))
+        .flatten()
+        .filter(|d| *d != local);
+    let destination = captured.unwrap_or(local);
     if listener.use_original_dst
         && let Some(target) = listener_for(&snapshot, destination)
     {
@@ -258,6 +260,7 @@ async fn connection(
                 manager: Arc::clone(manager),
                 inbound,
                 local: destination,
+                original_destination: captured,
                 peer,
                 upstreams: shared.upstreams,
                 telemetry: shared.telemetry,
@@ -283,7 +286,11 @@ async fn connection(
         Terminal::Tcp(route) => {
             // Watched only so that a drain waits for it.
             let _draining = watcher;
-            tcp(stream, destination, route, &snapshot, &shared, inbound).await
+            let ends = Ends {
+                destination,
+                captured,
+            };
+            tcp(stream, ends, route, &snapshot, &shared, inbound).await
         }
     }
 }
@@ -303,9 +310,19 @@ fn listener_for(snapshot: &Snapshot, destination: SocketAddr) -> Option<Arc<List
 
 /// Opaque TCP: the bytes go to an endpoint of the route's cluster as they
 /// are.
+/// Where a connection was going: the address it reached, and the one it
+/// was going to before capture.
+struct Ends {
+    destination: SocketAddr,
+    captured: Option<SocketAddr>,
+}
+
 async fn tcp(
     stream: TcpStream,
-    destination: SocketAddr,
+    Ends {
+        destination,
+        captured,
+    }: Ends,
     route: &TcpRoute,
     snapshot: &Snapshot,
     shared: &Shared,
@@ -330,7 +347,13 @@ async fn tcp(
         return;
     };
     let (target, host) = if matches!(cluster.discovery, Discovery::OriginalDst) {
-        (Target::Ip(destination), None)
+        // A connection that was not captured has no other destination
+        // than the proxy itself.
+        let Some(original) = captured else {
+            tracing::debug!(cluster = %name, "not a captured connection: ORIGINAL_DST has nowhere to send it; closed");
+            return;
+        };
+        (Target::Ip(original), None)
     } else {
         let Some(endpoints) = snapshot.endpoints_of(cluster) else {
             return;

@@ -100,7 +100,7 @@ pub struct Host {
 }
 
 impl Host {
-    fn new(address: Target, mesh: bool) -> Self {
+    pub fn new(address: Target, mesh: bool) -> Self {
         Self {
             address,
             mesh,
@@ -368,8 +368,9 @@ impl ClusterState {
     /// Counts an attempt's outcome against its endpoint, and ejects the
     /// endpoint when outlier detection says so: after so many consecutive
     /// 5xx or gateway failures, for the base ejection time times its
-    /// ejections so far (at most the maximum), while no more than the
-    /// maximum share of endpoints is ejected (at least one may be).
+    /// ejections so far (at most the maximum; one fewer for each interval
+    /// it has served since it came back), while no more than the maximum
+    /// share of endpoints is ejected (at least one may be).
     pub fn record(&self, host: &Host, outcome: Outcome) {
         let Some(outlier) = self.config.outlier else {
             return;
@@ -406,7 +407,13 @@ impl ClusterState {
         if ejected >= allowed {
             return;
         }
-        let ejections = host.ejections.fetch_add(1, Ordering::Relaxed) + 1;
+        // Envoy takes one off an endpoint's ejections at each interval it
+        // spends in service; counted here from when it came back.
+        let back_since = host.ejected_until.load(Ordering::Relaxed);
+        let served = now.saturating_sub(back_since) / (outlier.interval.as_millis() as u64).max(1);
+        let earlier = host.ejections.load(Ordering::Relaxed);
+        let ejections = earlier.saturating_sub(served.min(u32::MAX.into()) as u32) + 1;
+        host.ejections.store(ejections, Ordering::Relaxed);
         let time = (outlier.base_ejection_time * ejections)
             .min(outlier.max_ejection_time.max(outlier.base_ejection_time));
         host.ejected_until
@@ -518,6 +525,7 @@ mod tests {
             base_ejection_time: Duration::from_millis(200),
             max_ejection_time: Duration::from_secs(300),
             max_ejection_percent: 50,
+            interval: Duration::from_secs(10),
         };
         let state = ClusterState::new(cluster(LbPolicy::RoundRobin, Some(outlier)));
         let endpoints = endpoints(&[(1, 1, true), (2, 1, true), (3, 1, true), (4, 1, true)]);
@@ -551,6 +559,42 @@ mod tests {
             !failing.ejected(state.now()),
             "back after the base ejection time"
         );
+    }
+
+    #[tokio::test]
+    async fn ejections_grow_while_an_endpoint_keeps_failing_and_shrink_while_it_serves() {
+        let outlier = Outlier {
+            consecutive_5xx: 1,
+            consecutive_gateway: 0,
+            base_ejection_time: Duration::from_millis(100),
+            max_ejection_time: Duration::from_secs(10),
+            max_ejection_percent: 100,
+            interval: Duration::from_millis(100),
+        };
+        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, Some(outlier)));
+        let endpoints = endpoints(&[(1, 1, true), (2, 1, true)]);
+        let hosts = state.hosts(&endpoints);
+        let host = &hosts.states[0];
+        let ejected_for = || {
+            host.ejected_until
+                .load(Ordering::Relaxed)
+                .saturating_sub(state.now())
+        };
+        state.record(host, Outcome::ServerError(500));
+        assert!(
+            ejected_for() > 50 && ejected_for() <= 100,
+            "{}",
+            ejected_for()
+        );
+        // Failing again at once: twice the base time.
+        std::thread::sleep(Duration::from_millis(110));
+        state.record(host, Outcome::ServerError(500));
+        assert!(ejected_for() > 150, "{}", ejected_for());
+        // Back, then two intervals in service: the base time again.
+        std::thread::sleep(Duration::from_millis(200 + 250));
+        assert!(!host.ejected(state.now()));
+        state.record(host, Outcome::ServerError(500));
+        assert!(ejected_for() <= 100, "{}", ejected_for());
     }
 
     #[tokio::test]

@@ -311,12 +311,15 @@ pub struct Outlier {
     pub base_ejection_time: Duration,
     pub max_ejection_time: Duration,
     pub max_ejection_percent: u32,
+    /// Each interval an endpoint spends back in service takes one off its
+    /// ejection count, so the next ejection is shorter again.
+    pub interval: Duration,
 }
 
 impl Outlier {
     /// Envoy's defaults for what is unset: 5 consecutive 5xx enforced,
     /// gateway failures counted but not enforced, 30 s base ejection, at
-    /// most 300 s, 10 % of the endpoints.
+    /// most 300 s, 10 % of the endpoints, a 10 s interval.
     pub fn from_envoy(detection: &OutlierDetection) -> Self {
         let value = |v: &Option<envoy_types::pb::google::protobuf::UInt32Value>, d: u32| {
             v.as_ref().map_or(d, |v| v.value)
@@ -340,6 +343,12 @@ impl Outlier {
                 .as_ref()
                 .map_or(Duration::from_secs(300), duration),
             max_ejection_percent: value(&detection.max_ejection_percent, 10).min(100),
+            interval: detection
+                .interval
+                .as_ref()
+                .map(duration)
+                .filter(|d| !d.is_zero())
+                .unwrap_or(Duration::from_secs(10)),
         }
     }
 }
