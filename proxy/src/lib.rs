@@ -15,10 +15,12 @@
 //! - [`xds`]: the delta ADS client that keeps the configuration current.
 //! - [`telemetry`]: Istio's metrics, labelled with the workloads at both
 //!   ends; access logs; spans exported over OTLP.
+//! - [`capture`]: the iptables rules `bowline-proxy init` writes.
 //! - [`admin`]: readiness (15021), metrics (15020, 15090) and the admin
 //!   endpoint (127.0.0.1:15000).
 
 pub mod admin;
+pub mod capture;
 pub mod config;
 pub mod envoy;
 pub mod error;

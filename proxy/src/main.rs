@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use bowline_proxy::admin::SetLogFilter;
+use bowline_proxy::capture::Capture;
 use bowline_proxy::config::{Config, Mode, ProcessEnv};
 use clap::{Parser, Subcommand};
 
@@ -26,6 +27,21 @@ enum Command {
     Sidecar(RunArgs),
     /// An ingress or egress gateway.
     Gateway(RunArgs),
+    /// Writes the iptables rules that send a pod's TCP through its
+    /// sidecar (istio-iptables' flags), in the current network namespace.
+    Init(InitArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct InitArgs {
+    #[command(flatten)]
+    capture: Capture,
+    /// Print the rules (iptables-restore input) instead of writing them.
+    #[arg(short = 'n', long)]
+    dry_run: bool,
+    /// Remove the rules an earlier run wrote, and nothing else.
+    #[arg(long, conflicts_with = "dry_run")]
+    cleanup: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -42,6 +58,7 @@ fn main() -> anyhow::Result<()> {
     let (mode, run) = match args.mode {
         Command::Sidecar(run) => (Mode::Sidecar, run),
         Command::Gateway(run) => (Mode::Gateway, run),
+        Command::Init(init) => return capture(init),
     };
     let config = Config::from_env(mode, run.bootstrap, &ProcessEnv)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -58,6 +75,19 @@ fn main() -> anyhow::Result<()> {
         tracing::info!(node = %config.node_id, "starting");
         bowline_proxy::run(config, stopped, Some(log_filter)).await
     })?;
+    Ok(())
+}
+
+fn capture(init: InitArgs) -> anyhow::Result<()> {
+    if init.cleanup {
+        Capture::cleanup()?;
+        tracing::info!("capture rules removed");
+    } else if init.dry_run {
+        print!("{}", init.capture.rules()?);
+    } else {
+        init.capture.apply()?;
+        tracing::info!("capture rules written");
+    }
     Ok(())
 }
 
