@@ -131,13 +131,21 @@ pub fn virtual_outbound(allow_any: bool) -> Listener {
     }
 }
 
+/// `<address>_<port>`, not bound: captured connections to that address
+/// are handed to it.
+fn captured(address: &str, port: u32) -> Listener {
+    Listener {
+        name: format!("{address}_{port}"),
+        address: Some(socket(address, port)),
+        bind_to_port: Some(BoolValue { value: false }),
+        traffic_direction: TrafficDirection::Outbound as i32,
+        ..Default::default()
+    }
+}
+
 pub fn outbound(listener: &Outbound) -> Listener {
     match listener {
         Outbound::Http { port } => Listener {
-            name: format!("0.0.0.0_{port}"),
-            address: Some(socket("0.0.0.0", *port)),
-            bind_to_port: Some(BoolValue { value: false }),
-            traffic_direction: TrafficDirection::Outbound as i32,
             filter_chains: vec![FilterChain {
                 filters: vec![rds_filter(
                     &format!("outbound_0.0.0.0_{port}"),
@@ -145,32 +153,24 @@ pub fn outbound(listener: &Outbound) -> Listener {
                 )],
                 ..Default::default()
             }],
-            ..Default::default()
+            ..captured("0.0.0.0", *port)
         },
         Outbound::Tcp {
             address,
             port,
             cluster,
         } => Listener {
-            name: format!("{address}_{port}"),
-            address: Some(socket(address, *port)),
-            bind_to_port: Some(BoolValue { value: false }),
-            traffic_direction: TrafficDirection::Outbound as i32,
             filter_chains: vec![FilterChain {
                 filters: vec![tcp_proxy_filter(cluster, cluster)],
                 ..Default::default()
             }],
-            ..Default::default()
+            ..captured(address, *port)
         },
         Outbound::Sniffed {
             address,
             port,
             cluster,
         } => Listener {
-            name: format!("{address}_{port}"),
-            address: Some(socket(address, *port)),
-            bind_to_port: Some(BoolValue { value: false }),
-            traffic_direction: TrafficDirection::Outbound as i32,
             listener_filters: vec![http_inspector()],
             // Istio's protocolDetectionTimeout: wait for the client's
             // first bytes however long they take, so a pooled connection
@@ -197,7 +197,7 @@ pub fn outbound(listener: &Outbound) -> Listener {
                     ..Default::default()
                 },
             ],
-            ..Default::default()
+            ..captured(address, *port)
         },
     }
 }
@@ -206,10 +206,6 @@ pub fn outbound(listener: &Outbound) -> Listener {
 /// connections, told apart by SNI, to its cluster.
 pub fn outbound_tls(port: u32, hosts: &[(String, String)]) -> Listener {
     Listener {
-        name: format!("0.0.0.0_{port}"),
-        address: Some(socket("0.0.0.0", port)),
-        bind_to_port: Some(BoolValue { value: false }),
-        traffic_direction: TrafficDirection::Outbound as i32,
         listener_filters: vec![tls_inspector()],
         filter_chains: hosts
             .iter()
@@ -223,7 +219,7 @@ pub fn outbound_tls(port: u32, hosts: &[(String, String)]) -> Listener {
                 ..Default::default()
             })
             .collect(),
-        ..Default::default()
+        ..captured("0.0.0.0", port)
     }
 }
 
