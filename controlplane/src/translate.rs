@@ -247,9 +247,6 @@ pub struct Scope<'s> {
     routes: HostIndex<'s, VirtualServiceSpec>,
     /// The outbound ports routed as HTTP (a `0.0.0.0_<port>` listener).
     http_ports: BTreeSet<u32>,
-    /// Ports with a route configuration: the HTTP ports, and the ports of
-    /// unknown protocol whose HTTP is found by sniffing.
-    routed_ports: BTreeSet<u32>,
 }
 
 impl<'s> Scope<'s> {
@@ -288,12 +285,8 @@ impl<'s> Scope<'s> {
             rules,
             routes,
             http_ports: BTreeSet::new(),
-            routed_ports: BTreeSet::new(),
         };
         scope.http_ports = scope.find_http_ports();
-        let sniffed: Vec<u32> = scope.sniffed().map(|(_, port)| port).collect();
-        scope.routed_ports = scope.http_ports.clone();
-        scope.routed_ports.extend(sniffed);
         scope
     }
 
@@ -374,14 +367,13 @@ impl<'s> Scope<'s> {
     /// Service ports of unknown protocol (a port name without a protocol
     /// prefix, no appProtocol) that have an address: told HTTP or not by
     /// their first bytes, as Istio does.
-    fn sniffed(&self) -> impl Iterator<Item = (&'s Service, u32)> + '_ {
-        self.services.iter().flat_map(|service| {
-            service
-                .ports
-                .iter()
-                .filter(|p| p.protocol == Protocol::Unknown && service.address.is_some())
-                .map(move |p| (*service, p.port))
-        })
+    fn sniffed_ports(&self) -> impl Iterator<Item = u32> + '_ {
+        self.services
+            .iter()
+            .filter(|service| service.address.is_some())
+            .flat_map(|service| service.ports.iter())
+            .filter(|p| p.protocol == Protocol::Unknown)
+            .map(|p| p.port)
     }
 
     /// Sidecar egress listeners the proxy binds itself.
@@ -412,9 +404,14 @@ impl<'s> Scope<'s> {
     /// One route configuration per outbound HTTP or sniffed port, named
     /// by it.
     pub fn routes(&self) -> Vec<RouteConfiguration> {
-        self.routed_ports
+        let ports: BTreeSet<u32> = self
+            .http_ports
             .iter()
             .copied()
+            .chain(self.sniffed_ports())
+            .collect();
+        ports
+            .into_iter()
             .map(|port| {
                 routes::outbound_route_configuration(
                     &self.context(port),

@@ -97,38 +97,37 @@ fn invalid(flag: &'static str, message: impl Into<String>) -> InvalidFlag {
     }
 }
 
-fn ports(flag: &'static str, text: &str) -> Result<Scope<u16>, InvalidFlag> {
+/// A flag's `*`, or its comma-separated items read by `item` (which says
+/// what it wanted when one does not read).
+fn scope<T>(
+    flag: &'static str,
+    text: &str,
+    item: impl Fn(&str) -> Option<T>,
+    wanted: &str,
+) -> Result<Scope<T>, InvalidFlag> {
     if text.trim() == "*" {
         return Ok(Scope::All);
     }
-    list(text)
-        .map(|p| {
-            p.parse::<u16>()
-                .ok()
-                .filter(|p| *p != 0)
-                .ok_or_else(|| invalid(flag, format!("{p:?} is not a port (1-65535)")))
-        })
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|i| item(i).ok_or_else(|| invalid(flag, format!("{i:?} is not {wanted}"))))
         .collect::<Result<_, _>>()
         .map(Scope::Only)
+}
+
+fn ports(flag: &'static str, text: &str) -> Result<Scope<u16>, InvalidFlag> {
+    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0);
+    scope(flag, text, port, "a port (1-65535)")
 }
 
 fn ranges(flag: &'static str, text: &str) -> Result<Scope<IpNet>, InvalidFlag> {
-    if text.trim() == "*" {
-        return Ok(Scope::All);
-    }
-    list(text)
-        .map(|r| {
-            r.parse::<IpNet>()
-                .or_else(|_| r.parse::<std::net::IpAddr>().map(IpNet::from))
-                .map(|net| net.trunc())
-                .map_err(|_| invalid(flag, format!("{r:?} is not a CIDR (10.0.0.0/8) or address")))
-        })
-        .collect::<Result<_, _>>()
-        .map(Scope::Only)
-}
-
-fn list(text: &str) -> impl Iterator<Item = &str> {
-    text.split(',').map(str::trim).filter(|s| !s.is_empty())
+    let range = |r: &str| {
+        let net = r.parse::<IpNet>().ok();
+        net.or_else(|| r.parse::<std::net::IpAddr>().ok().map(IpNet::from))
+            .map(|net| net.trunc())
+    };
+    scope(flag, text, range, "a CIDR (10.0.0.0/8) or address")
 }
 
 fn only<T: Clone>(scope: Scope<T>) -> Vec<T> {

@@ -19,11 +19,11 @@ use hyper::body::Incoming;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use http_body::Body as _;
 
-use crate::model::cluster::{Discovery, Target};
+use crate::model::Snapshot;
+use crate::model::cluster::Target;
 use crate::model::listener::{HttpManager, RouteSource};
 use crate::model::resilience::{Abort, Attempt, Fault};
 use crate::model::route::{Action, Forward, Route, split_port};
-use crate::model::{Endpoints, Snapshot};
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::{Head, Pending};
 use crate::telemetry::metrics::{
@@ -31,7 +31,7 @@ use crate::telemetry::metrics::{
 };
 use crate::telemetry::peer::{Exchange, Interned, Service};
 use crate::telemetry::trace::{Kind, Open};
-use crate::upstream::{Admission, Body, ClusterState, Host, HostGuard, Outcome, Upstreams};
+use crate::upstream::{Admission, Body, ClusterState, Host, HostGuard, Outcome, Reach, Upstreams};
 
 /// Why a request did not get an upstream's answer: Envoy's response flags
 /// NR, NC, UH, UF, UR, UT, UO and FI.
@@ -141,7 +141,7 @@ pub struct Connection {
     pub original_destination: Option<std::net::SocketAddr>,
 }
 
-const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
+pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
 
 /// What the way through the proxy tells the metrics.
 #[derive(Default)]
@@ -253,15 +253,17 @@ pub async fn serve(
         request_bytes,
         response_bytes: header_bytes(&parts.headers),
     };
-    let endpoint = report.endpoint.map(|host| host.address.to_string());
-    if let Some(span) = &mut report.span
-        && let Some(endpoint) = &endpoint
-    {
-        span.endpoint(endpoint);
-    }
-    if let Some(log) = &mut report.log {
-        log.response = parts.headers.clone();
-        log.upstream_host = endpoint;
+    if report.span.is_some() || report.log.is_some() {
+        let endpoint = report.endpoint.map(|host| host.address.to_string());
+        if let Some(span) = &mut report.span
+            && let Some(endpoint) = &endpoint
+        {
+            span.endpoint(endpoint);
+        }
+        if let Some(log) = &mut report.log {
+            log.response = parts.headers.clone();
+            log.upstream_host = endpoint;
+        }
     }
     let body = Recorded::new(
         body,
@@ -438,19 +440,8 @@ async fn send(
         span.cluster(&cluster.name);
     }
     let upstream = connection.upstreams.get(cluster);
-    let reach = match &cluster.discovery {
-        Discovery::OriginalDst => {
-            let destination = connection
-                .original_destination
-                .ok_or(Flag::NoHealthyUpstream)?;
-            Reach::Original(Arc::new(Host::new(Target::Ip(destination), false)))
-        }
-        _ => Reach::Endpoints(
-            snapshot
-                .endpoints_of(cluster)
-                .ok_or(Flag::NoHealthyUpstream)?,
-        ),
-    };
+    let reach = Reach::of(snapshot, cluster, connection.original_destination)
+        .ok_or(Flag::NoHealthyUpstream)?;
 
     let (mut parts, body) = request.into_parts();
     let h2 = upgrade.is_none() && upstream.speaks_h2(parts.version == Version::HTTP_2);
@@ -551,14 +542,6 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     }
 }
 
-/// Where a cluster's requests can go.
-enum Reach {
-    /// Its endpoints, one chosen per attempt by its policy.
-    Endpoints(Arc<Endpoints>),
-    /// The connection's original destination (ORIGINAL_DST).
-    Original(Arc<Host>),
-}
-
 /// Where a request's attempts go, and how.
 struct Plan<'a> {
     upstream: &'a Arc<ClusterState>,
@@ -606,11 +589,9 @@ async fn attempt(
         } else {
             &[]
         };
-        let target = match reach {
-            Reach::Endpoints(endpoints) => upstream.pick(endpoints, avoid),
-            Reach::Original(host) => Some(Arc::clone(host)),
-        }
-        .ok_or(Flag::NoHealthyUpstream)?;
+        let target = upstream
+            .choose(reach, avoid)
+            .ok_or(Flag::NoHealthyUpstream)?;
         *chosen = Some(Arc::clone(&target));
         let admission = upstream.admit(h2).await.map_err(|_| Flag::Overflow)?;
         let in_flight = target.start();

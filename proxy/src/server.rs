@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use crate::error::Error;
 use crate::http::Connection;
 use crate::model::Snapshot;
-use crate::model::cluster::{Discovery, Target};
+use crate::model::cluster::Target;
 use crate::model::listener::{ConnectionInfo, Listener, TcpRoute, Terminal};
 use crate::sniff::Detection;
 use crate::state::State;
@@ -26,7 +26,7 @@ use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::Entry;
 use crate::telemetry::metrics::{Counted, Flags, Peers};
 use crate::telemetry::peer::Service;
-use crate::upstream::{Outcome, Upstreams};
+use crate::upstream::{Outcome, Reach, Upstreams};
 
 /// What every connection of the proxy shares.
 #[derive(Clone, Debug)]
@@ -286,10 +286,7 @@ async fn connection(
         Terminal::Tcp(route) => {
             // Watched only so that a drain waits for it.
             let _draining = watcher;
-            let ends = Ends {
-                destination,
-                captured,
-            };
+            let ends = (destination, captured);
             tcp(stream, ends, route, &snapshot, &shared, inbound).await
         }
     }
@@ -309,20 +306,11 @@ fn listener_for(snapshot: &Snapshot, destination: SocketAddr) -> Option<Arc<List
 }
 
 /// Opaque TCP: the bytes go to an endpoint of the route's cluster as they
-/// are.
-/// Where a connection was going: the address it reached, and the one it
-/// was going to before capture.
-struct Ends {
-    destination: SocketAddr,
-    captured: Option<SocketAddr>,
-}
-
+/// are. `destination` is the address the connection reached, `captured`
+/// the one it was going to before capture.
 async fn tcp(
     stream: TcpStream,
-    Ends {
-        destination,
-        captured,
-    }: Ends,
+    (destination, captured): (SocketAddr, Option<SocketAddr>),
     route: &TcpRoute,
     snapshot: &Snapshot,
     shared: &Shared,
@@ -346,39 +334,25 @@ async fn tcp(
         tracing::debug!(cluster = %name, "circuit breaker open (UO); closed");
         return;
     };
-    let (target, host) = if matches!(cluster.discovery, Discovery::OriginalDst) {
-        // A connection that was not captured has no other destination
-        // than the proxy itself.
-        let Some(original) = captured else {
-            tracing::debug!(cluster = %name, "not a captured connection: ORIGINAL_DST has nowhere to send it; closed");
-            return;
-        };
-        (Target::Ip(original), None)
-    } else {
-        let Some(endpoints) = snapshot.endpoints_of(cluster) else {
-            return;
-        };
-        let Some(host) = state.pick(&endpoints, &[]) else {
-            tracing::debug!(cluster = %name, "no healthy endpoint; closed");
-            return;
-        };
-        (host.address.clone(), Some(host))
+    let Some(host) = Reach::of(snapshot, cluster, captured).and_then(|r| state.choose(&r, &[]))
+    else {
+        tracing::debug!(cluster = %name, "no healthy endpoint (or ORIGINAL_DST for a connection that was not captured); closed");
+        return;
     };
-    let _in_flight = host.as_ref().map(|h| h.start());
+    let target = &host.address;
+    let _in_flight = host.start();
     let connect = async {
-        match &target {
+        match target {
             Target::Ip(addr) => TcpStream::connect(addr).await,
             Target::Dns(host, port) => TcpStream::connect((host.as_str(), *port)).await,
         }
     };
     let connected = tokio::time::timeout(cluster.connect_timeout, connect).await;
-    if let Some(host) = &host {
-        let outcome = match &connected {
-            Ok(Ok(_)) => Outcome::Success,
-            _ => Outcome::LocalFailure,
-        };
-        state.record(host, outcome);
-    }
+    let outcome = match &connected {
+        Ok(Ok(_)) => Outcome::Success,
+        _ => Outcome::LocalFailure,
+    };
+    state.record(&host, outcome);
     // Who is at the other end of a TCP connection travels in mTLS;
     // without it, unknown.
     let peers = Peers::seen_by(

@@ -31,9 +31,10 @@ impl Telemetry {
     /// The telemetry, and the queue of finished spans for
     /// [`trace::export`].
     pub fn new(config: &Config) -> (Self, tokio::sync::mpsc::Receiver<trace::Finished>) {
-        let (spans, finished) = Spans::new();
+        let metrics = Arc::<Metrics>::default();
+        let (spans, finished) = Spans::new(metrics.spans_dropped.clone());
         let telemetry = Self {
-            metrics: Arc::default(),
+            metrics,
             exchange: Exchange::new(&config.node_id, &config.metadata),
             spans,
             gateway: config.mode == Mode::Gateway,

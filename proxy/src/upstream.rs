@@ -18,14 +18,45 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::model::cluster::Discovery;
 use crate::model::cluster::{LbPolicy, Protocol, Target};
-use crate::model::{Cluster, Endpoints};
+use crate::model::{Cluster, Endpoints, Snapshot};
 
 /// The body of requests and responses on the data path.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
 /// How long an idle upstream connection is kept.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// Where a cluster's requests and connections can go.
+#[derive(Debug)]
+pub enum Reach {
+    /// Its endpoints, one chosen each time by its policy.
+    Endpoints(Arc<Endpoints>),
+    /// The captured connection's original destination (ORIGINAL_DST).
+    Original(Arc<Host>),
+}
+
+impl Reach {
+    /// `cluster`'s reach for a connection captured on its way to
+    /// `captured`: its endpoints, or that destination for ORIGINAL_DST —
+    /// none for a connection that was not captured, which would only come
+    /// back to the proxy.
+    pub fn of(
+        snapshot: &Snapshot,
+        cluster: &Cluster,
+        captured: Option<std::net::SocketAddr>,
+    ) -> Option<Self> {
+        match cluster.discovery {
+            Discovery::OriginalDst => {
+                let destination = captured?;
+                let host = Host::new(Target::Ip(destination), false);
+                Some(Self::Original(Arc::new(host)))
+            }
+            _ => snapshot.endpoints_of(cluster).map(Self::Endpoints),
+        }
+    }
+}
 
 /// Every cluster's upstream state, by name.
 #[derive(Debug, Default)]
@@ -100,7 +131,7 @@ pub struct Host {
 }
 
 impl Host {
-    pub fn new(address: Target, mesh: bool) -> Self {
+    fn new(address: Target, mesh: bool) -> Self {
         Self {
             address,
             mesh,
@@ -293,6 +324,15 @@ impl ClusterState {
         });
         self.hosts.store(Arc::clone(&fresh));
         fresh
+    }
+
+    /// The endpoint for the next attempt or connection: the one `reach`
+    /// names, or one of its endpoints by [`Self::pick`].
+    pub fn choose(&self, reach: &Reach, tried: &[Arc<Host>]) -> Option<Arc<Host>> {
+        match reach {
+            Reach::Endpoints(endpoints) => self.pick(endpoints, tried),
+            Reach::Original(host) => Some(Arc::clone(host)),
+        }
     }
 
     /// An endpoint for the next attempt by the cluster's policy, among the

@@ -119,7 +119,7 @@ async fn a_request_through_two_sidecars_is_one_trace_in_the_collector() -> anyho
     )
     .await?;
     let outbound = format!("outbound|9080||{REVIEWS}");
-    let _productpage = Running::bootstrap(
+    let productpage = Running::bootstrap(
         json!({"static_resources": {
             "listeners": [
                 traced_listener(outbound_port, "OUTBOUND", &outbound, 100.0),
@@ -306,6 +306,13 @@ async fn a_request_through_two_sidecars_is_one_trace_in_the_collector() -> anyho
         !spans
             .iter()
             .any(|s| s.trace_id() == "0af7651916cd43dd8448eb211c80319c")
+    );
+    // The collector took every span: none counted as dropped.
+    let prometheus = productpage.ports.prometheus;
+    let (_, metrics) = curl(&[&format!("http://127.0.0.1:{prometheus}/stats/prometheus")])?;
+    ensure!(
+        metrics.contains("bowline_proxy_spans_dropped_total 0"),
+        "{metrics}"
     );
     Ok(())
 }

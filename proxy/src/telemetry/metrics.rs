@@ -183,6 +183,8 @@ pub struct Completed {
 pub struct Metrics {
     requests: RwLock<HashMap<RequestLabels, Arc<RequestSeries>>>,
     tcp: RwLock<HashMap<TcpKey, Arc<TcpSeries>>>,
+    /// Finished spans dropped because the exporter's queue was full.
+    pub spans_dropped: Counter,
 }
 
 impl Metrics {
@@ -307,6 +309,14 @@ impl Collector for Metrics {
                 pick(series).encode(metric.encode_family(key)?)?;
             }
         }
+        drop(tcp);
+        let metric = encoder.encode_descriptor(
+            "bowline_proxy_spans_dropped",
+            "Finished spans dropped because the collector did not take them fast enough.",
+            None,
+            MetricType::Counter,
+        )?;
+        self.spans_dropped.encode(metric)?;
         Ok(())
     }
 }

@@ -27,7 +27,6 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::grpc_service::TargetSpecifier;
@@ -36,6 +35,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::r#type::tracing::v3::custom_tag;
 use envoy_types::pb::envoy::r#type::v3::Percent;
 use http::{HeaderMap, HeaderName, HeaderValue, Request};
+use prometheus_client::metrics::counter::Counter;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_client::TraceServiceClient;
 use opentelemetry_proto::tonic::common::v1::{AnyValue, InstrumentationScope, KeyValue, any_value};
@@ -222,7 +222,7 @@ impl Tracing {
         if let Some(agent) = text(&http::header::USER_AGENT) {
             attributes.push(string("user_agent", agent));
         }
-        if let Some(id) = text(&HeaderName::from_static("x-request-id")) {
+        if let Some(id) = text(&crate::http::REQUEST_ID) {
             attributes.push(string("guid:x-request-id", id));
         }
         for (key, tag) in &self.tags {
@@ -567,24 +567,22 @@ pub struct Finished {
 #[derive(Debug)]
 pub struct Spans {
     queue: mpsc::Sender<Finished>,
-    /// Spans dropped because the queue was full.
-    pub dropped: AtomicU64,
+    /// Counts spans dropped because the queue was full
+    /// (`bowline_proxy_spans_dropped_total`).
+    dropped: Counter,
 }
 
 impl Spans {
-    /// The sending side, and the exporter's queue.
-    pub fn new() -> (Self, mpsc::Receiver<Finished>) {
+    /// The sending side, counting drops in `dropped`, and the exporter's
+    /// queue.
+    pub fn new(dropped: Counter) -> (Self, mpsc::Receiver<Finished>) {
         let (queue, finished) = mpsc::channel(QUEUE);
-        let spans = Self {
-            queue,
-            dropped: AtomicU64::new(0),
-        };
-        (spans, finished)
+        (Self { queue, dropped }, finished)
     }
 
     fn send(&self, finished: Finished) {
         if self.queue.try_send(finished).is_err() {
-            self.dropped.fetch_add(1, Ordering::Relaxed);
+            self.dropped.inc();
         }
     }
 }
@@ -634,7 +632,8 @@ struct Exporter {
     state: Arc<State>,
     own: Interned<Workload>,
     node_id: String,
-    /// A client per endpoint address, kept while it is used.
+    /// A client per endpoint address, dropped when an export through it
+    /// fails (an endpoint that left fails once, then is forgotten).
     clients: HashMap<String, TraceServiceClient<tonic::transport::Channel>>,
     /// Round-robin over a collector's endpoints.
     next: usize,
@@ -722,15 +721,6 @@ impl Exporter {
         if let Some(failed) = failed {
             self.clients.remove(&address);
             return Err(format!("{address}: {failed}"));
-        }
-        // Endpoints that left the cluster are forgotten.
-        if self.clients.len() > 1 {
-            let current: Vec<String> = endpoints
-                .items
-                .iter()
-                .map(|e| e.address.to_string())
-                .collect();
-            self.clients.retain(|a, _| current.contains(a));
         }
         Ok(())
     }
