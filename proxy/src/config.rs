@@ -21,6 +21,16 @@ pub const ENV_DNS_DOMAIN: &str = "DNS_DOMAIN";
 pub const ENV_CONCURRENCY: &str = "BOWLINE_PROXY_CONCURRENCY";
 /// A bootstrap file: static resources, no control plane needed.
 pub const ENV_BOOTSTRAP: &str = "BOWLINE_PROXY_BOOTSTRAP";
+/// Where the certificate authority is (`host:port`), when not the control
+/// plane's address (Istio's variable). With a bootstrap file, setting it
+/// makes the proxy fetch its SVID there.
+pub const ENV_CA_ADDRESS: &str = "CA_ADDR";
+/// The lifetime asked for the workload certificate (Istio's variable, a
+/// duration such as `24h` or `90s`; the CA's default when unset).
+pub const ENV_SECRET_TTL: &str = "SECRET_TTL";
+/// The trust domain of the SPIFFE ID put in the CSR (the CA decides the
+/// certificate's, from the token).
+pub const ENV_TRUST_DOMAIN: &str = "TRUST_DOMAIN";
 /// Prefix of the variables that become node metadata (Istio's convention:
 /// `ISTIO_META_CLUSTER_ID=Kubernetes` → `CLUSTER_ID: Kubernetes`).
 pub const ENV_META_PREFIX: &str = "ISTIO_META_";
@@ -145,6 +155,19 @@ pub struct Config {
     pub admin: SocketAddr,
     /// How long connections may drain after a stop.
     pub drain: std::time::Duration,
+    /// Where the workload's certificate comes from, if the proxy asks a CA
+    /// for one (else the configuration's own secrets serve).
+    pub ca: Option<Ca>,
+}
+
+/// The certificate authority and what is asked of it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ca {
+    /// Reached as the control plane is: TLS to the mesh root, the token.
+    pub endpoint: Discovery,
+    /// The SPIFFE ID asked for (the CA names the token's account anyway).
+    pub spiffe_id: Option<String>,
+    pub ttl: Option<std::time::Duration>,
 }
 
 impl Config {
@@ -171,32 +194,33 @@ impl Config {
                     variable: ENV_DISCOVERY_ADDRESS.into(),
                     message: "not set: set the control plane's host:port, or give a bootstrap file (--bootstrap)".into(),
                 })?;
-                let host = match address.rsplit_once(':') {
-                    Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host
-                        .trim_start_matches('[')
-                        .trim_end_matches(']')
-                        .to_string(),
-                    _ => {
-                        return Err(Error::Environment {
-                            variable: ENV_DISCOVERY_ADDRESS.into(),
-                            message: format!("{address:?} is not host:port"),
-                        });
-                    }
-                };
-                Source::Discovery(Discovery {
-                    server_name: env.get(ENV_SERVER_NAME).unwrap_or(host),
-                    root_cert: env
-                        .get(ENV_ROOT_CERT)
-                        .unwrap_or_else(|| DEFAULT_ROOT_CERT.into())
-                        .into(),
-                    token: env
-                        .get(ENV_TOKEN)
-                        .unwrap_or_else(|| DEFAULT_TOKEN.into())
-                        .into(),
-                    address,
-                })
+                Source::Discovery(discovery_at(env, address, ENV_DISCOVERY_ADDRESS)?)
             }
         };
+        let ca_endpoint = match (&source, env.get(ENV_CA_ADDRESS)) {
+            (_, Some(address)) => Some(discovery_at(env, address, ENV_CA_ADDRESS)?),
+            (Source::Discovery(discovery), None) => Some(discovery.clone()),
+            (Source::Bootstrap(_), None) => None,
+        };
+        let ttl = env
+            .get(ENV_SECRET_TTL)
+            .map(|ttl| {
+                go_duration(&ttl).ok_or_else(|| Error::Environment {
+                    variable: ENV_SECRET_TTL.into(),
+                    message: format!("{ttl:?} is not a duration (like 24h or 90s)"),
+                })
+            })
+            .transpose()?;
+        let trust_domain = env
+            .get(ENV_TRUST_DOMAIN)
+            .unwrap_or_else(|| "cluster.local".into());
+        let ca = ca_endpoint.map(|endpoint| Ca {
+            endpoint,
+            spiffe_id: env
+                .get(ENV_SERVICE_ACCOUNT)
+                .map(|sa| format!("spiffe://{trust_domain}/ns/{namespace}/sa/{sa}")),
+            ttl,
+        });
         let workers = parsed(env, ENV_CONCURRENCY, "a number of threads")?.unwrap_or(0);
         let drain = parsed(env, ENV_DRAIN_DURATION, "a number of seconds")?.unwrap_or(5);
         let address = |name, ip, port| -> Result<SocketAddr> {
@@ -234,6 +258,7 @@ impl Config {
             prometheus,
             admin,
             drain: std::time::Duration::from_secs(drain),
+            ca,
         })
     }
 }
@@ -337,4 +362,39 @@ mod tests {
             "{error}"
         );
     }
+}
+
+/// The control plane (or CA) at `address` (`host:port`, read from
+/// `variable`), reached with the mesh root and the ServiceAccount token.
+fn discovery_at(env: &impl Env, address: String, variable: &str) -> Result<Discovery> {
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        _ => {
+            return Err(Error::Environment {
+                variable: variable.into(),
+                message: format!("{address:?} is not host:port"),
+            });
+        }
+    };
+    Ok(Discovery {
+        server_name: env.get(ENV_SERVER_NAME).unwrap_or(host),
+        root_cert: env
+            .get(ENV_ROOT_CERT)
+            .unwrap_or_else(|| DEFAULT_ROOT_CERT.into())
+            .into(),
+        token: env
+            .get(ENV_TOKEN)
+            .unwrap_or_else(|| DEFAULT_TOKEN.into())
+            .into(),
+        address,
+    })
+}
+
+/// A Go-style duration (`24h`, `90s`, `1h30m`, `500ms`).
+fn go_duration(text: &str) -> Option<std::time::Duration> {
+    let nanos = go_parse_duration::parse_duration(text).ok()?;
+    u64::try_from(nanos).ok().map(std::time::Duration::from_nanos)
 }

@@ -29,6 +29,7 @@ use crate::telemetry::access_log::{Head, Pending};
 use crate::telemetry::metrics::{
     Completed, Flags, Peers, Protocol, Recorded, RequestLabels, grpc_status, header_bytes,
 };
+use crate::model::rbac::{Subject, Verdict};
 use crate::telemetry::peer::{Exchange, Interned, Service};
 use crate::telemetry::trace::{Kind, Open};
 use crate::upstream::{Admission, Body, ClusterState, Host, HostGuard, Outcome, Reach, Upstreams};
@@ -48,6 +49,8 @@ pub enum Flag {
     FaultAbort(Abort),
     /// The client went away before its request was read.
     DownstreamTermination,
+    /// An authorization policy said no.
+    Denied,
 }
 
 impl Flag {
@@ -63,6 +66,7 @@ impl Flag {
             Flag::Overflow => Flags::OVERFLOW,
             Flag::FaultAbort(_) => Flags::FAULT_ABORT,
             Flag::DownstreamTermination => Flags::DOWNSTREAM_TERMINATION,
+            Flag::Denied => Flags::DENIED,
         }
     }
 
@@ -73,6 +77,7 @@ impl Flag {
             Flag::FaultAbort(Abort::Http(status)) => status,
             Flag::FaultAbort(Abort::Grpc(_)) => StatusCode::OK,
             Flag::DownstreamTermination => StatusCode::BAD_REQUEST,
+            Flag::Denied => StatusCode::FORBIDDEN,
             _ => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
@@ -92,6 +97,7 @@ impl Flag {
             Flag::FaultAbort(Abort::Http(_)) => "fault filter abort",
             Flag::FaultAbort(Abort::Grpc(_)) => "",
             Flag::DownstreamTermination => "downstream disconnected",
+            Flag::Denied => "RBAC: access denied",
         }
     }
 
@@ -139,6 +145,8 @@ pub struct Connection {
     /// clusters (PassthroughCluster). Requests on connections that were
     /// not captured cannot use them (they would come back to the proxy).
     pub original_destination: Option<std::net::SocketAddr>,
+    /// Who is at each end when the connection came over TLS.
+    pub session: Option<crate::tls::Session>,
 }
 
 pub(crate) const REQUEST_ID: http::HeaderName = http::HeaderName::from_static("x-request-id");
@@ -217,6 +225,7 @@ pub async fn serve(
         }));
     }
     let response = match &authority {
+        _ if !authorized(&connection, &request) => Err(Flag::Denied),
         Some(authority) => proxy(&connection, request, authority, &mut report).await,
         None => Err(Flag::NoRoute),
     };
@@ -240,7 +249,20 @@ pub async fn serve(
             .as_deref()
             .map_or_else(Service::unknown, Service::of_authority)
     });
-    let peers = Peers::seen_by(connection.inbound, exchange.own.clone(), peer, service);
+    // Inbound, the TLS the caller came over; outbound, the TLS of the
+    // connection the answer came on (the connector marks its responses).
+    let session = if connection.inbound {
+        connection.session.as_ref()
+    } else {
+        parts.extensions.get::<crate::tls::Session>()
+    };
+    let peers = Peers::seen_by(
+        connection.inbound,
+        exchange.own.clone(),
+        peer,
+        service,
+        session,
+    );
     let completed = Completed {
         labels: RequestLabels {
             peers,
@@ -403,11 +425,12 @@ struct Upstream {
 }
 
 impl Upstream {
-    fn request(&self, target: &Target, body: Body) -> Result<Request<Body>, Flag> {
+    /// The request to `host`, over TLS when `secure`.
+    fn request(&self, target: &Target, secure: bool, body: Body) -> Result<Request<Body>, Flag> {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
         *request.uri_mut() =
-            upstream_uri(target, &self.path).ok_or(Flag::UpstreamConnectionFailure)?;
+            upstream_uri(target, secure, &self.path).ok_or(Flag::UpstreamConnectionFailure)?;
         *request.headers_mut() = self.headers.clone();
         Ok(request)
     }
@@ -595,7 +618,8 @@ async fn attempt(
         *chosen = Some(Arc::clone(&target));
         let admission = upstream.admit(h2).await.map_err(|_| Flag::Overflow)?;
         let in_flight = target.start();
-        let mut request = head.request(&target.address, body.next())?;
+        let secure = upstream.config.tls_for(target.mesh).is_some();
+        let mut request = head.request(&target.address, secure, body.next())?;
         if let Some(exchange) = announce.filter(|_| target.mesh) {
             exchange.announce(request.headers_mut());
         }
@@ -673,7 +697,8 @@ fn shadow(connection: &Connection, cluster: &str, head: &Upstream, authority: &s
     let Some(target) = upstream.pick(&endpoints, &[]) else {
         return;
     };
-    let Ok(mut request) = head.request(&target.address, full(body)) else {
+    let secure = cluster.tls_for(target.mesh).is_some();
+    let Ok(mut request) = head.request(&target.address, secure, full(body)) else {
         return;
     };
     let host = match split_port(authority) {
@@ -779,8 +804,43 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     }
 }
 
-fn upstream_uri(target: &Target, path: &str) -> Option<Uri> {
-    format!("http://{target}{path}").parse().ok()
+/// Whether the connection's RBAC filters (its AuthorizationPolicies) let
+/// the request through: each in turn, the first denial final.
+fn authorized(connection: &Connection, request: &Request<Incoming>) -> bool {
+    let filters = &connection.manager.rbac;
+    if filters.is_empty() {
+        return true;
+    }
+    let session = connection.session.as_ref();
+    let subject = Subject {
+        method: request.method(),
+        uri: request.uri(),
+        headers: request.headers(),
+        principal: session.and_then(|s| s.peer.as_deref()),
+        authenticated: session.is_some_and(|s| s.mutual),
+        peer: connection.peer,
+        local: connection.local,
+    };
+    for filter in filters.iter() {
+        if let Verdict::Denied(policy) = filter.judge(&subject) {
+            tracing::debug!(
+                policy = policy.as_deref().unwrap_or("none"),
+                principal = subject.principal.unwrap_or("-"),
+                method = %request.method(),
+                path = request.uri().path(),
+                "rbac_access_denied_matched_policy"
+            );
+            return false;
+        }
+    }
+    true
+}
+
+/// `https://` for an endpoint reached over TLS: the connector's cue, and
+/// a pool of its own.
+fn upstream_uri(target: &Target, secure: bool, path: &str) -> Option<Uri> {
+    let scheme = if secure { "https" } else { "http" };
+    format!("{scheme}://{target}{path}").parse().ok()
 }
 
 fn full(bytes: Bytes) -> Body {

@@ -12,6 +12,9 @@
 //! - [`http`]: one request: route, then forward, redirect or answer.
 //! - [`upstream`]: pooled connections to a cluster's endpoints, and the
 //!   choice of endpoint.
+//! - [`connect`]: a connection to one endpoint, TLS as the cluster says.
+//! - [`tls`]: TLS contexts, the secrets they name, peers' SPIFFE IDs.
+//! - [`identity`]: the workload's SVID from the CA, renewed at half-life.
 //! - [`xds`]: the delta ADS client that keeps the configuration current.
 //! - [`telemetry`]: Istio's metrics, labelled with the workloads at both
 //!   ends; access logs; spans exported over OTLP.
@@ -22,14 +25,17 @@
 pub mod admin;
 pub mod capture;
 pub mod config;
+pub mod connect;
 pub mod envoy;
 pub mod error;
 pub mod http;
+pub mod identity;
 pub mod model;
 pub mod server;
 pub mod sniff;
 pub mod state;
 pub mod telemetry;
+pub mod tls;
 pub mod upstream;
 pub mod xds;
 
@@ -43,6 +49,7 @@ use crate::model::Snapshot;
 use crate::server::Shared;
 use crate::state::State;
 use crate::telemetry::Telemetry;
+use crate::tls::Secrets;
 use crate::upstream::Upstreams;
 
 /// Runs the proxy until `stop` turns true (or `/quitquitquit` is posted
@@ -55,6 +62,10 @@ pub async fn run(
     log_filter: Option<admin::SetLogFilter>,
 ) -> Result<()> {
     let state = Arc::new(State::default());
+    let secrets = Arc::new(Secrets::new(Arc::clone(&state)));
+    if let Some(ca) = config.ca.clone() {
+        tokio::spawn(identity::keep(ca, Arc::clone(&secrets)));
+    }
     let (telemetry, finished) = Telemetry::new(&config);
     let telemetry = Arc::new(telemetry);
     tokio::spawn(telemetry::trace::export(
@@ -97,8 +108,9 @@ pub async fn run(
         }
     }
     let shared = Shared {
+        upstreams: Arc::new(Upstreams::new(Arc::clone(&secrets))),
+        secrets,
         state,
-        upstreams: Arc::new(Upstreams::default()),
         telemetry,
     };
     server::manage(shared, stopping, config.drain).await;

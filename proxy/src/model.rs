@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod listener;
+pub mod rbac;
 pub mod resilience;
 pub mod route;
 
@@ -33,6 +34,8 @@ pub struct Snapshot {
     pub clusters: HashMap<String, Arc<Cluster>>,
     /// EDS assignments by service name.
     pub endpoints: HashMap<String, Arc<Endpoints>>,
+    /// Certificates and roots by name, from SDS or the bootstrap file.
+    pub secrets: HashMap<String, Arc<crate::tls::Secret>>,
     /// Every resource as it came, for the admin endpoint's dump.
     pub raw: Arc<[Raw]>,
 }
@@ -101,6 +104,13 @@ impl Snapshot {
             snapshot
                 .clusters
                 .insert(cluster.name.clone(), Arc::new(cluster));
+        }
+        for secret in &resources.secrets {
+            let converted = crate::tls::Secret::from_envoy(secret)
+                .map_err(|(field, message)| Error::resource("Secret", &secret.name, field, message))?;
+            snapshot
+                .secrets
+                .insert(secret.name.clone(), Arc::new(converted));
         }
         Ok(snapshot)
     }

@@ -18,9 +18,9 @@ use tokio::task::JoinHandle;
 use crate::error::Error;
 use crate::http::Connection;
 use crate::model::Snapshot;
-use crate::model::cluster::Target;
 use crate::model::listener::{ConnectionInfo, Listener, TcpRoute, Terminal};
-use crate::sniff::Detection;
+use crate::sniff::Inspected;
+use crate::tls::{Carried, Secrets, Session};
 use crate::state::State;
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::Entry;
@@ -32,10 +32,14 @@ use crate::upstream::{Outcome, Reach, Upstreams};
 #[derive(Clone, Debug)]
 pub struct Shared {
     pub state: Arc<State>,
+    /// The certificates and roots TLS contexts name.
+    pub secrets: Arc<Secrets>,
     pub upstreams: Arc<Upstreams>,
     pub telemetry: Arc<Telemetry>,
 }
 
+/// How long a TLS client may take to finish its handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a client may take to send a request's headers.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most a request's headers may take, buffered (Envoy's default
@@ -228,40 +232,118 @@ async fn connection(
         listener = target;
     }
     let inbound = listener.inbound && !shared.telemetry.gateway;
-    let mut protocols = Vec::new();
+    let mut inspected = Inspected::default();
     if let Some(sniff) = listener.sniff {
-        match crate::sniff::sniff(&stream, sniff.timeout).await {
-            Detection::Http(protocol) => protocols.push(protocol.to_string()),
-            Detection::NeedMore if !sniff.continue_on_timeout => {
-                tracing::debug!(listener = %listener.name, %peer, "no protocol before the listener filters' timeout; closed");
-                return;
-            }
-            Detection::NeedMore | Detection::NotHttp => {}
+        inspected = crate::sniff::inspect(&stream, sniff.timeout, sniff.tls, sniff.http).await;
+        if inspected.timed_out && !sniff.continue_on_timeout {
+            tracing::debug!(listener = %listener.name, %peer, "too little said before the listener filters' timeout; closed");
+            return;
         }
     }
+    let protocols: Vec<String> = match (&inspected.tls, inspected.http) {
+        (Some(hello), _) => hello
+            .alpn
+            .iter()
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect(),
+        (None, Some(http)) => vec![http.to_string()],
+        (None, None) => Vec::new(),
+    };
     let info = ConnectionInfo {
         destination: Some(destination),
-        transport_protocol: "raw_buffer",
+        transport_protocol: if inspected.tls.is_some() {
+            "tls"
+        } else {
+            "raw_buffer"
+        },
+        server_name: inspected.tls.as_ref().and_then(|h| h.server_name.as_deref()),
         application_protocols: &protocols,
-        ..Default::default()
     };
     let Some(chain) = listener.find_chain(&info) else {
         tracing::debug!(listener = %listener.name, %peer, %destination, "no filter chain matches; closed");
         return;
     };
-    if chain.tls {
-        tracing::debug!(listener = %listener.name, chain = %chain.name, "TLS filter chains are not served yet; closed");
-        return;
-    }
-    match &chain.terminal {
+    let ends = Ends {
+        peer,
+        destination,
+        captured,
+        inbound,
+    };
+    let Some(tls) = &chain.tls else {
+        return serve(stream, ends, None, &chain.terminal, snapshot, shared, watcher).await;
+    };
+    let offered = inspected.tls.map(|h| h.alpn).unwrap_or_default();
+    let (config, local) = match tls.server_config(&shared.secrets, &offered) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::warn!(listener = %listener.name, chain = %chain.name, %error, "TLS is not ready; connection closed");
+            return;
+        }
+    };
+    let accepted = tokio::time::timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        tokio_rustls::TlsAcceptor::from(config).accept(stream),
+    )
+    .await;
+    let stream = match accepted {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(listener = %listener.name, %peer, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(listener = %listener.name, %peer, "TLS handshake timed out");
+            return;
+        }
+    };
+    let session = Session {
+        local,
+        peer: stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(crate::tls::spiffe_id)
+            .map(Arc::from),
+        mutual: stream.get_ref().1.peer_certificates().is_some(),
+    };
+    serve(stream, ends, Some(session), &chain.terminal, snapshot, shared, watcher).await
+}
+
+/// Where a connection came from and went to.
+#[derive(Clone, Copy, Debug)]
+struct Ends {
+    peer: SocketAddr,
+    /// The address it reached: its original destination when captured.
+    destination: SocketAddr,
+    captured: Option<SocketAddr>,
+    /// It takes traffic to this proxy's workload.
+    inbound: bool,
+}
+
+/// A connection (plaintext, or once its TLS is terminated) served by its
+/// filter chain's end: HTTP or TCP.
+async fn serve<S>(
+    stream: S,
+    ends: Ends,
+    session: Option<Session>,
+    terminal: &Terminal,
+    snapshot: Arc<Snapshot>,
+    shared: Shared,
+    watcher: Watcher,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match terminal {
         Terminal::Http(manager) => {
             let connection = Connection {
                 snapshot: Arc::clone(&snapshot),
                 manager: Arc::clone(manager),
-                inbound,
-                local: destination,
-                original_destination: captured,
-                peer,
+                inbound: ends.inbound,
+                local: ends.destination,
+                original_destination: ends.captured,
+                peer: ends.peer,
+                session,
                 upstreams: shared.upstreams,
                 telemetry: shared.telemetry,
             };
@@ -280,14 +362,13 @@ async fn connection(
                 .max_header_list_size(MAX_HEADERS_BYTES as u32);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
             if let Err(error) = watcher.watch(connection).await {
-                tracing::debug!(%peer, %error, "HTTP connection ended");
+                tracing::debug!(peer = %ends.peer, %error, "HTTP connection ended");
             }
         }
         Terminal::Tcp(route) => {
             // Watched only so that a drain waits for it.
             let _draining = watcher;
-            let ends = (destination, captured);
-            tcp(stream, ends, route, &snapshot, &shared, inbound).await
+            tcp(stream, ends, session, route, &snapshot, &shared).await
         }
     }
 }
@@ -308,17 +389,24 @@ fn listener_for(snapshot: &Snapshot, destination: SocketAddr) -> Option<Arc<List
 /// Opaque TCP: the bytes go to an endpoint of the route's cluster as they
 /// are. `destination` is the address the connection reached, `captured`
 /// the one it was going to before capture.
-async fn tcp(
-    stream: TcpStream,
-    (destination, captured): (SocketAddr, Option<SocketAddr>),
+async fn tcp<S>(
+    stream: S,
+    ends: Ends,
+    session: Option<Session>,
     route: &TcpRoute,
     snapshot: &Snapshot,
     shared: &Shared,
-    inbound: bool,
-) {
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let Ends {
+        peer,
+        destination,
+        captured,
+        inbound,
+    } = ends;
     let upstreams = &shared.upstreams;
     let (started, clock) = (std::time::SystemTime::now(), std::time::Instant::now());
-    let peer = stream.peer_addr().unwrap_or(destination);
     let Some((name, _)) = route
         .destinations
         .pick(|total| rand::random_range(0..total))
@@ -341,25 +429,31 @@ async fn tcp(
     };
     let target = &host.address;
     let _in_flight = host.start();
-    let connect = async {
-        match target {
-            Target::Ip(addr) => TcpStream::connect(addr).await,
-            Target::Dns(host, port) => TcpStream::connect((host.as_str(), *port)).await,
-        }
-    };
-    let connected = tokio::time::timeout(cluster.connect_timeout, connect).await;
+    let connected = crate::connect::connect(
+        cluster,
+        &shared.secrets,
+        target,
+        host.mesh,
+        Carried::Tcp,
+    )
+    .await;
     let outcome = match &connected {
-        Ok(Ok(_)) => Outcome::Success,
-        _ => Outcome::LocalFailure,
+        Ok(_) => Outcome::Success,
+        Err(_) => Outcome::LocalFailure,
     };
     state.record(&host, outcome);
     // Who is at the other end of a TCP connection travels in mTLS;
     // without it, unknown.
+    let upstream_session = match &connected {
+        Ok(stream) if !inbound => stream.session(),
+        _ => None,
+    };
     let peers = Peers::seen_by(
         inbound,
         shared.telemetry.exchange.own.clone(),
         None,
         cluster.service.clone().unwrap_or_else(Service::unknown),
+        if inbound { session.as_ref() } else { upstream_session.as_ref() },
     );
     let metrics = &shared.telemetry.metrics;
     let upstream_host = target.to_string();
@@ -385,12 +479,9 @@ async fn tcp(
         }
     };
     let upstream = match connected {
-        Ok(Ok(upstream)) => upstream,
-        failed => {
-            match failed {
-                Ok(Err(error)) => tracing::debug!(%target, %error, "TCP upstream connect failed"),
-                _ => tracing::debug!(%target, "TCP upstream connect timed out"),
-            }
+        Ok(upstream) => upstream,
+        Err(error) => {
+            tracing::debug!(%target, %error, "TCP upstream connect failed");
             metrics
                 .open(peers, Flags::UPSTREAM_CONNECTION_FAILURE)
                 .close();
@@ -398,7 +489,6 @@ async fn tcp(
             return;
         }
     };
-    let _ = upstream.set_nodelay(true);
     let series = metrics.open(peers, Flags::default());
     let mut downstream = Counted::new(stream, series.received.clone());
     let mut upstream = Counted::new(upstream, series.sent.clone());

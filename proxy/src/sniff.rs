@@ -1,8 +1,10 @@
 //! Protocol detection before a filter chain is chosen, as Envoy's
-//! `http_inspector` listener filter does it: the first bytes of a
-//! connection, peeked and left in place, tell HTTP/1.x (a request line)
-//! and HTTP/2 without TLS (the connection preface) from anything else, and
-//! the chain that matches `application_protocols` takes the connection.
+//! `tls_inspector` and `http_inspector` listener filters do it: the first
+//! bytes of a connection, peeked and left in place, tell a TLS ClientHello
+//! (its server name and ALPN), HTTP/1.x (a request line) and HTTP/2
+//! without TLS (the connection preface) from anything else, and the chain
+//! that matches `transport_protocol`, `server_names` and
+//! `application_protocols` takes the connection.
 
 use std::time::Duration;
 
@@ -60,20 +62,64 @@ pub fn detect(bytes: &[u8]) -> Detection {
     }
 }
 
-/// Peeks at `stream` until its protocol is known (`Http` or `NotHttp`; a
-/// peer that closes first is not HTTP), or `limit` passes (`NeedMore`).
-pub async fn sniff(stream: &TcpStream, limit: Option<Duration>) -> Detection {
-    let mut buffer = vec![0; MAX_REQUEST_LINE + 1];
+/// What the first bytes told the listener's inspectors.
+#[derive(Debug, Default)]
+pub struct Inspected {
+    /// The ClientHello, when the connection starts with one.
+    pub tls: Option<crate::tls::Hello>,
+    /// `http/1.0`, `http/1.1` or `h2c`, when plaintext HTTP.
+    pub http: Option<&'static str>,
+    /// The limit passed before every inspector could tell.
+    pub timed_out: bool,
+}
+
+/// The most peeked at: a ClientHello fills at most one record.
+const MAX_PEEK: usize = 16 * 1024 + 5;
+
+/// Peeks at `stream` (leaving the bytes in place) until each inspector
+/// asked for can tell — TLS or not, then HTTP or not — or `limit` passes.
+/// A peer that closes first is neither.
+pub async fn inspect(
+    stream: &TcpStream,
+    limit: Option<Duration>,
+    tls: bool,
+    http: bool,
+) -> Inspected {
+    use crate::tls::Inspection;
+    let mut buffer = vec![0; MAX_PEEK];
+    let mut found = Inspected::default();
     let look = async {
+        let (mut tls_pending, mut http_pending) = (tls, http);
         let mut seen = 0;
         loop {
             let n = match stream.peek(&mut buffer).await {
-                Ok(0) | Err(_) => return Detection::NotHttp,
+                Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            match detect(&buffer[..n]) {
-                Detection::NeedMore => {}
-                decided => return decided,
+            let bytes = &buffer[..n];
+            let full = n == buffer.len();
+            if tls_pending {
+                match crate::tls::inspect(bytes) {
+                    Inspection::Tls(hello) => {
+                        found.tls = Some(hello);
+                        return;
+                    }
+                    Inspection::NeedMore if !full => {}
+                    Inspection::NeedMore | Inspection::NotTls => tls_pending = false,
+                }
+            }
+            if http_pending && !tls_pending {
+                match detect(bytes) {
+                    Detection::Http(protocol) => {
+                        found.http = Some(protocol);
+                        http_pending = false;
+                    }
+                    Detection::NeedMore if !full => {}
+                    Detection::NeedMore | Detection::NotHttp => http_pending = false,
+                }
+            }
+            if !tls_pending && !http_pending {
+                return;
             }
             // Peek returns at once while the bytes seen are there: wait
             // for more to arrive.
@@ -83,12 +129,15 @@ pub async fn sniff(stream: &TcpStream, limit: Option<Duration>) -> Detection {
             seen = n;
         }
     };
-    match limit {
-        Some(limit) => tokio::time::timeout(limit, look)
-            .await
-            .unwrap_or(Detection::NeedMore),
-        None => look.await,
-    }
+    let timed_out = match limit {
+        Some(limit) => tokio::time::timeout(limit, look).await.is_err(),
+        None => {
+            look.await;
+            false
+        }
+    };
+    found.timed_out = timed_out;
+    found
 }
 
 #[cfg(test)]

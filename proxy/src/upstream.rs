@@ -14,13 +14,14 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::model::cluster::Discovery;
 use crate::model::cluster::{LbPolicy, Protocol, Target};
+use crate::connect::Connector;
 use crate::model::{Cluster, Endpoints, Snapshot};
+use crate::tls::{Carried, Secrets};
 
 /// The body of requests and responses on the data path.
 pub type Body = BoxBody<Bytes, hyper::Error>;
@@ -59,12 +60,20 @@ impl Reach {
 }
 
 /// Every cluster's upstream state, by name.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Upstreams {
     clusters: Mutex<HashMap<String, Arc<ClusterState>>>,
+    pub secrets: Arc<Secrets>,
 }
 
 impl Upstreams {
+    pub fn new(secrets: Arc<Secrets>) -> Self {
+        Self {
+            clusters: Mutex::default(),
+            secrets,
+        }
+    }
+
     /// The state for `cluster`, made anew when its configuration changed.
     pub fn get(&self, cluster: &Arc<Cluster>) -> Arc<ClusterState> {
         let mut clusters = self.clusters.lock().unwrap_or_else(|e| e.into_inner());
@@ -73,7 +82,10 @@ impl Upstreams {
         {
             return Arc::clone(state);
         }
-        let state = Arc::new(ClusterState::new(Arc::clone(cluster)));
+        let state = Arc::new(ClusterState::new(
+            Arc::clone(cluster),
+            Arc::clone(&self.secrets),
+        ));
         clusters.insert(cluster.name.clone(), Arc::clone(&state));
         state
     }
@@ -93,8 +105,8 @@ impl Upstreams {
 #[derive(Debug)]
 pub struct ClusterState {
     pub config: Arc<Cluster>,
-    http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
+    http1: Client<Connector, Body>,
+    http2: Client<Connector, Body>,
     next: AtomicUsize,
     requests: AtomicU32,
     pending: AtomicU32,
@@ -208,17 +220,19 @@ impl Drop for RetryAdmission {
 const PANIC_PERCENT: usize = 50;
 
 impl ClusterState {
-    fn new(config: Arc<Cluster>) -> Self {
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.connect_timeout));
+    fn new(config: Arc<Cluster>, secrets: Arc<Secrets>) -> Self {
         let client = |http2: bool| {
+            let connector = Connector {
+                cluster: Arc::clone(&config),
+                secrets: Arc::clone(&secrets),
+                carried: if http2 { Carried::Http2 } else { Carried::Http1 },
+            };
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(IDLE_TIMEOUT)
                 .pool_timer(TokioTimer::new())
                 .timer(TokioTimer::new())
                 .http2_only(http2)
-                .build(connector.clone())
+                .build(connector)
         };
         let connections = (config.limits.max_connections as usize).min(Semaphore::MAX_PERMITS);
         Self {
@@ -245,7 +259,7 @@ impl ClusterState {
         }
     }
 
-    pub fn client(&self, h2: bool) -> &Client<HttpConnector, Body> {
+    pub fn client(&self, h2: bool) -> &Client<Connector, Body> {
         if h2 { &self.http2 } else { &self.http1 }
     }
 
@@ -470,6 +484,10 @@ mod tests {
     use crate::model::cluster::{Discovery, Endpoint};
     use crate::model::resilience::{Limits, Outlier};
 
+    fn secrets() -> Arc<Secrets> {
+        Arc::new(Secrets::new(Arc::default()))
+    }
+
     fn cluster(lb: LbPolicy, outlier: Option<Outlier>) -> Arc<Cluster> {
         Arc::new(Cluster {
             name: "c".into(),
@@ -484,6 +502,8 @@ mod tests {
             },
             outlier,
             service: None,
+            transport: Default::default(),
+            bind: None,
         })
     }
 
@@ -510,7 +530,7 @@ mod tests {
 
     #[tokio::test]
     async fn round_robin_takes_turns_among_healthy_endpoints() {
-        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, None));
+        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, None), secrets());
         let endpoints = endpoints(&[(1, 1, true), (2, 1, false), (3, 1, true)]);
         let picked: Vec<u16> = (0..4)
             .map(|_| port(&state.pick(&endpoints, &[]).unwrap()))
@@ -525,7 +545,7 @@ mod tests {
 
     #[tokio::test]
     async fn weights_bias_the_choice() {
-        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, None));
+        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, None), secrets());
         let endpoints = endpoints(&[(1, 9, true), (2, 1, true)]);
         let first = (0..2000)
             .filter(|_| port(&state.pick(&endpoints, &[]).unwrap()) == 1)
@@ -535,7 +555,7 @@ mod tests {
 
     #[tokio::test]
     async fn least_request_prefers_the_less_busy_of_two() {
-        let state = ClusterState::new(cluster(LbPolicy::LeastRequest, None));
+        let state = ClusterState::new(cluster(LbPolicy::LeastRequest, None), secrets());
         let endpoints = endpoints(&[(1, 1, true), (2, 1, true)]);
         let busy = state.pick(&endpoints, &[]).unwrap();
         let _guards: Vec<HostGuard> = (0..3).map(|_| busy.start()).collect();
@@ -546,7 +566,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_retry_avoids_the_endpoint_tried() {
-        let state = ClusterState::new(cluster(LbPolicy::Random, None));
+        let state = ClusterState::new(cluster(LbPolicy::Random, None), secrets());
         let endpoints = endpoints(&[(1, 1, true), (2, 1, true)]);
         for _ in 0..20 {
             let first = state.pick(&endpoints, &[]).unwrap();
@@ -567,7 +587,7 @@ mod tests {
             max_ejection_percent: 50,
             interval: Duration::from_secs(10),
         };
-        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, Some(outlier)));
+        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, Some(outlier)), secrets());
         let endpoints = endpoints(&[(1, 1, true), (2, 1, true), (3, 1, true), (4, 1, true)]);
         let hosts = state.hosts(&endpoints);
         let failing = &hosts.states[0];
@@ -611,7 +631,7 @@ mod tests {
             max_ejection_percent: 100,
             interval: Duration::from_millis(100),
         };
-        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, Some(outlier)));
+        let state = ClusterState::new(cluster(LbPolicy::RoundRobin, Some(outlier)), secrets());
         let endpoints = endpoints(&[(1, 1, true), (2, 1, true)]);
         let hosts = state.hosts(&endpoints);
         let host = &hosts.states[0];
@@ -639,7 +659,7 @@ mod tests {
 
     #[tokio::test]
     async fn circuit_breakers_overflow_beyond_connections_and_pending() {
-        let state = Arc::new(ClusterState::new(cluster(LbPolicy::RoundRobin, None)));
+        let state = Arc::new(ClusterState::new(cluster(LbPolicy::RoundRobin, None), secrets()));
         let first = state.admit(false).await.unwrap();
         // The second waits for the connection; the third overflows.
         let waiting = tokio::spawn({
@@ -655,7 +675,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_changed_cluster_gets_new_state() {
-        let upstreams = Upstreams::default();
+        let upstreams = Upstreams::new(secrets());
         let first = cluster(LbPolicy::RoundRobin, None);
         let a = upstreams.get(&first);
         assert!(Arc::ptr_eq(&a, &upstreams.get(&first)));

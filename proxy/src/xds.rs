@@ -171,18 +171,7 @@ async fn open(
     tonic::Streaming<DeltaDiscoveryResponse>,
 )> {
     let channel = channel(discovery).await?;
-    let token = std::fs::read_to_string(&discovery.token).map_err(|e| {
-        anyhow::anyhow!(
-            "reading the ServiceAccount token {}: {e}",
-            discovery.token.display()
-        )
-    })?;
-    let bearer = format!("Bearer {}", token.trim()).parse().map_err(|_| {
-        anyhow::anyhow!(
-            "the ServiceAccount token in {} is not a header value",
-            discovery.token.display()
-        )
-    })?;
+    let bearer = bearer(discovery)?;
     let (requests, outgoing) = mpsc::channel(16);
     for type_url in [CLUSTER, LISTENER, ENDPOINT, ROUTE] {
         let subscribe = held.names(type_url);
@@ -210,7 +199,28 @@ async fn open(
     Ok((requests, responses))
 }
 
-async fn channel(discovery: &Discovery) -> anyhow::Result<Channel> {
+/// `Bearer <token>`, the ServiceAccount token read afresh (the kubelet
+/// rotates it).
+pub(crate) fn bearer(
+    discovery: &Discovery,
+) -> anyhow::Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> {
+    let token = std::fs::read_to_string(&discovery.token).map_err(|e| {
+        anyhow::anyhow!(
+            "reading the ServiceAccount token {}: {e}",
+            discovery.token.display()
+        )
+    })?;
+    format!("Bearer {}", token.trim()).parse().map_err(|_| {
+        anyhow::anyhow!(
+            "the ServiceAccount token in {} is not a header value",
+            discovery.token.display()
+        )
+    })
+}
+
+/// A TLS channel to the control plane (or CA), checked against the mesh
+/// root.
+pub(crate) async fn channel(discovery: &Discovery) -> anyhow::Result<Channel> {
     let root = std::fs::read(&discovery.root_cert).map_err(|e| {
         anyhow::anyhow!(
             "reading the mesh root {}: {e}",
@@ -479,6 +489,7 @@ impl Held {
             routes: of(&self.routes).collect(),
             clusters: of(&self.clusters).collect(),
             endpoints: of(&self.endpoints).collect(),
+            secrets: Default::default(),
             raw: raw(CLUSTER, &self.clusters)
                 .chain(raw(LISTENER, &self.listeners))
                 .chain(raw(ROUTE, &self.routes))

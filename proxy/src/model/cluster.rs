@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 };
 
 use crate::envoy::unpack;
+use crate::tls::UpstreamTls;
 use crate::error::{Error, Result};
 use crate::model::resilience::{Limits, Outlier};
 use crate::telemetry::peer::{Interned, Service};
@@ -34,6 +35,23 @@ pub struct Cluster {
     pub outlier: Option<Outlier>,
     /// The service its traffic goes to, as metrics name it.
     pub service: Option<Interned<Service>>,
+    pub transport: Transport,
+    /// The local address its connections are made from
+    /// (`upstream_bind_config`): 127.0.0.6 for a sidecar's inbound
+    /// clusters, which the capture rules let through to the workload.
+    pub bind: Option<IpAddr>,
+}
+
+/// How connections to its endpoints are made.
+#[derive(Debug, Default)]
+pub enum Transport {
+    #[default]
+    Plain,
+    /// TLS to every endpoint (`transport_socket`).
+    Tls(std::sync::Arc<UpstreamTls>),
+    /// TLS to the endpoints with a mesh proxy (`tlsMode: istio`), plaintext
+    /// to the others: auto-mTLS (`transport_socket_matches`).
+    Mesh(std::sync::Arc<UpstreamTls>),
 }
 
 /// Where a cluster's endpoints come from.
@@ -189,7 +207,23 @@ impl Cluster {
                 _ => protocol,
             };
         }
+        let transport = transport(cluster).map_err(|(f, e)| invalid(&f, e))?;
+        let bind = cluster
+            .upstream_bind_config
+            .as_ref()
+            .and_then(|b| b.source_address.as_ref())
+            .map(|a| {
+                a.address.parse::<IpAddr>().map_err(|_| {
+                    invalid(
+                        "upstream_bind_config.source_address.address",
+                        format!("{:?} is not an IP address", a.address),
+                    )
+                })
+            })
+            .transpose()?;
         Ok(Self {
+            bind,
+            transport,
             name: name.clone(),
             discovery,
             lb,
@@ -208,7 +242,45 @@ impl Cluster {
     }
 }
 
+/// A cluster's transport socket, or its matches on `tlsMode: istio`.
+fn transport(cluster: &envoy::Cluster) -> std::result::Result<Transport, (String, String)> {
+    if let Some(socket) = &cluster.transport_socket {
+        return Ok(UpstreamTls::from_envoy(socket)
+            .map_err(|(f, e)| (format!("transport_socket.{f}"), e))?
+            .map_or(Transport::Plain, |tls| Transport::Tls(std::sync::Arc::new(tls))));
+    }
+    for (i, matched) in cluster.transport_socket_matches.iter().enumerate() {
+        let mesh = matched
+            .r#match
+            .as_ref()
+            .and_then(|m| m.fields.get("tlsMode"))
+            .is_some_and(|mode| {
+                matches!(&mode.kind, Some(envoy_types::pb::google::protobuf::value::Kind::StringValue(s)) if s == "istio")
+            });
+        let Some(socket) = matched.transport_socket.as_ref().filter(|_| mesh) else {
+            continue;
+        };
+        let field = format!("transport_socket_matches[{i}].transport_socket");
+        if let Some(tls) =
+            UpstreamTls::from_envoy(socket).map_err(|(f, e)| (format!("{field}.{f}"), e))?
+        {
+            return Ok(Transport::Mesh(std::sync::Arc::new(tls)));
+        }
+    }
+    Ok(Transport::Plain)
+}
+
 impl Cluster {
+    /// The TLS to speak to an endpoint, with or without a mesh proxy
+    /// beside it; none for plaintext.
+    pub fn tls_for(&self, mesh: bool) -> Option<&std::sync::Arc<UpstreamTls>> {
+        match &self.transport {
+            Transport::Plain => None,
+            Transport::Tls(tls) => Some(tls),
+            Transport::Mesh(tls) => mesh.then_some(tls),
+        }
+    }
+
     /// The EDS service name its endpoints come under, if from EDS.
     pub fn eds_service(&self) -> Option<&str> {
         match &self.discovery {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::listener::v3::{self as envoy, filter};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, http_connection_manager,
+    HttpConnectionManager, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 
@@ -17,6 +17,8 @@ use crate::envoy::{type_name, unpack};
 use crate::error::{Error, Result};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::trace::Tracing;
+use crate::tls::DownstreamTls;
+use super::rbac::{RBAC_FILTER, Rbac};
 
 const KIND: &str = "Listener";
 const HTTP_CONNECTION_MANAGER: &str =
@@ -33,9 +35,10 @@ pub struct Listener {
     /// Hand connections to the listener for their original destination
     /// (15001, 15006).
     pub use_original_dst: bool,
-    /// Whether its connections' first bytes are peeked to tell HTTP
-    /// (`http_inspector`), for how long at most, and whether a connection
-    /// that says nothing in time goes on (else it is closed).
+    /// Whether its connections' first bytes are peeked to tell TLS (its
+    /// server name and ALPN, `tls_inspector`) and HTTP (`http_inspector`),
+    /// for how long at most, and whether a connection that says too little
+    /// in time goes on (else it is closed).
     pub sniff: Option<Sniff>,
     /// Whether it takes traffic to this proxy's workload (the sidecar's
     /// inbound side, which reports requests as their destination).
@@ -46,6 +49,8 @@ pub struct Listener {
 
 #[derive(Clone, Copy, Debug)]
 pub struct Sniff {
+    pub tls: bool,
+    pub http: bool,
     /// How long to wait for the first bytes; no limit when none (Envoy's
     /// `listener_filters_timeout: 0s`).
     pub timeout: Option<std::time::Duration>,
@@ -55,14 +60,14 @@ pub struct Sniff {
 /// Envoy's `listener_filters_timeout` when none is set.
 const LISTENER_FILTERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 const HTTP_INSPECTOR: &str = "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
+const TLS_INSPECTOR: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 
 #[derive(Debug)]
 pub struct FilterChain {
     pub name: String,
     matcher: ChainMatch,
-    /// Whether the chain terminates TLS. Not served yet: such a connection
-    /// is closed.
-    pub tls: bool,
+    /// The TLS the chain terminates, if any.
+    pub tls: Option<Arc<DownstreamTls>>,
     pub terminal: Terminal,
 }
 
@@ -90,6 +95,8 @@ pub struct HttpManager {
     pub access_logs: Arc<[AccessLog]>,
     /// Whether and where requests are traced.
     pub tracing: Option<Arc<Tracing>>,
+    /// The RBAC filters every request passes, in order.
+    pub rbac: Arc<[Rbac]>,
 }
 
 #[derive(Debug)]
@@ -121,7 +128,7 @@ impl Listener {
         let name = &listener.name;
         let address = socket_address(listener.address.as_ref())
             .map_err(|e| Error::resource(KIND, name, "address", e))?;
-        let chains = listener
+        let chains: Vec<FilterChain> = listener
             .filter_chains
             .iter()
             .enumerate()
@@ -132,12 +139,24 @@ impl Listener {
             .as_ref()
             .map(|chain| FilterChain::from_envoy(name, "default_filter_chain", chain))
             .transpose()?;
-        let inspects_http = listener.listener_filters.iter().any(|f| {
-            f.name == "envoy.filters.listener.http_inspector"
-                || matches!(&f.config_type,
-                    Some(envoy::listener_filter::ConfigType::TypedConfig(any)) if type_name(any) == HTTP_INSPECTOR)
-        });
-        let sniff = inspects_http.then(|| Sniff {
+        let inspects = |name: &str, type_url: &str| {
+            listener.listener_filters.iter().any(|f| {
+                f.name == name
+                    || matches!(&f.config_type,
+                        Some(envoy::listener_filter::ConfigType::TypedConfig(any)) if type_name(any) == type_url)
+            })
+        };
+        let http = inspects("envoy.filters.listener.http_inspector", HTTP_INSPECTOR);
+        // Chains that terminate TLS need the ClientHello read, as Envoy
+        // adds the TLS inspector for them by itself.
+        let tls = inspects("envoy.filters.listener.tls_inspector", TLS_INSPECTOR)
+            || chains
+                .iter()
+                .chain(default_chain.as_ref())
+                .any(|c: &FilterChain| c.tls.is_some() || c.matcher.needs_tls_inspection());
+        let sniff = (http || tls).then(|| Sniff {
+            tls,
+            http,
             timeout: Some(
                 listener
                     .listener_filters_timeout
@@ -265,7 +284,25 @@ impl FilterChain {
                             .map(Arc::new),
                         None => None,
                     };
+                    let mut rbac = Vec::new();
+                    for (j, filter) in manager.http_filters.iter().enumerate() {
+                        let at_filter = |f: &str| at(&format!(".http_filters[{j}]{f}"));
+                        let Some(http_filter::ConfigType::TypedConfig(config)) = &filter.config_type
+                        else {
+                            continue;
+                        };
+                        if type_name(config) != RBAC_FILTER {
+                            continue;
+                        }
+                        let config = unpack(config).map_err(|e| invalid(&at_filter(""), e))?;
+                        if let Some(filter) = Rbac::from_envoy(&config)
+                            .map_err(|(f, e)| invalid(&at_filter(&format!(".typed_config.{f}")), e))?
+                        {
+                            rbac.push(filter);
+                        }
+                    }
                     terminal = Some(Terminal::Http(Arc::new(HttpManager {
+                        rbac: rbac.into(),
                         access_logs: logs(&manager.access_log)?,
                         tracing,
                         stat_prefix: manager.stat_prefix,
@@ -316,16 +353,26 @@ impl FilterChain {
                 "no http_connection_manager or tcp_proxy ends the chain".into(),
             )
         })?;
+        let tls = match &chain.transport_socket {
+            Some(socket) => DownstreamTls::from_envoy(socket)
+                .map_err(|(f, e)| invalid(&format!("transport_socket.{f}"), e))?
+                .map(Arc::new),
+            None => None,
+        };
         Ok(Self {
             name: chain.name.clone(),
             matcher,
-            tls: chain.transport_socket.is_some(),
+            tls,
             terminal,
         })
     }
 }
 
 impl ChainMatch {
+    fn needs_tls_inspection(&self) -> bool {
+        self.transport_protocol.as_deref() == Some("tls") || !self.server_names.is_empty()
+    }
+
     /// None when the connection does not match; otherwise how specific the
     /// match is, criteria in Envoy's order of precedence.
     fn rank(&self, c: &ConnectionInfo<'_>) -> Option<(bool, u8, bool, bool, bool)> {

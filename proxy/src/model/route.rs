@@ -64,7 +64,7 @@ enum PathMatch {
 }
 
 #[derive(Debug)]
-struct HeaderMatch {
+pub(crate) struct HeaderMatch {
     name: String,
     test: ValueTest,
     invert: bool,
@@ -78,7 +78,7 @@ struct QueryMatch {
 
 /// How a header or query value is tested.
 #[derive(Debug)]
-enum ValueTest {
+pub(crate) enum ValueTest {
     Present(bool),
     Exact(String, bool),
     Prefix(String, bool),
@@ -287,11 +287,7 @@ impl Route {
             .iter()
             .enumerate()
             .map(|(i, h)| {
-                Ok(HeaderMatch {
-                    name: h.name.to_ascii_lowercase(),
-                    test: header_test(h).map_err(|e| invalid(&format!("match.headers[{i}]"), e))?,
-                    invert: h.invert_match,
-                })
+                HeaderMatch::from_envoy(h).map_err(|e| invalid(&format!("match.headers[{i}]"), e))
             })
             .collect::<Result<_>>()?;
         let query = m
@@ -392,7 +388,15 @@ impl RouteMatch {
 }
 
 impl HeaderMatch {
-    fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
+    pub(crate) fn from_envoy(h: &envoy::HeaderMatcher) -> std::result::Result<Self, String> {
+        Ok(Self {
+            name: h.name.to_ascii_lowercase(),
+            test: header_test(h)?,
+            invert: h.invert_match,
+        })
+    }
+
+    pub(crate) fn matches(&self, method: &Method, uri: &Uri, headers: &HeaderMap) -> bool {
         // Pseudo-headers are the request line's parts (Istio's method and
         // authority matches arrive as `:method` and `:authority`).
         let value = match self.name.as_str() {
@@ -430,7 +434,7 @@ impl QueryMatch {
 }
 
 impl ValueTest {
-    fn matches(&self, value: Option<&str>) -> bool {
+    pub(crate) fn matches(&self, value: Option<&str>) -> bool {
         let fold = |a: &str, b: &str, ignore: bool| {
             if ignore {
                 (a.to_ascii_lowercase(), b.to_ascii_lowercase())
@@ -737,7 +741,7 @@ fn header_test(h: &envoy::HeaderMatcher) -> std::result::Result<ValueTest, Strin
     })
 }
 
-fn string_test(s: &StringMatcher) -> std::result::Result<ValueTest, String> {
+pub(crate) fn string_test(s: &StringMatcher) -> std::result::Result<ValueTest, String> {
     let i = s.ignore_case;
     Ok(match &s.match_pattern {
         Some(string_matcher::MatchPattern::Exact(e)) => ValueTest::Exact(e.clone(), i),

@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::Telemetry;
 use super::access_log::Pending;
 use super::peer::{Interned, Service, UNKNOWN, Workload};
+use crate::tls::Session;
 use super::trace::Open;
 
 /// Envoy's default histogram buckets, which Istio's metrics use: 0.5 ms
@@ -85,6 +86,8 @@ pub struct Peers {
     pub destination: Interned<Workload>,
     pub service: Interned<Service>,
     pub security: Security,
+    /// The SPIFFE IDs of source and destination, when TLS proved them.
+    pub principals: (Option<Arc<str>>, Option<Arc<str>>),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -109,7 +112,12 @@ impl Flags {
     pub const FAULT_ABORT: Self = Self(1 << 7);
     pub const DOWNSTREAM_TERMINATION: Self = Self(1 << 8);
     pub const NO_CLUSTER: Self = Self(1 << 9);
-    const NAMES: [&'static str; 10] = ["UH", "UT", "UR", "UF", "UO", "NR", "DI", "FI", "DC", "NC"];
+    /// Denied by an authorization policy (Envoy sets no flag for its RBAC
+    /// filter's 403, which then cannot be told from the application's).
+    pub const DENIED: Self = Self(1 << 10);
+    const NAMES: [&'static str; 11] = [
+        "UH", "UT", "UR", "UF", "UO", "NR", "DI", "FI", "DC", "NC", "RBAC",
+    ];
 
     pub fn set(&mut self, other: Self) {
         self.0 |= other.0;
@@ -331,15 +339,22 @@ impl Peers {
         own: Interned<Workload>,
         peer: Option<Interned<Workload>>,
         service: Interned<Service>,
+        session: Option<&Session>,
     ) -> Self {
         let peer = peer.unwrap_or_else(Workload::unknown);
+        let (local, remote) = session.map_or((None, None), |s| (s.local.clone(), s.peer.clone()));
         if inbound {
             Self {
                 reporter: Reporter::Destination,
                 source: peer,
                 destination: own,
                 service,
-                security: Security::None,
+                security: if session.is_some_and(|s| s.mutual) {
+                    Security::MutualTls
+                } else {
+                    Security::None
+                },
+                principals: (remote, local),
             }
         } else {
             Self {
@@ -348,6 +363,7 @@ impl Peers {
                 destination: peer,
                 service,
                 security: Security::Unknown,
+                principals: (local, remote),
             }
         }
     }
@@ -355,7 +371,9 @@ impl Peers {
     /// The labels of both ends, in Istio's order.
     fn labels(&self) -> [(&'static str, Cow<'_, str>); 21] {
         let (s, d, service) = (&self.source, &self.destination, &self.service);
-        let principal = |_: &Workload| Cow::Borrowed(UNKNOWN);
+        fn principal(id: &Option<Arc<str>>) -> Cow<'_, str> {
+            Cow::Borrowed(id.as_deref().unwrap_or(UNKNOWN))
+        }
         fn b(s: &str) -> Cow<'_, str> {
             Cow::Borrowed(s)
         }
@@ -371,13 +389,13 @@ impl Peers {
             ("source_canonical_service", b(&s.canonical_service)),
             ("source_canonical_revision", b(&s.canonical_revision)),
             ("source_workload_namespace", b(&s.namespace)),
-            ("source_principal", principal(s)),
+            ("source_principal", principal(&self.principals.0)),
             ("source_app", b(&s.app)),
             ("source_version", b(&s.version)),
             ("source_cluster", b(&s.cluster)),
             ("destination_workload", b(&d.name)),
             ("destination_workload_namespace", b(&d.namespace)),
-            ("destination_principal", principal(d)),
+            ("destination_principal", principal(&self.principals.1)),
             ("destination_app", b(&d.app)),
             ("destination_version", b(&d.version)),
             ("destination_service", b(&service.host)),
@@ -618,6 +636,7 @@ mod tests {
             destination: Exchange::new("sidecar~x", &metadata).own.clone(),
             service: Service::of_authority("reviews.shop.svc.cluster.local:9080"),
             security: Security::None,
+            principals: (None, None),
         }
     }
 

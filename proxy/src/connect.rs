@@ -1,0 +1,233 @@
+//! Connections to a cluster's endpoints, for HTTP and TCP alike: TCP from
+//! the cluster's bound address (if any) within its connect timeout, then
+//! TLS when the cluster's transport socket asks for it — to every
+//! endpoint, or (auto-mTLS) to those with a mesh proxy beside them.
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use futures::future::BoxFuture;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpSocket, TcpStream};
+
+use crate::model::Cluster;
+use crate::model::cluster::Target;
+use crate::tls::{Carried, Secrets, Session};
+
+/// An open connection to an endpoint.
+#[derive(Debug)]
+pub enum Stream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// Who is at each end, when the connection is TLS.
+    pub fn session(&self) -> Option<Session> {
+        let Stream::Tls(tls) = self else {
+            return None;
+        };
+        let connection = tls.get_ref().1;
+        Some(Session {
+            local: None,
+            peer: connection
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(crate::tls::spiffe_id)
+                .map(Arc::from),
+            mutual: true,
+        })
+    }
+}
+
+/// Connects to `target` for `cluster`: TLS when `mesh` (the endpoint has a
+/// mesh proxy) or the cluster says so for every endpoint.
+pub async fn connect(
+    cluster: &Cluster,
+    secrets: &Secrets,
+    target: &Target,
+    mesh: bool,
+    carried: Carried,
+) -> io::Result<Stream> {
+    let timeout = cluster.connect_timeout;
+    let tcp = tokio::time::timeout(timeout, tcp(cluster, target))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timeout"))??;
+    let Some(tls) = cluster.tls_for(mesh) else {
+        return Ok(Stream::Plain(tcp));
+    };
+    let config = tls
+        .client_config(secrets, carried)
+        .map_err(|e| io::Error::other(format!("TLS to {target}: {e}")))?;
+    let address = tcp.peer_addr()?.ip();
+    let handshake =
+        tokio_rustls::TlsConnector::from(config).connect(tls.server_name(address), tcp);
+    let stream = tokio::time::timeout(timeout, handshake)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
+    Ok(Stream::Tls(Box::new(stream)))
+}
+
+async fn tcp(cluster: &Cluster, target: &Target) -> io::Result<TcpStream> {
+    let addresses: Vec<SocketAddr> = match target {
+        Target::Ip(address) => vec![*address],
+        Target::Dns(host, port) => tokio::net::lookup_host((host.as_str(), *port))
+            .await?
+            .collect(),
+    };
+    let mut last = io::Error::new(io::ErrorKind::NotFound, format!("{target} has no address"));
+    for address in addresses {
+        let socket = if address.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        if let Some(ip) = cluster.bind.filter(|ip| ip.is_ipv4() == address.is_ipv4()) {
+            socket.bind(SocketAddr::new(ip, 0))?;
+        }
+        match socket.connect(address).await {
+            Ok(stream) => {
+                stream.set_nodelay(true)?;
+                return Ok(stream);
+            }
+            Err(error) => last = error,
+        }
+    }
+    Err(last)
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        match self {
+            Stream::Plain(s) => s.connected(),
+            Stream::Tls(s) => {
+                let (tcp, tls) = s.get_ref();
+                let mut connected = tcp.connected();
+                if matches!(tls.alpn_protocol(), Some(b"h2" | b"istio-h2")) {
+                    connected = connected.negotiated_h2();
+                }
+                // Responses on it carry who answered (the peer's SPIFFE ID).
+                match self.session() {
+                    Some(session) => connected.extra(session),
+                    None => connected,
+                }
+            }
+        }
+    }
+}
+
+/// The connector of a cluster's HTTP client: `https://` URIs (the scheme
+/// the data path gives endpoints to reach over TLS) get TLS.
+#[derive(Clone, Debug)]
+pub struct Connector {
+    pub cluster: Arc<Cluster>,
+    pub secrets: Arc<Secrets>,
+    pub carried: Carried,
+}
+
+impl tower::Service<http::Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = io::Error;
+    type Future = BoxFuture<'static, io::Result<Self::Response>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let connector = self.clone();
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default();
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let secure = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
+            let port = uri
+                .port_u16()
+                .unwrap_or(if secure { 443 } else { 80 });
+            let target = match host.parse::<std::net::IpAddr>() {
+                Ok(ip) => Target::Ip(SocketAddr::new(ip, port)),
+                Err(_) => Target::Dns(host.to_string(), port),
+            };
+            let stream = if secure {
+                connect(
+                    &connector.cluster,
+                    &connector.secrets,
+                    &target,
+                    true,
+                    connector.carried,
+                )
+                .await?
+            } else {
+                let timeout = connector.cluster.connect_timeout;
+                Stream::Plain(
+                    tokio::time::timeout(timeout, tcp(&connector.cluster, &target))
+                        .await
+                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timeout"))??,
+                )
+            };
+            Ok(TokioIo::new(stream))
+        })
+    }
+}
