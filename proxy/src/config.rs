@@ -280,6 +280,43 @@ where
         .transpose()
 }
 
+/// The control plane (or CA) at `address` (`host:port`, read from
+/// `variable`), reached with the mesh root and the ServiceAccount token.
+fn discovery_at(env: &impl Env, address: String, variable: &str) -> Result<Discovery> {
+    let host = match address.rsplit_once(':') {
+        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string(),
+        _ => {
+            return Err(Error::Environment {
+                variable: variable.into(),
+                message: format!("{address:?} is not host:port"),
+            });
+        }
+    };
+    Ok(Discovery {
+        server_name: env.get(ENV_SERVER_NAME).unwrap_or(host),
+        root_cert: env
+            .get(ENV_ROOT_CERT)
+            .unwrap_or_else(|| DEFAULT_ROOT_CERT.into())
+            .into(),
+        token: env
+            .get(ENV_TOKEN)
+            .unwrap_or_else(|| DEFAULT_TOKEN.into())
+            .into(),
+        address,
+    })
+}
+
+/// A Go-style duration (`24h`, `90s`, `1h30m`, `500ms`).
+fn go_duration(text: &str) -> Option<std::time::Duration> {
+    let nanos = go_parse_duration::parse_duration(text).ok()?;
+    u64::try_from(nanos)
+        .ok()
+        .map(std::time::Duration::from_nanos)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -362,39 +399,4 @@ mod tests {
             "{error}"
         );
     }
-}
-
-/// The control plane (or CA) at `address` (`host:port`, read from
-/// `variable`), reached with the mesh root and the ServiceAccount token.
-fn discovery_at(env: &impl Env, address: String, variable: &str) -> Result<Discovery> {
-    let host = match address.rsplit_once(':') {
-        Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string(),
-        _ => {
-            return Err(Error::Environment {
-                variable: variable.into(),
-                message: format!("{address:?} is not host:port"),
-            });
-        }
-    };
-    Ok(Discovery {
-        server_name: env.get(ENV_SERVER_NAME).unwrap_or(host),
-        root_cert: env
-            .get(ENV_ROOT_CERT)
-            .unwrap_or_else(|| DEFAULT_ROOT_CERT.into())
-            .into(),
-        token: env
-            .get(ENV_TOKEN)
-            .unwrap_or_else(|| DEFAULT_TOKEN.into())
-            .into(),
-        address,
-    })
-}
-
-/// A Go-style duration (`24h`, `90s`, `1h30m`, `500ms`).
-fn go_duration(text: &str) -> Option<std::time::Duration> {
-    let nanos = go_parse_duration::parse_duration(text).ok()?;
-    u64::try_from(nanos).ok().map(std::time::Duration::from_nanos)
 }

@@ -65,8 +65,7 @@ pub async fn connect(
         .client_config(secrets, carried)
         .map_err(|e| io::Error::other(format!("TLS to {target}: {e}")))?;
     let address = tcp.peer_addr()?.ip();
-    let handshake =
-        tokio_rustls::TlsConnector::from(config).connect(tls.server_name(address), tcp);
+    let handshake = tokio_rustls::TlsConnector::from(config).connect(tls.server_name(address), tcp);
     let stream = tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
@@ -203,9 +202,7 @@ impl tower::Service<http::Uri> for Connector {
             let host = uri.host().unwrap_or_default();
             let host = host.trim_start_matches('[').trim_end_matches(']');
             let secure = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-            let port = uri
-                .port_u16()
-                .unwrap_or(if secure { 443 } else { 80 });
+            let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
             let target = match host.parse::<std::net::IpAddr>() {
                 Ok(ip) => Target::Ip(SocketAddr::new(ip, port)),
                 Err(_) => Target::Dns(host.to_string(), port),
@@ -224,7 +221,9 @@ impl tower::Service<http::Uri> for Connector {
                 Stream::Plain(
                     tokio::time::timeout(timeout, tcp(&connector.cluster, &target))
                         .await
-                        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timeout"))??,
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::TimedOut, "connect timeout")
+                        })??,
                 )
             };
             Ok(TokioIo::new(stream))

@@ -22,6 +22,7 @@ use http_body::Body as _;
 use crate::model::Snapshot;
 use crate::model::cluster::Target;
 use crate::model::listener::{HttpManager, RouteSource};
+use crate::model::rbac::{Subject, Verdict};
 use crate::model::resilience::{Abort, Attempt, Fault};
 use crate::model::route::{Action, Forward, Route, split_port};
 use crate::telemetry::Telemetry;
@@ -29,7 +30,6 @@ use crate::telemetry::access_log::{Head, Pending};
 use crate::telemetry::metrics::{
     Completed, Flags, Peers, Protocol, Recorded, RequestLabels, grpc_status, header_bytes,
 };
-use crate::model::rbac::{Subject, Verdict};
 use crate::telemetry::peer::{Exchange, Interned, Service};
 use crate::telemetry::trace::{Kind, Open};
 use crate::upstream::{Admission, Body, ClusterState, Host, HostGuard, Outcome, Reach, Upstreams};
@@ -675,7 +675,8 @@ async fn attempt(
 }
 
 fn classify(error: &hyper_util::client::legacy::Error, target: &Target) -> Attempt {
-    tracing::debug!(%error, endpoint = %target, "upstream request failed");
+    let cause = std::error::Error::source(error).map(ToString::to_string);
+    tracing::debug!(%error, ?cause, endpoint = %target, "upstream request failed");
     if error.is_connect() {
         Attempt::ConnectFailure
     } else {

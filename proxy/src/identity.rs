@@ -74,11 +74,7 @@ pub async fn request(ca: &Ca) -> anyhow::Result<Issued> {
         )
         .await
         .map_err(|status| {
-            anyhow::anyhow!(
-                "the CA refused: {}: {}",
-                status.code(),
-                status.message()
-            )
+            anyhow::anyhow!("the CA refused: {}: {}", status.code(), status.message())
         })?
         .into_inner();
     issued(&response.cert_chain, &key.serialize_pem())
@@ -156,7 +152,9 @@ mod tests {
         let leaf_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.subject_alt_names = vec![SanType::URI(
-            "spiffe://cluster.local/ns/shop/sa/billing".try_into().unwrap(),
+            "spiffe://cluster.local/ns/shop/sa/billing"
+                .try_into()
+                .unwrap(),
         )];
         let now = time::OffsetDateTime::now_utc();
         params.not_before = now - time::Duration::minutes(1);

@@ -106,8 +106,10 @@ impl Snapshot {
                 .insert(cluster.name.clone(), Arc::new(cluster));
         }
         for secret in &resources.secrets {
-            let converted = crate::tls::Secret::from_envoy(secret)
-                .map_err(|(field, message)| Error::resource("Secret", &secret.name, field, message))?;
+            let converted =
+                crate::tls::Secret::from_envoy(secret).map_err(|(field, message)| {
+                    Error::resource("Secret", &secret.name, field, message)
+                })?;
             snapshot
                 .secrets
                 .insert(secret.name.clone(), Arc::new(converted));

@@ -20,12 +20,12 @@ use crate::http::Connection;
 use crate::model::Snapshot;
 use crate::model::listener::{ConnectionInfo, Listener, TcpRoute, Terminal};
 use crate::sniff::Inspected;
-use crate::tls::{Carried, Secrets, Session};
 use crate::state::State;
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::Entry;
 use crate::telemetry::metrics::{Counted, Flags, Peers};
 use crate::telemetry::peer::Service;
+use crate::tls::{Carried, Secrets, Session};
 use crate::upstream::{Outcome, Reach, Upstreams};
 
 /// What every connection of the proxy shares.
@@ -221,7 +221,7 @@ async fn connection(
     };
     // Where a captured connection was going (iptables' REDIRECT keeps it).
     let captured = listener
-        .use_original_dst
+        .original_dst
         .then(|| original_destination(&stream))
         .flatten()
         .filter(|d| *d != local);
@@ -256,7 +256,10 @@ async fn connection(
         } else {
             "raw_buffer"
         },
-        server_name: inspected.tls.as_ref().and_then(|h| h.server_name.as_deref()),
+        server_name: inspected
+            .tls
+            .as_ref()
+            .and_then(|h| h.server_name.as_deref()),
         application_protocols: &protocols,
     };
     let Some(chain) = listener.find_chain(&info) else {
@@ -270,7 +273,16 @@ async fn connection(
         inbound,
     };
     let Some(tls) = &chain.tls else {
-        return serve(stream, ends, None, &chain.terminal, snapshot, shared, watcher).await;
+        return serve(
+            stream,
+            ends,
+            None,
+            &chain.terminal,
+            snapshot,
+            shared,
+            watcher,
+        )
+        .await;
     };
     let offered = inspected.tls.map(|h| h.alpn).unwrap_or_default();
     let (config, local) = match tls.server_config(&shared.secrets, &offered) {
@@ -307,7 +319,16 @@ async fn connection(
             .map(Arc::from),
         mutual: stream.get_ref().1.peer_certificates().is_some(),
     };
-    serve(stream, ends, Some(session), &chain.terminal, snapshot, shared, watcher).await
+    serve(
+        stream,
+        ends,
+        Some(session),
+        &chain.terminal,
+        snapshot,
+        shared,
+        watcher,
+    )
+    .await
 }
 
 /// Where a connection came from and went to.
@@ -429,14 +450,8 @@ async fn tcp<S>(
     };
     let target = &host.address;
     let _in_flight = host.start();
-    let connected = crate::connect::connect(
-        cluster,
-        &shared.secrets,
-        target,
-        host.mesh,
-        Carried::Tcp,
-    )
-    .await;
+    let connected =
+        crate::connect::connect(cluster, &shared.secrets, target, host.mesh, Carried::Tcp).await;
     let outcome = match &connected {
         Ok(_) => Outcome::Success,
         Err(_) => Outcome::LocalFailure,
@@ -453,7 +468,11 @@ async fn tcp<S>(
         shared.telemetry.exchange.own.clone(),
         None,
         cluster.service.clone().unwrap_or_else(Service::unknown),
-        if inbound { session.as_ref() } else { upstream_session.as_ref() },
+        if inbound {
+            session.as_ref()
+        } else {
+            upstream_session.as_ref()
+        },
     );
     let metrics = &shared.telemetry.metrics;
     let upstream_host = target.to_string();

@@ -266,15 +266,20 @@ impl Common {
         let inline = |validation: &CertificateValidationContext, at: &str| {
             let roots = match &validation.trusted_ca {
                 Some(ca) => {
-                    let pem = read(Some(ca)).map_err(|e| (field(&format!("{at}.trusted_ca")), e))?;
+                    let pem =
+                        read(Some(ca)).map_err(|e| (field(&format!("{at}.trusted_ca")), e))?;
                     let roots =
                         Secret::roots(&pem).map_err(|e| (field(&format!("{at}.trusted_ca")), e))?;
                     Some(Source::Inline(Arc::new(roots)))
                 }
                 None => None,
             };
-            let sans = san_matches(validation)
-                .map_err(|(i, e)| (field(&format!("{at}.match_typed_subject_alt_names[{i}]")), e))?;
+            let sans = san_matches(validation).map_err(|(i, e)| {
+                (
+                    field(&format!("{at}.match_typed_subject_alt_names[{i}]")),
+                    e,
+                )
+            })?;
             Ok::<_, (String, String)>((roots, sans))
         };
         let (roots, sans) = match &common.validation_context_type {
@@ -331,7 +336,10 @@ fn san_matches(
             Ok(subject_alt_name_matcher::SanType::IpAddress) => SanKind::Ip,
             _ => return Err((i, "san_type must be DNS, URI, EMAIL or IP_ADDRESS".into())),
         };
-        let matcher = m.matcher.as_ref().ok_or((i, "a matcher is needed".into()))?;
+        let matcher = m
+            .matcher
+            .as_ref()
+            .ok_or((i, "a matcher is needed".into()))?;
         matches.push(SanMatch {
             kind,
             test: string_test(matcher).map_err(|e| (i, e))?,
@@ -406,7 +414,9 @@ fn tls_context<T: prost::Message + prost::Name + Default>(
                     format!("the transport socket {name} is not supported (only {expected})"),
                 ));
             }
-            unpack(any).map(Some).map_err(|e| ("typed_config".into(), e))
+            unpack(any)
+                .map(Some)
+                .map_err(|e| ("typed_config".into(), e))
         }
         None if socket.name == "envoy.transport_sockets.raw_buffer" => Ok(None),
         None => Err(("typed_config".into(), "a typed_config is needed".into())),
@@ -521,6 +531,9 @@ impl UpstreamTls {
     }
 }
 
+/// A server configuration with the context's ALPN, and one without.
+type ServerConfigs = (Arc<ServerConfig>, Arc<ServerConfig>);
+
 /// How the proxy terminates TLS on a filter chain.
 #[derive(Debug)]
 pub struct DownstreamTls {
@@ -528,7 +541,7 @@ pub struct DownstreamTls {
     require_client_certificate: bool,
     /// With the configured ALPN, and without it for clients that offer
     /// none of it (Envoy then selects no protocol; rustls would refuse).
-    built: Mutex<Option<Built<(Arc<ServerConfig>, Arc<ServerConfig>)>>>,
+    built: Mutex<Option<Built<ServerConfigs>>>,
 }
 
 impl DownstreamTls {
@@ -551,9 +564,7 @@ impl DownstreamTls {
         }
         Ok(Some(Self {
             common,
-            require_client_certificate: context
-                .require_client_certificate
-                .is_some_and(|r| r.value),
+            require_client_certificate: context.require_client_certificate.is_some_and(|r| r.value),
             built: Mutex::new(None),
         }))
     }
@@ -721,7 +732,9 @@ fn subject_alt_names(cert: &CertificateDer<'_>) -> Vec<(SanKind, String)> {
             GeneralName::IPAddress(bytes) => {
                 let ip = match bytes.len() {
                     4 => <[u8; 4]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
-                    16 => <[u8; 16]>::try_from(*bytes).ok().map(std::net::IpAddr::from),
+                    16 => <[u8; 16]>::try_from(*bytes)
+                        .ok()
+                        .map(std::net::IpAddr::from),
                     _ => None,
                 };
                 ip.map(|ip| (SanKind::Ip, ip.to_string()))
@@ -833,6 +846,9 @@ mod tests {
     fn other_bytes_are_not_tls() {
         assert_eq!(inspect(b"GET / HTTP/1.1\r\n"), Inspection::NotTls);
         assert_eq!(inspect(b"\x16\x01\x00"), Inspection::NotTls);
-        assert_eq!(inspect(b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00"), Inspection::NotTls);
+        assert_eq!(
+            inspect(b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00"),
+            Inspection::NotTls
+        );
     }
 }

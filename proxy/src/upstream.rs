@@ -17,9 +17,9 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::connect::Connector;
 use crate::model::cluster::Discovery;
 use crate::model::cluster::{LbPolicy, Protocol, Target};
-use crate::connect::Connector;
 use crate::model::{Cluster, Endpoints, Snapshot};
 use crate::tls::{Carried, Secrets};
 
@@ -225,7 +225,11 @@ impl ClusterState {
             let connector = Connector {
                 cluster: Arc::clone(&config),
                 secrets: Arc::clone(&secrets),
-                carried: if http2 { Carried::Http2 } else { Carried::Http1 },
+                carried: if http2 {
+                    Carried::Http2
+                } else {
+                    Carried::Http1
+                },
             };
             Client::builder(TokioExecutor::new())
                 .pool_idle_timeout(IDLE_TIMEOUT)
@@ -659,7 +663,10 @@ mod tests {
 
     #[tokio::test]
     async fn circuit_breakers_overflow_beyond_connections_and_pending() {
-        let state = Arc::new(ClusterState::new(cluster(LbPolicy::RoundRobin, None), secrets()));
+        let state = Arc::new(ClusterState::new(
+            cluster(LbPolicy::RoundRobin, None),
+            secrets(),
+        ));
         let first = state.admit(false).await.unwrap();
         // The second waits for the connection; the third overflows.
         let waiting = tokio::spawn({

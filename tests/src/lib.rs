@@ -27,6 +27,7 @@ pub mod controlplane;
 pub mod envoy;
 pub mod http;
 pub mod manifests;
+pub mod netns;
 pub mod olm;
 pub mod operator;
 pub mod otlp;

@@ -26,9 +26,17 @@ use crate::xds::Target;
 /// `/sleep/<ms>` after so long, `/status/<code>` with that status, and
 /// `/flaky` with 503 and 200 in turns.
 pub async fn upstream_on(ip: [u8; 4], name: &'static str) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).await?;
+    serve_upstream(listener, name)
+}
+
+/// [`upstream_on`]'s application, on a listener of the caller's.
+pub fn serve_upstream(
+    listener: tokio::net::TcpListener,
+    name: &'static str,
+) -> anyhow::Result<SocketAddr> {
     use axum::extract::Path;
     use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind((std::net::Ipv4Addr::from(ip), 0)).await?;
     let address = listener.local_addr()?;
     let calls = Arc::new(AtomicUsize::new(0));
     let app = axum::Router::new()
@@ -378,16 +386,66 @@ pub fn bootstrap_of(
     resources: &bowline_controlplane::translate::Resources,
     listeners: &[(&str, u16)],
 ) -> anyhow::Result<serde_json::Value> {
+    use envoy_types::pb::google::protobuf::BoolValue;
+
+    let mut bound = Vec::new();
+    for (name, port) in listeners {
+        let mut listener = resources
+            .listeners
+            .iter()
+            .find(|l| l.name == *name)
+            .with_context(|| format!("the control plane sent no listener {name}"))?
+            .clone();
+        let address: envoy_types::pb::envoy::config::core::v3::Address =
+            bowline_proxy::envoy::from_json(json!({"socket_address": {
+                "address": "127.0.0.1", "port_value": port}}))
+            .map_err(anyhow::Error::msg)?;
+        listener.address = Some(address);
+        listener.bind_to_port = Some(BoolValue { value: true });
+        bound.push(inline_routes(resources, listener)?);
+    }
+    Ok(json!({"static_resources": {"listeners": bound, "clusters": inline_clusters(resources)?}}))
+}
+
+/// The control plane's translation for a captured sidecar as a bootstrap,
+/// every listener as sent (15001 and 15006 bound, the others reached
+/// through them) with its routes and endpoints inline, and `secrets` (the
+/// workload certificate `default` and the root `ROOTCA` a CA issued).
+pub fn bootstrap_captured(
+    resources: &bowline_controlplane::translate::Resources,
+    secrets: &[serde_json::Value],
+) -> anyhow::Result<serde_json::Value> {
+    let listeners = resources
+        .listeners
+        .iter()
+        .map(|l| inline_routes(resources, l.clone()))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(json!({"static_resources": {
+        "listeners": listeners,
+        "clusters": inline_clusters(resources)?,
+        "secrets": secrets,
+    }}))
+}
+
+/// The Envoy secrets of a workload certificate (`default`) and the root
+/// (`ROOTCA`), as the proxy's SDS names them.
+pub fn workload_secrets(chain_pem: &str, key_pem: &str, root_pem: &str) -> Vec<serde_json::Value> {
+    vec![
+        json!({"name": "default", "tls_certificate": {
+            "certificate_chain": {"inline_string": chain_pem},
+            "private_key": {"inline_string": key_pem}}}),
+        json!({"name": "ROOTCA", "validation_context": {
+            "trusted_ca": {"inline_string": root_pem}}}),
+    ]
+}
+
+/// EDS clusters with their endpoints inline, as JSON.
+fn inline_clusters(
+    resources: &bowline_controlplane::translate::Resources,
+) -> anyhow::Result<Vec<serde_json::Value>> {
     use envoy_types::pb::envoy::config::cluster::v3::cluster::{
         ClusterDiscoveryType, DiscoveryType,
     };
-    use envoy_types::pb::envoy::config::listener::v3::filter;
-    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-        HttpConnectionManager, http_connection_manager::RouteSpecifier,
-    };
-    use envoy_types::pb::google::protobuf::BoolValue;
-    use prost::{Message, Name};
-
     let mut clusters = Vec::new();
     for cluster in &resources.clusters {
         let mut cluster = cluster.clone();
@@ -409,43 +467,42 @@ pub fn bootstrap_of(
         }
         clusters.push(bowline_proxy::envoy::to_json(&cluster).map_err(anyhow::Error::msg)?);
     }
-    let mut bound = Vec::new();
-    for (name, port) in listeners {
-        let mut listener = resources
-            .listeners
-            .iter()
-            .find(|l| l.name == *name)
-            .with_context(|| format!("the control plane sent no listener {name}"))?
-            .clone();
-        let address: envoy_types::pb::envoy::config::core::v3::Address =
-            bowline_proxy::envoy::from_json(json!({"socket_address": {
-                "address": "127.0.0.1", "port_value": port}}))
-            .map_err(anyhow::Error::msg)?;
-        listener.address = Some(address);
-        listener.bind_to_port = Some(BoolValue { value: true });
-        let chains = listener
-            .filter_chains
-            .iter_mut()
-            .chain(listener.default_filter_chain.as_mut());
-        for filter in chains.flat_map(|c| c.filters.iter_mut()) {
-            let Some(filter::ConfigType::TypedConfig(any)) = &mut filter.config_type else {
-                continue;
-            };
-            if any.type_url != HttpConnectionManager::type_url() {
-                continue;
-            }
-            let mut manager = HttpConnectionManager::decode(any.value.as_slice())?;
-            if let Some(RouteSpecifier::Rds(rds)) = &manager.route_specifier {
-                let routes = resources
-                    .routes
-                    .iter()
-                    .find(|r| r.name == rds.route_config_name)
-                    .with_context(|| format!("no route configuration {}", rds.route_config_name))?;
-                manager.route_specifier = Some(RouteSpecifier::RouteConfig(routes.clone()));
-            }
-            *any = envoy_types::util::pack_any(manager);
+    Ok(clusters)
+}
+
+/// A listener with the route configurations its HTTP chains take over RDS
+/// inlined, as JSON.
+fn inline_routes(
+    resources: &bowline_controlplane::translate::Resources,
+    mut listener: envoy_types::pb::envoy::config::listener::v3::Listener,
+) -> anyhow::Result<serde_json::Value> {
+    use envoy_types::pb::envoy::config::listener::v3::filter;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+        HttpConnectionManager, http_connection_manager::RouteSpecifier,
+    };
+    use prost::{Message, Name};
+
+    let chains = listener
+        .filter_chains
+        .iter_mut()
+        .chain(listener.default_filter_chain.as_mut());
+    for filter in chains.flat_map(|c| c.filters.iter_mut()) {
+        let Some(filter::ConfigType::TypedConfig(any)) = &mut filter.config_type else {
+            continue;
+        };
+        if any.type_url != HttpConnectionManager::type_url() {
+            continue;
         }
-        bound.push(bowline_proxy::envoy::to_json(&listener).map_err(anyhow::Error::msg)?);
+        let mut manager = HttpConnectionManager::decode(any.value.as_slice())?;
+        if let Some(RouteSpecifier::Rds(rds)) = &manager.route_specifier {
+            let routes = resources
+                .routes
+                .iter()
+                .find(|r| r.name == rds.route_config_name)
+                .with_context(|| format!("no route configuration {}", rds.route_config_name))?;
+            manager.route_specifier = Some(RouteSpecifier::RouteConfig(routes.clone()));
+        }
+        *any = envoy_types::util::pack_any(manager);
     }
-    Ok(json!({"static_resources": {"listeners": bound, "clusters": clusters}}))
+    bowline_proxy::envoy::to_json(&listener).map_err(anyhow::Error::msg)
 }

@@ -51,7 +51,11 @@ pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 pub const WORKLOAD_SECRET: &str = "default";
 pub const ROOT_SECRET: &str = "ROOTCA";
 /// ALPN Istio's sidecars offer each other inside mutual TLS.
-const MESH_ALPN: [&str; 2] = ["istio-http/1.1", "istio-h2"];
+/// The ALPN a sidecar offers to another over mTLS, by what it carries
+/// (Istio's values): HTTP ...
+const MESH_HTTP_ALPN: [&str; 3] = ["istio-http/1.0", "istio-http/1.1", "istio-h2"];
+/// ... and TCP.
+const MESH_TCP_ALPN: [&str; 2] = ["istio-peer-exchange", "istio"];
 
 /// An outbound port's listener: HTTP routed by RDS, or TCP to one cluster.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -275,10 +279,12 @@ pub fn virtual_inbound(ports: &[Inbound]) -> Listener {
                         value: inbound.port,
                     }),
                     transport_protocol: if secure { "tls" } else { "raw_buffer" }.into(),
-                    application_protocols: if secure {
-                        MESH_ALPN.iter().map(|s| s.to_string()).collect()
-                    } else {
+                    application_protocols: if !secure {
                         Vec::new()
+                    } else if inbound.http {
+                        MESH_HTTP_ALPN.iter().map(|s| s.to_string()).collect()
+                    } else {
+                        MESH_TCP_ALPN.iter().map(|s| s.to_string()).collect()
                     },
                     ..Default::default()
                 }),

@@ -12,10 +12,10 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 };
 
 use crate::envoy::unpack;
-use crate::tls::UpstreamTls;
 use crate::error::{Error, Result};
 use crate::model::resilience::{Limits, Outlier};
 use crate::telemetry::peer::{Interned, Service};
+use crate::tls::UpstreamTls;
 
 const KIND: &str = "Cluster";
 const HTTP_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -247,7 +247,9 @@ fn transport(cluster: &envoy::Cluster) -> std::result::Result<Transport, (String
     if let Some(socket) = &cluster.transport_socket {
         return Ok(UpstreamTls::from_envoy(socket)
             .map_err(|(f, e)| (format!("transport_socket.{f}"), e))?
-            .map_or(Transport::Plain, |tls| Transport::Tls(std::sync::Arc::new(tls))));
+            .map_or(Transport::Plain, |tls| {
+                Transport::Tls(std::sync::Arc::new(tls))
+            }));
     }
     for (i, matched) in cluster.transport_socket_matches.iter().enumerate() {
         let mesh = matched

@@ -12,13 +12,13 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 
 use super::cluster::socket_address;
+use super::rbac::{RBAC_FILTER, Rbac};
 use super::route::{Destinations, HeaderOps, RouteTable};
 use crate::envoy::{type_name, unpack};
 use crate::error::{Error, Result};
 use crate::telemetry::access_log::AccessLog;
 use crate::telemetry::trace::Tracing;
 use crate::tls::DownstreamTls;
-use super::rbac::{RBAC_FILTER, Rbac};
 
 const KIND: &str = "Listener";
 const HTTP_CONNECTION_MANAGER: &str =
@@ -35,6 +35,10 @@ pub struct Listener {
     /// Hand connections to the listener for their original destination
     /// (15001, 15006).
     pub use_original_dst: bool,
+    /// Whether a captured connection's original destination stands for
+    /// its local address in chain matching (the `original_dst` listener
+    /// filter, as on 15006); implied by `use_original_dst`.
+    pub original_dst: bool,
     /// Whether its connections' first bytes are peeked to tell TLS (its
     /// server name and ALPN, `tls_inspector`) and HTTP (`http_inspector`),
     /// for how long at most, and whether a connection that says too little
@@ -60,6 +64,7 @@ pub struct Sniff {
 /// Envoy's `listener_filters_timeout` when none is set.
 const LISTENER_FILTERS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 const HTTP_INSPECTOR: &str = "envoy.extensions.filters.listener.http_inspector.v3.HttpInspector";
+const ORIGINAL_DST: &str = "envoy.extensions.filters.listener.original_dst.v3.OriginalDst";
 const TLS_INSPECTOR: &str = "envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector";
 
 #[derive(Debug)]
@@ -172,6 +177,8 @@ impl Listener {
             sniff,
             bind: listener.bind_to_port.as_ref().is_none_or(|b| b.value),
             use_original_dst: listener.use_original_dst.as_ref().is_some_and(|b| b.value),
+            original_dst: listener.use_original_dst.as_ref().is_some_and(|b| b.value)
+                || inspects("envoy.filters.listener.original_dst", ORIGINAL_DST),
             inbound: listener.traffic_direction
                 == envoy_types::pb::envoy::config::core::v3::TrafficDirection::Inbound as i32,
             chains,
@@ -197,11 +204,26 @@ impl Listener {
     /// them (destination port, then address range, then server name,
     /// transport protocol and application protocols), else the default.
     pub fn find_chain(&self, connection: &ConnectionInfo<'_>) -> Option<&FilterChain> {
-        self.chains
+        // Level by level, the most specific match narrows the candidates,
+        // and there is no going back: a connection to a port some chain
+        // names never falls to a chain for any port, even if none of that
+        // port's chains takes it (so STRICT's TLS-only port refuses
+        // plaintext rather than passing it through).
+        let mut candidates: Vec<(&FilterChain, [Option<u8>; 5])> = self
+            .chains
             .iter()
-            .filter_map(|chain| chain.matcher.rank(connection).map(|rank| (rank, chain)))
-            .max_by_key(|(rank, _)| *rank)
-            .map(|(_, chain)| chain)
+            .map(|chain| (chain, chain.matcher.levels(connection)))
+            .collect();
+        for level in 0..5 {
+            let Some(best) = candidates.iter().filter_map(|(_, l)| l[level]).max() else {
+                candidates.clear();
+                break;
+            };
+            candidates.retain(|(_, l)| l[level] == Some(best));
+        }
+        candidates
+            .first()
+            .map(|(chain, _)| *chain)
             .or(self.default_chain.as_ref())
     }
 }
@@ -287,7 +309,8 @@ impl FilterChain {
                     let mut rbac = Vec::new();
                     for (j, filter) in manager.http_filters.iter().enumerate() {
                         let at_filter = |f: &str| at(&format!(".http_filters[{j}]{f}"));
-                        let Some(http_filter::ConfigType::TypedConfig(config)) = &filter.config_type
+                        let Some(http_filter::ConfigType::TypedConfig(config)) =
+                            &filter.config_type
                         else {
                             continue;
                         };
@@ -295,9 +318,9 @@ impl FilterChain {
                             continue;
                         }
                         let config = unpack(config).map_err(|e| invalid(&at_filter(""), e))?;
-                        if let Some(filter) = Rbac::from_envoy(&config)
-                            .map_err(|(f, e)| invalid(&at_filter(&format!(".typed_config.{f}")), e))?
-                        {
+                        if let Some(filter) = Rbac::from_envoy(&config).map_err(|(f, e)| {
+                            invalid(&at_filter(&format!(".typed_config.{f}")), e)
+                        })? {
                             rbac.push(filter);
                         }
                     }
@@ -375,56 +398,60 @@ impl ChainMatch {
 
     /// None when the connection does not match; otherwise how specific the
     /// match is, criteria in Envoy's order of precedence.
-    fn rank(&self, c: &ConnectionInfo<'_>) -> Option<(bool, u8, bool, bool, bool)> {
+    /// How the chain matches the connection at each of Envoy's levels
+    /// (destination port, destination address, server name, transport
+    /// protocol, application protocols): None where it does not, else how
+    /// specifically (0 when it asks nothing there).
+    fn levels(&self, c: &ConnectionInfo<'_>) -> [Option<u8>; 5] {
         let port = match self.destination_port {
-            None => false,
-            Some(p) if c.destination.map(|d| d.port()) == Some(p) => true,
-            Some(_) => return None,
+            None => Some(0),
+            Some(p) if c.destination.map(|d| d.port()) == Some(p) => Some(1),
+            Some(_) => None,
         };
         let prefix = if self.prefix_ranges.is_empty() {
-            0
+            Some(0)
         } else {
-            let ip = c.destination?.ip();
-            let longest = self
-                .prefix_ranges
-                .iter()
-                .filter(|(net, len)| contains(*net, *len, ip))
-                .map(|(_, len)| *len)
-                .max()?;
-            longest + 1
+            c.destination.and_then(|d| {
+                self.prefix_ranges
+                    .iter()
+                    .filter(|(net, len)| contains(*net, *len, d.ip()))
+                    .map(|(_, len)| *len + 1)
+                    .max()
+            })
         };
         let server = if self.server_names.is_empty() {
-            false
+            Some(0)
         } else {
-            let name = c.server_name?.to_ascii_lowercase();
-            let matched = self.server_names.iter().any(|s| {
-                *s == name
-                    || s.strip_prefix('*')
-                        .is_some_and(|suffix| name.ends_with(suffix))
-            });
-            if !matched {
-                return None;
-            }
-            true
+            c.server_name.and_then(|name| {
+                let name = name.to_ascii_lowercase();
+                self.server_names
+                    .iter()
+                    .filter_map(|s| {
+                        if *s == name {
+                            Some(u8::MAX)
+                        } else {
+                            s.strip_prefix('*')
+                                .filter(|suffix| name.ends_with(suffix))
+                                .map(|suffix| suffix.len().min(254) as u8)
+                        }
+                    })
+                    .max()
+            })
         };
         let transport = match &self.transport_protocol {
-            None => false,
-            Some(t) if t == c.transport_protocol => true,
-            Some(_) => return None,
+            None => Some(0),
+            Some(t) if t == c.transport_protocol => Some(1),
+            Some(_) => None,
         };
         let alpn = if self.application_protocols.is_empty() {
-            false
+            Some(0)
         } else {
-            if !self
-                .application_protocols
+            self.application_protocols
                 .iter()
                 .any(|p| c.application_protocols.contains(p))
-            {
-                return None;
-            }
-            true
+                .then_some(1)
         };
-        Some((port, prefix, server, transport, alpn))
+        [port, prefix, server, transport, alpn]
     }
 }
 

@@ -103,7 +103,12 @@ impl Rbac {
             Ok(rbac::Action::Allow) => Action::Allow,
             Ok(rbac::Action::Deny) => Action::Deny,
             Ok(rbac::Action::Log) => Action::Log,
-            _ => return Err(("rules.action".into(), format!("unknown action {}", rules.action))),
+            _ => {
+                return Err((
+                    "rules.action".into(),
+                    format!("unknown action {}", rules.action),
+                ));
+            }
         };
         let mut names: Vec<&String> = rules.policies.keys().collect();
         names.sort();
@@ -216,7 +221,10 @@ impl Cidr {
             .parse()
             .map_err(|_| format!("{:?} is not an IP address", cidr.address_prefix))?;
         let full = if ip.is_ipv4() { 32 } else { 128 };
-        let len = cidr.prefix_len.as_ref().map_or(full, |l| l.value.min(full as u32) as u8);
+        let len = cidr
+            .prefix_len
+            .as_ref()
+            .map_or(full, |l| l.value.min(full as u32) as u8);
         ipnet::IpNet::new(ip, len)
             .map(|net| Self(net.trunc()))
             .map_err(|e| e.to_string())
@@ -304,13 +312,21 @@ mod tests {
                 ]}}],
             }}),
         );
-        assert_eq!(judge(&rbac, Some(BILLING), "POST", "/pay?x=1"), Verdict::Allowed);
+        assert_eq!(
+            judge(&rbac, Some(BILLING), "POST", "/pay?x=1"),
+            Verdict::Allowed
+        );
         assert_eq!(
             judge(&rbac, Some(BILLING), "GET", "/pay"),
             Verdict::Denied(None)
         );
         assert_eq!(
-            judge(&rbac, Some("spiffe://cluster.local/ns/shop/sa/orders"), "POST", "/pay"),
+            judge(
+                &rbac,
+                Some("spiffe://cluster.local/ns/shop/sa/orders"),
+                "POST",
+                "/pay"
+            ),
             Verdict::Denied(None)
         );
         assert_eq!(judge(&rbac, None, "POST", "/pay"), Verdict::Denied(None));

@@ -32,8 +32,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use super::Telemetry;
 use super::access_log::Pending;
 use super::peer::{Interned, Service, UNKNOWN, Workload};
-use crate::tls::Session;
 use super::trace::Open;
+use crate::tls::Session;
 
 /// Envoy's default histogram buckets, which Istio's metrics use: 0.5 ms
 /// to an hour for durations, the same bounds in bytes for sizes.

@@ -1,0 +1,409 @@
+//! Pods as network namespaces on a bridge, each with its application and
+//! (but one) a sidecar: `bowline-proxy init`'s iptables rules, the proxy
+//! running as UID 1337 with what the control plane translates for it, and
+//! its workload certificate from the mesh CA. Proven from outside:
+//! plaintext requests leave as mutual TLS (the wire shows a ClientHello
+//! offering Istio's ALPN and never the request) and reach the application
+//! as plaintext; STRICT refuses a pod without a sidecar, PERMISSIVE takes
+//! it; an AuthorizationPolicy lets `billing` call `payments` and answers
+//! everyone else 403; the destination's metrics name the caller's SPIFFE
+//! ID and `mutual_tls`.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, ensure};
+use bowline_controlplane::ca::{Authority, Identity};
+use bowline_controlplane::model::{
+    Config, Endpoint, Protocol, Proxy, ProxyKind, Service, ServicePort, Snapshot,
+};
+use bowline_tests::netns::{Network, exec, listen_in, proxy_binary};
+use bowline_tests::proxy::{bootstrap_captured, serve_upstream, workload_secrets};
+use serde_json::json;
+
+const NAMESPACE: &str = "shop";
+const PAYMENTS_IP: Ipv4Addr = Ipv4Addr::new(10, 251, 0, 10);
+const PAYMENTS_VIP: &str = "10.252.0.10";
+const SERVICES: &str = "10.252.0.0/24";
+const HOST: &str = "Host: payments.shop.svc.cluster.local:8080";
+/// The injector's capture flags for a pod without annotations.
+const INIT: [&str; 17] = [
+    "init",
+    "-p",
+    "15001",
+    "-z",
+    "15006",
+    "-u",
+    "1337",
+    "-m",
+    "REDIRECT",
+    "-i",
+    "*",
+    "-x",
+    "",
+    "-b",
+    "*",
+    "-d",
+    "15090,15021,15020",
+];
+
+struct Pod {
+    name: &'static str,
+    ip: Ipv4Addr,
+    account: &'static str,
+}
+
+const PAYMENTS: Pod = Pod {
+    name: "payments",
+    ip: PAYMENTS_IP,
+    account: "payments",
+};
+const BILLING: Pod = Pod {
+    name: "billing",
+    ip: Ipv4Addr::new(10, 251, 0, 11),
+    account: "billing",
+};
+const ORDERS: Pod = Pod {
+    name: "orders",
+    ip: Ipv4Addr::new(10, 251, 0, 12),
+    account: "orders",
+};
+
+fn mesh(mtls: &str) -> anyhow::Result<Snapshot> {
+    let mut service = Service::kubernetes(
+        "payments",
+        NAMESPACE,
+        vec![ServicePort {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Http,
+        }],
+    );
+    service.address = Some(PAYMENTS_VIP.into());
+    let endpoint = Endpoint {
+        address: PAYMENTS_IP.to_string(),
+        service_port: 8080,
+        port: 8080,
+        labels: BTreeMap::from([("app".into(), "payments".into())]),
+        ready: true,
+        sidecar: true,
+        service_account: Some("payments".into()),
+    };
+    Ok(Snapshot {
+        endpoints: Arc::new(BTreeMap::from([(service.hostname.clone(), vec![endpoint])])),
+        services: Arc::new(BTreeMap::from([(service.hostname.clone(), service)])),
+        peer_authentications: Arc::new(vec![Config::new(
+            "default",
+            NAMESPACE,
+            serde_json::from_value(json!({"mtls": {"mode": mtls}}))?,
+        )]),
+        authorization_policies: Arc::new(vec![Config::new(
+            "payments-from-billing",
+            NAMESPACE,
+            serde_json::from_value(json!({
+                "selector": {"matchLabels": {"app": "payments"}},
+                "action": "ALLOW",
+                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/billing"]}}]}],
+            }))?,
+        )]),
+        ..Snapshot::default()
+    })
+}
+
+/// The pod's sidecar: its translation, a certificate for its account.
+fn bootstrap(snapshot: &Snapshot, ca: &Authority, pod: &Pod) -> anyhow::Result<serde_json::Value> {
+    let proxy = Proxy {
+        id: format!(
+            "sidecar~{}~{}-1.{NAMESPACE}~{NAMESPACE}.svc.cluster.local",
+            pod.ip, pod.name
+        ),
+        kind: ProxyKind::Sidecar,
+        namespace: NAMESPACE.into(),
+        labels: BTreeMap::from([("app".into(), pod.name.into())]),
+        ip: pod.ip.to_string(),
+        captured: true,
+    };
+    let resources = bowline_controlplane::translate::sidecar(snapshot, &proxy);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .pem()?;
+    let identity = Identity {
+        namespace: NAMESPACE.into(),
+        service_account: pod.account.into(),
+    };
+    let chain = ca.sign(&csr, &identity, None)?;
+    let (root, leaf) = chain.split_last().context("a chain")?;
+    bootstrap_captured(
+        &resources,
+        &workload_secrets(&leaf.join("\n"), &key.serialize_pem(), root),
+    )
+}
+
+/// Starts the pod's sidecar (capture rules first), and waits for it.
+fn sidecar(
+    network: &mut Network,
+    ns: &str,
+    pod: &Pod,
+    bootstrap: &serde_json::Value,
+    dir: &std::path::Path,
+) -> anyhow::Result<usize> {
+    let proxy = proxy_binary()?;
+    let proxy = proxy.to_str().context("a UTF-8 path")?;
+    let mut init = vec![proxy];
+    init.extend(INIT);
+    bowline_tests::netns::run(&[&["ip", "netns", "exec", ns][..], &init].concat())?;
+    let file = dir.join(format!("{}.yaml", pod.name));
+    std::fs::write(&file, serde_saphyr::to_string(bootstrap)?)?;
+    let file = file.to_str().context("a UTF-8 path")?.to_string();
+    let index = network.spawn(
+        ns,
+        &[
+            "setpriv",
+            "--reuid",
+            "1337",
+            "--regid",
+            "1337",
+            "--clear-groups",
+            proxy,
+            "sidecar",
+            "--bootstrap",
+            &file,
+        ],
+        &[
+            ("POD_NAME", format!("{}-1", pod.name)),
+            ("POD_NAMESPACE", NAMESPACE.into()),
+            ("INSTANCE_IP", pod.ip.to_string()),
+            ("SERVICE_ACCOUNT", pod.account.into()),
+            ("ISTIO_META_WORKLOAD_NAME", pod.name.into()),
+            (
+                "ISTIO_METAJSON_LABELS",
+                json!({"app": pod.name}).to_string(),
+            ),
+            // The sidecars log warnings unless told otherwise.
+            (
+                "RUST_LOG",
+                std::env::var("SIDECAR_LOG").unwrap_or_else(|_| "warn".into()),
+            ),
+        ],
+    )?;
+    for _ in 0..100 {
+        let ready = exec(
+            ns,
+            &[
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "http://127.0.0.1:15021/healthz/ready",
+            ],
+        )?;
+        if ready.stdout == b"200" {
+            return Ok(index);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("the {} sidecar did not become ready", pod.name)
+}
+
+/// A request from pod `ns` to payments' Service; (status, body), status
+/// 0 when the connection failed.
+fn call(ns: &str, to: &str) -> anyhow::Result<(u16, String)> {
+    let output = exec(
+        ns,
+        &[
+            "curl",
+            "-s",
+            "-m",
+            "5",
+            "-H",
+            HOST,
+            "-w",
+            "\n%{http_code}",
+            &format!("http://{to}:8080/pay"),
+        ],
+    )?;
+    let text = String::from_utf8(output.stdout)?;
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// What crossed the bridge while `during` ran, as tcpdump wrote it.
+fn on_the_wire(
+    network: &mut Network,
+    dir: &std::path::Path,
+    during: impl FnOnce() -> anyhow::Result<()>,
+) -> anyhow::Result<Vec<u8>> {
+    static CAPTURES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CAPTURES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let file = dir.join(format!("wire-{n}.pcap"));
+    let path = file.to_str().context("a UTF-8 path")?.to_string();
+    let node = network.node().to_string();
+    let capture = network.spawn(
+        &node,
+        &[
+            "tcpdump",
+            "--immediate-mode",
+            "-i",
+            "any",
+            "-U",
+            "-s",
+            "0",
+            "-w",
+            &path,
+            "tcp",
+        ],
+        &[],
+    )?;
+    // tcpdump has opened its capture once it has written the file's
+    // header; it takes a moment more to see packets.
+    for _ in 0..50 {
+        if std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    during()?;
+    std::thread::sleep(Duration::from_millis(300));
+    network.stop(capture);
+    Ok(std::fs::read(&file)?)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The sidecars (UID 1337) read their bootstraps from here.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let ca = Authority::self_signed("cluster.local", Duration::from_secs(3600))?;
+    let mut network = Network::new("mt")?;
+    let mut namespaces = BTreeMap::new();
+    for pod in [&PAYMENTS, &BILLING, &ORDERS] {
+        namespaces.insert(pod.name, network.pod(pod.name, pod.ip, &[SERVICES])?);
+    }
+    let legacy = network.pod("legacy", Ipv4Addr::new(10, 251, 0, 13), &[SERVICES])?;
+    // The payments application, listening inside its pod.
+    serve_upstream(
+        listen_in(
+            &namespaces["payments"],
+            (Ipv4Addr::UNSPECIFIED, 8080).into(),
+        )?,
+        "payments",
+    )?;
+
+    let strict = mesh("STRICT")?;
+    let mut payments_sidecar = 0;
+    for pod in [&PAYMENTS, &BILLING, &ORDERS] {
+        let index = sidecar(
+            &mut network,
+            &namespaces[pod.name],
+            pod,
+            &bootstrap(&strict, &ca, pod)?,
+            dir.path(),
+        )?;
+        if pod.name == "payments" {
+            payments_sidecar = index;
+        }
+    }
+
+    // billing → payments: allowed, over mutual TLS, plaintext at the app.
+    let billing = namespaces["billing"].clone();
+    let mut answer = (0, String::new());
+    let wire = on_the_wire(&mut network, dir.path(), || {
+        answer = call(&billing, PAYMENTS_VIP)?;
+        Ok(())
+    })?;
+    ensure!(
+        answer.0 == 200 && answer.1.starts_with("payments /pay"),
+        "billing → payments: {answer:?}"
+    );
+    ensure!(
+        contains(&wire, b"istio-http/1.1"),
+        "no ClientHello offering istio-http/1.1 on the wire ({} bytes)",
+        wire.len()
+    );
+    ensure!(
+        !contains(&wire, b"GET /pay"),
+        "the request crossed the wire in plaintext"
+    );
+
+    // orders → payments: mutual TLS, but not allowed.
+    let (status, body) = call(&namespaces["orders"], PAYMENTS_VIP)?;
+    ensure!(
+        status == 403 && body == "RBAC: access denied",
+        "orders → payments: {status} {body}"
+    );
+
+    // A pod without a sidecar, straight to the payments pod: STRICT
+    // refuses it (and the wire shows the plaintext it tried).
+    let mut refused = (0, String::new());
+    let wire = on_the_wire(&mut network, dir.path(), || {
+        refused = call(&legacy, &PAYMENTS_IP.to_string())?;
+        Ok(())
+    })?;
+    ensure!(refused.0 == 0, "STRICT let plaintext in: {refused:?}");
+    ensure!(
+        contains(&wire, b"GET /pay"),
+        "the capture saw no plaintext request"
+    );
+
+    // The destination's metrics: who called, over what.
+    let metrics = exec(
+        &namespaces["payments"],
+        &["curl", "-s", "http://127.0.0.1:15020/stats/prometheus"],
+    )?;
+    let metrics = String::from_utf8(metrics.stdout)?;
+    let series = |code: &str, principal: &str, flags: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains(&format!("response_code=\"{code}\""))
+                && l.contains(&format!(
+                    "source_principal=\"spiffe://cluster.local/ns/shop/sa/{principal}\""
+                ))
+                && l.contains(
+                    "destination_principal=\"spiffe://cluster.local/ns/shop/sa/payments\"",
+                )
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains(&format!("response_flags=\"{flags}\""))
+        })
+    };
+    ensure!(
+        series("200", "billing", "-"),
+        "no mutual_tls 200 from billing:\n{metrics}"
+    );
+    ensure!(
+        series("403", "orders", "RBAC"),
+        "no denied series from orders:\n{metrics}"
+    );
+
+    // PERMISSIVE: the same pod takes plaintext and mutual TLS alike.
+    network.stop(payments_sidecar);
+    let permissive = mesh("PERMISSIVE")?;
+    sidecar(
+        &mut network,
+        &namespaces["payments"],
+        &PAYMENTS,
+        &bootstrap(&permissive, &ca, &PAYMENTS)?,
+        dir.path(),
+    )?;
+    let plain = call(&legacy, &PAYMENTS_IP.to_string())?;
+    ensure!(
+        plain.0 == 403,
+        "PERMISSIVE plaintext reaches the policy, which wants billing's identity: {plain:?}"
+    );
+    let mutual = call(&billing, PAYMENTS_VIP)?;
+    ensure!(mutual.0 == 200, "PERMISSIVE mutual TLS: {mutual:?}");
+    Ok(())
+}
