@@ -226,6 +226,9 @@ enum SanKind {
     Ip,
 }
 
+/// A context's certificate and roots, as they are now.
+type Resolved = (Option<Arc<Secret>>, Option<Arc<Secret>>);
+
 /// What a context has in common on both sides.
 #[derive(Debug)]
 struct Common {
@@ -237,6 +240,13 @@ struct Common {
 }
 
 impl Common {
+    /// The certificate and the roots it names, as they are now.
+    fn resolve(&self, secrets: &Secrets) -> Result<Resolved, String> {
+        let resolve =
+            |source: &Option<Source>| source.as_ref().map(|s| s.resolve(secrets)).transpose();
+        Ok((resolve(&self.certificate)?, resolve(&self.roots)?))
+    }
+
     fn from_envoy(common: Option<&CommonTlsContext>) -> Result<Self, (String, String)> {
         let Some(common) = common else {
             return Ok(Self {
@@ -453,18 +463,7 @@ impl UpstreamTls {
         secrets: &Secrets,
         carried: Carried,
     ) -> Result<Arc<ClientConfig>, String> {
-        let certificate = self
-            .common
-            .certificate
-            .as_ref()
-            .map(|s| s.resolve(secrets))
-            .transpose()?;
-        let roots = self
-            .common
-            .roots
-            .as_ref()
-            .map(|s| s.resolve(secrets))
-            .transpose()?;
+        let (certificate, roots) = self.common.resolve(secrets)?;
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = built.get(&carried)
             && b.current(&certificate, &roots)
@@ -588,18 +587,7 @@ impl DownstreamTls {
             };
             (Arc::clone(if agrees { with } else { without }), identity)
         };
-        let certificate = self
-            .common
-            .certificate
-            .as_ref()
-            .map(|s| s.resolve(secrets))
-            .transpose()?;
-        let roots = self
-            .common
-            .roots
-            .as_ref()
-            .map(|s| s.resolve(secrets))
-            .transpose()?;
+        let (certificate, roots) = self.common.resolve(secrets)?;
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = built.as_ref()
             && b.current(&certificate, &roots)
