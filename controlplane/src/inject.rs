@@ -185,9 +185,10 @@ fn workload_name(
     })
 }
 
-/// `bowline-proxy init` with istio-iptables' flags, from the pod's
-/// `traffic.sidecar.istio.io/*` annotations.
-fn init_container(annotations: &BTreeMap<String, String>, injection: &Injection) -> Container {
+/// The arguments of the injected `istio-init` container: `init` and
+/// istio-iptables' flags, from the pod's `traffic.sidecar.istio.io/*`
+/// annotations.
+pub fn init_args(annotations: &BTreeMap<String, String>) -> Vec<String> {
     let annotation = |name: &str, default: &str| {
         annotations
             .get(&format!("traffic.sidecar.istio.io/{name}"))
@@ -228,10 +229,16 @@ fn init_container(annotations: &BTreeMap<String, String>, injection: &Injection)
             args.push(value);
         }
     }
+    args
+}
+
+/// `bowline-proxy init` with istio-iptables' flags, from the pod's
+/// `traffic.sidecar.istio.io/*` annotations.
+fn init_container(annotations: &BTreeMap<String, String>, injection: &Injection) -> Container {
     Container {
         name: "istio-init".into(),
         image: Some(injection.proxy_image.clone()),
-        args: Some(args),
+        args: Some(init_args(annotations)),
         // Writing iptables rules needs these two capabilities and root in
         // the pod's network namespace, nothing more.
         security_context: Some(SecurityContext {

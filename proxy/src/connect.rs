@@ -1,7 +1,8 @@
 //! Connections to a cluster's endpoints, for HTTP and TCP alike: TCP from
 //! the cluster's bound address (if any) within its connect timeout, then
-//! TLS when the cluster's transport socket asks for it — to every
-//! endpoint, or (auto-mTLS) to those with a mesh proxy beside them.
+//! TLS when the cluster's transport socket asks for it for the endpoint
+//! ([`Cluster::tls_for`]: every endpoint, or with auto-mTLS those with a
+//! mesh proxy beside them).
 
 use std::io;
 use std::net::SocketAddr;
@@ -17,51 +18,42 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use crate::model::Cluster;
 use crate::model::cluster::Target;
-use crate::tls::{Carried, Secrets, Session};
+use crate::tls::{Carried, Secrets, Session, UpstreamTls};
 
 /// An open connection to an endpoint.
 #[derive(Debug)]
 pub enum Stream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// With who is at each end, as the handshake proved.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>, Session),
 }
 
 impl Stream {
     /// Who is at each end, when the connection is TLS.
-    pub fn session(&self) -> Option<Session> {
-        let Stream::Tls(tls) = self else {
-            return None;
-        };
-        let connection = tls.get_ref().1;
-        Some(Session {
-            local: None,
-            peer: connection
-                .peer_certificates()
-                .and_then(|certs| certs.first())
-                .and_then(crate::tls::spiffe_id)
-                .map(Arc::from),
-            mutual: true,
-        })
+    pub fn session(&self) -> Option<&Session> {
+        match self {
+            Stream::Plain(_) => None,
+            Stream::Tls(_, session) => Some(session),
+        }
     }
 }
 
-/// Connects to `target` for `cluster`: TLS when `mesh` (the endpoint has a
-/// mesh proxy) or the cluster says so for every endpoint.
+/// Connects to `target` for `cluster`, over `tls` when given.
 pub async fn connect(
     cluster: &Cluster,
     secrets: &Secrets,
     target: &Target,
-    mesh: bool,
+    tls: Option<&UpstreamTls>,
     carried: Carried,
 ) -> io::Result<Stream> {
     let timeout = cluster.connect_timeout;
     let tcp = tokio::time::timeout(timeout, tcp(cluster, target))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timeout"))??;
-    let Some(tls) = cluster.tls_for(mesh) else {
+    let Some(tls) = tls else {
         return Ok(Stream::Plain(tcp));
     };
-    let config = tls
+    let (config, local) = tls
         .client_config(secrets, carried)
         .map_err(|e| io::Error::other(format!("TLS to {target}: {e}")))?;
     let address = tcp.peer_addr()?.ip();
@@ -69,7 +61,18 @@ pub async fn connect(
     let stream = tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
-    Ok(Stream::Tls(Box::new(stream)))
+    let session = Session {
+        local,
+        peer: stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .and_then(crate::tls::spiffe_id)
+            .map(Arc::from),
+        mutual: true,
+    };
+    Ok(Stream::Tls(Box::new(stream), session))
 }
 
 async fn tcp(cluster: &Cluster, target: &Target) -> io::Result<TcpStream> {
@@ -108,7 +111,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -121,7 +124,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -132,28 +135,28 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Stream::Plain(s) => s.is_write_vectored(),
-            Stream::Tls(s) => s.is_write_vectored(),
+            Stream::Tls(s, _) => s.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 }
@@ -162,17 +165,14 @@ impl Connection for Stream {
     fn connected(&self) -> Connected {
         match self {
             Stream::Plain(s) => s.connected(),
-            Stream::Tls(s) => {
+            Stream::Tls(s, session) => {
                 let (tcp, tls) = s.get_ref();
                 let mut connected = tcp.connected();
                 if matches!(tls.alpn_protocol(), Some(b"h2" | b"istio-h2")) {
                     connected = connected.negotiated_h2();
                 }
-                // Responses on it carry who answered (the peer's SPIFFE ID).
-                match self.session() {
-                    Some(session) => connected.extra(session),
-                    None => connected,
-                }
+                // Responses on it carry who is at each end.
+                connected.extra(session.clone())
             }
         }
     }
@@ -207,25 +207,21 @@ impl tower::Service<http::Uri> for Connector {
                 Ok(ip) => Target::Ip(SocketAddr::new(ip, port)),
                 Err(_) => Target::Dns(host.to_string(), port),
             };
-            let stream = if secure {
-                connect(
-                    &connector.cluster,
-                    &connector.secrets,
-                    &target,
-                    true,
-                    connector.carried,
-                )
-                .await?
+            // `https` is given to endpoints the cluster reaches over TLS,
+            // all of them or those with a mesh proxy.
+            let tls = if secure {
+                connector.cluster.tls_for(true).map(Arc::as_ref)
             } else {
-                let timeout = connector.cluster.connect_timeout;
-                Stream::Plain(
-                    tokio::time::timeout(timeout, tcp(&connector.cluster, &target))
-                        .await
-                        .map_err(|_| {
-                            io::Error::new(io::ErrorKind::TimedOut, "connect timeout")
-                        })??,
-                )
+                None
             };
+            let stream = connect(
+                &connector.cluster,
+                &connector.secrets,
+                &target,
+                tls,
+                connector.carried,
+            )
+            .await?;
             Ok(TokioIo::new(stream))
         })
     }

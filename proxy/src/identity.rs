@@ -116,10 +116,7 @@ pub async fn keep(ca: Ca, secrets: Arc<Secrets>) {
     loop {
         match request(&ca).await {
             Ok(issued) => {
-                let identity = match issued.workload.certificate.as_ref() {
-                    Secret::Certificate(c) => c.identity.clone(),
-                    Secret::Roots(_) => None,
-                };
+                let identity = issued.workload.certificate.identity();
                 tracing::info!(
                     identity = identity.as_deref().unwrap_or("-"),
                     renew_in = ?issued.renew_in,

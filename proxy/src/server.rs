@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::connect::Stream;
 use crate::error::Error;
 use crate::http::Connection;
 use crate::model::Snapshot;
@@ -450,29 +451,32 @@ async fn tcp<S>(
     };
     let target = &host.address;
     let _in_flight = host.start();
-    let connected =
-        crate::connect::connect(cluster, &shared.secrets, target, host.mesh, Carried::Tcp).await;
+    let connected = crate::connect::connect(
+        cluster,
+        &shared.secrets,
+        target,
+        cluster.tls_for(host.mesh).map(Arc::as_ref),
+        Carried::Tcp,
+    )
+    .await;
     let outcome = match &connected {
         Ok(_) => Outcome::Success,
         Err(_) => Outcome::LocalFailure,
     };
     state.record(&host, outcome);
-    // Who is at the other end of a TCP connection travels in mTLS;
-    // without it, unknown.
-    let upstream_session = match &connected {
-        Ok(stream) if !inbound => stream.session(),
-        _ => None,
+    // Who is at the other end of a TCP connection is known only from
+    // mutual TLS: inbound the caller's, outbound the upstream's.
+    let session = if inbound {
+        session.as_ref()
+    } else {
+        connected.as_ref().ok().and_then(Stream::session)
     };
     let peers = Peers::seen_by(
         inbound,
         shared.telemetry.exchange.own.clone(),
         None,
         cluster.service.clone().unwrap_or_else(Service::unknown),
-        if inbound {
-            session.as_ref()
-        } else {
-            upstream_session.as_ref()
-        },
+        session,
     );
     let metrics = &shared.telemetry.metrics;
     let upstream_host = target.to_string();

@@ -95,6 +95,14 @@ impl Secret {
         }))
     }
 
+    /// The SPIFFE ID a certificate proves; none for roots.
+    pub fn identity(&self) -> Option<Arc<str>> {
+        match self {
+            Self::Certificate(c) => c.identity.clone(),
+            Self::Roots(_) => None,
+        }
+    }
+
     /// Roots to trust, PEM (one or more certificates).
     pub fn roots(pem: &[u8]) -> Result<Self, String> {
         let mut roots = RootCertStore::empty();
@@ -457,18 +465,19 @@ impl UpstreamTls {
     }
 
     /// The client configuration for a connection carrying `carried`, with
-    /// the secrets of the moment.
+    /// the secrets of the moment, and the SPIFFE ID its certificate proves.
     pub fn client_config(
         &self,
         secrets: &Secrets,
         carried: Carried,
-    ) -> Result<Arc<ClientConfig>, String> {
+    ) -> Result<(Arc<ClientConfig>, Option<Arc<str>>), String> {
         let (certificate, roots) = self.common.resolve(secrets)?;
+        let identity = certificate.as_deref().and_then(Secret::identity);
         let mut built = self.built.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(b) = built.get(&carried)
             && b.current(&certificate, &roots)
         {
-            return Ok(Arc::clone(&b.config));
+            return Ok((Arc::clone(&b.config), identity));
         }
         let verifier = Arc::new(PeerVerifier {
             roots: match roots.as_deref() {
@@ -505,7 +514,7 @@ impl UpstreamTls {
                 config: Arc::clone(&config),
             },
         );
-        Ok(config)
+        Ok((config, identity))
     }
 
     /// The ALPN offered: Istio's values for mesh contexts (which say
@@ -581,10 +590,7 @@ impl DownstreamTls {
             let agrees = offered.is_empty()
                 || self.common.alpn.is_empty()
                 || offered.iter().any(|p| self.common.alpn.contains(p));
-            let identity = match certificate.as_deref() {
-                Some(Secret::Certificate(c)) => c.identity.clone(),
-                _ => None,
-            };
+            let identity = certificate.as_deref().and_then(Secret::identity);
             (Arc::clone(if agrees { with } else { without }), identity)
         };
         let (certificate, roots) = self.common.resolve(secrets)?;

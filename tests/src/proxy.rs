@@ -147,6 +147,29 @@ pub async fn upstream(name: &'static str) -> anyhow::Result<SocketAddr> {
     upstream_on([127, 0, 0, 1], name).await
 }
 
+/// Sends `bytes` to 127.0.0.1:`port` and fails unless the same bytes
+/// come back within 5 s (through a proxy to [`echo`]).
+pub async fn echoes(port: u16, bytes: &[u8]) -> anyhow::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream.write_all(bytes).await?;
+    let mut echoed = vec![0; bytes.len()];
+    tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed)).await??;
+    ensure!(echoed == bytes, "sent {bytes:?}, got back {echoed:?}");
+    Ok(())
+}
+
+/// The environment by which a test sidecar names its workload in the
+/// `shop` namespace (as the injector sets it): metrics and spans carry it.
+pub fn workload_env<'a>(name: &'a str, labels: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("POD_NAMESPACE", "shop"),
+        ("ISTIO_META_WORKLOAD_NAME", name),
+        ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
+        ("ISTIO_METAJSON_LABELS", labels),
+    ]
+}
+
 /// A TCP upstream that echoes what it reads.
 pub async fn echo() -> anyhow::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

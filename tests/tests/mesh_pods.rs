@@ -28,27 +28,6 @@ const PAYMENTS_IP: Ipv4Addr = Ipv4Addr::new(10, 251, 0, 10);
 const PAYMENTS_VIP: &str = "10.252.0.10";
 const SERVICES: &str = "10.252.0.0/24";
 const HOST: &str = "Host: payments.shop.svc.cluster.local:8080";
-/// The injector's capture flags for a pod without annotations.
-const INIT: [&str; 17] = [
-    "init",
-    "-p",
-    "15001",
-    "-z",
-    "15006",
-    "-u",
-    "1337",
-    "-m",
-    "REDIRECT",
-    "-i",
-    "*",
-    "-x",
-    "",
-    "-b",
-    "*",
-    "-d",
-    "15090,15021,15020",
-];
-
 struct Pod {
     name: &'static str,
     ip: Ipv4Addr,
@@ -152,9 +131,11 @@ fn sidecar(
 ) -> anyhow::Result<usize> {
     let proxy = proxy_binary()?;
     let proxy = proxy.to_str().context("a UTF-8 path")?;
-    let mut init = vec![proxy];
-    init.extend(INIT);
-    bowline_tests::netns::run(&[&["ip", "netns", "exec", ns][..], &init].concat())?;
+    // The init container the injector gives a pod without annotations.
+    let init = bowline_controlplane::inject::init_args(&BTreeMap::new());
+    let mut command = vec!["ip", "netns", "exec", ns, proxy];
+    command.extend(init.iter().map(String::as_str));
+    bowline_tests::netns::run(&command)?;
     let file = dir.join(format!("{}.yaml", pod.name));
     std::fs::write(&file, serde_saphyr::to_string(bootstrap)?)?;
     let file = file.to_str().context("a UTF-8 path")?.to_string();
@@ -386,6 +367,24 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
     ensure!(
         series("403", "orders", "RBAC"),
         "no denied series from orders:\n{metrics}"
+    );
+    // The source's: both ends' identities from its side of the handshake.
+    let metrics = exec(
+        &namespaces["billing"],
+        &["curl", "-s", "http://127.0.0.1:15020/stats/prometheus"],
+    )?;
+    let metrics = String::from_utf8(metrics.stdout)?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("response_code=\"200\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/billing\"")
+                && l.contains(
+                    "destination_principal=\"spiffe://cluster.local/ns/shop/sa/payments\""
+                )),
+        "no source series naming both principals:\n{metrics}"
     );
 
     // PERMISSIVE: the same pod takes plaintext and mutual TLS alike.

@@ -5,7 +5,9 @@
 
 use anyhow::{Context, ensure};
 use bowline_tests::cluster::free_port;
-use bowline_tests::proxy::{Running, curl, http_manager, in_front_of, static_cluster, upstream};
+use bowline_tests::proxy::{
+    Running, curl, echoes, http_manager, in_front_of, static_cluster, upstream,
+};
 use futures::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
@@ -114,7 +116,6 @@ async fn grpc_status_travels_in_trailers() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sniffing_listener_tells_http_from_tcp() -> anyhow::Result<()> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let (app, echo) = (upstream("app").await?, bowline_tests::proxy::echo().await?);
     let port = free_port()?;
     let manager = http_manager(json!([{"name": "all", "domains": ["*"],
@@ -151,16 +152,7 @@ async fn a_sniffing_listener_tells_http_from_tcp() -> anyhow::Result<()> {
         "h2c: {status} {body}"
     );
     // Not HTTP: the bytes go to the TCP chain's cluster as they are.
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-    stream.write_all(b"\x00\x01hello, not http\r\n").await?;
-    let mut echoed = [0; 19];
-    tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        stream.read_exact(&mut echoed),
-    )
-    .await??;
-    ensure!(&echoed == b"\x00\x01hello, not http\r\n", "{echoed:?}");
-    drop(stream);
+    echoes(port, b"\x00\x01hello, not http\r\n").await?;
     proxy.stop().await
 }
 
@@ -176,7 +168,6 @@ async fn the_control_planes_sniffing_listener_routes_http_and_passes_the_rest() 
     };
     use std::collections::BTreeMap;
     use std::sync::Arc;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     let (app, echo) = (
         upstream("legacy").await?,
@@ -260,15 +251,6 @@ async fn the_control_planes_sniffing_listener_routes_http_and_passes_the_rest() 
     );
     // The VirtualService's rules apply: it is HTTP, not a byte stream.
     ensure!(curl(&["-H", host, &url("/teapot")])?.0 == 418);
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", db_port)).await?;
-    stream.write_all(b"*1\r\n$4\r\nPING\r\n").await?;
-    let mut echoed = [0; 14];
-    tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        stream.read_exact(&mut echoed),
-    )
-    .await??;
-    ensure!(&echoed == b"*1\r\n$4\r\nPING\r\n", "{echoed:?}");
-    drop(stream);
+    echoes(db_port, b"*1\r\n$4\r\nPING\r\n").await?;
     proxy.stop().await
 }

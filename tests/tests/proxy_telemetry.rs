@@ -13,7 +13,7 @@ use anyhow::ensure;
 use bowline_tests::cluster::free_port;
 use bowline_tests::prometheus::{Prometheus, Sample};
 use bowline_tests::proxy::{
-    Running, curl, echo, http_manager, in_front_of, static_cluster, upstream,
+    Running, curl, echo, http_manager, in_front_of, static_cluster, upstream, workload_env,
 };
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,15 +39,6 @@ fn cluster(name: &str, port: u16, sidecar: bool, metadata: Value) -> Value {
         cluster["metadata"] = metadata;
     }
     cluster
-}
-
-fn workload_env<'a>(name: &'a str, labels: &'a str) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("POD_NAMESPACE", "shop"),
-        ("ISTIO_META_WORKLOAD_NAME", name),
-        ("ISTIO_META_CLUSTER_ID", "Kubernetes"),
-        ("ISTIO_METAJSON_LABELS", labels),
-    ]
 }
 
 /// The one sample whose labels include all of `want`.

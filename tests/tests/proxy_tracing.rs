@@ -15,7 +15,7 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use bowline_tests::cluster::free_port;
 use bowline_tests::otlp::{Collector, Received};
-use bowline_tests::proxy::{Running, curl, http_manager, static_cluster};
+use bowline_tests::proxy::{Running, curl, http_manager, static_cluster, workload_env};
 use serde_json::{Value, json};
 
 const REVIEWS: &str = "reviews.shop.svc.cluster.local";
@@ -71,14 +71,6 @@ fn traced_listener(port: u16, direction: &str, cluster: &str, sampling: f64) -> 
     };
     bowline_controlplane::translate::observe(&mut listeners, &mesh);
     bowline_proxy::envoy::to_json(&listeners[0]).expect("JSON")
-}
-
-fn workload_env<'a>(name: &'a str, labels: &'a str) -> Vec<(&'a str, &'a str)> {
-    vec![
-        ("POD_NAMESPACE", "shop"),
-        ("ISTIO_META_WORKLOAD_NAME", name),
-        ("ISTIO_METAJSON_LABELS", labels),
-    ]
 }
 
 fn header(headers: &http::HeaderMap, name: &str) -> String {

@@ -331,9 +331,10 @@ impl Collector for Metrics {
 
 impl Peers {
     /// As the proxy sees a request or connection: a sidecar's inbound side
-    /// is its destination (plaintext until mTLS), every other side its
-    /// source (which cannot know the policy); the other end is `peer` when
-    /// it said who it is, else unknown.
+    /// is its destination, every other side its source (which cannot know
+    /// the policy); the other end is `peer` when it said who it is, else
+    /// unknown. `session`, when the connection to the other end was TLS,
+    /// gives both ends' SPIFFE IDs, and inbound whether it was mutual.
     pub fn seen_by(
         inbound: bool,
         own: Interned<Workload>,
