@@ -4,7 +4,7 @@
 //! - status (15021): `/healthz/ready`, the kubelet's probe;
 //! - metrics (15020 merged, 15090 the proxy's): `/stats/prometheus`;
 //! - admin (127.0.0.1:15000): `/ready`, `/stats`, `/stats/prometheus`,
-//!   `/server_info`, `/config_dump`, `POST /logging?level=debug`,
+//!   `/server_info`, `/config_dump`, `/certs`, `POST /logging?level=debug`,
 //!   `POST /quitquitquit`.
 
 use std::convert::Infallible;
@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use crate::error::Error;
 use crate::state::State;
 use crate::telemetry::metrics::Metrics;
+use crate::tls::Secrets;
 
 /// Changes the log filter (`tracing_subscriber`'s directives, e.g.
 /// `debug` or `bowline_proxy::xds=trace`); given by the binary, which owns
@@ -35,6 +36,8 @@ pub type SetLogFilter = Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
 pub struct Admin {
     pub state: Arc<State>,
     pub metrics: Arc<Metrics>,
+    /// The TLS secrets, for `/certs`.
+    pub secrets: Arc<Secrets>,
     pub node_id: String,
     /// Set to stop the proxy (`/quitquitquit`).
     pub stop: Arc<watch::Sender<bool>>,
@@ -95,6 +98,8 @@ fn respond(admin: &Admin, port: Port, request: &Request<Incoming>) -> Response<F
             StatusCode::SERVICE_UNAVAILABLE,
             if state.is_draining() {
                 "not ready: draining\n"
+            } else if state.is_awaiting_identity() {
+                "not ready: no workload certificate from the CA yet\n"
             } else {
                 "not ready: no complete configuration yet\n"
             },
@@ -116,6 +121,7 @@ fn respond(admin: &Admin, port: Port, request: &Request<Incoming>) -> Response<F
             json_body(&info)
         }
         (Port::Admin, &Method::GET, "/config_dump") => config_dump(admin, request.uri().query()),
+        (Port::Admin, &Method::GET, "/certs") => certs(&admin.secrets),
         (Port::Admin, &Method::POST, "/logging") => logging(admin, request.uri().query()),
         (Port::Admin, &Method::POST, "/quitquitquit") => {
             let _ = admin.stop.send(true);
@@ -146,6 +152,18 @@ fn metrics(admin: &Admin) -> Response<Full<Bytes>> {
         HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
     );
     response
+}
+
+/// Envoy's `/certs`: each secret's certificates, serial numbers and
+/// expiry — how to see that rotation happens.
+fn certs(secrets: &Secrets) -> Response<Full<Bytes>> {
+    let mut all = secrets.all();
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    let certificates: Vec<_> = all
+        .iter()
+        .map(|(name, secret)| secret.details(name))
+        .collect();
+    json_body(&serde_json::json!({ "certificates": certificates }))
 }
 
 /// The sections of Envoy's `/config_dump` this proxy fills: the resource

@@ -64,6 +64,7 @@ pub async fn run(
     let state = Arc::new(State::default());
     let secrets = Arc::new(Secrets::new(Arc::clone(&state)));
     if let Some(ca) = config.ca.clone() {
+        state.await_identity();
         tokio::spawn(identity::keep(ca, Arc::clone(&secrets)));
     }
     let (telemetry, finished) = Telemetry::new(&config);
@@ -79,6 +80,7 @@ pub async fn run(
     let admin = Arc::new(Admin {
         state: Arc::clone(&state),
         metrics: Arc::clone(&telemetry.metrics),
+        secrets: Arc::clone(&secrets),
         node_id: config.node_id.clone(),
         stop: Arc::clone(&quit),
         log_filter,

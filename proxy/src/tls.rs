@@ -51,7 +51,8 @@ pub fn provider() -> Arc<CryptoProvider> {
 #[derive(Debug)]
 pub enum Secret {
     Certificate(Certified),
-    Roots(Arc<RootCertStore>),
+    /// The store to verify with, and the certificates it was made of.
+    Roots(Arc<RootCertStore>, Vec<CertificateDer<'static>>),
 }
 
 /// A certificate chain and its private key (kept in memory only).
@@ -99,23 +100,41 @@ impl Secret {
     pub fn identity(&self) -> Option<Arc<str>> {
         match self {
             Self::Certificate(c) => c.identity.clone(),
-            Self::Roots(_) => None,
+            Self::Roots(..) => None,
+        }
+    }
+
+    /// What the admin endpoint's `/certs` shows of it, in Envoy's shape:
+    /// `cert_chain` for a certificate, `ca_cert` for roots; `name` is the
+    /// secret's.
+    pub fn details(&self, name: &str) -> serde_json::Value {
+        let described = |certificates: &[CertificateDer<'_>]| {
+            certificates
+                .iter()
+                .filter_map(|c| certificate_details(c, name))
+                .collect::<Vec<_>>()
+        };
+        match self {
+            Self::Certificate(c) => serde_json::json!({"cert_chain": described(&c.chain)}),
+            Self::Roots(_, certificates) => serde_json::json!({"ca_cert": described(certificates)}),
         }
     }
 
     /// Roots to trust, PEM (one or more certificates).
     pub fn roots(pem: &[u8]) -> Result<Self, String> {
         let mut roots = RootCertStore::empty();
+        let mut certificates = Vec::new();
         for cert in CertificateDer::pem_slice_iter(pem) {
             let cert = cert.map_err(|e| format!("the trusted CA is not PEM: {e}"))?;
             roots
-                .add(cert)
+                .add(cert.clone())
                 .map_err(|e| format!("the trusted CA is not a usable root: {e}"))?;
+            certificates.push(cert);
         }
         if roots.is_empty() {
             return Err("no trusted CA certificate".into());
         }
-        Ok(Self::Roots(Arc::new(roots)))
+        Ok(Self::Roots(Arc::new(roots), certificates))
     }
 
     /// An Envoy `Secret` resource (from SDS or a bootstrap file); an error
@@ -184,6 +203,29 @@ impl Secrets {
     /// Serves `workload` as `default` and `ROOTCA` from now on.
     pub fn set_workload(&self, workload: Workload) {
         self.workload.store(Some(Arc::new(workload)));
+        self.state.identity_issued();
+    }
+
+    /// Every secret known now, by name: the configuration's, then the
+    /// workload's (unless the configuration names its own).
+    pub fn all(&self) -> Vec<(String, Arc<Secret>)> {
+        let snapshot = self.state.snapshot();
+        let mut all: Vec<(String, Arc<Secret>)> = snapshot
+            .secrets
+            .iter()
+            .map(|(name, secret)| (name.clone(), Arc::clone(secret)))
+            .collect();
+        if let Some(workload) = self.workload.load().as_ref() {
+            for (name, secret) in [
+                (WORKLOAD_SECRET, &workload.certificate),
+                (ROOT_SECRET, &workload.roots),
+            ] {
+                if !snapshot.secrets.contains_key(name) {
+                    all.push((name.to_string(), Arc::clone(secret)));
+                }
+            }
+        }
+        all
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Secret>> {
@@ -481,7 +523,7 @@ impl UpstreamTls {
         }
         let verifier = Arc::new(PeerVerifier {
             roots: match roots.as_deref() {
-                Some(Secret::Roots(roots)) => Some(Arc::clone(roots)),
+                Some(Secret::Roots(roots, _)) => Some(Arc::clone(roots)),
                 Some(Secret::Certificate(_)) => {
                     return Err("the validation secret holds a certificate, not roots".into());
                 }
@@ -499,7 +541,7 @@ impl UpstreamTls {
             Some(Secret::Certificate(c)) => builder
                 .with_client_auth_cert(c.chain.clone(), c.key.clone_key())
                 .map_err(|e| format!("the client certificate: {e}"))?,
-            Some(Secret::Roots(_)) => {
+            Some(Secret::Roots(..)) => {
                 return Err("the certificate secret holds roots, not a certificate".into());
             }
             None => builder.with_no_client_auth(),
@@ -607,7 +649,7 @@ impl DownstreamTls {
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?;
         let builder = match roots.as_deref() {
-            Some(Secret::Roots(roots)) => {
+            Some(Secret::Roots(roots, _)) => {
                 let verifier =
                     WebPkiClientVerifier::builder_with_provider(Arc::clone(roots), provider());
                 let verifier = if self.require_client_certificate {
@@ -745,6 +787,41 @@ pub fn spiffe_id(cert: &CertificateDer<'_>) -> Option<String> {
         .into_iter()
         .find(|(kind, name)| *kind == SanKind::Uri && name.starts_with("spiffe://"))
         .map(|(_, name)| name)
+}
+
+/// One certificate as Envoy's admin `/certs` describes it (serial in
+/// hex, names, validity in RFC 3339, whole days left); `path` says where
+/// it came from — here the secret's name.
+fn certificate_details(cert: &CertificateDer<'_>, path: &str) -> Option<serde_json::Value> {
+    use time::format_description::well_known::Rfc3339;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
+    let validity = parsed.validity();
+    let (from, to) = (
+        validity.not_before.to_datetime(),
+        validity.not_after.to_datetime(),
+    );
+    let left = to - time::OffsetDateTime::now_utc();
+    let names: Vec<serde_json::Value> = subject_alt_names(cert)
+        .into_iter()
+        .map(|(kind, name)| {
+            let key = match kind {
+                SanKind::Dns => "dns",
+                SanKind::Uri => "uri",
+                SanKind::Email => "email",
+                SanKind::Ip => "ip_address",
+            };
+            serde_json::json!({ key: name })
+        })
+        .collect();
+    Some(serde_json::json!({
+        "path": path,
+        "serial_number": parsed.raw_serial_as_string().replace(':', ""),
+        "subject_alt_names": names,
+        "days_until_expiration": left.whole_days().max(0).to_string(),
+        "valid_from": from.format(&Rfc3339).ok()?,
+        "expiration_time": to.format(&Rfc3339).ok()?,
+    }))
 }
 
 /// When a certificate stops being valid, in seconds since the epoch.

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use bowline_proxy::config::{
-    Config, ENV_ADMIN_ADDRESS, ENV_DISCOVERY_ADDRESS, ENV_PROMETHEUS_ADDRESS, ENV_ROOT_CERT,
-    ENV_SERVER_NAME, ENV_STATS_ADDRESS, ENV_STATUS_ADDRESS, ENV_TOKEN, Mode,
+    Config, ENV_ADMIN_ADDRESS, ENV_CA_ADDRESS, ENV_DISCOVERY_ADDRESS, ENV_PROMETHEUS_ADDRESS,
+    ENV_ROOT_CERT, ENV_SERVER_NAME, ENV_STATS_ADDRESS, ENV_STATUS_ADDRESS, ENV_TOKEN, Mode,
 };
 use serde_json::json;
 
@@ -237,12 +237,34 @@ pub fn discovery_env(
     token: &str,
     dir: &std::path::Path,
 ) -> anyhow::Result<Vec<(String, String)>> {
+    reaching(ENV_DISCOVERY_ADDRESS, target, token, dir)
+}
+
+/// The environment of a proxy that asks the CA at `target` for its
+/// certificate with `token` (its configuration coming from elsewhere, a
+/// bootstrap file): the files it reads are written to `dir`.
+pub fn ca_env(
+    target: &Target,
+    token: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<(String, String)>> {
+    reaching(ENV_CA_ADDRESS, target, token, dir)
+}
+
+/// `variable` set to the control plane's address, with the root to trust
+/// it by and the token to present, both written to `dir`.
+fn reaching(
+    variable: &str,
+    target: &Target,
+    token: &str,
+    dir: &std::path::Path,
+) -> anyhow::Result<Vec<(String, String)>> {
     let (root, token_file) = (dir.join("root-cert.pem"), dir.join("istio-token"));
     std::fs::write(&root, &target.root_pem)?;
     std::fs::write(&token_file, token)?;
     let path = |p: PathBuf| p.display().to_string();
     Ok(vec![
-        (ENV_DISCOVERY_ADDRESS.into(), target.address.clone()),
+        (variable.into(), target.address.clone()),
         (ENV_SERVER_NAME.into(), target.server_name.clone()),
         (ENV_ROOT_CERT.into(), path(root)),
         (ENV_TOKEN.into(), path(token_file)),
@@ -274,6 +296,14 @@ impl Running {
         bootstrap: serde_json::Value,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::bootstrap_unready(bootstrap, env)?.until_ready().await
+    }
+
+    /// As [`Running::bootstrap`], returning as soon as it runs.
+    pub fn bootstrap_unready(
+        bootstrap: serde_json::Value,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("bootstrap.yaml");
         std::fs::write(&path, serde_saphyr::to_string(&bootstrap)?)?;
@@ -281,7 +311,7 @@ impl Running {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Self::start(Mode::Sidecar, Some(path), env, dir).await
+        Self::spawn(Mode::Sidecar, Some(path), env, dir)
     }
 
     /// A proxy in `mode` configured over xDS at `target` (see
@@ -295,10 +325,10 @@ impl Running {
         let dir = tempfile::tempdir()?;
         let mut all = discovery_env(target, token, dir.path())?;
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        Self::start(mode, None, all, dir).await
+        Self::spawn(mode, None, all, dir)?.until_ready().await
     }
 
-    async fn start(
+    fn spawn(
         mode: Mode,
         bootstrap: Option<PathBuf>,
         env: Vec<(String, String)>,
@@ -323,12 +353,16 @@ impl Running {
         let config = Config::from_env(mode, bootstrap, &env)?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let task = tokio::spawn(bowline_proxy::run(config, stopped, None));
-        let running = Self {
+        Ok(Self {
             ports,
             stop,
             task,
             _dir: dir,
-        };
+        })
+    }
+
+    async fn until_ready(self) -> anyhow::Result<Self> {
+        let running = self;
         let mut waited = 0;
         while !running.ready().await? {
             ensure!(
