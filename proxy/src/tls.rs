@@ -290,6 +290,16 @@ struct Common {
 }
 
 impl Common {
+    /// The secrets it names over SDS.
+    fn sds_names(&self) -> impl Iterator<Item = &str> {
+        [&self.certificate, &self.roots]
+            .into_iter()
+            .filter_map(|source| match source {
+                Some(Source::Sds(name)) => Some(name.as_str()),
+                _ => None,
+            })
+    }
+
     /// The certificate and the roots it names, as they are now.
     fn resolve(&self, secrets: &Secrets) -> Result<Resolved, String> {
         let resolve =
@@ -484,6 +494,11 @@ fn tls_context<T: prost::Message + prost::Name + Default>(
 }
 
 impl UpstreamTls {
+    /// The secrets it names over SDS.
+    pub fn sds_names(&self) -> impl Iterator<Item = &str> {
+        self.common.sds_names()
+    }
+
     /// From a cluster's transport socket; `Ok(None)` for plaintext.
     pub fn from_envoy(
         socket: &envoy_types::pb::envoy::config::core::v3::TransportSocket,
@@ -595,6 +610,11 @@ pub struct DownstreamTls {
 }
 
 impl DownstreamTls {
+    /// The secrets it names over SDS.
+    pub fn sds_names(&self) -> impl Iterator<Item = &str> {
+        self.common.sds_names()
+    }
+
     /// From a filter chain's transport socket; `Ok(None)` for plaintext.
     pub fn from_envoy(
         socket: &envoy_types::pb::envoy::config::core::v3::TransportSocket,

@@ -1,9 +1,10 @@
 //! The delta ADS client: one gRPC stream over TLS to the control plane,
 //! authenticated with the pod's ServiceAccount token.
 //!
-//! Clusters and listeners are subscribed to whole (wildcard); endpoints
-//! and route configurations by the names the clusters and listeners
-//! held name. Each resource is converted as it arrives: one that does not
+//! Clusters and listeners are subscribed to whole (wildcard); endpoints,
+//! route configurations and TLS secrets by the names the clusters and
+//! listeners held name (but `default` and `ROOTCA`: the proxy's own
+//! identity, whose key never leaves it, comes from the CA). Each resource is converted as it arrives: one that does not
 //! convert is NACKed alone with the field at fault, and its last good
 //! version keeps serving while the others are applied. The first snapshot
 //! is published once every subscribed name has been answered; after that
@@ -22,6 +23,7 @@ use envoy_types::pb::envoy::config::core::v3::{Node, node};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener as EnvoyListener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret as EnvoySecret;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
@@ -37,11 +39,15 @@ use crate::config::{Config, Discovery};
 use crate::error::{Error, Result};
 use crate::model::{Cluster, Endpoints, Listener, Raw, RouteTable, Snapshot};
 use crate::state::State;
+use crate::tls::{ROOT_SECRET, Secret, WORKLOAD_SECRET};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
 pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
 pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+/// The types subscribed to by name, as what is held names them.
+const NAMED: [&str; 3] = [ENDPOINT, ROUTE, SECRET];
 
 /// Reconnection backoff: Envoy's base interval, capped at 15 s.
 const BACKOFF_MIN: Duration = Duration::from_millis(10);
@@ -173,9 +179,9 @@ async fn open(
     let channel = channel(discovery).await?;
     let bearer = bearer(discovery)?;
     let (requests, outgoing) = mpsc::channel(16);
-    for type_url in [CLUSTER, LISTENER, ENDPOINT, ROUTE] {
+    for type_url in [CLUSTER, LISTENER, ENDPOINT, ROUTE, SECRET] {
         let subscribe = held.names(type_url);
-        if subscribe.is_empty() && matches!(type_url, ENDPOINT | ROUTE) {
+        if subscribe.is_empty() && NAMED.contains(&type_url) {
             continue;
         }
         let request = DeltaDiscoveryRequest {
@@ -304,9 +310,9 @@ struct Held {
     listeners: Versioned<Listener>,
     endpoints: Versioned<Endpoints>,
     routes: Versioned<RouteTable>,
-    /// The endpoint and route names subscribed to on this stream.
-    endpoint_names: BTreeSet<String>,
-    route_names: BTreeSet<String>,
+    secrets: Versioned<Secret>,
+    /// Of the types subscribed to by name ([`NAMED`]): the names.
+    subscribed: BTreeMap<&'static str, BTreeSet<String>>,
     /// Of this stream: the wildcard types answered, and the names
     /// subscribed to and not answered yet.
     answered: BTreeSet<&'static str>,
@@ -320,20 +326,18 @@ impl Held {
     fn start_stream(&mut self) {
         self.answered.clear();
         self.pending = self
-            .endpoint_names
+            .subscribed
             .iter()
-            .map(|n| (ENDPOINT, n.clone()))
-            .chain(self.route_names.iter().map(|n| (ROUTE, n.clone())))
+            .flat_map(|(type_url, names)| names.iter().map(|n| (*type_url, n.clone())))
             .collect();
     }
 
     /// The names to subscribe to (none for the wildcard types).
     fn names(&self, type_url: &str) -> Vec<String> {
-        match type_url {
-            ENDPOINT => self.endpoint_names.iter().cloned().collect(),
-            ROUTE => self.route_names.iter().cloned().collect(),
-            _ => Vec::new(),
-        }
+        self.subscribed
+            .get(type_url)
+            .map(|names| names.iter().cloned().collect())
+            .unwrap_or_default()
     }
 
     fn versions(&self, type_url: &str) -> std::collections::HashMap<String, String> {
@@ -347,6 +351,7 @@ impl Held {
             LISTENER => of(&self.listeners),
             ENDPOINT => of(&self.endpoints),
             ROUTE => of(&self.routes),
+            SECRET => of(&self.secrets),
             _ => Default::default(),
         }
     }
@@ -377,11 +382,18 @@ impl Held {
                     .map_err(|e| decode_error("RouteConfiguration", name, e))?;
                 RouteTable::from_envoy(&config)
             }),
+            SECRET => update(&mut self.secrets, response, |name, bytes| {
+                let secret =
+                    EnvoySecret::decode(bytes).map_err(|e| decode_error("Secret", name, e))?;
+                Secret::from_envoy(&secret)
+                    .map_err(|(field, message)| Error::resource("Secret", name, field, message))
+            }),
             other => return vec![format!("{other}: not a type this proxy subscribes to")],
         };
         let named = match type_url {
             ENDPOINT => ENDPOINT,
             ROUTE => ROUTE,
+            SECRET => SECRET,
             CLUSTER => {
                 self.answered.insert(CLUSTER);
                 return errors;
@@ -403,28 +415,45 @@ impl Held {
         errors
     }
 
-    /// Requests that bring the endpoint and route subscriptions in line
-    /// with the clusters and listeners held.
+    /// The names of each [`NAMED`] type the clusters and listeners held
+    /// need.
+    fn wanted(&self, type_url: &str) -> BTreeSet<String> {
+        let clusters = self.clusters.values().map(|(_, c, _)| c);
+        let listeners = self.listeners.values().map(|(_, l, _)| l);
+        match type_url {
+            ENDPOINT => clusters
+                .filter_map(|c| c.eds_service())
+                .map(String::from)
+                .collect(),
+            ROUTE => listeners
+                .flat_map(|l| l.route_names())
+                .map(String::from)
+                .collect(),
+            _ => clusters
+                .flat_map(|c| c.sds_names())
+                .chain(listeners.flat_map(|l| l.sds_names()))
+                .filter(|name| ![WORKLOAD_SECRET, ROOT_SECRET].contains(name))
+                .map(String::from)
+                .collect(),
+        }
+    }
+
+    /// Forgets what is held of `type_url` but `keep`.
+    fn retain(&mut self, type_url: &str, keep: &BTreeSet<String>) {
+        match type_url {
+            ENDPOINT => self.endpoints.retain(|n, _| keep.contains(n)),
+            ROUTE => self.routes.retain(|n, _| keep.contains(n)),
+            _ => self.secrets.retain(|n, _| keep.contains(n)),
+        }
+    }
+
+    /// Requests that bring the endpoint, route and secret subscriptions in
+    /// line with the clusters and listeners held.
     fn resubscribe(&mut self) -> Vec<DeltaDiscoveryRequest> {
-        let endpoints: BTreeSet<String> = self
-            .clusters
-            .values()
-            .filter_map(|(_, c, _)| c.eds_service().map(String::from))
-            .collect();
-        let routes: BTreeSet<String> = self
-            .listeners
-            .values()
-            .flat_map(|(_, l, _)| l.route_names().map(String::from).collect::<Vec<_>>())
-            .collect();
         let mut requests = Vec::new();
-        for (type_url, wanted) in [(ENDPOINT, endpoints), (ROUTE, routes)] {
-            let (subscribed, held_names): (&mut BTreeSet<String>, Vec<String>) = match type_url {
-                ENDPOINT => (
-                    &mut self.endpoint_names,
-                    self.endpoints.keys().cloned().collect(),
-                ),
-                _ => (&mut self.route_names, self.routes.keys().cloned().collect()),
-            };
+        for type_url in NAMED {
+            let wanted = self.wanted(type_url);
+            let subscribed = self.subscribed.entry(type_url).or_default();
             let subscribe: Vec<String> = wanted.difference(subscribed).cloned().collect();
             let unsubscribe: Vec<String> = subscribed.difference(&wanted).cloned().collect();
             if subscribe.is_empty() && unsubscribe.is_empty() {
@@ -436,19 +465,8 @@ impl Held {
             for name in &unsubscribe {
                 self.pending.remove(&(type_url, name.clone()));
             }
-            *subscribed = wanted;
-            let stale: Vec<String> = held_names
-                .into_iter()
-                .filter(|n| !subscribed.contains(n))
-                .collect();
-            match type_url {
-                ENDPOINT => stale.iter().for_each(|n| {
-                    self.endpoints.remove(n);
-                }),
-                _ => stale.iter().for_each(|n| {
-                    self.routes.remove(n);
-                }),
-            }
+            self.retain(type_url, &wanted);
+            self.subscribed.insert(type_url, wanted);
             requests.push(DeltaDiscoveryRequest {
                 type_url: type_url.into(),
                 resource_names_subscribe: subscribe,
@@ -489,7 +507,8 @@ impl Held {
             routes: of(&self.routes).collect(),
             clusters: of(&self.clusters).collect(),
             endpoints: of(&self.endpoints).collect(),
-            secrets: Default::default(),
+            secrets: of(&self.secrets).collect(),
+            // Secrets stay out of the dump: they hold private keys.
             raw: raw(CLUSTER, &self.clusters)
                 .chain(raw(LISTENER, &self.listeners))
                 .chain(raw(ROUTE, &self.routes))

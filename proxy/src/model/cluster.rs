@@ -284,6 +284,16 @@ impl Cluster {
     }
 
     /// The EDS service name its endpoints come under, if from EDS.
+    /// The secrets its TLS names over SDS.
+    pub fn sds_names(&self) -> impl Iterator<Item = &str> {
+        match &self.transport {
+            Transport::Plain => None,
+            Transport::Tls(tls) | Transport::Mesh(tls) => Some(tls.sds_names()),
+        }
+        .into_iter()
+        .flatten()
+    }
+
     pub fn eds_service(&self) -> Option<&str> {
         match &self.discovery {
             Discovery::Eds(service) => Some(service),

@@ -187,6 +187,15 @@ impl Listener {
     }
 
     /// The route configurations its HTTP chains read from RDS.
+    /// The secrets its chains' TLS names over SDS.
+    pub fn sds_names(&self) -> impl Iterator<Item = &str> {
+        self.chains
+            .iter()
+            .chain(self.default_chain.as_ref())
+            .filter_map(|chain| chain.tls.as_deref())
+            .flat_map(|tls| tls.sds_names())
+    }
+
     pub fn route_names(&self) -> impl Iterator<Item = &str> {
         self.chains
             .iter()
