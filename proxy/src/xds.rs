@@ -726,4 +726,61 @@ mod tests {
             Some(value::Kind::StringValue("v1".into()))
         );
     }
+
+    #[test]
+    fn secrets_are_asked_for_by_the_names_tls_contexts_give() {
+        let sds = |name: &str| serde_json::json!({"name": name, "sds_config": {"ads": {}}});
+        let gateway: EnvoyListener = crate::envoy::from_json(serde_json::json!({
+            "name": "0.0.0.0_443",
+            "address": {"socket_address": {"address": "0.0.0.0", "port_value": 443}},
+            "filter_chains": [{
+                "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext",
+                    "common_tls_context": {
+                        "tls_certificate_sds_secret_configs": [sds("kubernetes://api-cert")],
+                        "validation_context_sds_secret_config": sds("ROOTCA"),
+                    }}},
+                "filters": [{"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                    "stat_prefix": "t", "cluster": "c"}}],
+            }],
+        }))
+        .unwrap();
+        let mut held = Held::default();
+        held.start_stream();
+        held.apply(&response(CLUSTER, vec![], &[]));
+        held.apply(&response(
+            LISTENER,
+            vec![resource(LISTENER, "0.0.0.0_443", "1", &gateway)],
+            &[],
+        ));
+        let requests = held.resubscribe();
+        assert_eq!(requests.len(), 1);
+        assert_eq!(requests[0].type_url, SECRET);
+        // The proxy's own ROOTCA is not asked for.
+        assert_eq!(
+            requests[0].resource_names_subscribe,
+            ["kubernetes://api-cert"]
+        );
+        assert!(!held.complete(), "the secret is not answered yet");
+
+        let broken: EnvoySecret = crate::envoy::from_json(serde_json::json!({
+            "name": "kubernetes://api-cert",
+            "tls_certificate": {"certificate_chain": {"inline_string": "not PEM"},
+                "private_key": {"inline_string": "not PEM"}},
+        }))
+        .unwrap();
+        let errors = held.apply(&response(
+            SECRET,
+            vec![resource(SECRET, "kubernetes://api-cert", "1", &broken)],
+            &[],
+        ));
+        assert_eq!(errors.len(), 1);
+        assert!(
+            errors[0].contains("kubernetes://api-cert") && errors[0].contains("tls_certificate"),
+            "{errors:?}"
+        );
+        assert!(held.complete(), "answered, if refused");
+        assert!(held.snapshot().secrets.is_empty());
+    }
 }
