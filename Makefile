@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s envoy kstatus helm olm-validate olm descriptors deps bench-operator bench-controlplane bench-proxy
+.PHONY: demo cluster test lint k8s envoy kstatus helm olm-validate olm descriptors deps bench-operator bench-controlplane bench-proxy bench-mtls
 
 ## demo: bring the local cluster up, deploy a sample workload, show it, stop.
 demo: k8s
@@ -42,6 +42,12 @@ bench-controlplane: deps
 bench-proxy: envoy
 	$(CARGO) build --locked --release -p bowline-proxy -p bowline-tests --bin bowline-proxy --bin bench-proxy
 	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(CARGO_TARGET_DIR)/release/bowline-proxy $(BENCH_ARGS)
+
+## bench-mtls: two bowline-proxy sidecars in a row, plaintext and then
+## mutual TLS between them: added latency, CPU, handshakes per second.
+bench-mtls:
+	$(CARGO) build --locked --release -p bowline-proxy -p bowline-tests --bin bowline-proxy --bin bench-proxy
+	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(CARGO_TARGET_DIR)/release/bowline-proxy --suite mtls $(BENCH_ARGS)
 
 ## k8s: build (or find, when up to date) the local cluster's binaries.
 k8s: deps

@@ -496,6 +496,30 @@ pub fn workload_secrets(chain_pem: &str, key_pem: &str, root_pem: &str) -> Vec<s
     ]
 }
 
+/// [`workload_secrets`] for `namespace`/`account`: a new P-256 key and
+/// the SVID `ca` signs for it, as a sidecar's CA client would get.
+pub fn workload_certificate(
+    ca: &bowline_controlplane::ca::Authority,
+    namespace: &str,
+    account: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
+        .serialize_request(&key)?
+        .pem()?;
+    let identity = bowline_controlplane::ca::Identity {
+        namespace: namespace.into(),
+        service_account: account.into(),
+    };
+    let chain = ca.sign(&csr, &identity, None)?;
+    let (root, leaf) = chain.split_last().context("a chain")?;
+    Ok(workload_secrets(
+        &leaf.join("\n"),
+        &key.serialize_pem(),
+        root,
+    ))
+}
+
 /// EDS clusters with their endpoints inline, as JSON.
 fn inline_clusters(
     resources: &bowline_controlplane::translate::Resources,

@@ -15,12 +15,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, ensure};
-use bowline_controlplane::ca::{Authority, Identity};
+use bowline_controlplane::ca::Authority;
 use bowline_controlplane::model::{
     Config, Endpoint, Protocol, Proxy, ProxyKind, Service, ServicePort, Snapshot,
 };
 use bowline_tests::netns::{Network, exec, listen_in, proxy_binary};
-use bowline_tests::proxy::{bootstrap_captured, serve_upstream, workload_secrets};
+use bowline_tests::proxy::{bootstrap_captured, serve_upstream, workload_certificate};
 use serde_json::json;
 
 const NAMESPACE: &str = "shop";
@@ -105,19 +105,9 @@ fn bootstrap(snapshot: &Snapshot, ca: &Authority, pod: &Pod) -> anyhow::Result<s
         captured: true,
     };
     let resources = bowline_controlplane::translate::sidecar(snapshot, &proxy);
-    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
-    let csr = rcgen::CertificateParams::new(Vec::<String>::new())?
-        .serialize_request(&key)?
-        .pem()?;
-    let identity = Identity {
-        namespace: NAMESPACE.into(),
-        service_account: pod.account.into(),
-    };
-    let chain = ca.sign(&csr, &identity, None)?;
-    let (root, leaf) = chain.split_last().context("a chain")?;
     bootstrap_captured(
         &resources,
-        &workload_secrets(&leaf.join("\n"), &key.serialize_pem(), root),
+        &workload_certificate(ca, NAMESPACE, pod.account)?,
     )
 }
 

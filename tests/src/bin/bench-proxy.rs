@@ -10,6 +10,13 @@
 //! spaced on a kept-alive connection); resident memory idle and under load. Every load
 //! is bounded in time. Prints a table and the ratios of bowline-proxy to
 //! the upstream alone, to Envoy and to nginx.
+//!
+//! `--suite mtls` measures what mutual TLS costs instead: two
+//! bowline-proxy sidecars in a row (the client's, then the server's) in
+//! front of the upstream, once speaking plaintext to each other and once
+//! mutual TLS with workload certificates, in the same run: throughput,
+//! latency, CPU and memory of both sidecars, and handshakes per second
+//! (every client connection a new connection between the sidecars).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -18,6 +25,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use bowline_tests::cluster::free_port;
 use bowline_tests::process::ProcessGroup;
+use bowline_tests::proxy::workload_certificate;
 use bowline_tests::usage;
 use clap::Parser;
 use serde_json::json;
@@ -46,6 +54,17 @@ struct Args {
     /// The core the proxies run on.
     #[arg(long, default_value_t = 1)]
     proxy_core: usize,
+
+    /// What to measure: bowline-proxy beside the other proxies, or two
+    /// sidecars with mutual TLS beside the same two in plaintext.
+    #[arg(long, value_enum, default_value_t = Suite::Proxies)]
+    suite: Suite,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Suite {
+    Proxies,
+    Mtls,
 }
 
 /// One thing measured: its process (and descendants) in a group of its
@@ -109,7 +128,18 @@ fn wrk(port: u16, seconds: u64) -> anyhow::Result<f64> {
         .arg(format!("http://127.0.0.1:{port}/"))
         .output()
         .context("running wrk (apt-get install wrk)")?;
-    let text = String::from_utf8_lossy(&output.stdout);
+    wrk_rate(&output.stdout)
+}
+
+/// wrk's Requests/sec; what failed, said on stderr.
+fn wrk_rate(stdout: &[u8]) -> anyhow::Result<f64> {
+    let text = String::from_utf8_lossy(stdout);
+    for failed in text
+        .lines()
+        .filter(|l| l.contains("Socket errors") || l.contains("Non-2xx"))
+    {
+        eprintln!("  wrk: {}", failed.trim());
+    }
     text.lines()
         .find_map(|l| l.strip_prefix("Requests/sec:"))
         .and_then(|v| v.trim().parse().ok())
@@ -196,17 +226,46 @@ fn measure(
     h2_port: u16,
     dir: &Path,
 ) -> anyhow::Result<Figures> {
-    println!("measuring: {}", target.name);
-    target.wait_serving(h1_port)?;
-    let rss_idle_mb = target.usage()?.rss_mb;
+    let name = target.name;
+    measure_all(
+        args,
+        name,
+        std::slice::from_mut(target),
+        h1_port,
+        h2_port,
+        dir,
+    )
+}
+
+/// [`measure`] of what `targets` serve together (a chain of proxies):
+/// their CPU and memory summed.
+fn measure_all(
+    args: &Args,
+    name: &str,
+    targets: &mut [Target],
+    h1_port: u16,
+    h2_port: u16,
+    dir: &Path,
+) -> anyhow::Result<Figures> {
+    println!("measuring: {name}");
+    let usage = |targets: &[Target]| -> anyhow::Result<usage::Usage> {
+        targets
+            .iter()
+            .try_fold(usage::Usage::default(), |sum, t| Ok(sum + t.usage()?))
+    };
+    for target in targets.iter_mut() {
+        target.group.check_running()?;
+    }
+    targets[0].wait_serving(h1_port)?;
+    let rss_idle_mb = usage(targets)?.rss_mb;
     let h1_rps = wrk(h1_port, args.seconds)?;
     let h2_rps = h2load(h2_port, args.seconds)?;
     // Let the saturation runs' connections close before the quiet run.
     std::thread::sleep(Duration::from_secs(1));
-    let before = target.usage()?.cpu;
-    let log = dir.join(format!("{}.latency.tsv", target.name));
+    let before = usage(targets)?.cpu;
+    let log = dir.join(format!("{name}.latency.tsv"));
     let (latencies, errors) = fixed_rate(h1_port, args.rate, args.seconds, args.connections, &log)?;
-    let after = target.usage()?;
+    let after = usage(targets)?;
     let cpu = after.cpu.saturating_sub(before);
     let served = latencies.len().max(1) as f64;
     Ok(Figures {
@@ -220,6 +279,23 @@ fn measure(
         rss_load_mb: after.rss_mb,
         errors,
     })
+}
+
+/// New connections per second through `port` at saturation: wrk asking
+/// each response to close its connection.
+fn connections_per_second(port: u16, seconds: u64) -> anyhow::Result<f64> {
+    let output = Command::new("wrk")
+        .args([
+            "-t1",
+            "-c16",
+            &format!("-d{seconds}s"),
+            "-H",
+            "Connection: close",
+        ])
+        .arg(format!("http://127.0.0.1:{port}/"))
+        .output()
+        .context("running wrk (apt-get install wrk)")?;
+    wrk_rate(&output.stdout)
 }
 
 /// `program` on `core` only (none: where this process runs, core 0).
@@ -285,6 +361,224 @@ fn bootstrap(port: u16, upstream: u16) -> serde_json::Value {
     }})
 }
 
+/// bowline-proxy (one worker) on `core` serving the bootstrap `file`,
+/// its own endpoints on free ports.
+fn bowline(name: &'static str, args: &Args, file: &Path, dir: &Path) -> anyhow::Result<Target> {
+    let mut command = pinned(Some(args.proxy_core), &args.proxy);
+    command
+        .args(["gateway", "--bootstrap"])
+        .arg(file)
+        .env("BOWLINE_PROXY_CONCURRENCY", "1")
+        .env("RUST_LOG", "warn");
+    for variable in [
+        "BOWLINE_PROXY_STATUS_ADDRESS",
+        "BOWLINE_PROXY_STATS_ADDRESS",
+        "BOWLINE_PROXY_PROMETHEUS_ADDRESS",
+        "BOWLINE_PROXY_ADMIN_ADDRESS",
+    ] {
+        command.env(variable, format!("127.0.0.1:{}", free_port()?));
+    }
+    Target::start(name, dir, command)
+}
+
+/// Where a two-sidecar chain listens: the client sidecar's HTTP and TCP
+/// listeners (what the app calls), the server sidecar's (what the client
+/// sidecar calls).
+#[derive(Clone, Copy)]
+struct Chain {
+    client_http: u16,
+    client_tcp: u16,
+    server_http: u16,
+    server_tcp: u16,
+}
+
+impl Chain {
+    fn new() -> anyhow::Result<Self> {
+        Ok(Self {
+            client_http: free_port()?,
+            client_tcp: free_port()?,
+            server_http: free_port()?,
+            server_tcp: free_port()?,
+        })
+    }
+
+    /// The bootstraps of the client's and the server's sidecar. With
+    /// `certificates` (the client's and the server's workload secrets)
+    /// they speak mutual TLS as Istio's ISTIO_MUTUAL does: each presents
+    /// its SVID and checks the other's SPIFFE ID against the mesh root.
+    fn bootstraps(
+        &self,
+        upstream: u16,
+        certificates: Option<(Vec<serde_json::Value>, Vec<serde_json::Value>)>,
+    ) -> (serde_json::Value, serde_json::Value) {
+        let tls = |context: &str, peer: &str| {
+            let sds = json!({"ads": {}, "resource_api_version": "V3"});
+            let mut context = json!({
+                "@type": format!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{context}"),
+                "common_tls_context": {
+                    "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds}],
+                    "combined_validation_context": {
+                        "default_validation_context": {"match_typed_subject_alt_names": [{"san_type": "URI",
+                            "matcher": {"exact": format!("spiffe://cluster.local/ns/bench/sa/{peer}")}}]},
+                        "validation_context_sds_secret_config": {"name": "ROOTCA", "sds_config": sds},
+                    },
+                },
+            });
+            if context["@type"]
+                .as_str()
+                .is_some_and(|t| t.ends_with("DownstreamTlsContext"))
+            {
+                context["require_client_certificate"] = json!(true);
+            }
+            json!({"name": "envoy.transport_sockets.tls", "typed_config": context})
+        };
+        let http = |cluster: &str| {
+            json!({"name": "envoy.filters.network.http_connection_manager", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "bench", "codec_type": "AUTO",
+                "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                "route_config": {"name": "local", "virtual_hosts": [{"name": "all", "domains": ["*"],
+                    "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster}}]}]},
+            }})
+        };
+        let tcp = |cluster: &str| {
+            json!({"name": "envoy.filters.network.tcp_proxy", "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy",
+                "stat_prefix": "bench", "cluster": cluster}})
+        };
+        let listener = |name: &str,
+                        port: u16,
+                        filter: serde_json::Value,
+                        tls: Option<serde_json::Value>| {
+            let mut chain = json!({"filters": [filter]});
+            if let Some(tls) = tls {
+                chain["transport_socket"] = tls;
+            }
+            json!({"name": name, "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}},
+                "filter_chains": [chain]})
+        };
+        let cluster = |name: &str, port: u16, tls: Option<serde_json::Value>| {
+            let mut cluster = json!({"name": name, "type": "STATIC", "connect_timeout": "1s",
+                "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}]}});
+            if let Some(tls) = tls {
+                cluster["transport_socket"] = tls;
+            }
+            cluster
+        };
+        let mtls = certificates.is_some();
+        let (client_secrets, server_secrets) = certificates.unwrap_or_default();
+        let upstream_tls = || mtls.then(|| tls("UpstreamTlsContext", "server"));
+        let downstream_tls = || mtls.then(|| tls("DownstreamTlsContext", "client"));
+        let client = json!({"static_resources": {
+            "listeners": [
+                listener("http", self.client_http, http("server-http"), None),
+                listener("tcp", self.client_tcp, tcp("server-tcp"), None),
+            ],
+            "clusters": [
+                cluster("server-http", self.server_http, upstream_tls()),
+                cluster("server-tcp", self.server_tcp, upstream_tls()),
+            ],
+            "secrets": client_secrets,
+        }});
+        let server = json!({"static_resources": {
+            "listeners": [
+                listener("http", self.server_http, http("app"), downstream_tls()),
+                listener("tcp", self.server_tcp, tcp("app"), downstream_tls()),
+            ],
+            "clusters": [cluster("app", upstream, None)],
+            "secrets": server_secrets,
+        }});
+        (client, server)
+    }
+}
+
+/// The two-sidecar chain, plaintext and then mutual TLS, in front of the
+/// upstream on `upstream`: figures for each, and the ratios.
+fn mtls_suite(args: &Args, upstream: u16, root: &Path) -> anyhow::Result<()> {
+    let ca = bowline_controlplane::ca::Authority::self_signed(
+        "cluster.local",
+        Duration::from_secs(24 * 3600),
+    )?;
+    let certificates = (
+        workload_certificate(&ca, "bench", "client")?,
+        workload_certificate(&ca, "bench", "server")?,
+    );
+    let mut results: Vec<(&str, Figures, f64)> = Vec::new();
+    for (name, certificates) in [("plaintext", None), ("mtls", Some(certificates))] {
+        let chain = Chain::new()?;
+        let (client, server) = chain.bootstraps(upstream, certificates);
+        let (client_file, server_file) = (
+            root.join(format!("{name}-client.json")),
+            root.join(format!("{name}-server.json")),
+        );
+        std::fs::write(&client_file, serde_json::to_vec(&client)?)?;
+        std::fs::write(&server_file, serde_json::to_vec(&server)?)?;
+        let mut sidecars = [
+            bowline("client", args, &client_file, root)?,
+            bowline("server", args, &server_file, root)?,
+        ];
+        let figures = measure_all(
+            args,
+            name,
+            &mut sidecars,
+            chain.client_http,
+            chain.client_http,
+            root,
+        )?;
+        sidecars[0].wait_serving(chain.client_tcp)?;
+        let handshakes = connections_per_second(chain.client_tcp, args.seconds)?;
+        results.push((name, figures, handshakes));
+    }
+    println!();
+    println!(
+        "{:<10} {:>10} {:>10} {:>8} {:>8} {:>11} {:>9} {:>9} {:>12} {:>6}",
+        "sidecars",
+        "h1 rps",
+        "h2 rps",
+        "p50 ms",
+        "p99 ms",
+        "cpu ms/1k",
+        "rss idle",
+        "rss load",
+        "new conn/s",
+        "errors"
+    );
+    for (name, f, handshakes) in &results {
+        println!(
+            "{:<10} {:>10.0} {:>10.0} {:>8.3} {:>8.3} {:>11.1} {:>8.1}M {:>8.1}M {:>12.0} {:>6}",
+            name,
+            f.h1_rps,
+            f.h2_rps,
+            f.p50_ms,
+            f.p99_ms,
+            f.cpu_ms_per_1000,
+            f.rss_idle_mb,
+            f.rss_load_mb,
+            handshakes,
+            f.errors
+        );
+    }
+    if let [(_, plain, plain_new), (_, mtls, mtls_new)] = results.as_slice() {
+        println!();
+        println!(
+            "mtls vs plaintext: p50 +{:.3} ms, p99 +{:.3} ms; h1 rps {:.2}x, h2 rps {:.2}x; \
+             cpu at {} rps {:.2}x (+{:.1} ms per 1k); handshakes {:.0}/s ({:.2}x plaintext's new connections)",
+            mtls.p50_ms - plain.p50_ms,
+            mtls.p99_ms - plain.p99_ms,
+            mtls.h1_rps / plain.h1_rps,
+            mtls.h2_rps / plain.h2_rps,
+            args.rate,
+            mtls.cpu_ms_per_1000 / plain.cpu_ms_per_1000,
+            mtls.cpu_ms_per_1000 - plain.cpu_ms_per_1000,
+            mtls_new,
+            mtls_new / plain_new,
+        );
+    }
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
@@ -305,6 +599,10 @@ fn main() -> anyhow::Result<()> {
         "one worker each on core {}; load and upstream on core 0; {} s per saturation run; {} rps over {} connections for latency and CPU",
         args.proxy_core, args.seconds, args.rate, args.connections
     );
+    if args.suite == Suite::Mtls {
+        direct.wait_serving(upstream)?;
+        return mtls_suite(&args, upstream, root);
+    }
     let mut results: Vec<(&str, Figures)> = Vec::new();
 
     // The upstream alone: its own process is what is measured.
@@ -318,21 +616,7 @@ fn main() -> anyhow::Result<()> {
     let port = free_port()?;
     std::fs::write(&file, serde_json::to_vec(&bootstrap(port, upstream))?)?;
     {
-        let mut command = pinned(core, &args.proxy);
-        command
-            .args(["gateway", "--bootstrap"])
-            .arg(&file)
-            .env("BOWLINE_PROXY_CONCURRENCY", "1")
-            .env("RUST_LOG", "warn");
-        for variable in [
-            "BOWLINE_PROXY_STATUS_ADDRESS",
-            "BOWLINE_PROXY_STATS_ADDRESS",
-            "BOWLINE_PROXY_PROMETHEUS_ADDRESS",
-            "BOWLINE_PROXY_ADMIN_ADDRESS",
-        ] {
-            command.env(variable, format!("127.0.0.1:{}", free_port()?));
-        }
-        let mut target = Target::start("bowline", root, command)?;
+        let mut target = bowline("bowline", &args, &file, root)?;
         results.push(("bowline", measure(&args, &mut target, port, port, root)?));
     }
     {
