@@ -483,7 +483,7 @@ pub fn own(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Cluster>, Vec<Listener>) 
     let sidecar = sidecar_for(snapshot, &proxy.namespace, &proxy.labels);
     let mut own = vec![
         listeners::virtual_outbound(allow_any(snapshot, sidecar.map(|s| &s.spec))),
-        listeners::virtual_inbound(&ports),
+        listeners::virtual_inbound(&ports, &authz::network_filters(snapshot, proxy)),
     ];
     observe(&mut own, &snapshot.mesh);
     (
@@ -601,6 +601,7 @@ fn inbound_ports(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Inbound> {
         }
     }
     let rbac = authz::filters(snapshot, proxy);
+    let network_rbac = authz::network_filters(snapshot, proxy);
     ports
         .into_iter()
         .map(|(port, (http, services))| Inbound {
@@ -608,7 +609,12 @@ fn inbound_ports(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Inbound> {
             http,
             services,
             mtls: mtls_mode(snapshot, proxy, port),
-            rbac: rbac.clone(),
+            rbac: if http { rbac.clone() } else { Vec::new() },
+            network_rbac: if http {
+                Vec::new()
+            } else {
+                network_rbac.clone()
+            },
         })
         .collect()
 }

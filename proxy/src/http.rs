@@ -22,7 +22,7 @@ use http_body::Body as _;
 use crate::model::Snapshot;
 use crate::model::cluster::Target;
 use crate::model::listener::{HttpManager, RouteSource};
-use crate::model::rbac::{Subject, Verdict};
+use crate::model::rbac::{Asked, Subject, Verdict};
 use crate::model::resilience::{Abort, Attempt, Fault};
 use crate::model::route::{Action, Forward, Route, split_port};
 use crate::telemetry::Telemetry;
@@ -814,9 +814,11 @@ fn authorized(connection: &Connection, request: &Request<Incoming>) -> bool {
     }
     let session = connection.session.as_ref();
     let subject = Subject {
-        method: request.method(),
-        uri: request.uri(),
-        headers: request.headers(),
+        request: Some(Asked {
+            method: request.method(),
+            uri: request.uri(),
+            headers: request.headers(),
+        }),
         principal: session.and_then(|s| s.peer.as_deref()),
         authenticated: session.is_some_and(|s| s.mutual),
         peer: connection.peer,

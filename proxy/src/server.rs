@@ -19,7 +19,8 @@ use crate::connect::Stream;
 use crate::error::Error;
 use crate::http::Connection;
 use crate::model::Snapshot;
-use crate::model::listener::{ConnectionInfo, Listener, TcpRoute, Terminal};
+use crate::model::listener::{ConnectionInfo, FilterChain, Listener, TcpRoute, Terminal};
+use crate::model::rbac::{Rbac, Subject, Verdict};
 use crate::sniff::Inspected;
 use crate::state::State;
 use crate::telemetry::Telemetry;
@@ -274,16 +275,7 @@ async fn connection(
         inbound,
     };
     let Some(tls) = &chain.tls else {
-        return serve(
-            stream,
-            ends,
-            None,
-            &chain.terminal,
-            snapshot,
-            shared,
-            watcher,
-        )
-        .await;
+        return serve(stream, ends, None, chain, snapshot, shared, watcher).await;
     };
     let offered = inspected.tls.map(|h| h.alpn).unwrap_or_default();
     let (config, local) = match tls.server_config(&shared.secrets, &offered) {
@@ -324,7 +316,7 @@ async fn connection(
         stream,
         ends,
         Some(session),
-        &chain.terminal,
+        chain,
         snapshot,
         shared,
         watcher,
@@ -343,20 +335,24 @@ struct Ends {
     inbound: bool,
 }
 
-/// A connection (plaintext, or once its TLS is terminated) served by its
-/// filter chain's end: HTTP or TCP.
+/// A connection (plaintext, or once its TLS is terminated) judged by its
+/// filter chain's network RBAC filters, then served by the chain's end:
+/// HTTP or TCP.
 async fn serve<S>(
     stream: S,
     ends: Ends,
     session: Option<Session>,
-    terminal: &Terminal,
+    chain: &FilterChain,
     snapshot: Arc<Snapshot>,
     shared: Shared,
     watcher: Watcher,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    match terminal {
+    if !connection_authorized(&chain.rbac, &ends, session.as_ref()) {
+        return;
+    }
+    match &chain.terminal {
         Terminal::Http(manager) => {
             let connection = Connection {
                 snapshot: Arc::clone(&snapshot),
@@ -393,6 +389,32 @@ async fn serve<S>(
             tcp(stream, ends, session, route, &snapshot, &shared).await
         }
     }
+}
+
+/// Whether a chain's network RBAC filters let the connection through, on
+/// its peer's identity and address and the port it reached; a refused
+/// connection is closed before any byte goes upstream.
+fn connection_authorized(filters: &[Rbac], ends: &Ends, session: Option<&Session>) -> bool {
+    let subject = Subject {
+        request: None,
+        principal: session.and_then(|s| s.peer.as_deref()),
+        authenticated: session.is_some_and(|s| s.mutual),
+        peer: ends.peer,
+        local: ends.destination,
+    };
+    for filter in filters {
+        if let Verdict::Denied(policy) = filter.judge(&subject) {
+            tracing::debug!(
+                policy = policy.as_deref().unwrap_or("none"),
+                principal = subject.principal.unwrap_or("-"),
+                peer = %ends.peer,
+                destination = %ends.destination,
+                "rbac_access_denied_matched_policy: connection closed"
+            );
+            return false;
+        }
+    }
+    true
 }
 
 /// The listener that owns a captured connection's original destination:

@@ -6,8 +6,9 @@
 //! offering Istio's ALPN and never the request) and reach the application
 //! as plaintext; STRICT refuses a pod without a sidecar, PERMISSIVE takes
 //! it; an AuthorizationPolicy lets `billing` call `payments` and answers
-//! everyone else 403; the destination's metrics name the caller's SPIFFE
-//! ID and `mutual_tls`.
+//! everyone else 403 — and on payments' TCP port, where there is no
+//! request to answer, closes everyone else's connection; the
+//! destination's metrics name the caller's SPIFFE ID and `mutual_tls`.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
@@ -28,6 +29,8 @@ const PAYMENTS_IP: Ipv4Addr = Ipv4Addr::new(10, 251, 0, 10);
 const PAYMENTS_VIP: &str = "10.252.0.10";
 const SERVICES: &str = "10.252.0.0/24";
 const HOST: &str = "Host: payments.shop.svc.cluster.local:8080";
+/// payments' opaque TCP port: its application echoes what it reads.
+const LEDGER_PORT: u32 = 9000;
 struct Pod {
     name: &'static str,
     ip: Ipv4Addr,
@@ -54,24 +57,34 @@ fn mesh(mtls: &str) -> anyhow::Result<Snapshot> {
     let mut service = Service::kubernetes(
         "payments",
         NAMESPACE,
-        vec![ServicePort {
-            name: "http".into(),
-            port: 8080,
-            protocol: Protocol::Http,
-        }],
+        vec![
+            ServicePort {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Http,
+            },
+            ServicePort {
+                name: "tcp-ledger".into(),
+                port: LEDGER_PORT,
+                protocol: Protocol::Tcp,
+            },
+        ],
     );
     service.address = Some(PAYMENTS_VIP.into());
-    let endpoint = Endpoint {
+    let endpoint = |port| Endpoint {
         address: PAYMENTS_IP.to_string(),
-        service_port: 8080,
-        port: 8080,
+        service_port: port,
+        port,
         labels: BTreeMap::from([("app".into(), "payments".into())]),
         ready: true,
         sidecar: true,
         service_account: Some("payments".into()),
     };
     Ok(Snapshot {
-        endpoints: Arc::new(BTreeMap::from([(service.hostname.clone(), vec![endpoint])])),
+        endpoints: Arc::new(BTreeMap::from([(
+            service.hostname.clone(),
+            vec![endpoint(8080), endpoint(LEDGER_PORT)],
+        )])),
         services: Arc::new(BTreeMap::from([(service.hostname.clone(), service)])),
         peer_authentications: Arc::new(vec![Config::new(
             "default",
@@ -203,6 +216,25 @@ fn call(ns: &str, to: &str) -> anyhow::Result<(u16, String)> {
     Ok((code.trim().parse().unwrap_or(0), body.to_string()))
 }
 
+/// What comes back from payments' TCP port for a line sent from pod `ns`
+/// (empty when the connection is closed without an answer).
+fn ledger(ns: &str) -> anyhow::Result<String> {
+    let script = format!(
+        "import socket\n\
+         s = socket.create_connection(('{PAYMENTS_VIP}', {LEDGER_PORT}), timeout=5)\n\
+         s.sendall(b'entry 42\\n')\n\
+         try:\n    print(s.recv(100).decode(), end='')\n\
+         except ConnectionResetError:\n    pass\n"
+    );
+    let output = exec(ns, &["python3", "-c", &script])?;
+    ensure!(
+        output.status.success(),
+        "the ledger client: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(String::from_utf8(output.stdout)?)
+}
+
 /// What crossed the bridge while `during` ran, as tcpdump wrote it.
 fn on_the_wire(
     network: &mut Network,
@@ -272,6 +304,18 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
         )?,
         "payments",
     )?;
+    let ledger_app = listen_in(
+        &namespaces["payments"],
+        (Ipv4Addr::UNSPECIFIED, LEDGER_PORT as u16).into(),
+    )?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = ledger_app.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
 
     let strict = mesh("STRICT")?;
     let mut payments_sidecar = 0;
@@ -314,6 +358,15 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
     ensure!(
         status == 403 && body == "RBAC: access denied",
         "orders → payments: {status} {body}"
+    );
+
+    // The TCP port: the same policy, judged per connection.
+    let echoed = ledger(&billing)?;
+    ensure!(echoed == "entry 42\n", "billing → ledger: {echoed:?}");
+    let echoed = ledger(&namespaces["orders"])?;
+    ensure!(
+        echoed.is_empty(),
+        "orders' connection to the ledger is closed unanswered: {echoed:?}"
     );
 
     // A pod without a sidecar, straight to the payments pod: STRICT

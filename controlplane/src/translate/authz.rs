@@ -1,5 +1,11 @@
-//! AuthorizationPolicy as Envoy's RBAC HTTP filters on a workload's
-//! inbound, in Istio's order: AUDIT (logs), then DENY, then ALLOW.
+//! AuthorizationPolicy as Envoy's RBAC filters on a workload's inbound, in
+//! Istio's order: AUDIT (logs), then DENY, then ALLOW — HTTP filters on
+//! HTTP ports, network filters on TCP ports.
+//!
+//! A TCP connection has no method, path, host, header or request
+//! principal: as Istio does, a rule asking for one of those is ignored in
+//! an ALLOW policy (it allows nothing on TCP), and in a DENY or AUDIT
+//! policy it applies without those fields (denying more, never less).
 //!
 //! Which policies apply: those of the mesh's root namespace and the
 //! workload's namespace, without a selector or with one matching the
@@ -19,6 +25,7 @@ use envoy_types::pb::envoy::config::rbac::v3::{
 };
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher,
 };
@@ -26,9 +33,34 @@ use envoy_types::pb::google::protobuf::UInt32Value;
 
 use crate::model::{Config, Proxy, Snapshot, selects};
 
-/// The RBAC filters for the workload behind `proxy`, in the order they
-/// run; empty when no policy applies.
+/// The RBAC HTTP filters for the workload behind `proxy`, in the order
+/// they run; empty when no policy applies.
 pub fn filters(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Rbac> {
+    rules(snapshot, proxy, false)
+        .into_iter()
+        .map(|rules| Rbac {
+            rules: Some(rules),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The RBAC network filters for the workload's TCP ports, in the order
+/// they run; empty when no policy applies.
+pub fn network_filters(snapshot: &Snapshot, proxy: &Proxy) -> Vec<NetworkRbac> {
+    rules(snapshot, proxy, true)
+        .into_iter()
+        .map(|rules| NetworkRbac {
+            rules: Some(rules),
+            stat_prefix: "tcp.".into(),
+            ..Default::default()
+        })
+        .collect()
+}
+
+/// The rules of each action that has policies, in the order they run;
+/// for TCP when `tcp`.
+fn rules(snapshot: &Snapshot, proxy: &Proxy, tcp: bool) -> Vec<RbacRules> {
     let applies = |p: &&Config<AuthorizationPolicySpec>| {
         (p.namespace == snapshot.mesh.root_namespace || p.namespace == proxy.namespace)
             && p.spec
@@ -59,22 +91,58 @@ pub fn filters(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Rbac> {
         let mut rules = HashMap::new();
         for policy in of_action {
             for (i, rule) in policy.spec.rules.iter().enumerate() {
+                let rule = if tcp {
+                    match for_tcp(rule, action) {
+                        Some(rule) => std::borrow::Cow::Owned(rule),
+                        None => continue,
+                    }
+                } else {
+                    std::borrow::Cow::Borrowed(rule)
+                };
                 rules.insert(
                     format!("ns[{}]-policy[{}]-rule[{i}]", policy.namespace, policy.name),
-                    translate_rule(rule),
+                    translate_rule(&rule),
                 );
             }
         }
-        filters.push(Rbac {
-            rules: Some(RbacRules {
-                action: envoy as i32,
-                policies: rules,
-                ..Default::default()
-            }),
+        filters.push(RbacRules {
+            action: envoy as i32,
+            policies: rules,
             ..Default::default()
         });
     }
     filters
+}
+
+/// A rule as it applies to TCP: without the fields only HTTP has, or none
+/// at all (an ALLOW rule that needs them allows nothing on TCP).
+fn for_tcp(rule: &Rule, action: Action) -> Option<Rule> {
+    let mut tcp = rule.clone();
+    for to in &mut tcp.to {
+        let o = &mut to.operation;
+        for field in [
+            &mut o.hosts,
+            &mut o.not_hosts,
+            &mut o.methods,
+            &mut o.not_methods,
+            &mut o.paths,
+            &mut o.not_paths,
+        ] {
+            field.clear();
+        }
+    }
+    for from in &mut tcp.from {
+        from.source.request_principals.clear();
+        from.source.not_request_principals.clear();
+    }
+    tcp.when.retain(|c| !c.key.starts_with("request."));
+    if tcp == *rule {
+        Some(tcp)
+    } else if action == Action::Allow {
+        None
+    } else {
+        Some(tcp)
+    }
 }
 
 fn translate_rule(rule: &Rule) -> Policy {
@@ -387,5 +455,38 @@ fn or_rules(rules: Vec<Permission>) -> Permission {
         _ => Permission {
             rule: Some(permission::Rule::OrRules(permission::Set { rules })),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(json: serde_json::Value) -> Rule {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn a_tcp_port_ignores_allow_rules_that_need_http_and_narrows_deny_rules_to_the_rest() {
+        let by_principal = rule(
+            serde_json::json!({"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/billing"]}}]}),
+        );
+        assert_eq!(
+            for_tcp(&by_principal, Action::Allow),
+            Some(by_principal.clone())
+        );
+        let with_method = rule(serde_json::json!({
+            "from": [{"source": {"namespaces": ["shop"]}}],
+            "to": [{"operation": {"methods": ["GET"], "ports": ["9000"]}}],
+            "when": [{"key": "request.headers[x-user]", "values": ["a"]},
+                     {"key": "source.ip", "values": ["10.0.0.0/8"]}],
+        }));
+        assert_eq!(for_tcp(&with_method, Action::Allow), None);
+        let denied = for_tcp(&with_method, Action::Deny).unwrap();
+        assert!(denied.to[0].operation.methods.is_empty());
+        assert_eq!(denied.to[0].operation.ports, ["9000"]);
+        assert_eq!(denied.from, with_method.from);
+        assert_eq!(denied.when.len(), 1);
+        assert_eq!(denied.when[0].key, "source.ip");
     }
 }

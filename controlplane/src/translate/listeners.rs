@@ -32,6 +32,7 @@ use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::Tl
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, common_tls_context,
@@ -99,8 +100,10 @@ pub struct Inbound {
     pub services: Vec<String>,
     pub mtls: MtlsMode,
     /// The inbound RBAC filters (AUDIT, DENY, ALLOW) of the
-    /// AuthorizationPolicies that apply.
+    /// AuthorizationPolicies that apply: HTTP filters for an HTTP port,
+    /// network filters for a TCP one.
     pub rbac: Vec<HttpRbac>,
+    pub network_rbac: Vec<NetworkRbac>,
 }
 
 /// `inbound|<port>||`, as Istio names it.
@@ -252,8 +255,9 @@ pub fn bound(listener: &Bound, allow_any: bool) -> Listener {
 
 /// `virtualInbound`: per inbound port, a plaintext chain (PERMISSIVE,
 /// DISABLE) and a mutual-TLS chain (PERMISSIVE, STRICT); anything else
-/// passes through to the workload as it came.
-pub fn virtual_inbound(ports: &[Inbound]) -> Listener {
+/// passes through to the workload as it came, judged by `passthrough_rbac`
+/// (the workload's AuthorizationPolicies as network filters).
+pub fn virtual_inbound(ports: &[Inbound], passthrough_rbac: &[NetworkRbac]) -> Listener {
     let mut filter_chains = Vec::new();
     for inbound in ports {
         let tls = matches!(
@@ -288,7 +292,7 @@ pub fn virtual_inbound(ports: &[Inbound]) -> Listener {
                     },
                     ..Default::default()
                 }),
-                filters: vec![inbound_filter(inbound)],
+                filters: inbound_filters(inbound),
                 transport_socket: secure.then(|| downstream_mtls(inbound.http)),
                 ..Default::default()
             });
@@ -301,10 +305,12 @@ pub fn virtual_inbound(ports: &[Inbound]) -> Listener {
             transport_protocol: "raw_buffer".into(),
             ..Default::default()
         }),
-        filters: vec![tcp_proxy_filter(
-            INBOUND_PASSTHROUGH_CLUSTER,
-            INBOUND_PASSTHROUGH_CLUSTER,
-        )],
+        filters: network_rbac_filters(passthrough_rbac)
+            .chain([tcp_proxy_filter(
+                INBOUND_PASSTHROUGH_CLUSTER,
+                INBOUND_PASSTHROUGH_CLUSTER,
+            )])
+            .collect(),
         ..Default::default()
     });
     Listener {
@@ -326,10 +332,22 @@ pub fn virtual_inbound(ports: &[Inbound]) -> Listener {
     }
 }
 
-fn inbound_filter(inbound: &Inbound) -> Filter {
+/// Network RBAC filters, to go before a chain's TCP proxy.
+fn network_rbac_filters(rbac: &[NetworkRbac]) -> impl Iterator<Item = Filter> + '_ {
+    rbac.iter().map(|rbac| Filter {
+        name: "envoy.filters.network.rbac".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(rbac.clone()))),
+    })
+}
+
+/// A port's filters: its RBAC and its HTTP connection manager, or its
+/// network RBAC and its TCP proxy.
+fn inbound_filters(inbound: &Inbound) -> Vec<Filter> {
     let cluster = inbound_cluster_name(inbound.port);
     if !inbound.http {
-        return tcp_proxy_filter(&cluster, &cluster);
+        return network_rbac_filters(&inbound.network_rbac)
+            .chain([tcp_proxy_filter(&cluster, &cluster)])
+            .collect();
     }
     let mut filters = Vec::new();
     for rbac in &inbound.rbac {
@@ -342,7 +360,7 @@ fn inbound_filter(inbound: &Inbound) -> Filter {
         "envoy.filters.http.router",
         pack_any(Router::default()),
     ));
-    http_connection_manager(
+    vec![http_connection_manager(
         &cluster.clone(),
         http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
             name: cluster.clone(),
@@ -373,7 +391,7 @@ fn inbound_filter(inbound: &Inbound) -> Filter {
             ..Default::default()
         }),
         filters,
-    )
+    )]
 }
 
 /// The workload's certificate and the mesh root, both over SDS; the peer

@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 
 use super::cluster::socket_address;
-use super::rbac::{RBAC_FILTER, Rbac};
+use super::rbac::{NETWORK_RBAC_FILTER, RBAC_FILTER, Rbac};
 use super::route::{Destinations, HeaderOps, RouteTable};
 use crate::envoy::{type_name, unpack};
 use crate::error::{Error, Result};
@@ -73,6 +73,9 @@ pub struct FilterChain {
     matcher: ChainMatch,
     /// The TLS the chain terminates, if any.
     pub tls: Option<Arc<DownstreamTls>>,
+    /// Network RBAC filters before the terminal one: each judges the
+    /// connection (its peer's identity and address, the port) once.
+    pub rbac: Arc<[Rbac]>,
     pub terminal: Terminal,
 }
 
@@ -280,6 +283,7 @@ impl FilterChain {
             },
         };
         let mut terminal = None;
+        let mut rbac = Vec::new();
         for (i, f) in chain.filters.iter().enumerate() {
             let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else {
                 return Err(invalid(
@@ -367,10 +371,20 @@ impl FilterChain {
                         destinations,
                     })));
                 }
-                // Network filters before the terminal one (RBAC) are
-                // enforced by the data path that reads them; others are
-                // not known.
-                "envoy.extensions.filters.network.rbac.v3.RBAC" => {}
+                NETWORK_RBAC_FILTER if terminal.is_none() => {
+                    let config = unpack(any).map_err(|e| invalid(&at(""), e))?;
+                    if let Some(filter) = Rbac::from_network(&config)
+                        .map_err(|(f, e)| invalid(&at(&format!(".{f}")), e))?
+                    {
+                        rbac.push(filter);
+                    }
+                }
+                NETWORK_RBAC_FILTER => {
+                    return Err(invalid(
+                        &at(""),
+                        "an RBAC filter must come before the chain's terminal filter".into(),
+                    ));
+                }
                 other => {
                     return Err(invalid(
                         &at(""),
@@ -395,6 +409,7 @@ impl FilterChain {
             name: chain.name.clone(),
             matcher,
             tls,
+            rbac: rbac.into(),
             terminal,
         })
     }

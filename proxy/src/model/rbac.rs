@@ -1,4 +1,5 @@
-//! Envoy's RBAC HTTP filter, which carries AuthorizationPolicy: a set of
+//! Envoy's RBAC filters (HTTP, and network for TCP ports), which carry
+//! AuthorizationPolicy: a set of
 //! named policies, each matching when one of its permissions (what is
 //! asked: method, path, host, port, headers) and one of its principals
 //! (who asks: the peer's SPIFFE ID, namespace, IP, headers) match. An
@@ -11,12 +12,14 @@ use std::net::{IpAddr, SocketAddr};
 use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::rbac::v3::{self as envoy, permission, principal, rbac};
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as RbacFilter;
+use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbacFilter;
 use envoy_types::pb::envoy::r#type::matcher::v3::{PathMatcher, path_matcher};
 use http::{HeaderMap, Method, Uri};
 
 use crate::model::route::{HeaderMatch, ValueTest, string_test};
 
 pub const RBAC_FILTER: &str = "envoy.extensions.filters.http.rbac.v3.RBAC";
+pub const NETWORK_RBAC_FILTER: &str = "envoy.extensions.filters.network.rbac.v3.RBAC";
 
 #[derive(Debug)]
 pub struct Rbac {
@@ -69,18 +72,26 @@ enum Principal {
 #[derive(Debug)]
 struct Cidr(ipnet::IpNet);
 
-/// What a request is judged on.
+/// What a request or connection is judged on.
 #[derive(Debug)]
 pub struct Subject<'a> {
-    pub method: &'a Method,
-    pub uri: &'a Uri,
-    pub headers: &'a HeaderMap,
+    /// The request; none for a connection judged by a network filter,
+    /// where header and path rules match nothing.
+    pub request: Option<Asked<'a>>,
     /// The peer's SPIFFE ID, when it came over mutual TLS.
     pub principal: Option<&'a str>,
     /// Whether the peer presented a verified certificate.
     pub authenticated: bool,
     pub peer: SocketAddr,
     pub local: SocketAddr,
+}
+
+/// What an HTTP request asks.
+#[derive(Clone, Copy, Debug)]
+pub struct Asked<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
 }
 
 /// A filter's verdict.
@@ -96,7 +107,17 @@ impl Rbac {
     /// From the filter's configuration; `None` when it enforces nothing
     /// (no `rules`). An error names the field.
     pub fn from_envoy(filter: &RbacFilter) -> Result<Option<Self>, (String, String)> {
-        let Some(rules) = &filter.rules else {
+        Self::from_rules(filter.rules.as_ref())
+    }
+
+    /// From a network RBAC filter (on a TCP chain), as
+    /// [`Rbac::from_envoy`].
+    pub fn from_network(filter: &NetworkRbacFilter) -> Result<Option<Self>, (String, String)> {
+        Self::from_rules(filter.rules.as_ref())
+    }
+
+    fn from_rules(rules: Option<&envoy::Rbac>) -> Result<Option<Self>, (String, String)> {
+        let Some(rules) = rules else {
             return Ok(None);
         };
         let action = match rbac::Action::try_from(rules.action) {
@@ -242,8 +263,10 @@ impl Permission {
             Permission::And(all) => all.iter().all(|p| p.matches(s)),
             Permission::Or(any) => any.iter().any(|p| p.matches(s)),
             Permission::Not(inner) => !inner.matches(s),
-            Permission::Header(h) => h.matches(s.method, s.uri, s.headers),
-            Permission::Path(test) => test.matches(Some(s.uri.path())),
+            Permission::Header(h) => s
+                .request
+                .is_some_and(|r| h.matches(r.method, r.uri, r.headers)),
+            Permission::Path(test) => s.request.is_some_and(|r| test.matches(Some(r.uri.path()))),
             Permission::DestinationPort(port) => s.local.port() == *port,
             Permission::DestinationIp(cidr) => cidr.contains(s.local.ip()),
         }
@@ -264,8 +287,10 @@ impl Principal {
             Principal::DirectRemoteIp(cidr) | Principal::RemoteIp(cidr) => {
                 cidr.contains(s.peer.ip())
             }
-            Principal::Header(h) => h.matches(s.method, s.uri, s.headers),
-            Principal::Path(test) => test.matches(Some(s.uri.path())),
+            Principal::Header(h) => s
+                .request
+                .is_some_and(|r| h.matches(r.method, r.uri, r.headers)),
+            Principal::Path(test) => s.request.is_some_and(|r| test.matches(Some(r.uri.path()))),
         }
     }
 }
@@ -287,9 +312,11 @@ mod tests {
         let uri: Uri = path.parse().unwrap();
         let headers = HeaderMap::new();
         rbac.judge(&Subject {
-            method: &method,
-            uri: &uri,
-            headers: &headers,
+            request: Some(Asked {
+                method: &method,
+                uri: &uri,
+                headers: &headers,
+            }),
             principal,
             authenticated: principal.is_some(),
             peer: "10.0.0.7:40000".parse().unwrap(),
