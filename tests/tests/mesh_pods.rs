@@ -28,7 +28,6 @@ const NAMESPACE: &str = "shop";
 const PAYMENTS_IP: Ipv4Addr = Ipv4Addr::new(10, 251, 0, 10);
 const PAYMENTS_VIP: &str = "10.252.0.10";
 const SERVICES: &str = "10.252.0.0/24";
-const HOST: &str = "Host: payments.shop.svc.cluster.local:8080";
 /// payments' opaque TCP port: its application echoes what it reads.
 const LEDGER_PORT: u32 = 9000;
 struct Pod {
@@ -53,10 +52,10 @@ const ORDERS: Pod = Pod {
     account: "orders",
 };
 
-fn mesh(mtls: &str) -> anyhow::Result<Snapshot> {
+fn mesh(namespace: &str, mtls: &str) -> anyhow::Result<Snapshot> {
     let mut service = Service::kubernetes(
         "payments",
-        NAMESPACE,
+        namespace,
         vec![
             ServicePort {
                 name: "http".into(),
@@ -88,49 +87,54 @@ fn mesh(mtls: &str) -> anyhow::Result<Snapshot> {
         services: Arc::new(BTreeMap::from([(service.hostname.clone(), service)])),
         peer_authentications: Arc::new(vec![Config::new(
             "default",
-            NAMESPACE,
+            namespace,
             serde_json::from_value(json!({"mtls": {"mode": mtls}}))?,
         )]),
         authorization_policies: Arc::new(vec![Config::new(
             "payments-from-billing",
-            NAMESPACE,
+            namespace,
             serde_json::from_value(json!({
                 "selector": {"matchLabels": {"app": "payments"}},
                 "action": "ALLOW",
-                "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/shop/sa/billing"]}}]}],
+                "rules": [{"from": [{"source": {"principals": [format!("cluster.local/ns/{namespace}/sa/billing")]}}]}],
             }))?,
         )]),
         ..Snapshot::default()
     })
 }
 
-/// The pod's sidecar: its translation, a certificate for its account.
-fn bootstrap(snapshot: &Snapshot, ca: &Authority, pod: &Pod) -> anyhow::Result<serde_json::Value> {
+/// The pod's sidecar in `namespace`: its translation, with `secrets`
+/// (none when it gets its certificate from the CA itself).
+fn bootstrap(
+    snapshot: &Snapshot,
+    namespace: &str,
+    pod: &Pod,
+    secrets: &[serde_json::Value],
+) -> anyhow::Result<serde_json::Value> {
     let proxy = Proxy {
         id: format!(
-            "sidecar~{}~{}-1.{NAMESPACE}~{NAMESPACE}.svc.cluster.local",
+            "sidecar~{}~{}-1.{namespace}~{namespace}.svc.cluster.local",
             pod.ip, pod.name
         ),
         kind: ProxyKind::Sidecar,
-        namespace: NAMESPACE.into(),
+        namespace: namespace.into(),
         labels: BTreeMap::from([("app".into(), pod.name.into())]),
         ip: pod.ip.to_string(),
         captured: true,
     };
     let resources = bowline_controlplane::translate::sidecar(snapshot, &proxy);
-    bootstrap_captured(
-        &resources,
-        &workload_certificate(ca, NAMESPACE, pod.account)?,
-    )
+    bootstrap_captured(&resources, secrets)
 }
 
 /// Starts the pod's sidecar (capture rules first), and waits for it.
 fn sidecar(
     network: &mut Network,
     ns: &str,
+    namespace: &str,
     pod: &Pod,
     bootstrap: &serde_json::Value,
     dir: &std::path::Path,
+    env: &[(&str, String)],
 ) -> anyhow::Result<usize> {
     let proxy = proxy_binary()?;
     let proxy = proxy.to_str().context("a UTF-8 path")?;
@@ -142,6 +146,23 @@ fn sidecar(
     let file = dir.join(format!("{}.yaml", pod.name));
     std::fs::write(&file, serde_saphyr::to_string(bootstrap)?)?;
     let file = file.to_str().context("a UTF-8 path")?.to_string();
+    let mut env = env.to_vec();
+    env.extend([
+        ("POD_NAME", format!("{}-1", pod.name)),
+        ("POD_NAMESPACE", namespace.into()),
+        ("INSTANCE_IP", pod.ip.to_string()),
+        ("SERVICE_ACCOUNT", pod.account.into()),
+        ("ISTIO_META_WORKLOAD_NAME", pod.name.into()),
+        (
+            "ISTIO_METAJSON_LABELS",
+            json!({"app": pod.name}).to_string(),
+        ),
+        // The sidecars log warnings unless told otherwise.
+        (
+            "RUST_LOG",
+            std::env::var("SIDECAR_LOG").unwrap_or_else(|_| "warn".into()),
+        ),
+    ]);
     let index = network.spawn(
         ns,
         &[
@@ -156,22 +177,7 @@ fn sidecar(
             "--bootstrap",
             &file,
         ],
-        &[
-            ("POD_NAME", format!("{}-1", pod.name)),
-            ("POD_NAMESPACE", NAMESPACE.into()),
-            ("INSTANCE_IP", pod.ip.to_string()),
-            ("SERVICE_ACCOUNT", pod.account.into()),
-            ("ISTIO_META_WORKLOAD_NAME", pod.name.into()),
-            (
-                "ISTIO_METAJSON_LABELS",
-                json!({"app": pod.name}).to_string(),
-            ),
-            // The sidecars log warnings unless told otherwise.
-            (
-                "RUST_LOG",
-                std::env::var("SIDECAR_LOG").unwrap_or_else(|_| "warn".into()),
-            ),
-        ],
+        &env,
     )?;
     for _ in 0..100 {
         let ready = exec(
@@ -196,7 +202,8 @@ fn sidecar(
 
 /// A request from pod `ns` to payments' Service; (status, body), status
 /// 0 when the connection failed.
-fn call(ns: &str, to: &str) -> anyhow::Result<(u16, String)> {
+fn call(ns: &str, to: &str, namespace: &str) -> anyhow::Result<(u16, String)> {
+    let host = format!("Host: payments.{namespace}.svc.cluster.local:8080");
     let output = exec(
         ns,
         &[
@@ -205,7 +212,7 @@ fn call(ns: &str, to: &str) -> anyhow::Result<(u16, String)> {
             "-m",
             "5",
             "-H",
-            HOST,
+            &host,
             "-w",
             "\n%{http_code}",
             &format!("http://{to}:8080/pay"),
@@ -214,6 +221,25 @@ fn call(ns: &str, to: &str) -> anyhow::Result<(u16, String)> {
     let text = String::from_utf8(output.stdout)?;
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+/// The payments applications, listening inside its pod: HTTP on 8080
+/// (answering `payments <path>`), an echo on the ledger port.
+fn serve_payments(ns: &str) -> anyhow::Result<()> {
+    serve_upstream(
+        listen_in(ns, (Ipv4Addr::UNSPECIFIED, 8080).into())?,
+        "payments",
+    )?;
+    let ledger_app = listen_in(ns, (Ipv4Addr::UNSPECIFIED, LEDGER_PORT as u16).into())?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = ledger_app.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    Ok(())
 }
 
 /// What comes back from payments' TCP port for a line sent from pod `ns`
@@ -296,36 +322,20 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
         namespaces.insert(pod.name, network.pod(pod.name, pod.ip, &[SERVICES])?);
     }
     let legacy = network.pod("legacy", Ipv4Addr::new(10, 251, 0, 13), &[SERVICES])?;
-    // The payments application, listening inside its pod.
-    serve_upstream(
-        listen_in(
-            &namespaces["payments"],
-            (Ipv4Addr::UNSPECIFIED, 8080).into(),
-        )?,
-        "payments",
-    )?;
-    let ledger_app = listen_in(
-        &namespaces["payments"],
-        (Ipv4Addr::UNSPECIFIED, LEDGER_PORT as u16).into(),
-    )?;
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = ledger_app.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
+    serve_payments(&namespaces["payments"])?;
 
-    let strict = mesh("STRICT")?;
+    let strict = mesh(NAMESPACE, "STRICT")?;
     let mut payments_sidecar = 0;
     for pod in [&PAYMENTS, &BILLING, &ORDERS] {
+        let secrets = workload_certificate(&ca, NAMESPACE, pod.account)?;
         let index = sidecar(
             &mut network,
             &namespaces[pod.name],
+            NAMESPACE,
             pod,
-            &bootstrap(&strict, &ca, pod)?,
+            &bootstrap(&strict, NAMESPACE, pod, &secrets)?,
             dir.path(),
+            &[],
         )?;
         if pod.name == "payments" {
             payments_sidecar = index;
@@ -336,7 +346,7 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
     let billing = namespaces["billing"].clone();
     let mut answer = (0, String::new());
     let wire = on_the_wire(&mut network, dir.path(), || {
-        answer = call(&billing, PAYMENTS_VIP)?;
+        answer = call(&billing, PAYMENTS_VIP, NAMESPACE)?;
         Ok(())
     })?;
     ensure!(
@@ -354,7 +364,7 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
     );
 
     // orders → payments: mutual TLS, but not allowed.
-    let (status, body) = call(&namespaces["orders"], PAYMENTS_VIP)?;
+    let (status, body) = call(&namespaces["orders"], PAYMENTS_VIP, NAMESPACE)?;
     ensure!(
         status == 403 && body == "RBAC: access denied",
         "orders → payments: {status} {body}"
@@ -373,7 +383,7 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
     // refuses it (and the wire shows the plaintext it tried).
     let mut refused = (0, String::new());
     let wire = on_the_wire(&mut network, dir.path(), || {
-        refused = call(&legacy, &PAYMENTS_IP.to_string())?;
+        refused = call(&legacy, &PAYMENTS_IP.to_string(), NAMESPACE)?;
         Ok(())
     })?;
     ensure!(refused.0 == 0, "STRICT let plaintext in: {refused:?}");
@@ -432,20 +442,149 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
 
     // PERMISSIVE: the same pod takes plaintext and mutual TLS alike.
     network.stop(payments_sidecar);
-    let permissive = mesh("PERMISSIVE")?;
+    let permissive = mesh(NAMESPACE, "PERMISSIVE")?;
+    let secrets = workload_certificate(&ca, NAMESPACE, PAYMENTS.account)?;
     sidecar(
         &mut network,
         &namespaces["payments"],
+        NAMESPACE,
         &PAYMENTS,
-        &bootstrap(&permissive, &ca, &PAYMENTS)?,
+        &bootstrap(&permissive, NAMESPACE, &PAYMENTS, &secrets)?,
         dir.path(),
+        &[],
     )?;
-    let plain = call(&legacy, &PAYMENTS_IP.to_string())?;
+    let plain = call(&legacy, &PAYMENTS_IP.to_string(), NAMESPACE)?;
     ensure!(
         plain.0 == 403,
         "PERMISSIVE plaintext reaches the policy, which wants billing's identity: {plain:?}"
     );
-    let mutual = call(&billing, PAYMENTS_VIP)?;
+    let mutual = call(&billing, PAYMENTS_VIP, NAMESPACE)?;
     ensure!(mutual.0 == 200, "PERMISSIVE mutual TLS: {mutual:?}");
+    Ok(())
+}
+
+/// The CA's pod, as istiod's: its address on the pods' network and the
+/// name its serving certificate carries.
+const ISTIOD_IP: Ipv4Addr = Ipv4Addr::new(10, 251, 0, 2);
+const ISTIOD_NAME: &str = "istiod.bowline-system.svc";
+/// How long the CA's certificates live in the rotation test.
+const LIFETIME: &str = "4s";
+
+/// The serial number of the certificate the sidecar in pod `ns` serves as
+/// `default` (its admin `/certs`, on the pod's loopback).
+fn serving_serial(ns: &str) -> anyhow::Result<String> {
+    let output = exec(ns, &["curl", "-s", "http://127.0.0.1:15000/certs"])?;
+    let certs: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    certs["certificates"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| &c["cert_chain"][0])
+        .find(|c| c["path"] == "default")
+        .and_then(|c| c["serial_number"].as_str())
+        .map(String::from)
+        .with_context(|| format!("a workload certificate in {certs}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_from_the_ca_rotate_between_pods_under_traffic() -> anyhow::Result<()> {
+    use bowline_controlplane::ca::AUDIENCE;
+    use bowline_controlplane::ca_service::CertificateService;
+    use bowline_tests::cluster::service_account_token;
+
+    let cluster = bowline_tests::LocalCluster::shared()?;
+    let client = cluster.client().await?;
+    let namespace = cluster.test_namespace(&client, "mesh-rotation").await?;
+    let dir = tempfile::tempdir()?;
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )?;
+    let ca = Arc::new(Authority::self_signed(
+        "cluster.local",
+        Duration::from_secs(3600),
+    )?);
+    let mut network = Network::new("mr")?;
+    let istiod = network.pod("istiod", ISTIOD_IP, &[SERVICES])?;
+    let payments = network.pod(PAYMENTS.name, PAYMENTS.ip, &[SERVICES])?;
+    let billing = network.pod(BILLING.name, BILLING.ip, &[SERVICES])?;
+    serve_payments(&payments)?;
+
+    // The CA in its pod: Istio's CreateCertificate over TLS, tokens checked
+    // with the cluster's TokenReview.
+    let listener = listen_in(&istiod, (ISTIOD_IP, 15012).into())?;
+    let (chain, key) =
+        ca.serving_certificate(&[ISTIOD_NAME.into()], &[], Duration::from_secs(3600))?;
+    let server = tonic::transport::Server::builder()
+        .tls_config(
+            tonic::transport::ServerTlsConfig::new()
+                .identity(tonic::transport::Identity::from_pem(chain, key)),
+        )?
+        .add_service(CertificateService::new(Arc::clone(&ca), client.clone()))
+        .serve_with_incoming(futures::stream::unfold(listener, |listener| async move {
+            let accepted = listener.accept().await.map(|(stream, _)| stream);
+            Some((accepted, listener))
+        }));
+    let ca_server = tokio::spawn(server);
+
+    let root = dir.path().join("root-cert.pem");
+    std::fs::write(&root, ca.root_pem())?;
+    let snapshot = mesh(&namespace, "STRICT")?;
+    for (pod, ns) in [(&PAYMENTS, &payments), (&BILLING, &billing)] {
+        let token = service_account_token(&client, &namespace, pod.account, Some(AUDIENCE)).await?;
+        let token_file = dir.path().join(format!("{}-token", pod.name));
+        std::fs::write(&token_file, token)?;
+        let path = |p: &std::path::Path| p.display().to_string();
+        sidecar(
+            &mut network,
+            ns,
+            &namespace,
+            pod,
+            &bootstrap(&snapshot, &namespace, pod, &[])?,
+            dir.path(),
+            &[
+                ("CA_ADDR", format!("{ISTIOD_IP}:15012")),
+                ("ISTIOD_SAN", ISTIOD_NAME.into()),
+                ("XDS_ROOT_CA", path(&root)),
+                ("BOWLINE_PROXY_TOKEN_PATH", path(&token_file)),
+                ("SECRET_TTL", LIFETIME.into()),
+            ],
+        )?;
+    }
+
+    // Steady traffic for twelve seconds: each ledger call a new connection
+    // (a new handshake between the sidecars), HTTP calls on the pool.
+    let started = std::time::Instant::now();
+    let (mut calls, mut failures) = (0, Vec::new());
+    let mut serials = std::collections::BTreeSet::new();
+    while started.elapsed() < Duration::from_secs(12) && calls < 2_000 {
+        calls += 2;
+        match ledger(&billing) {
+            Ok(echoed) if echoed == "entry 42\n" => {}
+            other => failures.push(format!("{:?} ledger: {other:?}", started.elapsed())),
+        }
+        match call(&billing, PAYMENTS_VIP, &namespace) {
+            Ok((200, _)) => {}
+            other => failures.push(format!("{:?} http: {other:?}", started.elapsed())),
+        }
+        serials.insert(serving_serial(&payments)?);
+        serials.insert(serving_serial(&billing)?);
+    }
+    println!(
+        "{calls} calls between the pods over {:?} with {LIFETIME} certificates: {} failed; {} certificates seen",
+        started.elapsed(),
+        failures.len(),
+        serials.len()
+    );
+    ensure!(
+        failures.is_empty(),
+        "no call fails during rotation: {failures:?}"
+    );
+    // Two sidecars, each renewing about every two seconds.
+    ensure!(
+        serials.len() >= 8,
+        "the sidecars' certificates rotated: {serials:?}"
+    );
+    ca_server.abort();
     Ok(())
 }
