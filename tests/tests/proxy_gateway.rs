@@ -5,7 +5,9 @@
 //! `/v1` to the `reviews` subset v1. curl, trusting only the Secret's CA,
 //! gets through; a renewed Secret is served without a restart; a Secret
 //! whose certificate is not one is rejected alone (NACK) and the last good
-//! certificate keeps serving.
+//! certificate keeps serving. An AuthorizationPolicy selecting the gateway,
+//! applied while it runs, denies what it names at once (403) and lets the
+//! rest through.
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +19,7 @@ use bowline_tests::LocalCluster;
 use bowline_tests::cluster::{free_port, service_account_token};
 use bowline_tests::controlplane::ControlPlane;
 use bowline_tests::proxy::{Running, curl};
-use bowline_tests::reviews::Reviews;
+use bowline_tests::reviews::{Reviews, apply_istio};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
@@ -170,6 +172,45 @@ async fn a_gateway_terminates_tls_with_its_credential_secret() -> anyhow::Result
     ensure!(
         certs.contains("kubernetes://api-cert") && certs.contains(HOST),
         "the admin /certs shows the credential: {certs}"
+    );
+
+    // An AuthorizationPolicy for the gateway, applied while it serves:
+    // the next requests are judged by it, no restart.
+    apply_istio(
+        &client,
+        &apps,
+        json!({
+            "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "api-private"},
+            "spec": {
+                "selector": {"matchLabels": {"istio": "ingressgateway"}},
+                "action": "DENY",
+                "rules": [{"to": [{"operation": {"paths": ["/v1/private*"]}}]}],
+            },
+        }),
+    )
+    .await?;
+    let started = Instant::now();
+    loop {
+        let (status, body) = get(port, &first_ca, "/v1/private/keys")?;
+        if status == 403 {
+            ensure!(body == "RBAC: access denied", "the denial says why: {body}");
+            break;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the policy reaches the running gateway: still {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "a new AuthorizationPolicy denied at the gateway after {:?}",
+        started.elapsed()
+    );
+    let (status, _) = get(port, &first_ca, "/v1/books")?;
+    ensure!(
+        status == 200,
+        "what the policy does not name still passes: {status}"
     );
 
     // The Secret renewed (another CA): the gateway serves the new

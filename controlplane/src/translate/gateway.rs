@@ -88,6 +88,11 @@ fn servers<'s>(snapshot: &'s Snapshot, proxy: &Proxy) -> Vec<Bound<'s>> {
 /// The gateway's listeners and route configurations.
 pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteConfiguration>) {
     let servers = servers(snapshot, proxy);
+    // AuthorizationPolicies selecting the gateway's pod judge what comes
+    // in: RBAC HTTP filters before routing, network filters before TLS
+    // passthrough.
+    let rbac = super::authz::filters(snapshot, proxy);
+    let network_rbac = super::authz::network_filters(snapshot, proxy);
     let mut ports: Vec<u32> = servers.iter().map(|s| s.server.port.number).collect();
     ports.sort_unstable();
     ports.dedup();
@@ -108,9 +113,10 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
             let name = format!("http.{port}");
             routes.push(route_configuration(snapshot, proxy, &name, port, &plain));
             chains.push(FilterChain {
-                filters: vec![listeners::rds_filter(
+                filters: vec![listeners::rds_filter_judged(
                     &format!("outbound_0.0.0.0_{port}"),
                     &name,
+                    &rbac,
                 )],
                 ..Default::default()
             });
@@ -121,7 +127,14 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
         {
             match server.tls_mode() {
                 Some(ServerTlsMode::Passthrough) | Some(ServerTlsMode::AutoPassthrough) => {
-                    chains.extend(passthrough_chains(snapshot, server, port));
+                    chains.extend(passthrough_chains(snapshot, server, port).into_iter().map(
+                        |mut chain| {
+                            chain.filters = listeners::network_rbac_filters(&network_rbac)
+                                .chain(chain.filters)
+                                .collect();
+                            chain
+                        },
+                    ));
                 }
                 _ if server.protocol() == "HTTPS" => {
                     let name = server.https_routes_name();
@@ -132,9 +145,10 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
                             server_names: sni_names(&server.hosts()),
                             ..Default::default()
                         }),
-                        filters: vec![listeners::rds_filter(
+                        filters: vec![listeners::rds_filter_judged(
                             &format!("outbound_0.0.0.0_{port}"),
                             &name,
+                            &rbac,
                         )],
                         transport_socket: terminate(server),
                         ..Default::default()

@@ -333,7 +333,7 @@ pub fn virtual_inbound(ports: &[Inbound], passthrough_rbac: &[NetworkRbac]) -> L
 }
 
 /// Network RBAC filters, to go before a chain's TCP proxy.
-fn network_rbac_filters(rbac: &[NetworkRbac]) -> impl Iterator<Item = Filter> + '_ {
+pub fn network_rbac_filters(rbac: &[NetworkRbac]) -> impl Iterator<Item = Filter> + '_ {
     rbac.iter().map(|rbac| Filter {
         name: "envoy.filters.network.rbac".into(),
         config_type: Some(filter::ConfigType::TypedConfig(pack_any(rbac.clone()))),
@@ -451,13 +451,24 @@ pub fn ads() -> ConfigSource {
 /// HTTP routed by the route configuration `routes` (over ADS), with
 /// faults, then the router.
 pub fn rds_filter(stat_prefix: &str, routes: &str) -> Filter {
+    rds_filter_judged(stat_prefix, routes, &[])
+}
+
+/// [`rds_filter`] with `rbac` (AuthorizationPolicy) filters first, as on
+/// a gateway.
+pub fn rds_filter_judged(stat_prefix: &str, routes: &str, rbac: &[HttpRbac]) -> Filter {
+    let mut filters: Vec<HttpFilter> = rbac
+        .iter()
+        .map(|rbac| http_filter("envoy.filters.http.rbac", pack_any(rbac.clone())))
+        .collect();
+    filters.extend(outbound_http_filters());
     http_connection_manager(
         stat_prefix,
         http_connection_manager::RouteSpecifier::Rds(Rds {
             config_source: Some(ads()),
             route_config_name: routes.to_string(),
         }),
-        outbound_http_filters(),
+        filters,
     )
 }
 
