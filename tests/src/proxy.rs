@@ -520,6 +520,37 @@ pub fn workload_certificate(
     ))
 }
 
+/// A CA of its own (PEM) and a server certificate for `host` it signed,
+/// with its key: what a Secret for a gateway or an external server holds.
+#[derive(Debug)]
+pub struct ServerCertificate {
+    pub ca: String,
+    pub cert: String,
+    pub key: String,
+}
+
+pub fn server_certificate(host: &str) -> anyhow::Result<ServerCertificate> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // Not the leaf's name: a client would take the leaf for self-signed.
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, format!("{host} test CA"));
+    let ca = ca_params.self_signed(&ca_key)?;
+    let issuer = Issuer::new(ca_params, &ca_key);
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::new(vec![host.to_string()])?;
+    params.distinguished_name.push(DnType::CommonName, host);
+    let cert = params.signed_by(&key, &issuer)?;
+    Ok(ServerCertificate {
+        ca: ca.pem(),
+        cert: cert.pem(),
+        key: key.serialize_pem(),
+    })
+}
+
 /// EDS clusters with their endpoints inline, as JSON.
 fn inline_clusters(
     resources: &bowline_controlplane::translate::Resources,

@@ -18,41 +18,13 @@ use bowline_proxy::Mode;
 use bowline_tests::LocalCluster;
 use bowline_tests::cluster::{free_port, service_account_token};
 use bowline_tests::controlplane::ControlPlane;
-use bowline_tests::proxy::{Running, curl};
+use bowline_tests::proxy::{Running, curl, server_certificate};
 use bowline_tests::reviews::{Reviews, apply_istio};
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::json;
 
 const HOST: &str = "api.myapp.com";
-
-/// A CA (PEM) and a certificate for [`HOST`] it signed, with its key.
-struct Issued {
-    ca: String,
-    cert: String,
-    key: String,
-}
-
-fn issue() -> anyhow::Result<Issued> {
-    let ca_key = KeyPair::generate()?;
-    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "myapp test CA");
-    let ca = ca_params.self_signed(&ca_key)?;
-    let issuer = Issuer::new(ca_params, &ca_key);
-    let key = KeyPair::generate()?;
-    let mut params = CertificateParams::new(vec![HOST.to_string()])?;
-    params.distinguished_name.push(DnType::CommonName, HOST);
-    let cert = params.signed_by(&key, &issuer)?;
-    Ok(Issued {
-        ca: ca.pem(),
-        cert: cert.pem(),
-        key: key.serialize_pem(),
-    })
-}
 
 /// Applies the TLS Secret `api-cert` with `cert` and `key`.
 async fn apply_secret(secrets: &Api<Secret>, cert: &str, key: &str) -> anyhow::Result<()> {
@@ -108,7 +80,7 @@ async fn a_gateway_terminates_tls_with_its_credential_secret() -> anyhow::Result
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &apps);
     let files = tempfile::tempdir()?;
 
-    let first = issue()?;
+    let first = server_certificate(HOST)?;
     let first_ca = files.path().join("first-ca.pem");
     std::fs::write(&first_ca, &first.ca)?;
     apply_secret(&secrets, &first.cert, &first.key).await?;
@@ -215,7 +187,7 @@ async fn a_gateway_terminates_tls_with_its_credential_secret() -> anyhow::Result
 
     // The Secret renewed (another CA): the gateway serves the new
     // certificate without a restart.
-    let second = issue()?;
+    let second = server_certificate(HOST)?;
     let second_ca = files.path().join("second-ca.pem");
     std::fs::write(&second_ca, &second.ca)?;
     apply_secret(&secrets, &second.cert, &second.key).await?;

@@ -84,7 +84,7 @@ pub fn outbound_clusters(
                 |p| p.tls.as_ref(),
             );
             let sni = format!("outbound_.{}_.{subset}_.{host}", port.port);
-            upstream_tls(&mut built, tls, !service.external, &sni, identities);
+            upstream_tls(&mut built, tls, !service.external, &sni, host, identities);
             built.metadata = service_metadata(&[service]);
             if port.protocol.is_http() || port.protocol == Protocol::Unknown {
                 http_options(&mut built, policy.as_ref(), port.port, port.protocol);
@@ -168,13 +168,16 @@ fn port_setting<'p, T>(
 /// TLS with the mesh certificate to endpoints labelled as having a
 /// sidecar, plaintext to the rest. ISTIO_MUTUAL always mesh mTLS; SIMPLE
 /// and MUTUAL originate TLS with the rule's CA and client credential
-/// (a `credentialName` Secret over SDS, or files on the proxy); DISABLE
-/// plaintext.
+/// (a `credentialName` Secret over SDS, or files on the proxy), checking
+/// the server's certificate for the rule's `subjectAltNames` — or, when it
+/// names none, for its `sni` or the service's `host` (but a wildcard), so
+/// that a certificate for another name is refused; DISABLE plaintext.
 fn upstream_tls(
     cluster: &mut Cluster,
     tls: Option<&ClientTlsSettings>,
     mesh: bool,
     sni: &str,
+    host: &str,
     identities: &[String],
 ) {
     let mesh_context = || {
@@ -232,45 +235,52 @@ fn upstream_tls(
         Some(ClientTlsMode::Simple) | Some(ClientTlsMode::Mutual) => {
             let tls = tls.expect("a mode means settings");
             let credential = tls.credential_name.as_deref().map(credential_resource);
+            // A wildcard host names no one server: its chain is checked.
+            let names: Vec<String> = match (&tls.sni, tls.subject_alt_names.is_empty()) {
+                (_, false) => tls.subject_alt_names.clone(),
+                (Some(sni), true) => vec![sni.clone()],
+                (None, true) if host.starts_with('*') => Vec::new(),
+                (None, true) => vec![host.to_string()],
+            };
+            let names = CertificateValidationContext {
+                match_typed_subject_alt_names: names
+                    .iter()
+                    .map(|san| SubjectAltNameMatcher {
+                        san_type: subject_alt_name_matcher::SanType::Dns as i32,
+                        matcher: Some(StringMatcher {
+                            match_pattern: Some(string_matcher::MatchPattern::Exact(san.clone())),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            };
             let validation = if tls.insecure_skip_verify == Some(true) {
                 None
             } else if let Some(credential) = &credential {
+                // The credential's CA over SDS, and the names.
                 Some(
-                    common_tls_context::ValidationContextType::ValidationContextSdsSecretConfig(
-                        sds(&format!("{credential}-cacert")),
+                    common_tls_context::ValidationContextType::CombinedValidationContext(
+                        common_tls_context::CombinedCertificateValidationContext {
+                            default_validation_context: Some(names),
+                            validation_context_sds_secret_config: Some(sds(&format!(
+                                "{credential}-cacert"
+                            ))),
+                            ..Default::default()
+                        },
                     ),
                 )
             } else {
+                let trusted_ca = match &tls.ca_certificates {
+                    Some(path) => file(path),
+                    None => file(SYSTEM_ROOTS),
+                };
                 Some(
                     common_tls_context::ValidationContextType::ValidationContext(
                         CertificateValidationContext {
-                            trusted_ca: Some(match &tls.ca_certificates {
-                                Some(path) => DataSource {
-                                    specifier: Some(data_source::Specifier::Filename(path.clone())),
-                                    ..Default::default()
-                                },
-                                None => DataSource {
-                                    specifier: Some(data_source::Specifier::Filename(
-                                        SYSTEM_ROOTS.into(),
-                                    )),
-                                    ..Default::default()
-                                },
-                            }),
-                            match_typed_subject_alt_names: tls
-                                .subject_alt_names
-                                .iter()
-                                .map(|san| SubjectAltNameMatcher {
-                                    san_type: subject_alt_name_matcher::SanType::Dns as i32,
-                                    matcher: Some(StringMatcher {
-                                        match_pattern: Some(string_matcher::MatchPattern::Exact(
-                                            san.clone(),
-                                        )),
-                                        ..Default::default()
-                                    }),
-                                    ..Default::default()
-                                })
-                                .collect(),
-                            ..Default::default()
+                            trusted_ca: Some(trusted_ca),
+                            ..names
                         },
                     ),
                 )
