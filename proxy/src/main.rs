@@ -61,8 +61,16 @@ fn main() -> anyhow::Result<()> {
         Command::Init(init) => return capture(init),
     };
     let config = Config::from_env(mode, run.bootstrap, &ProcessEnv)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.workers)
+    // One worker: everything on this thread, as Envoy's one worker —
+    // no hand-offs between threads, no parking a second one.
+    let mut builder = if config.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(config.workers);
+        builder
+    };
+    let runtime = builder
         .enable_all()
         .build()
         .context("starting the runtime")?;
