@@ -25,7 +25,7 @@ use crate::sniff::Inspected;
 use crate::state::State;
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::Entry;
-use crate::telemetry::metrics::{Counted, Flags, Peers};
+use crate::telemetry::metrics::{Counted, Flags, Peers, Refusal};
 use crate::telemetry::peer::Service;
 use crate::tls::{Carried, Secrets, Session};
 use crate::upstream::{Outcome, Reach, Upstreams};
@@ -266,6 +266,10 @@ async fn connection(
     };
     let Some(chain) = listener.find_chain(&info) else {
         tracing::debug!(listener = %listener.name, %peer, %destination, "no filter chain matches; closed");
+        shared
+            .telemetry
+            .metrics
+            .refused(&listener.name, "", Refusal::NoFilterChain);
         return;
     };
     let ends = Ends {
@@ -275,13 +279,21 @@ async fn connection(
         inbound,
     };
     let Some(tls) = &chain.tls else {
-        return serve(stream, ends, None, chain, snapshot, shared, watcher).await;
+        let chosen = Chosen {
+            listener: &listener.name,
+            chain,
+        };
+        return serve(stream, ends, None, chosen, snapshot, shared, watcher).await;
     };
     let offered = inspected.tls.map(|h| h.alpn).unwrap_or_default();
     let (config, local) = match tls.server_config(&shared.secrets, &offered) {
         Ok(config) => config,
         Err(error) => {
             tracing::warn!(listener = %listener.name, chain = %chain.name, %error, "TLS is not ready; connection closed");
+            shared
+                .telemetry
+                .metrics
+                .refused(&listener.name, &chain.name, Refusal::TlsNotReady);
             return;
         }
     };
@@ -294,10 +306,18 @@ async fn connection(
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
             tracing::debug!(listener = %listener.name, %peer, %error, "TLS handshake failed");
+            shared
+                .telemetry
+                .metrics
+                .refused(&listener.name, &chain.name, Refusal::TlsHandshake);
             return;
         }
         Err(_) => {
             tracing::debug!(listener = %listener.name, %peer, "TLS handshake timed out");
+            shared
+                .telemetry
+                .metrics
+                .refused(&listener.name, &chain.name, Refusal::TlsHandshake);
             return;
         }
     };
@@ -316,12 +336,22 @@ async fn connection(
         stream,
         ends,
         Some(session),
-        chain,
+        Chosen {
+            listener: &listener.name,
+            chain,
+        },
         snapshot,
         shared,
         watcher,
     )
     .await
+}
+
+/// The listener that took a connection and the filter chain chosen for it.
+#[derive(Clone, Copy, Debug)]
+struct Chosen<'a> {
+    listener: &'a str,
+    chain: &'a FilterChain,
 }
 
 /// Where a connection came from and went to.
@@ -342,7 +372,7 @@ async fn serve<S>(
     stream: S,
     ends: Ends,
     session: Option<Session>,
-    chain: &FilterChain,
+    Chosen { listener, chain }: Chosen<'_>,
     snapshot: Arc<Snapshot>,
     shared: Shared,
     watcher: Watcher,
@@ -350,6 +380,10 @@ async fn serve<S>(
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     if !connection_authorized(&chain.rbac, &ends, session.as_ref()) {
+        shared
+            .telemetry
+            .metrics
+            .refused(listener, &chain.name, Refusal::Rbac);
         return;
     }
     match &chain.terminal {

@@ -421,6 +421,22 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
         series("403", "orders", "RBAC"),
         "no denied series from orders:\n{metrics}"
     );
+    // The connections closed before any chain served them, and why.
+    let refused = |chain: &str, reason: &str| {
+        metrics.lines().any(|l| {
+            l.starts_with("bowline_proxy_connections_refused_total{")
+                && l.contains(&format!("filter_chain=\"{chain}\""))
+                && l.contains(&format!("reason=\"{reason}\""))
+        })
+    };
+    ensure!(
+        refused("inbound|9000|||tls", "rbac"),
+        "orders' ledger connection counted as refused by RBAC:\n{metrics}"
+    );
+    ensure!(
+        refused("", "no_filter_chain"),
+        "legacy's plaintext counted as matching no chain under STRICT:\n{metrics}"
+    );
     // The source's: both ends' identities from its side of the handshake.
     let metrics = exec(
         &namespaces["billing"],

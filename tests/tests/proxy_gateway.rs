@@ -197,6 +197,15 @@ async fn a_gateway_terminates_tls_with_its_credential_secret() -> anyhow::Result
         get(port, &first_ca, "/v1/")?.0 == 0,
         "the old certificate is no longer served"
     );
+    let (_, metrics) =
+        bowline_tests::http::get(gateway.ports.prometheus, "/stats/prometheus").await?;
+    ensure!(
+        metrics.lines().any(
+            |l| l.starts_with("bowline_proxy_connections_refused_total{")
+                && l.contains("reason=\"tls_handshake\"")
+        ),
+        "the handshake the client broke off is counted:\n{metrics}"
+    );
 
     // A Secret whose certificate is not one: rejected alone, the last
     // good certificate keeps serving.

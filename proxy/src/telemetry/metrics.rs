@@ -193,9 +193,53 @@ pub struct Metrics {
     tcp: RwLock<HashMap<TcpKey, Arc<TcpSeries>>>,
     /// Finished spans dropped because the exporter's queue was full.
     pub spans_dropped: Counter,
+    refused: RwLock<HashMap<Refused, Arc<Counter>>>,
+}
+
+/// A connection closed before its filter chain served it: where, and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Refused {
+    listener: String,
+    chain: String,
+    reason: Refusal,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Refusal {
+    /// No filter chain matches (e.g. plaintext on a STRICT port).
+    NoFilterChain,
+    /// The chain's TLS certificate is not there yet.
+    TlsNotReady,
+    /// The TLS handshake failed or timed out (e.g. a certificate the
+    /// other side does not trust).
+    TlsHandshake,
+    /// A network RBAC filter (AuthorizationPolicy on a TCP port) denied it.
+    Rbac,
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::NoFilterChain => "no_filter_chain",
+            Refusal::TlsNotReady => "tls_not_ready",
+            Refusal::TlsHandshake => "tls_handshake",
+            Refusal::Rbac => "rbac",
+        }
+    }
 }
 
 impl Metrics {
+    /// Counts a connection `listener`'s `chain` (empty: none matched)
+    /// closed before serving it.
+    pub fn refused(&self, listener: &str, chain: &str, reason: Refusal) {
+        let key = Refused {
+            listener: listener.to_string(),
+            chain: chain.to_string(),
+            reason,
+        };
+        series(&self.refused, key, Counter::default).inc();
+    }
+
     pub fn record(&self, request: &Completed) {
         let key = request.labels.clone();
         let series = series(&self.requests, key, || RequestSeries {
@@ -325,7 +369,30 @@ impl Collector for Metrics {
             MetricType::Counter,
         )?;
         self.spans_dropped.encode(metric)?;
+        let refused = self.refused.read().unwrap_or_else(|e| e.into_inner());
+        if !refused.is_empty() {
+            let mut metric = encoder.encode_descriptor(
+                "bowline_proxy_connections_refused",
+                "Connections closed before their filter chain served them, by listener, chain and reason.",
+                None,
+                MetricType::Counter,
+            )?;
+            for (key, count) in refused.iter() {
+                count.encode(metric.encode_family(key)?)?;
+            }
+        }
         Ok(())
+    }
+}
+
+impl EncodeLabelSet for Refused {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        [
+            ("listener", self.listener.as_str()),
+            ("filter_chain", self.chain.as_str()),
+            ("reason", self.reason.label()),
+        ]
+        .encode(encoder)
     }
 }
 
