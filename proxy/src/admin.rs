@@ -91,27 +91,22 @@ async fn serve(socket: TcpListener, port: Port, admin: Arc<Admin>) {
 fn respond(admin: &Admin, port: Port, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     let method = request.method();
-    let state = &admin.state;
     match (port, method, path) {
-        (_, &Method::GET, "/healthz/ready") if state.is_ready() => text(StatusCode::OK, "LIVE\n"),
-        (_, &Method::GET, "/healthz/ready") => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            if state.is_draining() {
-                "not ready: draining\n"
-            } else if state.is_awaiting_identity() {
-                "not ready: no workload certificate from the CA yet\n"
-            } else {
-                "not ready: no complete configuration yet\n"
-            },
-        ),
+        (_, &Method::GET, "/healthz/ready") => match admin.not_ready() {
+            None => text(StatusCode::OK, "LIVE\n"),
+            Some(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not ready: {why}\n"),
+            ),
+        },
         (Port::Metrics | Port::Admin, &Method::GET, "/stats/prometheus") => metrics(admin),
         (Port::Admin, &Method::GET, "/stats") => metrics(admin),
         (Port::Admin, &Method::GET, "/ready") => {
-            let (status, body) = server_state(state);
+            let (status, body) = server_state(admin);
             text(status, &format!("{body}\n"))
         }
         (Port::Admin, &Method::GET, "/server_info") => {
-            let (_, state) = server_state(state);
+            let (_, state) = server_state(admin);
             let info = serde_json::json!({
                 "version": env!("CARGO_PKG_VERSION"),
                 "state": state,
@@ -134,14 +129,28 @@ fn respond(admin: &Admin, port: Port, request: &Request<Incoming>) -> Response<F
     }
 }
 
+impl Admin {
+    /// Why the proxy is not ready, if it is not: stopping, no complete
+    /// configuration yet, or no certificate from its CA yet.
+    fn not_ready(&self) -> Option<&'static str> {
+        if self.state.is_draining() {
+            Some("draining")
+        } else if !self.state.is_ready() {
+            Some("no complete configuration yet")
+        } else if self.secrets.awaiting_identity() {
+            Some("no workload certificate from the CA yet")
+        } else {
+            None
+        }
+    }
+}
+
 /// Envoy's server states, and the readiness answer for each.
-fn server_state(state: &State) -> (StatusCode, &'static str) {
-    if state.is_draining() {
-        (StatusCode::SERVICE_UNAVAILABLE, "DRAINING")
-    } else if state.is_ready() {
-        (StatusCode::OK, "LIVE")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING")
+fn server_state(admin: &Admin) -> (StatusCode, &'static str) {
+    match admin.not_ready() {
+        None => (StatusCode::OK, "LIVE"),
+        Some(_) if admin.state.is_draining() => (StatusCode::SERVICE_UNAVAILABLE, "DRAINING"),
+        Some(_) => (StatusCode::SERVICE_UNAVAILABLE, "PRE_INITIALIZING"),
     }
 }
 

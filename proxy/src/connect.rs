@@ -61,17 +61,7 @@ pub async fn connect(
     let stream = tokio::time::timeout(timeout, handshake)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timeout"))??;
-    let session = Session {
-        local,
-        peer: stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(crate::tls::spiffe_id)
-            .map(Arc::from),
-        mutual: true,
-    };
+    let session = Session::new(local, stream.get_ref().1.peer_certificates());
     Ok(Stream::Tls(Box::new(stream), session))
 }
 

@@ -62,9 +62,8 @@ pub async fn run(
     log_filter: Option<admin::SetLogFilter>,
 ) -> Result<()> {
     let state = Arc::new(State::default());
-    let secrets = Arc::new(Secrets::new(Arc::clone(&state)));
+    let secrets = Arc::new(Secrets::new(Arc::clone(&state), config.ca.is_some()));
     if let Some(ca) = config.ca.clone() {
-        state.await_identity();
         tokio::spawn(identity::keep(ca, Arc::clone(&secrets)));
     }
     let (telemetry, finished) = Telemetry::new(&config);

@@ -321,17 +321,7 @@ async fn connection(
             return;
         }
     };
-    let session = Session {
-        local,
-        peer: stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|certs| certs.first())
-            .and_then(crate::tls::spiffe_id)
-            .map(Arc::from),
-        mutual: stream.get_ref().1.peer_certificates().is_some(),
-    };
+    let session = Session::new(local, stream.get_ref().1.peer_certificates());
     serve(
         stream,
         ends,

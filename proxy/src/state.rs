@@ -19,10 +19,6 @@ pub struct State {
     ready: AtomicBool,
     /// Set when the proxy is stopping: it is no longer ready.
     draining: AtomicBool,
-    /// Set while a proxy that gets its certificate from a CA has none
-    /// yet: its TLS listeners and clusters cannot work, so it is not ready
-    /// (as Envoy keeps listeners warming until their SDS secrets come).
-    awaiting_identity: AtomicBool,
 }
 
 impl Default for State {
@@ -32,7 +28,6 @@ impl Default for State {
             version: watch::channel(0).0,
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
-            awaiting_identity: AtomicBool::new(false),
         }
     }
 }
@@ -61,23 +56,9 @@ impl State {
         self.draining.store(true, Ordering::Release);
     }
 
-    /// Not ready until [`State::identity_issued`].
-    pub fn await_identity(&self) {
-        self.awaiting_identity.store(true, Ordering::Release);
-    }
-
-    pub fn identity_issued(&self) {
-        self.awaiting_identity.store(false, Ordering::Release);
-    }
-
-    pub fn is_awaiting_identity(&self) -> bool {
-        self.awaiting_identity.load(Ordering::Acquire)
-    }
-
-    /// Serving a complete configuration with its certificate (when it has
-    /// a CA), and not stopping.
+    /// Serving a complete configuration, and not stopping.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire) && !self.is_awaiting_identity() && !self.is_draining()
+        self.ready.load(Ordering::Acquire) && !self.is_draining()
     }
 
     pub fn is_draining(&self) -> bool {

@@ -73,6 +73,21 @@ pub struct Session {
     pub mutual: bool,
 }
 
+impl Session {
+    /// A handshake's ends: `local` the SPIFFE ID this side presented, the
+    /// peer's from the first of the certificates it presented (if any).
+    pub fn new(local: Option<Arc<str>>, peer_certificates: Option<&[CertificateDer<'_>]>) -> Self {
+        Self {
+            local,
+            peer: peer_certificates
+                .and_then(|certs| certs.first())
+                .and_then(spiffe_id)
+                .map(Arc::from),
+            mutual: peer_certificates.is_some(),
+        }
+    }
+}
+
 impl Secret {
     /// A certificate chain and key, both PEM.
     pub fn certificate(chain_pem: &[u8], key_pem: &[u8]) -> Result<Self, String> {
@@ -183,6 +198,8 @@ fn read(source: Option<&DataSource>) -> Result<Vec<u8>, String> {
 pub struct Secrets {
     state: Arc<State>,
     workload: ArcSwapOption<Workload>,
+    /// The workload's certificate comes from a CA (not the configuration).
+    from_ca: bool,
 }
 
 /// The workload's SVID and the root it chains to.
@@ -193,17 +210,25 @@ pub struct Workload {
 }
 
 impl Secrets {
-    pub fn new(state: Arc<State>) -> Self {
+    /// `from_ca`: the identity task will set the workload's certificate.
+    pub fn new(state: Arc<State>, from_ca: bool) -> Self {
         Self {
             state,
             workload: ArcSwapOption::empty(),
+            from_ca,
         }
+    }
+
+    /// The certificate is to come from the CA and has not yet: TLS
+    /// listeners and clusters cannot work, so the proxy is not ready (as
+    /// Envoy keeps listeners warming until their SDS secrets come).
+    pub fn awaiting_identity(&self) -> bool {
+        self.from_ca && self.workload.load().is_none()
     }
 
     /// Serves `workload` as `default` and `ROOTCA` from now on.
     pub fn set_workload(&self, workload: Workload) {
         self.workload.store(Some(Arc::new(workload)));
-        self.state.identity_issued();
     }
 
     /// Every secret known now, by name: the configuration's, then the
@@ -442,6 +467,8 @@ pub enum Carried {
 pub struct UpstreamTls {
     common: Common,
     sni: String,
+    /// Sessions are resumed (Envoy's `max_session_keys`, 0 turns it off).
+    resumption: bool,
     /// The configurations last built, by what they carry, with the secrets
     /// they were built from.
     built: Mutex<HashMap<Carried, Built<ClientConfig>>>,
@@ -512,6 +539,7 @@ impl UpstreamTls {
         Ok(Some(Self {
             common,
             sni: context.sni,
+            resumption: context.max_session_keys.is_none_or(|keys| keys.value > 0),
             built: Mutex::new(HashMap::new()),
         }))
     }
@@ -562,6 +590,9 @@ impl UpstreamTls {
             None => builder.with_no_client_auth(),
         };
         config.alpn_protocols = self.alpn(carried);
+        if !self.resumption {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
         let config = Arc::new(config);
         built.insert(
             carried,
@@ -940,6 +971,98 @@ mod tests {
         assert_eq!(
             inspect(b"\x16\x03\x01\x00\x05\x01\x00\x00\x01\x00"),
             Inspection::NotTls
+        );
+    }
+
+    /// A CA and a certificate it signed for `host`, as PEM (chain, key, CA).
+    fn issued(host: &str) -> (String, String, String) {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "test CA");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, &ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec![host.to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (leaf.pem(), key.serialize_pem(), ca.pem())
+    }
+
+    /// The kinds of two handshakes in a row from one client context to
+    /// one server context, as configured.
+    async fn two_handshakes(upstream: serde_json::Value) -> Vec<Option<rustls::HandshakeKind>> {
+        let (chain, key, ca) = issued("server.example");
+        let socket = |context: serde_json::Value| -> envoy_types::pb::envoy::config::core::v3::TransportSocket {
+            crate::envoy::from_json(serde_json::json!({
+                "name": "envoy.transport_sockets.tls", "typed_config": context}))
+            .unwrap()
+        };
+        let downstream = DownstreamTls::from_envoy(&socket(serde_json::json!({
+            "@type": format!("type.googleapis.com/{DOWNSTREAM_TLS_CONTEXT}"),
+            "common_tls_context": {"tls_certificates": [{
+                "certificate_chain": {"inline_string": chain},
+                "private_key": {"inline_string": key}}]},
+        })))
+        .unwrap()
+        .unwrap();
+        let mut context = serde_json::json!({
+            "@type": format!("type.googleapis.com/{UPSTREAM_TLS_CONTEXT}"),
+            "sni": "server.example",
+            "common_tls_context": {"validation_context": {"trusted_ca": {"inline_string": ca}}},
+        });
+        if let (Some(context), serde_json::Value::Object(more)) =
+            (context.as_object_mut(), upstream)
+        {
+            context.extend(more);
+        }
+        let upstream = UpstreamTls::from_envoy(&socket(context)).unwrap().unwrap();
+        let secrets = Secrets::new(Arc::default(), false);
+        let mut kinds = Vec::new();
+        for _ in 0..2 {
+            let (server_config, _) = downstream.server_config(&secrets, &[]).unwrap();
+            let (client_config, _) = upstream.client_config(&secrets, Carried::Tcp).unwrap();
+            let (near, far) = tokio::io::duplex(64 << 10);
+            let server = tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut stream = tokio_rustls::TlsAcceptor::from(server_config)
+                    .accept(far)
+                    .await
+                    .unwrap();
+                stream.write_all(b"x").await.unwrap();
+                stream.flush().await.unwrap();
+                stream
+            });
+            let mut client = tokio_rustls::TlsConnector::from(client_config)
+                .connect(upstream.server_name([127, 0, 0, 1].into()), near)
+                .await
+                .unwrap();
+            // Reading the first byte takes in the session tickets sent
+            // before it.
+            let mut byte = [0u8; 1];
+            tokio::io::AsyncReadExt::read_exact(&mut client, &mut byte)
+                .await
+                .unwrap();
+            kinds.push(client.get_ref().1.handshake_kind());
+            drop(server.await.unwrap());
+        }
+        kinds
+    }
+
+    #[tokio::test]
+    async fn sessions_resume_unless_max_session_keys_is_zero() {
+        use rustls::HandshakeKind::{Full, Resumed};
+        assert_eq!(
+            two_handshakes(serde_json::json!({})).await,
+            [Some(Full), Some(Resumed)]
+        );
+        assert_eq!(
+            two_handshakes(serde_json::json!({"max_session_keys": 0})).await,
+            [Some(Full), Some(Full)]
         );
     }
 }

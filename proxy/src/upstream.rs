@@ -489,7 +489,7 @@ mod tests {
     use crate::model::resilience::{Limits, Outlier};
 
     fn secrets() -> Arc<Secrets> {
-        Arc::new(Secrets::new(Arc::default()))
+        Arc::new(Secrets::new(Arc::default(), false))
     }
 
     fn cluster(lb: LbPolicy, outlier: Option<Outlier>) -> Arc<Cluster> {

@@ -261,6 +261,16 @@ fn ledger(ns: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8(output.stdout)?)
 }
 
+/// What the sidecar in pod `ns` answers on its own port and path
+/// (`15020/stats/prometheus`), asked on the pod's loopback.
+fn from_sidecar(ns: &str, port_and_path: &str) -> anyhow::Result<String> {
+    let output = exec(
+        ns,
+        &["curl", "-s", &format!("http://127.0.0.1:{port_and_path}")],
+    )?;
+    Ok(String::from_utf8(output.stdout)?)
+}
+
 /// What crossed the bridge while `during` ran, as tcpdump wrote it.
 fn on_the_wire(
     network: &mut Network,
@@ -393,11 +403,7 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
     );
 
     // The destination's metrics: who called, over what.
-    let metrics = exec(
-        &namespaces["payments"],
-        &["curl", "-s", "http://127.0.0.1:15020/stats/prometheus"],
-    )?;
-    let metrics = String::from_utf8(metrics.stdout)?;
+    let metrics = from_sidecar(&namespaces["payments"], "15020/stats/prometheus")?;
     let series = |code: &str, principal: &str, flags: &str| {
         metrics.lines().any(|l| {
             l.starts_with("istio_requests_total{")
@@ -438,11 +444,7 @@ async fn pods_talk_mutual_tls_and_policies_hold() -> anyhow::Result<()> {
         "legacy's plaintext counted as matching no chain under STRICT:\n{metrics}"
     );
     // The source's: both ends' identities from its side of the handshake.
-    let metrics = exec(
-        &namespaces["billing"],
-        &["curl", "-s", "http://127.0.0.1:15020/stats/prometheus"],
-    )?;
-    let metrics = String::from_utf8(metrics.stdout)?;
+    let metrics = from_sidecar(&namespaces["billing"], "15020/stats/prometheus")?;
     ensure!(
         metrics
             .lines()
@@ -489,8 +491,7 @@ const LIFETIME: &str = "4s";
 /// The serial number of the certificate the sidecar in pod `ns` serves as
 /// `default` (its admin `/certs`, on the pod's loopback).
 fn serving_serial(ns: &str) -> anyhow::Result<String> {
-    let output = exec(ns, &["curl", "-s", "http://127.0.0.1:15000/certs"])?;
-    let certs: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    let certs: serde_json::Value = serde_json::from_str(&from_sidecar(ns, "15000/certs")?)?;
     certs["certificates"]
         .as_array()
         .into_iter()
@@ -569,7 +570,7 @@ async fn certificates_from_the_ca_rotate_between_pods_under_traffic() -> anyhow:
     }
 
     // Steady traffic for twelve seconds: each ledger call a new connection
-    // (a new handshake between the sidecars), HTTP calls on the pool.
+    // (a new TLS connection between the sidecars), HTTP calls on the pool.
     let started = std::time::Instant::now();
     let (mut calls, mut failures) = (0, Vec::new());
     let mut serials = std::collections::BTreeSet::new();

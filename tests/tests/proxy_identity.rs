@@ -2,8 +2,9 @@
 //! plane's CA on the local cluster — with their ServiceAccount tokens,
 //! as pods do — and speak mutual TLS to each other with them, by the SDS
 //! names Istio uses (`default`, `ROOTCA`). The certificates live four
-//! seconds: over twelve seconds of steady traffic, each connection a new
-//! handshake, both proxies rotate several times and no connection fails;
+//! seconds: over twelve seconds of steady traffic, each client connection
+//! a new TLS connection between the sidecars, both proxies rotate several
+//! times and no connection fails;
 //! a connection opened before the first rotation still works after its
 //! certificates have expired (rotation drops nothing); the admin
 //! endpoint's `/certs` shows each proxy's serial numbers change. A proxy is not
@@ -155,7 +156,6 @@ async fn certificates_from_the_ca_rotate_under_traffic_without_a_failure() -> an
     )
     .await?;
     // Ready means both have their certificates: the first connection works.
-    let first_issued = Instant::now();
     let before = issued(&control_plane).await?;
     ensure!(before >= 2, "a certificate for each proxy: {before} issued");
     echoes(billing_port, b"first").await?;
@@ -171,8 +171,10 @@ async fn certificates_from_the_ca_rotate_under_traffic_without_a_failure() -> an
     };
     round_trip(&mut kept, b"kept").await?;
 
-    // Steady traffic from two clients, each connection a new handshake
-    // between the sidecars.
+    // Steady traffic from two clients, each connection a new TLS
+    // connection between the sidecars (a resumed session until a rotation
+    // rebuilds the TLS contexts, then a full handshake with the new
+    // certificates).
     let (connections, failures) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let started = Instant::now();
     let mut clients = Vec::new();
@@ -231,15 +233,13 @@ async fn certificates_from_the_ca_rotate_under_traffic_without_a_failure() -> an
         "steady traffic: {connections} connections"
     );
     // Each renews at about half its certificate's life: at least four
-    // times each over twelve seconds. And the handshakes that succeeded
-    // after the first certificates expired could only use newer ones.
+    // times each over twelve seconds.
     ensure!(
         after - before >= 8,
         "both proxies renewed every ~2 s: {} certificates issued in {:?}",
         after - before,
         started.elapsed()
     );
-    ensure!(first_issued.elapsed() > Duration::from_secs(8));
     for (seen, account) in serials.iter().zip(["payments", "billing"]) {
         println!("{account} served {} certificates: {seen:?}", seen.len());
         ensure!(

@@ -15,8 +15,9 @@
 //! bowline-proxy sidecars in a row (the client's, then the server's) in
 //! front of the upstream, once speaking plaintext to each other and once
 //! mutual TLS with workload certificates, in the same run: throughput,
-//! latency, CPU and memory of both sidecars, and handshakes per second
-//! (every client connection a new connection between the sidecars).
+//! latency, CPU and memory of both sidecars, and new connections per
+//! second between the sidecars — with TLS sessions resumed (the default)
+//! and with resumption off (`max_session_keys: 0`, full handshakes).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -381,6 +382,16 @@ fn bowline(name: &'static str, args: &Args, file: &Path, dir: &Path) -> anyhow::
     Target::start(name, dir, command)
 }
 
+/// How the two sidecars of the mTLS suite speak to each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Between {
+    Plaintext,
+    /// Mutual TLS, sessions resumed (rustls' and Envoy's default).
+    Mtls,
+    /// Mutual TLS with `max_session_keys: 0`: a full handshake each time.
+    MtlsWithoutResumption,
+}
+
 /// Where a two-sidecar chain listens: the client sidecar's HTTP and TCP
 /// listeners (what the app calls), the server sidecar's (what the client
 /// sidecar calls).
@@ -402,18 +413,20 @@ impl Chain {
         })
     }
 
-    /// The bootstraps of the client's and the server's sidecar. With
-    /// `certificates` (the client's and the server's workload secrets)
-    /// they speak mutual TLS as Istio's ISTIO_MUTUAL does: each presents
-    /// its SVID and checks the other's SPIFFE ID against the mesh root.
+    /// The bootstraps of the client's and the server's sidecar, speaking
+    /// as `between` says. For mutual TLS, `certificates` are the client's
+    /// and the server's workload secrets: each presents its SVID and checks
+    /// the other's SPIFFE ID against the mesh root, as Istio's
+    /// ISTIO_MUTUAL does.
     fn bootstraps(
         &self,
         upstream: u16,
-        certificates: Option<(Vec<serde_json::Value>, Vec<serde_json::Value>)>,
+        between: Between,
+        certificates: &(Vec<serde_json::Value>, Vec<serde_json::Value>),
     ) -> (serde_json::Value, serde_json::Value) {
         let tls = |context: &str, peer: &str| {
             let sds = json!({"ads": {}, "resource_api_version": "V3"});
-            let mut context = json!({
+            let context = json!({
                 "@type": format!("type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{context}"),
                 "common_tls_context": {
                     "tls_certificate_sds_secret_configs": [{"name": "default", "sds_config": sds}],
@@ -424,12 +437,6 @@ impl Chain {
                     },
                 },
             });
-            if context["@type"]
-                .as_str()
-                .is_some_and(|t| t.ends_with("DownstreamTlsContext"))
-            {
-                context["require_client_certificate"] = json!(true);
-            }
             json!({"name": "envoy.transport_sockets.tls", "typed_config": context})
         };
         let http = |cluster: &str| {
@@ -467,10 +474,28 @@ impl Chain {
             }
             cluster
         };
-        let mtls = certificates.is_some();
-        let (client_secrets, server_secrets) = certificates.unwrap_or_default();
-        let upstream_tls = || mtls.then(|| tls("UpstreamTlsContext", "server"));
-        let downstream_tls = || mtls.then(|| tls("DownstreamTlsContext", "client"));
+        let mtls = between != Between::Plaintext;
+        let (client_secrets, server_secrets) = if mtls {
+            certificates.clone()
+        } else {
+            Default::default()
+        };
+        let upstream_tls = || {
+            mtls.then(|| {
+                let mut socket = tls("UpstreamTlsContext", "server");
+                if between == Between::MtlsWithoutResumption {
+                    socket["typed_config"]["max_session_keys"] = json!(0);
+                }
+                socket
+            })
+        };
+        let downstream_tls = || {
+            mtls.then(|| {
+                let mut socket = tls("DownstreamTlsContext", "client");
+                socket["typed_config"]["require_client_certificate"] = json!(true);
+                socket
+            })
+        };
         let client = json!({"static_resources": {
             "listeners": [
                 listener("http", self.client_http, http("server-http"), None),
@@ -505,13 +530,13 @@ fn mtls_suite(args: &Args, upstream: u16, root: &Path) -> anyhow::Result<()> {
         workload_certificate(&ca, "bench", "client")?,
         workload_certificate(&ca, "bench", "server")?,
     );
-    let mut results: Vec<(&str, Figures, f64)> = Vec::new();
-    for (name, certificates) in [("plaintext", None), ("mtls", Some(certificates))] {
+    // The two sidecars speaking as `between` says, ready.
+    let start = |between: Between| -> anyhow::Result<(Chain, [Target; 2])> {
         let chain = Chain::new()?;
-        let (client, server) = chain.bootstraps(upstream, certificates);
+        let (client, server) = chain.bootstraps(upstream, between, &certificates);
         let (client_file, server_file) = (
-            root.join(format!("{name}-client.json")),
-            root.join(format!("{name}-server.json")),
+            root.join(format!("{between:?}-client.json")),
+            root.join(format!("{between:?}-server.json")),
         );
         std::fs::write(&client_file, serde_json::to_vec(&client)?)?;
         std::fs::write(&server_file, serde_json::to_vec(&server)?)?;
@@ -519,6 +544,12 @@ fn mtls_suite(args: &Args, upstream: u16, root: &Path) -> anyhow::Result<()> {
             bowline("client", args, &client_file, root)?,
             bowline("server", args, &server_file, root)?,
         ];
+        sidecars[0].wait_serving(chain.client_tcp)?;
+        Ok((chain, sidecars))
+    };
+    let mut results: Vec<(&str, Figures, f64)> = Vec::new();
+    for (name, between) in [("plaintext", Between::Plaintext), ("mtls", Between::Mtls)] {
+        let (chain, mut sidecars) = start(between)?;
         let figures = measure_all(
             args,
             name,
@@ -527,10 +558,15 @@ fn mtls_suite(args: &Args, upstream: u16, root: &Path) -> anyhow::Result<()> {
             chain.client_http,
             root,
         )?;
-        sidecars[0].wait_serving(chain.client_tcp)?;
         let handshakes = connections_per_second(chain.client_tcp, args.seconds)?;
         results.push((name, figures, handshakes));
     }
+    // Without resumption every new connection is a full handshake.
+    let full_handshakes = {
+        println!("measuring: mtls without resumption");
+        let (chain, _sidecars) = start(Between::MtlsWithoutResumption)?;
+        connections_per_second(chain.client_tcp, args.seconds)?
+    };
     println!();
     println!(
         "{:<10} {:>10} {:>10} {:>8} {:>8} {:>11} {:>9} {:>9} {:>12} {:>6}",
@@ -564,7 +600,8 @@ fn mtls_suite(args: &Args, upstream: u16, root: &Path) -> anyhow::Result<()> {
         println!();
         println!(
             "mtls vs plaintext: p50 +{:.3} ms, p99 +{:.3} ms; h1 rps {:.2}x, h2 rps {:.2}x; \
-             cpu at {} rps {:.2}x (+{:.1} ms per 1k); handshakes {:.0}/s ({:.2}x plaintext's new connections)",
+             cpu at {} rps {:.2}x (+{:.1} ms per 1k); new connections {:.0}/s ({:.2}x plaintext's; \
+             TLS 1.3 sessions resumed), full handshakes {:.0}/s (resumption off)",
             mtls.p50_ms - plain.p50_ms,
             mtls.p99_ms - plain.p99_ms,
             mtls.h1_rps / plain.h1_rps,
@@ -574,6 +611,7 @@ fn mtls_suite(args: &Args, upstream: u16, root: &Path) -> anyhow::Result<()> {
             mtls.cpu_ms_per_1000 - plain.cpu_ms_per_1000,
             mtls_new,
             mtls_new / plain_new,
+            full_handshakes,
         );
     }
     Ok(())
