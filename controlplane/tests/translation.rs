@@ -548,6 +548,47 @@ fn connection_pool_and_outlier_detection() {
     );
 }
 
+/// A Gateway server's port is the gateway Service's: the listener binds
+/// the targetPort the Service maps it to, routes keep the server's port.
+#[test]
+fn gateway_listeners_bind_the_services_target_ports() {
+    let mut snapshot = snapshot(&["gateway-api"]);
+    let mut service = http_service("istio-ingressgateway", &[80, 443]);
+    service.namespace = "istio-system".into();
+    service.hostname = "istio-ingressgateway.istio-system.svc.cluster.local".into();
+    let mut services = (*snapshot.services).clone();
+    services.insert(service.hostname.clone(), service.clone());
+    snapshot.services = Arc::new(services);
+    let mut endpoints = (*snapshot.endpoints).clone();
+    let target = |service_port, port| Endpoint {
+        service_port,
+        port,
+        ..endpoint("10.244.0.30", port, &[("istio", "ingressgateway")])
+    };
+    endpoints.insert(service.hostname, vec![target(80, 8080), target(443, 8443)]);
+    snapshot.endpoints = Arc::new(endpoints);
+    let gateway = Proxy {
+        id: "router~10.244.0.30~ingress-1.istio-system~istio-system.svc.cluster.local".into(),
+        kind: ProxyKind::Gateway,
+        namespace: "istio-system".into(),
+        labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
+        ip: "10.244.0.30".into(),
+        captured: false,
+    };
+    let (listeners, routes) = translate::gateway::gateway(&snapshot, &gateway);
+    let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["0.0.0.0_8080", "0.0.0.0_8443"]);
+    assert!(routes.iter().any(|r| r.name == "http.80"));
+    // Another gateway pod, not behind the Service: the server's own port.
+    let other = Proxy {
+        ip: "10.244.0.31".into(),
+        ..gateway
+    };
+    let (listeners, _) = translate::gateway::gateway(&snapshot, &other);
+    let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["0.0.0.0_80", "0.0.0.0_443"]);
+}
+
 #[test]
 fn a_gateway_for_api_myapp_com() {
     let snapshot = snapshot(&["gateway-api"]);

@@ -163,9 +163,12 @@ fn bind(address: SocketAddr) -> Result<TcpListener, Error> {
     socket.map_err(|source| Error::Bind { address, source })
 }
 
-/// Accepts until `stop`, then closes the socket and gives the connections
-/// it accepted `drain` to finish: HTTP connections finish the requests in
-/// flight and close (HTTP/2 with a GOAWAY), TCP connections run on.
+/// Accepts until `stop`, then drains as Envoy's graceful drain does: for
+/// the `drain` period it still accepts (a Service or load balancer may send
+/// new connections for a while yet), every HTTP/1 response closing its
+/// connection; then it closes the socket and gives what is left
+/// [`DRAIN_CLOSE`] to finish — requests in flight complete, HTTP/2 gets a
+/// GOAWAY, TCP connections are cut.
 async fn accept(
     socket: TcpListener,
     name: String,
@@ -196,15 +199,47 @@ async fn accept(
             _ = stopped(&mut stop) => break,
         }
     }
+    // A listener the configuration dropped closes at once; only the
+    // proxy's own stop keeps accepting through the drain period.
+    let until = tokio::time::Instant::now()
+        + if shared.state.is_draining() {
+            drain
+        } else {
+            Duration::ZERO
+        };
+    loop {
+        tokio::select! {
+            accepted = socket.accept() => if let Ok((stream, peer)) = accepted {
+                let _ = stream.set_nodelay(true);
+                tokio::spawn(connection(
+                    stream,
+                    peer,
+                    name.clone(),
+                    shared.clone(),
+                    graceful.watcher(),
+                ));
+            },
+            _ = tokio::time::sleep_until(until) => break,
+        }
+    }
     drop(socket);
     let open = graceful.count();
-    if tokio::time::timeout(drain, graceful.shutdown())
+    let finish = if shared.state.is_draining() {
+        DRAIN_CLOSE
+    } else {
+        drain
+    };
+    if tokio::time::timeout(finish, graceful.shutdown())
         .await
         .is_err()
     {
         tracing::info!(listener = %name, open, "drain period over with connections open");
     }
 }
+
+/// How long connections still open when a drain period ends may take to
+/// finish what they are doing.
+const DRAIN_CLOSE: Duration = Duration::from_secs(1);
 
 /// One accepted connection, on the configuration of the moment it arrived.
 async fn connection(
@@ -378,6 +413,7 @@ async fn serve<S>(
     }
     match &chain.terminal {
         Terminal::Http(manager) => {
+            let state = Arc::clone(&shared.state);
             let connection = Connection {
                 snapshot: Arc::clone(&snapshot),
                 manager: Arc::clone(manager),
@@ -390,7 +426,24 @@ async fn serve<S>(
                 telemetry: shared.telemetry,
             };
             let service = hyper::service::service_fn(move |request| {
-                crate::http::serve(connection.clone(), request)
+                let served = crate::http::serve(connection.clone(), request);
+                let state = Arc::clone(&state);
+                async move {
+                    let mut response = served.await?;
+                    // Draining: each HTTP/1 response closes its connection,
+                    // so clients reconnect to wherever the Service sends
+                    // them now (HTTP/2 gets a GOAWAY when the drain ends).
+                    if state.is_draining()
+                        && response.version() <= http::Version::HTTP_11
+                        && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+                    {
+                        response.headers_mut().insert(
+                            http::header::CONNECTION,
+                            http::HeaderValue::from_static("close"),
+                        );
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                }
             });
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder

@@ -5,7 +5,7 @@
 //! Every component listens on a free loopback port and keeps its state in one
 //! directory, which goes away with the cluster (see [`crate::process`]).
 
-use std::net::{Ipv4Addr, TcpListener};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -22,6 +22,7 @@ use kube::{Client, Config};
 use serde_json::json;
 
 use crate::Error;
+use crate::agent::{AgentOptions, NodeAgent};
 use crate::binaries::K8sBinaries;
 use crate::pki::{CertFiles, ClusterPki, FRONT_PROXY_CLIENT};
 use crate::process::ProcessGroup;
@@ -49,11 +50,17 @@ const WAIT_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct ClusterOptions {
     /// kwok Nodes to create.
     pub nodes: usize,
+    /// Also the Node whose pods really run ([`crate::agent`]), with the API
+    /// server's `cluster` egress tunnelled to it.
+    pub agent: bool,
 }
 
 impl Default for ClusterOptions {
     fn default() -> Self {
-        Self { nodes: 3 }
+        Self {
+            nodes: 3,
+            agent: false,
+        }
     }
 }
 
@@ -61,6 +68,8 @@ impl Default for ClusterOptions {
 /// directory; so does the death of the process that started it.
 #[derive(Debug)]
 pub struct LocalCluster {
+    /// Stopped before the cluster's processes.
+    agent: Option<NodeAgent>,
     dir: PathBuf,
     kubeconfig: PathBuf,
     binaries: K8sBinaries,
@@ -132,10 +141,15 @@ impl LocalCluster {
         wait_for_port("etcd", etcd_port, &mut processes).await?;
 
         tracing::info!(%api_server, "starting kube-apiserver");
-        processes.spawn(
-            "kube-apiserver",
-            apiserver(&binaries, &pki, etcd_port, api_port),
-        )?;
+        let mut apiserver = apiserver(&binaries, &pki, etcd_port, api_port);
+        let egress_socket = dir.join("egress.sock");
+        if options.agent {
+            apiserver.arg(format!(
+                "--egress-selector-config-file={}",
+                write_egress_selector(&dir, &egress_socket)?.display()
+            ));
+        }
+        processes.spawn("kube-apiserver", apiserver)?;
         let admin = client_for(&kubeconfig, None).await?;
         wait_for_health("kube-apiserver", &admin, "/readyz", &mut processes).await?;
 
@@ -161,13 +175,28 @@ impl LocalCluster {
             wait_for_health(name, &client, "/healthz", &mut processes).await?;
         }
 
-        let cluster = Self {
+        let mut cluster = Self {
+            agent: None,
             dir,
             kubeconfig,
             binaries,
             processes,
         };
         cluster.create_nodes(&admin, options.nodes).await?;
+        if options.agent {
+            let agent = NodeAgent::start(AgentOptions {
+                kubeconfig: cluster.kubeconfig.clone(),
+                api_server: SocketAddr::from((Ipv4Addr::LOCALHOST, api_port)),
+                egress_socket,
+                process_group: cluster.processes.pgid().as_raw(),
+            })
+            .await
+            .map_err(|e| Error::NotReady {
+                component: format!("the node agent: {e:#}"),
+                log_tail: String::new(),
+            })?;
+            cluster.agent = Some(agent);
+        }
         tracing::info!(kubeconfig = %cluster.kubeconfig.display(), "local cluster ready");
         Ok(cluster)
     }
@@ -214,6 +243,11 @@ impl LocalCluster {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The node agent, when the cluster was started with one.
+    pub fn agent(&self) -> Option<&NodeAgent> {
+        self.agent.as_ref()
     }
 
     pub fn binaries(&self) -> &K8sBinaries {
@@ -487,12 +521,33 @@ fn component_flags(c: &mut Command, pki: &ClusterPki, kubeconfig: &Path, port: u
 fn kwok(bins: &K8sBinaries, kubeconfig: &Path, port: u16) -> Command {
     let mut c = bins.command("kwok");
     c.arg(format!("--kubeconfig={}", kubeconfig.display()))
-        .arg("--manage-all-nodes=true")
+        // Nodes made for kwok only: the node agent's are its own.
+        .arg("--manage-nodes-with-annotation-selector=kwok.x-k8s.io/node=fake")
         // Heartbeats as Leases, like a kubelet, rather than status updates.
         .arg("--node-lease-duration-seconds=40")
         .arg(format!("--cidr={POD_CIDR}"))
         .arg(format!("--server-address=127.0.0.1:{port}"));
     c
+}
+
+/// The API server's egress selection: traffic to the cluster (webhooks,
+/// aggregated APIs, `services/proxy`) over HTTP CONNECT on `socket`, where
+/// the node agent tunnels it into the pod network.
+fn write_egress_selector(dir: &Path, socket: &Path) -> Result<PathBuf, Error> {
+    let path = dir.join("egress-selector.yaml");
+    let config = json!({
+        "apiVersion": "apiserver.k8s.io/v1beta1",
+        "kind": "EgressSelectorConfiguration",
+        "egressSelections": [{
+            "name": "cluster",
+            "connection": {
+                "proxyProtocol": "HTTPConnect",
+                "transport": {"uds": {"udsName": socket}},
+            },
+        }],
+    });
+    std::fs::write(&path, serde_json::to_vec(&config)?).map_err(|e| Error::io(&path, e))?;
+    Ok(path)
 }
 
 /// Writes a kubeconfig (JSON, which every client reads as YAML) for one

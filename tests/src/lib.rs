@@ -2,6 +2,8 @@
 //!
 //! - [`cluster`]: a real cluster (etcd, kube-apiserver, kube-controller-manager,
 //!   kube-scheduler, kwok) started as local processes, shared per test binary.
+//! - [`agent`]: a node agent running the pods of one Node as processes in
+//!   network namespaces, with Services, for the mesh end to end.
 //! - [`binaries`]: where those components' binaries come from (built from the
 //!   Go modules pinned in `tests/k8s` and `tests/kwok`).
 //! - [`pki`]: the cluster's CA, serving and client certificates, and the
@@ -21,6 +23,7 @@
 //! - [`usage`]: a process's resident memory and CPU time, for benchmarks.
 //! - [`xds`]: a delta-ADS client standing in for a proxy.
 
+pub mod agent;
 pub mod binaries;
 pub mod cluster;
 pub mod controlplane;

@@ -181,29 +181,51 @@ fn the_envoy_descriptors_are_what_make_descriptors_writes() -> anyhow::Result<()
     Ok(())
 }
 
-/// Stopping (SIGTERM) closes the listeners at once and lets a request in
-/// flight finish within the drain period.
+/// Stopping (SIGTERM) drains as Envoy's graceful drain does: through the
+/// drain period the listener still accepts (a Service may still send new
+/// connections) and every response closes its connection; a request in
+/// flight finishes; then the listener closes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
     let v1 = upstream("v1").await?;
     let http_port = free_port()?;
     let bootstrap = in_front_of(http_port, cluster("v1", &[v1]));
     let proxy =
-        Running::bootstrap(bootstrap, &[("TERMINATION_DRAIN_DURATION_SECONDS", "5")]).await?;
+        Running::bootstrap(bootstrap, &[("TERMINATION_DRAIN_DURATION_SECONDS", "3")]).await?;
 
     let slow = format!("http://127.0.0.1:{http_port}/slow");
     let in_flight = tokio::task::spawn_blocking(move || curl(&[&slow]));
     tokio::time::sleep(Duration::from_millis(500)).await;
+    let stopped_at = std::time::Instant::now();
     let stopping = tokio::spawn(proxy.stop());
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let during = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-i",
+            "-m",
+            "5",
+            &format!("http://127.0.0.1:{http_port}/"),
+        ])
+        .output()?;
+    let during = String::from_utf8_lossy(&during.stdout).to_ascii_lowercase();
     ensure!(
-        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_err(),
-        "the listener is closed once stopping"
+        during.starts_with("http/1.1 200") && during.contains("connection: close"),
+        "while draining, a new connection is served and closed after its response: {during}"
     );
     let (status, body) = in_flight.await??;
     ensure!(
         status == 200 && body == "slow",
         "the request in flight finished: {status} {body}"
     );
-    stopping.await?
+    stopping.await??;
+    ensure!(
+        stopped_at.elapsed() >= Duration::from_secs(3),
+        "the listener accepted through the drain period"
+    );
+    ensure!(
+        std::net::TcpStream::connect(("127.0.0.1", http_port)).is_err(),
+        "the listener is closed once the drain is over"
+    );
+    Ok(())
 }

@@ -99,6 +99,7 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
     let mut listeners = Vec::new();
     let mut routes = Vec::new();
     for port in ports {
+        let bind = listener_port(snapshot, proxy, port);
         let on_port: Vec<&Bound<'_>> = servers
             .iter()
             .filter(|s| s.server.port.number == port)
@@ -114,7 +115,7 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
             routes.push(route_configuration(snapshot, proxy, &name, port, &plain));
             chains.push(FilterChain {
                 filters: vec![listeners::rds_filter_judged(
-                    &format!("outbound_0.0.0.0_{port}"),
+                    &format!("outbound_0.0.0.0_{bind}"),
                     &name,
                     &rbac,
                 )],
@@ -146,7 +147,7 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
                             ..Default::default()
                         }),
                         filters: vec![listeners::rds_filter_judged(
-                            &format!("outbound_0.0.0.0_{port}"),
+                            &format!("outbound_0.0.0.0_{bind}"),
                             &name,
                             &rbac,
                         )],
@@ -164,8 +165,8 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
             .iter()
             .any(|s| s.protocol() == "HTTPS" || s.protocol() == "TLS");
         listeners.push(Listener {
-            name: format!("0.0.0.0_{port}"),
-            address: Some(socket("0.0.0.0", port)),
+            name: format!("0.0.0.0_{bind}"),
+            address: Some(socket("0.0.0.0", bind)),
             listener_filters: if tls {
                 vec![listeners::tls_inspector()]
             } else {
@@ -177,6 +178,33 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
     }
     super::observe(&mut listeners, &snapshot.mesh);
     (listeners, routes)
+}
+
+/// Where a server listens in the gateway's pod. A server's port is the
+/// gateway Service's port, as in Istio: the listener binds the targetPort
+/// that a Service of the gateway's namespace selecting this pod maps it to
+/// (gateways run unprivileged, 80 → 8080), the port itself when one maps
+/// it to itself or none maps it at all.
+fn listener_port(snapshot: &Snapshot, proxy: &Proxy, server_port: u32) -> u32 {
+    let mut targets: Vec<u32> = snapshot
+        .endpoints
+        .iter()
+        .filter(|(host, _)| {
+            snapshot
+                .services
+                .get(*host)
+                .is_some_and(|s| s.namespace == proxy.namespace)
+        })
+        .flat_map(|(_, endpoints)| endpoints)
+        .filter(|e| e.address == proxy.ip && e.service_port == server_port)
+        .map(|e| e.port)
+        .collect();
+    targets.sort_unstable();
+    match targets.first() {
+        Some(_) if targets.contains(&server_port) => server_port,
+        Some(target) => *target,
+        None => server_port,
+    }
 }
 
 /// SNI to match for a server's hosts; `*` matches any (no names).

@@ -11,7 +11,7 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use super::controlplane::{ControlPlaneNames, MESH_UID, role_ref, rule, subject};
 use super::meta::{Managed, Target};
 use super::workload::{self, Workload, port};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Which way a gateway faces.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,14 +109,14 @@ pub fn render(
     let workload = Workload {
         name: name.to_string(),
         component,
-        pod_labels,
+        pod_labels: pod_labels.clone(),
         selector_keys: &["app", "istio"],
         pod_annotations: BTreeMap::from([
             ("prometheus.io/scrape".into(), "true".into()),
             ("prometheus.io/port".into(), "15020".into()),
             ("prometheus.io/path".into(), "/stats/prometheus".into()),
         ]),
-        container: container(target),
+        container: container(target, name, &pod_labels)?,
         volumes: proxy::identity_volumes(),
         service_account,
         run_as: MESH_UID,
@@ -137,9 +137,16 @@ pub fn render(
     Ok(objects)
 }
 
-fn container(target: &Target<'_>) -> Container {
+/// The gateway's proxy, saying who it is as the injector has a sidecar
+/// say it (Istio's node metadata variables): the peers it calls report it
+/// as their source.
+fn container(
+    target: &Target<'_>,
+    name: &str,
+    labels: &BTreeMap<String, String>,
+) -> Result<Container> {
     let names = ControlPlaneNames::new(target);
-    proxy::container(
+    let mut container = proxy::container(
         "gateway",
         target.resolved.image("proxy"),
         &names.discovery_address(target.namespace()),
@@ -149,5 +156,12 @@ fn container(target: &Target<'_>) -> Container {
             ("status-port", proxy::STATUS_PORT),
             ("http-envoy-prom", proxy::METRICS_PORT),
         ],
-    )
+    );
+    let labels = serde_json::to_string(labels)
+        .map_err(|e| Error::InvalidSpec(format!("gateway {name}'s labels: {e}")))?;
+    container.env.get_or_insert_with(Vec::new).extend([
+        proxy::env("ISTIO_META_WORKLOAD_NAME", name),
+        proxy::env("ISTIO_METAJSON_LABELS", labels),
+    ]);
+    Ok(container)
 }

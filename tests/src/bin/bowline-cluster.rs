@@ -7,9 +7,14 @@
 //! what it made, and stops (or stays up with `--stay`).
 
 use std::path::PathBuf;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use bowline_tests::operator::{Operator, install_crds, operator_token};
+use std::process::{Command, Stdio};
+
+use bowline_tests::agent::NodeAgent;
+use bowline_tests::agent::images::SAMPLE_ECHO;
+use bowline_tests::binaries::tool;
 use bowline_tests::{ClusterOptions, LocalCluster};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -20,6 +25,11 @@ struct Args {
     /// kwok Nodes to create.
     #[arg(long, default_value_t = 3)]
     nodes: usize,
+
+    /// Also the Node whose pods really run (processes in network
+    /// namespaces; needs root).
+    #[arg(long)]
+    agent: bool,
 
     /// Install the demo mesh through the operator and show it.
     #[arg(long)]
@@ -42,20 +52,21 @@ async fn main() -> anyhow::Result<()> {
         .init();
     let args = Args::parse();
 
-    let cluster = LocalCluster::start(ClusterOptions { nodes: args.nodes })
-        .await
-        .context("starting the local cluster")?;
+    let cluster = LocalCluster::start(ClusterOptions {
+        // The demo's pods really run, all of them on the agent's Node.
+        nodes: if args.demo { 0 } else { args.nodes },
+        agent: args.agent || args.demo,
+    })
+    .await
+    .context("starting the local cluster")?;
 
-    let _operator = if args.demo {
-        let operator = demo(&cluster).await?;
+    if args.demo {
+        demo(&cluster).await?;
         if !args.stay {
             println!("\nThe demo is done. `make cluster` keeps a cluster up to explore.");
             return Ok(());
         }
-        Some(operator)
-    } else {
-        None
-    };
+    }
 
     // Listen before saying how to use the cluster: whoever reads that may
     // send Ctrl-C at once.
@@ -79,46 +90,291 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs the demo mesh through the operator and shows the result.
-async fn demo(cluster: &LocalCluster) -> anyhow::Result<Operator> {
+/// The demo: the operator from its Helm chart, the mesh from
+/// config/samples/demo.yaml, the sample app split 90/10, traffic through the
+/// ingress gateway, and a canary upgrade of the mesh under traffic.
+async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
     let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config");
     let path = |p: &str| config.join(p).display().to_string();
-    let client = cluster.client().await?;
+    let agent = cluster.agent().context("the demo runs on the node agent")?;
 
-    println!("== Installing Bowline's CRDs and the operator's RBAC (config/crd, config/rbac)");
-    install_crds(&client).await?;
-    let token = operator_token(cluster, &client).await?;
-    let operator = Operator::start(cluster.config_with_token(&token).await?, None)?;
-    println!("   the operator runs as ServiceAccount bowline-system/bowline-operator");
+    println!("== Installing the operator with its Helm chart (config/helm/bowline-operator)");
+    let helm_home = tempfile::tempdir()?;
+    let status = Command::new(tool("helm/build.sh")?)
+        .env("KUBECONFIG", cluster.kubeconfig())
+        .env("HELM_CACHE_HOME", helm_home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", helm_home.path().join("config"))
+        .env("HELM_DATA_HOME", helm_home.path().join("data"))
+        .args([
+            "install",
+            "bowline-operator",
+            &path("helm/bowline-operator"),
+        ])
+        .args(["--namespace", "bowline-system", "--create-namespace"])
+        .args(["--set", "replicaCount=1", "--wait", "--timeout", "3m"])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("helm install failed with {status}");
+    }
+    kubectl(
+        cluster,
+        &["get", "pods", "-n", "bowline-system", "-o", "wide"],
+    )?;
 
-    println!("\n== Applying a MeshInstallation with the demo profile");
+    println!("\n== Applying a MeshInstallation with the demo profile, and the default tag");
     kubectl(cluster, &["apply", "-f", &path("samples/demo.yaml")])?;
+    kubectl(cluster, &["apply", "-f", &path("samples/tag-default.yaml")])?;
     kubectl(
         cluster,
         &[
             "wait",
             "--for=condition=Ready",
             "meshinstallation/default",
+            "--timeout=180s",
+        ],
+    )?;
+    kubectl(
+        cluster,
+        &["get", "meshinstallation,meshrevision,meshrevisiontag"],
+    )?;
+    kubectl(
+        cluster,
+        &["get", "pods", "-n", "istio-system", "-o", "wide"],
+    )?;
+
+    println!("\n== The sample app: echo v1 and v2 behind one Service, split 90/10");
+    kubectl(cluster, &["apply", "-f", &path("samples/demo-app.yaml")])?;
+    kubectl(
+        cluster,
+        &[
+            "wait",
+            "--for=condition=Available",
+            "deployment",
+            "--all",
+            "-n",
+            "demo",
+            "--timeout=180s",
+        ],
+    )?;
+    kubectl(cluster, &["get", "pods", "-n", "demo", "-o", "wide"])?;
+
+    println!("\n== 200 requests from a client pod through the ingress gateway");
+    kubectl(cluster, &["create", "namespace", "demo-client"])?;
+    let result = traffic(cluster, agent, "first", 200).await?;
+    println!("   answered by version: {}", result["versions"]);
+    println!("   status codes: {}", result["statuses"]);
+    println!(
+        "   failed: {}   p50 {:.2} ms   p99 {:.2} ms",
+        result["errors"],
+        result["p50_ms"].as_f64().unwrap_or_default(),
+        result["p99_ms"].as_f64().unwrap_or_default()
+    );
+
+    println!("\n== Mutual TLS: what echo-v1's sidecar counted (its 15020/stats/prometheus)");
+    let pod = first_pod(cluster, "demo", "app=echo,version=v1")?;
+    let metrics = capture(
+        cluster,
+        &[
+            "get",
+            "--raw",
+            &format!("/api/v1/namespaces/demo/pods/{pod}:15020/proxy/stats/prometheus"),
+        ],
+    )?;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+    {
+        let label = |name: &str| {
+            line.split(&format!("{name}=\""))
+                .nth(1)
+                .and_then(|rest| rest.split('"').next())
+                .unwrap_or("")
+                .to_string()
+        };
+        println!(
+            "   istio_requests_total reporter={} source={} response_code={} connection_security_policy={} = {}",
+            label("reporter"),
+            label("source_workload"),
+            label("response_code"),
+            label("connection_security_policy"),
+            line.rsplit(' ').next().unwrap_or("")
+        );
+    }
+
+    println!("\n== Prometheus and Grafana");
+    println!("   kubectl proxy --port 8001, then open");
+    println!(
+        "   http://127.0.0.1:8001/api/v1/namespaces/istio-system/services/prometheus:9090/proxy/"
+    );
+    println!(
+        "   http://127.0.0.1:8001/api/v1/namespaces/istio-system/services/grafana:3000/proxy/"
+    );
+    println!("   (here their pods are reported running without running: no local program runs");
+    println!("   their images; see tests/src/agent/images.rs)");
+
+    println!("\n== Canary upgrade of the mesh to v0.2.0, with traffic flowing");
+    start_traffic(cluster, "upgrade", 100_000, "20ms", "240s")?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    kubectl(
+        cluster,
+        &[
+            "patch",
+            "meshinstallation",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"version":"v0.2.0"}}"#,
+        ],
+    )?;
+    // Done when the new revision serves every workload and the old one is
+    // gone (inactiveRevisionDeletionGracePeriodSeconds after its last).
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let revisions = capture(
+            cluster,
+            &[
+                "get",
+                "meshrevision",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ],
+        )?;
+        if revisions.trim() == "default-v0-2-0" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the upgrade did not finish within 4 minutes: revisions {revisions}");
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let pod = first_pod(cluster, "demo-client", "job-name=upgrade")?;
+    kubectl(
+        cluster,
+        &[
+            "delete",
+            "job",
+            "upgrade",
+            "-n",
+            "demo-client",
+            "--wait=false",
+        ],
+    )?;
+    let result = finish_traffic(agent, &pod).await?;
+    kubectl(cluster, &["get", "meshinstallation,meshrevision"])?;
+    kubectl(
+        cluster,
+        &["get", "pods", "-n", "demo", "-L", "istio.io/rev"],
+    )?;
+    println!(
+        "   during the upgrade: {} requests, by version {}, status codes {}, failed {}",
+        result["requests"], result["versions"], result["statuses"], result["errors"]
+    );
+    Ok(())
+}
+
+/// Runs a Job in namespace demo-client calling echo.example.com through
+/// the ingress gateway, and returns what it printed.
+async fn traffic(
+    cluster: &LocalCluster,
+    agent: &NodeAgent,
+    name: &str,
+    requests: u32,
+) -> anyhow::Result<serde_json::Value> {
+    start_traffic(cluster, name, requests, "0ms", "60s")?;
+    capture(
+        cluster,
+        &[
+            "wait",
+            "--for=condition=Complete",
+            &format!("job/{name}"),
+            "-n",
+            "demo-client",
             "--timeout=120s",
         ],
     )?;
-    println!();
-    kubectl(cluster, &["get", "meshinstallation"])?;
-    println!();
-    kubectl(
+    let pod = first_pod(cluster, "demo-client", &format!("job-name={name}"))?;
+    finish_traffic(agent, &pod).await
+}
+
+fn start_traffic(
+    cluster: &LocalCluster,
+    name: &str,
+    requests: u32,
+    interval: &str,
+    duration: &str,
+) -> anyhow::Result<()> {
+    let job = serde_json::json!({
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": name, "namespace": "demo-client"},
+        "spec": {"backoffLimit": 0, "template": {"spec": {
+            "restartPolicy": "Never",
+            // Stopped (SIGTERM) when the Job is deleted: it prints its
+            // counts on the way out.
+            "terminationGracePeriodSeconds": 5,
+            "containers": [{
+                "name": "call",
+                "image": SAMPLE_ECHO,
+                "args": ["call", "http://istio-ingressgateway.istio-system/",
+                         "--host", "echo.example.com",
+                         "--requests", requests.to_string(),
+                         "--interval", interval, "--duration", duration],
+            }],
+        }}},
+    });
+    let file = tempfile::NamedTempFile::new()?;
+    std::fs::write(file.path(), serde_json::to_vec(&job)?)?;
+    capture(
         cluster,
-        &["get", "deployments,services", "-n", "istio-system"],
+        &["apply", "-f", &file.path().display().to_string()],
     )?;
-    println!();
-    kubectl(cluster, &["get", "nodes,pods", "-A", "-o", "wide"])?;
-    println!(
-        "\nThe operator sent {} requests to the API server, {} of them writes, over {} reconciles.",
-        operator.metrics.api_requests_total(),
-        operator.writes(),
-        operator.reconciles()
-    );
-    println!("kwok reports these Pods Ready without running them: the data plane comes next.");
-    Ok(operator)
+    Ok(())
+}
+
+/// What the Job's client printed last (it prints when done or stopped).
+async fn finish_traffic(agent: &NodeAgent, pod: &str) -> anyhow::Result<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = agent.log("demo-client", pod, "call");
+        if let Some(line) = log.lines().rev().find(|l| l.starts_with('{')) {
+            return Ok(serde_json::from_str(line)?);
+        }
+        if Instant::now() > deadline {
+            bail!("the client {pod} printed no result: {log}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn first_pod(cluster: &LocalCluster, namespace: &str, selector: &str) -> anyhow::Result<String> {
+    let name = capture(
+        cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+    )?;
+    Ok(name.trim().to_string())
+}
+
+/// Runs the cluster's kubectl and returns its output.
+fn capture(cluster: &LocalCluster, args: &[&str]) -> anyhow::Result<String> {
+    let output = cluster.kubectl().args(args).output()?;
+    if !output.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?)
 }
 
 /// Runs the cluster's kubectl with its output going straight to ours.

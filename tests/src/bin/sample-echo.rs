@@ -1,0 +1,224 @@
+//! `sample-echo`: the mesh's sample HTTP service, and a client to call it.
+//!
+//! `sample-echo serve` answers every request with who answered — service,
+//! version, pod — and what it was asked, as JSON, with the version also in
+//! the `x-version` header. `/status/<code>` answers that status,
+//! `/delay/<ms>` waits first, `/healthz` is for readiness probes.
+//!
+//! `sample-echo call <url>` sends requests one after another and prints how
+//! many each version answered and how many failed, as JSON, for the demo
+//! and the tests to read from a pod's log.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use clap::{Parser, Subcommand};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about = "The mesh's sample HTTP service")]
+struct Args {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve HTTP.
+    Serve {
+        #[arg(long, env = "PORT", default_value_t = 8080)]
+        port: u16,
+        /// The version reported (a Deployment's `version` label).
+        #[arg(long, env = "VERSION", default_value = "v1")]
+        version: String,
+        #[arg(long, env = "SERVICE_NAME", default_value = "echo")]
+        service: String,
+    },
+    /// Call `url` and count the answers by version.
+    Call {
+        url: String,
+        /// How many requests (at most).
+        #[arg(long, default_value_t = 100)]
+        requests: u32,
+        /// Stop after this long even when requests remain.
+        #[arg(long, default_value = "60s", value_parser = parse_duration)]
+        duration: Duration,
+        /// Pause between requests.
+        #[arg(long, default_value = "0ms", value_parser = parse_duration)]
+        interval: Duration,
+        /// The Host header, when it is not the URL's.
+        #[arg(long)]
+        host: Option<String>,
+    },
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    go_parse_duration::parse_duration(text)
+        .ok()
+        .and_then(|nanos| u64::try_from(nanos).ok())
+        .map(Duration::from_nanos)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 500ms or 2s"))
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    match Args::parse().command {
+        Command::Serve {
+            port,
+            version,
+            service,
+        } => serve(port, version, service).await,
+        Command::Call {
+            url,
+            requests,
+            duration,
+            interval,
+            host,
+        } => call(&url, requests, duration, interval, host).await,
+    }
+}
+
+async fn serve(port: u16, version: String, service: String) -> anyhow::Result<()> {
+    let pod = std::env::var("HOSTNAME").unwrap_or_default();
+    let answer = move |status: StatusCode, request: &Request| -> Response {
+        let headers: BTreeMap<&str, &str> = request
+            .headers()
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str(), v.to_str().ok()?)))
+            .collect();
+        let body = json!({
+            "service": service,
+            "version": version,
+            "pod": pod,
+            "method": request.method().as_str(),
+            "path": request.uri().to_string(),
+            "headers": headers,
+        });
+        let mut response = (status, axum::Json(body)).into_response();
+        if let Ok(value) = version.parse() {
+            response.headers_mut().insert("x-version", value);
+        }
+        response
+    };
+    let echo = answer.clone();
+    let with_status = answer.clone();
+    let delayed = answer;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/status/{code}",
+            get(move |Path(code): Path<u16>, request: Request| async move {
+                let status = StatusCode::from_u16(code).unwrap_or(StatusCode::BAD_REQUEST);
+                with_status(status, &request)
+            }),
+        )
+        .route(
+            "/delay/{ms}",
+            get(move |Path(ms): Path<u64>, request: Request| async move {
+                tokio::time::sleep(Duration::from_millis(ms.min(60_000))).await;
+                delayed(StatusCode::OK, &request)
+            }),
+        )
+        .fallback(move |request: Request| async move { echo(StatusCode::OK, &request) });
+    let listener = tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
+    eprintln!("sample-echo serving on :{port}");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown())
+        .await?;
+    Ok(())
+}
+
+/// SIGTERM, then a few seconds more of serving (`SHUTDOWN_DELAY`, 3s by
+/// default), as a well-behaved pod does: its endpoint is still in use until
+/// the endpoint's removal has reached every client.
+async fn shutdown() {
+    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    {
+        term.recv().await;
+    }
+    let delay = std::env::var("SHUTDOWN_DELAY")
+        .ok()
+        .and_then(|d| parse_duration(&d).ok())
+        .unwrap_or(Duration::from_secs(3));
+    eprintln!("sample-echo stopping in {delay:?}");
+    tokio::time::sleep(delay).await;
+}
+
+async fn call(
+    url: &str,
+    requests: u32,
+    duration: Duration,
+    interval: Duration,
+    host: Option<String>,
+) -> anyhow::Result<()> {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: http::Uri = url.parse()?;
+    let deadline = Instant::now() + duration;
+    let mut versions: BTreeMap<String, u32> = BTreeMap::new();
+    let mut statuses: BTreeMap<u16, u32> = BTreeMap::new();
+    let mut errors: BTreeMap<String, u32> = BTreeMap::new();
+    let mut latencies = Vec::new();
+    let mut sent = 0;
+    // Stopped (SIGTERM, as when its pod goes), it reports what it saw.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    while sent < requests && Instant::now() < deadline {
+        sent += 1;
+        let mut request = http::Request::get(uri.clone());
+        if let Some(host) = &host {
+            request = request.header("host", host);
+        }
+        let started = Instant::now();
+        let answer = tokio::time::timeout(
+            Duration::from_secs(10),
+            client.request(request.body(http_body_util::Empty::new())?),
+        )
+        .await;
+        latencies.push(started.elapsed());
+        match answer {
+            Ok(Ok(response)) => {
+                *statuses.entry(response.status().as_u16()).or_default() += 1;
+                let version = response
+                    .headers()
+                    .get("x-version")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("none")
+                    .to_string();
+                if response.status().is_success() {
+                    *versions.entry(version).or_default() += 1;
+                }
+            }
+            Ok(Err(e)) => *errors.entry(e.to_string()).or_default() += 1,
+            Err(_) => *errors.entry("timed out after 10s".into()).or_default() += 1,
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = term.recv() => break,
+        }
+    }
+    latencies.sort();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map(|d| d.as_secs_f64() * 1000.0)
+            .unwrap_or_default()
+    };
+    println!(
+        "{}",
+        json!({
+            "url": url,
+            "requests": sent,
+            "versions": versions,
+            "statuses": statuses,
+            "errors": errors,
+            "p50_ms": percentile(0.5),
+            "p99_ms": percentile(0.99),
+        })
+    );
+    Ok(())
+}
