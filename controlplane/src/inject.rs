@@ -19,10 +19,11 @@ use std::collections::BTreeMap;
 
 use bowline_api::proxy;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, Pod, ResourceRequirements, SecurityContext,
-    Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, HTTPGetAction, Pod, ResourceRequirements,
+    SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
 /// The annotation injection leaves on a pod, and that marks it injected.
@@ -69,11 +70,26 @@ fn inject(pod: &mut Pod, injection: &Injection) -> Result<(), Error> {
     let labels = pod.metadata.labels.clone().unwrap_or_default();
     let spec = pod.spec.get_or_insert_with(Default::default);
     let first_app = spec.containers.first().map(|c| c.name.clone());
+    let rewrite = annotations
+        .get("sidecar.istio.io/rewriteAppHTTPProbers")
+        .is_none_or(|v| v != "false");
+    let probers = if rewrite {
+        rewrite_probes(&mut spec.containers)
+    } else {
+        serde_json::Map::new()
+    };
 
     spec.init_containers
         .get_or_insert_with(Vec::new)
         .push(init_container(&annotations, injection));
-    spec.containers.push(sidecar(injection));
+    let mut sidecar = sidecar(injection);
+    if !probers.is_empty() {
+        sidecar.env.get_or_insert_with(Vec::new).push(proxy::env(
+            "ISTIO_KUBE_APP_PROBERS",
+            serde_json::Value::Object(probers).to_string(),
+        ));
+    }
+    spec.containers.push(sidecar);
     let volumes = spec.volumes.get_or_insert_with(Vec::new);
     volumes.extend(proxy::identity_volumes());
     volumes.push(Volume {
@@ -159,6 +175,65 @@ fn inject(pod: &mut Pod, injection: &Injection) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+/// Istio's probe rewrite: each app container's HTTP and TCP probes go to
+/// the sidecar's `15020/app-health/<container>/{readyz,livez,startupz}`,
+/// which runs the original check against the app (past capture, mutual TLS
+/// and authorization, which the kubelet's plaintext probe would meet).
+/// Returns the original checks by path, for `ISTIO_KUBE_APP_PROBERS`.
+fn rewrite_probes(containers: &mut [Container]) -> serde_json::Map<String, serde_json::Value> {
+    let mut probers = serde_json::Map::new();
+    for container in containers.iter_mut() {
+        let ports = container.ports.clone().unwrap_or_default();
+        let number = |port: &IntOrString| match port {
+            IntOrString::Int(n) => Some(*n),
+            IntOrString::String(name) => ports
+                .iter()
+                .find(|p| p.name.as_deref() == Some(name))
+                .map(|p| p.container_port),
+        };
+        let name = container.name.clone();
+        for (kind, probe) in [
+            ("readyz", container.readiness_probe.as_mut()),
+            ("livez", container.liveness_probe.as_mut()),
+            ("startupz", container.startup_probe.as_mut()),
+        ] {
+            let Some(probe) = probe else { continue };
+            let check = if let Some(get) = &probe.http_get {
+                let Some(port) = number(&get.port) else {
+                    continue;
+                };
+                json!({"httpGet": {
+                    "path": get.path,
+                    "port": port,
+                    "scheme": get.scheme.clone().unwrap_or_else(|| "HTTP".into()),
+                    "httpHeaders": get.http_headers.iter().flatten()
+                        .map(|h| json!({"name": h.name, "value": h.value}))
+                        .collect::<Vec<_>>(),
+                }})
+            } else if let Some(tcp) = &probe.tcp_socket {
+                let Some(port) = number(&tcp.port) else {
+                    continue;
+                };
+                json!({"tcpSocket": {"port": port}})
+            } else {
+                continue;
+            };
+            let path = format!("/app-health/{name}/{kind}");
+            let mut check = check;
+            check["timeoutSeconds"] = json!(probe.timeout_seconds.unwrap_or(1));
+            probers.insert(path.clone(), check);
+            probe.tcp_socket = None;
+            probe.http_get = Some(HTTPGetAction {
+                path: Some(path),
+                port: IntOrString::Int(15020),
+                scheme: Some("HTTP".into()),
+                ..Default::default()
+            });
+        }
+    }
+    probers
 }
 
 /// The workload a pod belongs to, as Istio names it: a Deployment's pod
@@ -384,6 +459,63 @@ mod tests {
         assert_eq!(
             annotations["kubectl.kubernetes.io/default-container"],
             "reviews"
+        );
+    }
+
+    /// The app's probes go to the sidecar, which gets the original checks.
+    #[test]
+    fn probes_are_rewritten_to_the_sidecar() {
+        let containers = json!({"spec": {"containers": [{
+            "name": "reviews",
+            "image": "registry.example/reviews:2",
+            "ports": [{"name": "http", "containerPort": 9080}],
+            "readinessProbe": {"httpGet": {"path": "/ready", "port": "http"}, "timeoutSeconds": 2},
+            "livenessProbe": {"tcpSocket": {"port": 9080}},
+        }]}});
+        let spec = injected(&pod(containers.clone())).spec.unwrap();
+        let app = &spec.containers[0];
+        let ready = app
+            .readiness_probe
+            .as_ref()
+            .unwrap()
+            .http_get
+            .as_ref()
+            .unwrap();
+        assert_eq!(ready.path.as_deref(), Some("/app-health/reviews/readyz"));
+        assert_eq!(ready.port, IntOrString::Int(15020));
+        let live = app.liveness_probe.as_ref().unwrap();
+        assert!(live.tcp_socket.is_none());
+        assert_eq!(
+            live.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/app-health/reviews/livez")
+        );
+        let probers = spec.containers[1]
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "ISTIO_KUBE_APP_PROBERS")
+            .and_then(|e| e.value.clone())
+            .unwrap();
+        let probers: Value = serde_json::from_str(&probers).unwrap();
+        assert_eq!(
+            probers["/app-health/reviews/readyz"],
+            json!({"httpGet": {"path": "/ready", "port": 9080, "scheme": "HTTP", "httpHeaders": []},
+                   "timeoutSeconds": 2})
+        );
+        assert_eq!(
+            probers["/app-health/reviews/livez"],
+            json!({"tcpSocket": {"port": 9080}, "timeoutSeconds": 1})
+        );
+
+        // Opted out: left alone.
+        let mut opted_out = containers;
+        opted_out["metadata"] =
+            json!({"annotations": {"sidecar.istio.io/rewriteAppHTTPProbers": "false"}});
+        let spec = injected(&pod(opted_out)).spec.unwrap();
+        let ready = spec.containers[0].readiness_probe.as_ref().unwrap();
+        assert_eq!(
+            ready.http_get.as_ref().unwrap().path.as_deref(),
+            Some("/ready")
         );
     }
 

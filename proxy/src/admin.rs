@@ -2,7 +2,9 @@
 //! ports so that kubelets, Prometheus and Istio's tools find them:
 //!
 //! - status (15021): `/healthz/ready`, the kubelet's probe;
-//! - metrics (15020 merged, 15090 the proxy's): `/stats/prometheus`;
+//! - metrics (15020 merged, 15090 the proxy's): `/stats/prometheus`, and
+//!   the app's probes as injection rewrote them (`/app-health/…`, see
+//!   [`crate::probe`]);
 //! - admin (127.0.0.1:15000): `/ready`, `/stats`, `/stats/prometheus`,
 //!   `/server_info`, `/config_dump`, `/certs`, `POST /logging?level=debug`,
 //!   `POST /quitquitquit`.
@@ -43,6 +45,8 @@ pub struct Admin {
     pub stop: Arc<watch::Sender<bool>>,
     pub log_filter: Option<SetLogFilter>,
     pub started: Instant,
+    /// The app's probes, answered on the metrics port.
+    pub app_probers: crate::probe::AppProbers,
 }
 
 impl std::fmt::Debug for Admin {
@@ -78,8 +82,19 @@ async fn serve(socket: TcpListener, port: Port, admin: Arc<Admin>) {
         };
         let admin = Arc::clone(&admin);
         tokio::spawn(async move {
-            let service = hyper::service::service_fn(move |request| {
-                std::future::ready(Ok::<_, Infallible>(respond(&admin, port, &request)))
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let admin = Arc::clone(&admin);
+                async move {
+                    let path = request.uri().path();
+                    if port == Port::Metrics && path.starts_with("/app-health/") {
+                        let response = match admin.app_probers.probe(path).await {
+                            Some(status) => text(status, ""),
+                            None => text(StatusCode::NOT_FOUND, "no such probe\n"),
+                        };
+                        return Ok::<_, Infallible>(response);
+                    }
+                    Ok(respond(&admin, port, &request))
+                }
             });
             let _ = auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)

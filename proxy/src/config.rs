@@ -14,6 +14,8 @@ pub const ENV_DISCOVERY_ADDRESS: &str = "DISCOVERY_ADDRESS";
 pub const ENV_POD_NAME: &str = "POD_NAME";
 pub const ENV_POD_NAMESPACE: &str = "POD_NAMESPACE";
 pub const ENV_INSTANCE_IP: &str = "INSTANCE_IP";
+/// The app's probes injection rewrote to the sidecar (JSON by path).
+pub const ENV_APP_PROBERS: &str = "ISTIO_KUBE_APP_PROBERS";
 pub const ENV_SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
 /// The DNS domain of the node id (`<ns>.svc.cluster.local`).
 pub const ENV_DNS_DOMAIN: &str = "DNS_DOMAIN";
@@ -158,6 +160,8 @@ pub struct Config {
     /// Where the workload's certificate comes from, if the proxy asks a CA
     /// for one (else the configuration's own secrets serve).
     pub ca: Option<Ca>,
+    /// The app's probes, which the proxy runs for the kubelet.
+    pub app_probers: crate::probe::AppProbers,
 }
 
 /// The certificate authority and what is asked of it.
@@ -180,8 +184,19 @@ impl Config {
         let pod = env
             .get(ENV_POD_NAME)
             .unwrap_or_else(|| "bowline-proxy".into());
-        let ip = parsed(env, ENV_INSTANCE_IP, "an IP address")?
-            .unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let instance_ip = parsed(env, ENV_INSTANCE_IP, "an IP address")?;
+        let ip = instance_ip.unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let app_probers = match env.get(ENV_APP_PROBERS) {
+            Some(json) => {
+                crate::probe::AppProbers::parse(&json, instance_ip).map_err(|message| {
+                    Error::Environment {
+                        variable: ENV_APP_PROBERS.into(),
+                        message,
+                    }
+                })?
+            }
+            None => Default::default(),
+        };
         let domain = env
             .get(ENV_DNS_DOMAIN)
             .unwrap_or_else(|| format!("{namespace}.svc.cluster.local"));
@@ -259,6 +274,7 @@ impl Config {
             admin,
             drain: std::time::Duration::from_secs(drain),
             ca,
+            app_probers,
         })
     }
 }

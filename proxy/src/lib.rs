@@ -31,6 +31,7 @@ pub mod error;
 pub mod http;
 pub mod identity;
 pub mod model;
+pub mod probe;
 pub mod server;
 pub mod sniff;
 pub mod state;
@@ -84,6 +85,7 @@ pub async fn run(
         stop: Arc::clone(&quit),
         log_filter,
         started: std::time::Instant::now(),
+        app_probers: config.app_probers.clone(),
     });
     for (address, port) in [
         (config.status, Port::Status),

@@ -13,6 +13,8 @@
 //! - [`controlplane`]: the control plane run in-process on loopback ports.
 //! - [`envoy`]: Envoy as a sidecar configured over ADS by the control plane.
 //! - [`http`]: a plain GET for monitoring and admin ports.
+//! - [`mesh`]: the whole mesh installed on a cluster with the node agent,
+//!   as a user installs it, and ways to call into its pods.
 //! - [`manifests`]: the repository's YAML, and the Helm chart rendered.
 //! - [`olm`]: the operator's OLM bundle, made from the chart, RBAC and CRDs.
 //! - [`otlp`]: an OTLP/gRPC trace collector keeping the spans it is sent.
@@ -30,6 +32,7 @@ pub mod controlplane;
 pub mod envoy;
 pub mod http;
 pub mod manifests;
+pub mod mesh;
 pub mod netns;
 pub mod olm;
 pub mod operator;

@@ -51,6 +51,9 @@ pub const NODE_NAME: &str = "bowline-node";
 #[derive(Debug)]
 pub struct NodeAgent {
     stop: Option<oneshot::Sender<()>>,
+    /// Dropping it (or this process ending) tells the janitor to remove the
+    /// network namespaces left.
+    _janitor: Option<std::process::ChildStdin>,
     thread: Option<std::thread::JoinHandle<()>>,
     dir: PathBuf,
 }
@@ -107,6 +110,7 @@ impl NodeAgent {
             })?;
         let agent = Self {
             stop: Some(stop_tx),
+            _janitor: janitor(&format!("bln{}", std::process::id()))?,
             thread: Some(thread),
             dir,
         };
@@ -144,6 +148,29 @@ impl NodeAgent {
     pub fn dir(&self) -> &Path {
         &self.dir
     }
+}
+
+/// A shell in a process group of its own that waits on a pipe only this
+/// process writes to; when the pipe closes — a normal drop, or this process
+/// dying without one (a shared cluster in a static is never dropped) — it
+/// deletes the network namespaces and hosts files named `<prefix>-*`.
+fn janitor(prefix: &str) -> anyhow::Result<Option<std::process::ChildStdin>> {
+    use std::os::unix::process::CommandExt;
+    const SCRIPT: &str = r#"trap '' TERM INT HUP
+read -r _
+sleep 2
+for ns in $(ip netns list | awk '{print $1}'); do
+  case "$ns" in "$1"-*) ip netns del "$ns"; rm -rf "/etc/netns/$ns";; esac
+done"#;
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", SCRIPT, "bowline-netns-janitor", prefix])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .process_group(0)
+        .spawn()
+        .context("starting the network namespaces' janitor")?;
+    Ok(child.stdin.take())
 }
 
 impl Drop for NodeAgent {

@@ -1,0 +1,315 @@
+//! The whole mesh on the local cluster, as a user installs it: the node
+//! agent runs the pods, the operator comes from its Helm chart, the mesh
+//! from config/samples/demo.yaml with the `default` tag. For the demo and
+//! the end-to-end tests.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::OnceLock;
+
+use anyhow::{Context, bail, ensure};
+use serde_json::{Value, json};
+
+use crate::agent::images::{SAMPLE_ECHO, workspace_binary};
+use crate::binaries::tool;
+use crate::{ClusterOptions, LocalCluster};
+
+/// The repository's config/ directory.
+pub fn config_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config")
+}
+
+/// A cluster with the node agent and no kwok Nodes, so every pod runs.
+pub async fn cluster() -> anyhow::Result<LocalCluster> {
+    Ok(LocalCluster::start(ClusterOptions {
+        nodes: 0,
+        agent: true,
+    })
+    .await?)
+}
+
+/// The cluster with the mesh installed, shared by the tests of one test
+/// binary (started on first use, on a thread of its own). Its pods'
+/// processes and network namespaces go when the test process does.
+pub fn shared() -> anyhow::Result<&'static LocalCluster> {
+    static SHARED: OnceLock<Result<LocalCluster, String>> = OnceLock::new();
+    SHARED
+        .get_or_init(|| {
+            std::thread::spawn(|| {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                runtime
+                    .block_on(async {
+                        let cluster = cluster().await?;
+                        install(&cluster, false)?;
+                        anyhow::Ok(cluster)
+                    })
+                    .map_err(|e| format!("{e:#}"))
+            })
+            .join()
+            .unwrap_or_else(|_| Err("the mesh start-up thread panicked".into()))
+        })
+        .as_ref()
+        .map_err(|message| anyhow::anyhow!("the shared mesh failed to start: {message}"))
+}
+
+/// Installs the operator with its Helm chart, then the demo mesh and the
+/// `default` tag, and waits until the installation is Ready. `show`
+/// prints each command and its output, for the demo.
+pub fn install(cluster: &LocalCluster, show: bool) -> anyhow::Result<()> {
+    let config = config_dir();
+    let helm_home = tempfile::tempdir()?;
+    let mut helm = std::process::Command::new(tool("helm/build.sh")?);
+    helm.env("KUBECONFIG", cluster.kubeconfig())
+        .env("HELM_CACHE_HOME", helm_home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", helm_home.path().join("config"))
+        .env("HELM_DATA_HOME", helm_home.path().join("data"))
+        .args(["install", "bowline-operator"])
+        .arg(config.join("helm/bowline-operator"))
+        .args(["--namespace", "bowline-system", "--create-namespace"])
+        .args(["--set", "replicaCount=1", "--wait", "--timeout", "3m"])
+        .stdout(Stdio::null());
+    let output = helm.output().context("running helm")?;
+    ensure!(
+        output.status.success(),
+        "helm install: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let output = kubectl(cluster, args)?;
+        if show {
+            println!("$ kubectl {}\n{}", args.join(" "), output.trim_end());
+        }
+        Ok(())
+    };
+    if show {
+        run(&["get", "pods", "-n", "bowline-system", "-o", "wide"])?;
+    }
+    let path = |p: &str| config.join(p).display().to_string();
+    run(&["apply", "-f", &path("samples/demo.yaml")])?;
+    run(&["apply", "-f", &path("samples/tag-default.yaml")])?;
+    run(&[
+        "wait",
+        "--for=condition=Ready",
+        "meshinstallation/default",
+        "--timeout=180s",
+    ])?;
+    Ok(())
+}
+
+/// Runs the cluster's kubectl; its output, or an error with its standard
+/// error.
+pub fn kubectl(cluster: &LocalCluster, args: &[&str]) -> anyhow::Result<String> {
+    let output = cluster
+        .kubectl()
+        .args(args)
+        .output()
+        .context("running kubectl")?;
+    if !output.status.success() {
+        bail!(
+            "kubectl {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(output.stdout)?)
+}
+
+/// `kubectl apply` of `objects` (a list of manifests as JSON).
+pub fn apply(cluster: &LocalCluster, objects: &[Value]) -> anyhow::Result<()> {
+    let file = tempfile::NamedTempFile::new()?;
+    let list = json!({"apiVersion": "v1", "kind": "List", "items": objects});
+    std::fs::write(file.path(), serde_json::to_vec(&list)?)?;
+    kubectl(
+        cluster,
+        &["apply", "-f", &file.path().display().to_string()],
+    )?;
+    Ok(())
+}
+
+/// A namespace, with sidecar injection when `injected`.
+pub fn namespace(name: &str, injected: bool) -> Value {
+    let labels = if injected {
+        json!({"istio-injection": "enabled"})
+    } else {
+        json!({})
+    };
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}})
+}
+
+/// A ServiceAccount and a Deployment of the sample echo service named
+/// `name`, answering as `version`, labelled `app: <app>`, `version`.
+pub fn echo(namespace: &str, name: &str, app: &str, version: &str) -> Vec<Value> {
+    let labels = json!({"app": app, "version": version});
+    vec![
+        json!({"apiVersion": "v1", "kind": "ServiceAccount",
+               "metadata": {"name": name, "namespace": namespace}}),
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {
+                        "serviceAccountName": name,
+                        "terminationGracePeriodSeconds": 5,
+                        "containers": [{
+                            "name": "echo",
+                            "image": SAMPLE_ECHO,
+                            "args": ["serve"],
+                            "env": [{"name": "VERSION", "value": version},
+                                    {"name": "SERVICE_NAME", "value": app}],
+                            "ports": [{"name": "http", "containerPort": 8080}],
+                            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
+                                               "periodSeconds": 1},
+                        }],
+                    },
+                },
+            },
+        }),
+    ]
+}
+
+/// A Service `name` on port 80 for the pods labelled `app: <name>`.
+pub fn service(namespace: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"selector": {"app": name},
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+    })
+}
+
+/// Waits until every Deployment of `namespace` is Available.
+pub fn wait_available(cluster: &LocalCluster, namespace: &str) -> anyhow::Result<()> {
+    kubectl(
+        cluster,
+        &[
+            "wait",
+            "--for=condition=Available",
+            "deployment",
+            "--all",
+            "-n",
+            namespace,
+            "--timeout=180s",
+        ],
+    )?;
+    Ok(())
+}
+
+/// The name of the first pod of `namespace` matching `selector`.
+pub fn pod(cluster: &LocalCluster, namespace: &str, selector: &str) -> anyhow::Result<String> {
+    let name = kubectl(
+        cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            selector,
+            "--field-selector=status.phase=Running",
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+    )?;
+    ensure!(
+        !name.trim().is_empty(),
+        "no running pod {selector} in {namespace}"
+    );
+    Ok(name.trim().to_string())
+}
+
+/// What `sample-echo call <url>` prints when run from inside pod
+/// `namespace/pod` (in its network namespace, so through its sidecar when
+/// it has one): requests by answering version, status codes, errors.
+pub fn call_from(
+    cluster: &LocalCluster,
+    namespace: &str,
+    pod: &str,
+    url: &str,
+    extra: &[&str],
+) -> anyhow::Result<Value> {
+    let netns = pod_netns(cluster, namespace, pod)?;
+    let binary = workspace_binary("bowline-tests", "sample-echo")?;
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", &netns])
+        .arg(binary)
+        .args(["call", url])
+        .args(extra)
+        .output()?;
+    ensure!(
+        output.status.success(),
+        "sample-echo call {url} from {namespace}/{pod}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let text = String::from_utf8(output.stdout)?;
+    serde_json::from_str(text.trim()).with_context(|| text.clone())
+}
+
+/// `curl` from inside pod `namespace/pod`: the status code (0 when no
+/// answer came) and the body.
+pub fn curl_from(
+    cluster: &LocalCluster,
+    namespace: &str,
+    pod: &str,
+    args: &[&str],
+) -> anyhow::Result<(u16, String)> {
+    let netns = pod_netns(cluster, namespace, pod)?;
+    let output = std::process::Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &netns,
+            "curl",
+            "-s",
+            "-m",
+            "10",
+            "-w",
+            "\n%{http_code}",
+        ])
+        .args(args)
+        .output()?;
+    let text = String::from_utf8_lossy(&output.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+    Ok((code.trim().parse().unwrap_or(0), body.to_string()))
+}
+
+fn pod_netns(cluster: &LocalCluster, namespace: &str, pod: &str) -> anyhow::Result<String> {
+    cluster
+        .agent()
+        .context("the cluster has no node agent")?
+        .netns(namespace, pod)
+        .with_context(|| format!("no network namespace for pod {namespace}/{pod}"))
+}
+
+/// A pod's container log, as the agent kept it.
+pub fn log(cluster: &LocalCluster, namespace: &str, pod: &str, container: &str) -> String {
+    cluster
+        .agent()
+        .map(|agent| agent.log(namespace, pod, container))
+        .unwrap_or_default()
+}
+
+/// The Prometheus text a pod's sidecar serves on 15020, read through the
+/// API server's pod proxy as a user would.
+pub fn sidecar_metrics(
+    cluster: &LocalCluster,
+    namespace: &str,
+    pod: &str,
+) -> anyhow::Result<String> {
+    kubectl(
+        cluster,
+        &[
+            "get",
+            "--raw",
+            &format!("/api/v1/namespaces/{namespace}/pods/{pod}:15020/proxy/stats/prometheus"),
+        ],
+    )
+}

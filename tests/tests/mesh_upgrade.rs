@@ -1,0 +1,169 @@
+//! A canary upgrade of the whole mesh under traffic, on a cluster of its
+//! own: the demo installation (RevisionBased, workloads restarted Auto) goes
+//! from v0.1.0 to v0.2.0 while a client outside the mesh calls the sample
+//! app through the ingress gateway. The new revision takes over, the
+//! workloads move to it, the old revision goes — and no request fails.
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use bowline_tests::mesh::{
+    apply, cluster, config_dir, install, kubectl, log, namespace, pod, wait_available,
+};
+use serde_json::{Value, json};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    install(&cluster, false)?;
+    let app = config_dir().join("samples/demo-app.yaml");
+    kubectl(&cluster, &["apply", "-f", &app.display().to_string()])?;
+    wait_available(&cluster, "demo")?;
+    let before = kubectl(
+        &cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.items[*].metadata.labels.istio\\.io/rev}",
+        ],
+    )?;
+    ensure!(
+        before.split_whitespace().all(|r| r == "default-v0-1-0"),
+        "the app starts on the first revision: {before}"
+    );
+
+    // A client outside the mesh, through the ingress gateway, every 20 ms
+    // until stopped.
+    apply(
+        &cluster,
+        &[
+            namespace("callers", false),
+            json!({
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": "caller", "namespace": "callers"},
+                "spec": {
+                    "restartPolicy": "Never",
+                    "terminationGracePeriodSeconds": 5,
+                    "containers": [{
+                        "name": "call",
+                        "image": bowline_tests::agent::images::SAMPLE_ECHO,
+                        "args": ["call", "http://istio-ingressgateway.istio-system/",
+                                 "--host", "echo.example.com", "--requests", "1000000",
+                                 "--interval", "20ms", "--duration", "300s"],
+                    }],
+                },
+            }),
+        ],
+    )?;
+    kubectl(
+        &cluster,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "pod/caller",
+            "-n",
+            "callers",
+            "--timeout=60s",
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    kubectl(
+        &cluster,
+        &[
+            "patch",
+            "meshinstallation",
+            "default",
+            "--type=merge",
+            "-p",
+            r#"{"spec":{"version":"v0.2.0"}}"#,
+        ],
+    )?;
+    // Done when only the new revision is left: every workload moved and the
+    // old revision deleted after its grace period.
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let revisions = kubectl(
+            &cluster,
+            &[
+                "get",
+                "meshrevision",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ],
+        )?;
+        if revisions.trim() == "default-v0-2-0" {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the upgrade did not finish in 4 minutes: revisions {revisions}; {}",
+                kubectl(
+                    &cluster,
+                    &["get", "meshinstallation", "default", "-o", "yaml"]
+                )?
+            );
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let after = kubectl(
+        &cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            "demo",
+            "-o",
+            "jsonpath={.items[*].metadata.labels.istio\\.io/rev}",
+        ],
+    )?;
+    ensure!(
+        !after.trim().is_empty() && after.split_whitespace().all(|r| r == "default-v0-2-0"),
+        "the app moved to the new revision: {after}"
+    );
+    let gateway = pod(&cluster, "istio-system", "app=istio-ingressgateway")?;
+    ensure!(
+        kubectl(
+            &cluster,
+            &[
+                "get",
+                "pod",
+                &gateway,
+                "-n",
+                "istio-system",
+                "-o",
+                "jsonpath={.spec.containers[0].image}"
+            ],
+        )?
+        .ends_with(":0.2.0"),
+        "the gateway rolled to the new release"
+    );
+
+    // Stopped, the client reports what it saw.
+    kubectl(
+        &cluster,
+        &["delete", "pod", "caller", "-n", "callers", "--wait=false"],
+    )?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let result: Value = loop {
+        let text = log(&cluster, "callers", "caller", "call");
+        if let Some(line) = text.lines().rev().find(|l| l.starts_with('{')) {
+            break serde_json::from_str(line).context("the client's result")?;
+        }
+        if Instant::now() > deadline {
+            bail!("the client printed no result: {text}");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let requests = result["requests"].as_u64().unwrap_or(0);
+    ensure!(requests > 500, "traffic flowed throughout: {result}");
+    ensure!(
+        result["errors"] == json!({}) && result["statuses"] == json!({"200": requests}),
+        "no request failed during the upgrade: {result}"
+    );
+    Ok(())
+}
