@@ -10,8 +10,11 @@ CARGO ?= cargo
 
 .PHONY: demo cluster test lint k8s envoy kstatus helm olm-validate olm descriptors deps bench-operator bench-controlplane bench-proxy bench-mtls
 
-## demo: bring the local cluster up, deploy a sample workload, show it, stop.
-demo: k8s
+## demo: the local cluster with the node agent (pods really run; needs
+## root), the operator from its Helm chart, the demo mesh, the sample app
+## split 90/10, traffic through the ingress gateway, a canary upgrade; stop.
+demo: k8s helm
+	$(CARGO) build --locked -q -p bowline-controlplane -p bowline-proxy -p bowline-operator -p bowline-tests --bins
 	$(CARGO) run --locked -q -p bowline-tests --bin bowline-cluster -- --demo
 
 ## cluster: bring the local cluster up and keep it until Ctrl-C.
