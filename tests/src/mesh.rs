@@ -142,7 +142,23 @@ pub fn namespace(name: &str, injected: bool) -> Value {
 /// A ServiceAccount and a Deployment of the sample echo service named
 /// `name`, answering as `version`, labelled `app: <app>`, `version`.
 pub fn echo(namespace: &str, name: &str, app: &str, version: &str) -> Vec<Value> {
+    echo_with(namespace, name, app, version, &[])
+}
+
+/// [`echo`] with more environment (`STATUS_CODE=503` for a broken one).
+pub fn echo_with(
+    namespace: &str,
+    name: &str,
+    app: &str,
+    version: &str,
+    env: &[(&str, &str)],
+) -> Vec<Value> {
     let labels = json!({"app": app, "version": version});
+    let mut variables = vec![
+        json!({"name": "VERSION", "value": version}),
+        json!({"name": "SERVICE_NAME", "value": app}),
+    ];
+    variables.extend(env.iter().map(|(k, v)| json!({"name": k, "value": v})));
     vec![
         json!({"apiVersion": "v1", "kind": "ServiceAccount",
                "metadata": {"name": name, "namespace": namespace}}),
@@ -162,8 +178,7 @@ pub fn echo(namespace: &str, name: &str, app: &str, version: &str) -> Vec<Value>
                             "name": "echo",
                             "image": SAMPLE_ECHO,
                             "args": ["serve"],
-                            "env": [{"name": "VERSION", "value": version},
-                                    {"name": "SERVICE_NAME", "value": app}],
+                            "env": variables,
                             "ports": [{"name": "http", "containerPort": 8080}],
                             "readinessProbe": {"httpGet": {"path": "/healthz", "port": "http"},
                                                "periodSeconds": 1},

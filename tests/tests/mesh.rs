@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use anyhow::{Context, ensure};
 use bowline_tests::mesh::{
-    apply, call_from, curl_from, echo, kubectl, namespace, pod, service, shared, sidecar_metrics,
-    wait_available,
+    apply, call_from, curl_from, echo, echo_with, kubectl, namespace, pod, service, shared,
+    sidecar_metrics, wait_available,
 };
 use serde_json::{Value, json};
 
@@ -297,5 +297,289 @@ async fn the_operator_installs_the_mesh_on_running_pods() -> anyhow::Result<()> 
         ],
     )?;
     ensure!(status == "True", "the installation is Ready: {status}");
+    Ok(())
+}
+
+fn virtual_service(namespace: &str, host: &str, http: Value) -> Value {
+    json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "VirtualService",
+        "metadata": {"name": host, "namespace": namespace},
+        "spec": {"hosts": [host], "http": [http]},
+    })
+}
+
+fn status_count(result: &Value, code: u16) -> u64 {
+    result["statuses"][code.to_string()].as_u64().unwrap_or(0)
+}
+
+/// Retries turn a broken replica's 503s into 200s; a route timeout answers
+/// 504 in its time; a 5 s delay injected into 25 % of requests delays about
+/// a quarter of them by 5 s and no other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_timeouts_and_an_injected_delay() -> anyhow::Result<()> {
+    let cluster = shared()?;
+    let ns = "resilience";
+    let mut objects = vec![
+        namespace(ns, true),
+        service(ns, "flaky"),
+        service(ns, "slow"),
+    ];
+    objects.extend(echo(ns, "flaky-ok", "flaky", "ok"));
+    objects.extend(echo_with(
+        ns,
+        "flaky-broken",
+        "flaky",
+        "broken",
+        &[("STATUS_CODE", "503")],
+    ));
+    objects.extend(echo(ns, "slow", "slow", "v1"));
+    objects.extend(client(ns));
+    apply(cluster, &objects)?;
+    wait_available(cluster, ns)?;
+    let client = pod(cluster, ns, "app=client")?;
+
+    // Istio's default retries do not retry a 503 answer: half fail.
+    let result = call_from(
+        cluster,
+        ns,
+        &client,
+        "http://flaky/",
+        &["--requests", "100"],
+    )?;
+    let failed = status_count(&result, 503);
+    ensure!(
+        (20..=80).contains(&failed),
+        "without retries the broken replica's answers get through: {result}"
+    );
+    apply(
+        cluster,
+        &[virtual_service(
+            ns,
+            "flaky",
+            json!({"route": [{"destination": {"host": "flaky"}}],
+                   "retries": {"attempts": 3, "retryOn": "5xx"}}),
+        )],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let result = call_from(
+        cluster,
+        ns,
+        &client,
+        "http://flaky/",
+        &["--requests", "100"],
+    )?;
+    ensure!(
+        status_count(&result, 200) == 100,
+        "retries on 5xx go to the other replica: {result}"
+    );
+
+    apply(
+        cluster,
+        &[virtual_service(
+            ns,
+            "slow",
+            json!({"route": [{"destination": {"host": "slow"}}], "timeout": "0.5s"}),
+        )],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let result = call_from(
+        cluster,
+        ns,
+        &client,
+        "http://slow/delay/3000",
+        &["--requests", "3"],
+    )?;
+    ensure!(
+        status_count(&result, 504) == 3 && result["max_ms"].as_f64().unwrap_or(f64::MAX) < 1500.0,
+        "a 0.5 s timeout answers 504 in about 0.5 s: {result}"
+    );
+
+    apply(
+        cluster,
+        &[virtual_service(
+            ns,
+            "slow",
+            json!({"route": [{"destination": {"host": "slow"}}],
+                   "fault": {"delay": {"fixedDelay": "5s", "percentage": {"value": 25}}}}),
+        )],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let result = call_from(
+        cluster,
+        ns,
+        &client,
+        "http://slow/",
+        &[
+            "--requests",
+            "60",
+            "--concurrency",
+            "60",
+            "--slow",
+            "4900ms",
+        ],
+    )?;
+    let delayed = result["slow"].as_u64().unwrap_or(0);
+    // 15 expected; four standard deviations (3.4) either side.
+    ensure!(
+        status_count(&result, 200) == 60 && (2..=28).contains(&delayed),
+        "about a quarter delayed by 5 s: {result}"
+    );
+    ensure!(
+        result["p50_ms"].as_f64().unwrap_or(f64::MAX) < 1000.0,
+        "the others are not delayed: {result}"
+    );
+    Ok(())
+}
+
+/// A DestinationRule's connection pool answers 503 (response flag UO)
+/// beyond its limits; its outlier detection ejects a replica that fails,
+/// after which every request succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn circuit_breaking_and_outlier_ejection() -> anyhow::Result<()> {
+    let cluster = shared()?;
+    let ns = "breakers";
+    let mut objects = vec![
+        namespace(ns, true),
+        service(ns, "backend"),
+        service(ns, "pool"),
+    ];
+    objects.extend(echo(ns, "backend", "backend", "v1"));
+    objects.extend(echo(ns, "pool-ok", "pool", "ok"));
+    objects.extend(echo_with(
+        ns,
+        "pool-broken",
+        "pool",
+        "broken",
+        &[("STATUS_CODE", "503")],
+    ));
+    objects.extend(client(ns));
+    objects.push(json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "backend", "namespace": ns},
+        "spec": {"host": "backend", "trafficPolicy": {"connectionPool": {
+            "tcp": {"maxConnections": 1},
+            "http": {"http1MaxPendingRequests": 1, "http2MaxRequests": 1,
+                     "maxRequestsPerConnection": 1},
+        }}},
+    }));
+    objects.push(json!({
+        "apiVersion": "networking.istio.io/v1",
+        "kind": "DestinationRule",
+        "metadata": {"name": "pool", "namespace": ns},
+        "spec": {"host": "pool", "trafficPolicy": {"outlierDetection": {
+            "consecutive5xxErrors": 1, "interval": "1s", "baseEjectionTime": "60s",
+            "maxEjectionPercent": 100,
+        }}},
+    }));
+    apply(cluster, &objects)?;
+    wait_available(cluster, ns)?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let client = pod(cluster, ns, "app=client")?;
+
+    let result = call_from(
+        cluster,
+        ns,
+        &client,
+        "http://backend/delay/300",
+        &["--requests", "20", "--concurrency", "20"],
+    )?;
+    ensure!(
+        status_count(&result, 200) >= 1 && status_count(&result, 503) >= 10,
+        "one at a time gets through, the rest overflow: {result}"
+    );
+    let metrics = sidecar_metrics(cluster, ns, &client)?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("response_code=\"503\"")
+                && l.contains("response_flags=\"UO\"")),
+        "the client's sidecar reports the overflow as UO:\n{metrics}"
+    );
+
+    let first = call_from(cluster, ns, &client, "http://pool/", &["--requests", "20"])?;
+    ensure!(
+        status_count(&first, 503) <= 3,
+        "the broken replica is ejected at its first failure: {first}"
+    );
+    let then = call_from(cluster, ns, &client, "http://pool/", &["--requests", "50"])?;
+    ensure!(
+        status_count(&then, 200) == 50 && answered(&then, "ok") == 50,
+        "with it ejected, every request succeeds: {then}"
+    );
+    Ok(())
+}
+
+/// A ServiceEntry for a host outside the mesh — a server in a namespace
+/// without sidecars playing it — reached by name from a sidecar, and
+/// reported under that name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_service_entry_reaches_an_external_host() -> anyhow::Result<()> {
+    let cluster = shared()?;
+    let (partner, ns) = ("partner", "egress-users");
+    let mut objects = vec![namespace(partner, false), namespace(ns, true)];
+    objects.extend(echo(partner, "partner-api", "partner-api", "partner"));
+    objects.extend(client(ns));
+    apply(cluster, &objects)?;
+    wait_available(cluster, partner)?;
+    wait_available(cluster, ns)?;
+    let server = pod(cluster, partner, "app=partner-api")?;
+    let ip = kubectl(
+        cluster,
+        &[
+            "get",
+            "pod",
+            &server,
+            "-n",
+            partner,
+            "-o",
+            "jsonpath={.status.podIP}",
+        ],
+    )?;
+    apply(
+        cluster,
+        &[json!({
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": {"name": "partner-api", "namespace": ns},
+            "spec": {
+                "hosts": ["api.partner.example"],
+                "addresses": ["240.240.0.10"],
+                "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                "location": "MESH_EXTERNAL",
+                "resolution": "STATIC",
+                "endpoints": [{"address": ip.trim(), "ports": {"http": 8080}}],
+            },
+        })],
+    )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = pod(cluster, ns, "app=client")?;
+    let (code, body) = curl_from(
+        cluster,
+        ns,
+        &client,
+        &[
+            "--resolve",
+            "api.partner.example:80:240.240.0.10",
+            "http://api.partner.example/quote",
+        ],
+    )?;
+    ensure!(
+        code == 200 && body.contains("\"version\":\"partner\""),
+        "the partner answered: {code} {body}"
+    );
+    let metrics = sidecar_metrics(cluster, ns, &client)?;
+    ensure!(
+        metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"source\"")
+                && l.contains("destination_service=\"api.partner.example\"")
+                && l.contains("response_code=\"200\"")),
+        "the client's sidecar reports the call to api.partner.example:\n{metrics}"
+    );
     Ok(())
 }
