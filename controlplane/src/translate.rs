@@ -585,16 +585,19 @@ fn pick_rule<'s>(
 /// The ports the proxy's workload serves (the target ports of the
 /// endpoints at its address), with the peer authentication each wants.
 fn inbound_ports(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Inbound> {
-    let mut ports: BTreeMap<u32, (bool, Vec<String>)> = BTreeMap::new();
+    let mut ports: BTreeMap<u32, (bool, bool, Vec<String>)> = BTreeMap::new();
     for (host, endpoints) in snapshot.endpoints.iter() {
         for e in endpoints.iter().filter(|e| e.address == proxy.ip) {
-            let http = snapshot
+            let protocol = snapshot
                 .services
                 .get(host)
                 .and_then(|s| s.port(e.service_port))
-                .is_some_and(|p| p.protocol.is_http());
-            let (any_http, services) = ports.entry(e.port).or_default();
+                .map(|p| p.protocol);
+            let http = protocol.is_some_and(|p| p.is_http());
+            let h2 = matches!(protocol, Some(Protocol::Http2 | Protocol::Grpc));
+            let (any_http, any_h2, services) = ports.entry(e.port).or_default();
             *any_http |= http;
+            *any_h2 |= h2;
             if !services.contains(host) {
                 services.push(host.clone());
             }
@@ -604,9 +607,10 @@ fn inbound_ports(snapshot: &Snapshot, proxy: &Proxy) -> Vec<Inbound> {
     let network_rbac = authz::network_filters(snapshot, proxy);
     ports
         .into_iter()
-        .map(|(port, (http, services))| Inbound {
+        .map(|(port, (http, h2, services))| Inbound {
             port,
             http,
+            h2,
             services,
             mtls: mtls_mode(snapshot, proxy, port),
             rbac: if http { rbac.clone() } else { Vec::new() },
@@ -695,6 +699,11 @@ fn inbound_cluster(snapshot: &Snapshot, inbound: &Inbound) -> Cluster {
         .filter_map(|host| snapshot.services.get(host))
         .collect();
     cluster.metadata = clusters::service_metadata(&services);
+    if inbound.h2 {
+        // gRPC and HTTP/2 ports reach the app over HTTP/2, which is all a
+        // gRPC server speaks.
+        clusters::http_options(&mut cluster, None, inbound.port, Protocol::Grpc);
+    }
     cluster
 }
 

@@ -251,8 +251,21 @@ pub fn call_from(
     url: &str,
     extra: &[&str],
 ) -> anyhow::Result<Value> {
+    sample_call_from(cluster, namespace, pod, "sample-echo", url, extra)
+}
+
+/// What `<sample> call <url>` prints when run from inside pod
+/// `namespace/pod`, for `sample-echo` or `sample-grpc`.
+pub fn sample_call_from(
+    cluster: &LocalCluster,
+    namespace: &str,
+    pod: &str,
+    sample: &str,
+    url: &str,
+    extra: &[&str],
+) -> anyhow::Result<Value> {
     let netns = pod_netns(cluster, namespace, pod)?;
-    let binary = workspace_binary("bowline-tests", "sample-echo")?;
+    let binary = workspace_binary("bowline-tests", sample)?;
     let output = std::process::Command::new("ip")
         .args(["netns", "exec", &netns])
         .arg(binary)
@@ -261,11 +274,56 @@ pub fn call_from(
         .output()?;
     ensure!(
         output.status.success(),
-        "sample-echo call {url} from {namespace}/{pod}: {}",
+        "{sample} call {url} from {namespace}/{pod}: {}",
         String::from_utf8_lossy(&output.stderr)
     );
     let text = String::from_utf8(output.stdout)?;
     serde_json::from_str(text.trim()).with_context(|| text.clone())
+}
+
+/// Calls as [`sample_call_from`] until `until` holds for the result (for
+/// at most a minute): configuration and endpoints reach the proxies a
+/// moment after the API server has them, as in any mesh.
+pub async fn call_until(
+    cluster: &LocalCluster,
+    (namespace, pod): (&str, &str),
+    sample: &str,
+    url: &str,
+    extra: &[&str],
+    until: impl Fn(&Value) -> bool,
+) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let result = sample_call_from(cluster, namespace, pod, sample, url, extra)?;
+        if until(&result) {
+            return Ok(result);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("calling {url} from {namespace}/{pod} never gave what was expected: {result}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+}
+
+/// `curl` from inside pod `namespace/pod` until it answers `code` (for at
+/// most a minute); the body.
+pub async fn curl_until(
+    cluster: &LocalCluster,
+    (namespace, pod): (&str, &str),
+    args: &[&str],
+    code: u16,
+) -> anyhow::Result<String> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let (got, body) = curl_from(cluster, namespace, pod, args)?;
+        if got == code {
+            return Ok(body);
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("curl {args:?} from {namespace}/{pod}: {got} {body}, not {code}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }
 
 /// `curl` from inside pod `namespace/pod`: the status code (0 when no

@@ -325,7 +325,7 @@ fn file(path: &str) -> DataSource {
 /// timeout, and HTTP/2 toward the endpoints for HTTP/2 and gRPC ports or
 /// when `h2UpgradePolicy: UPGRADE` asks; a port of unknown protocol, whose
 /// HTTP is found by sniffing, speaks to its endpoints as the client spoke.
-fn http_options(
+pub(crate) fn http_options(
     cluster: &mut Cluster,
     policy: Option<&TrafficPolicy>,
     port: u32,

@@ -96,6 +96,8 @@ pub struct Bound {
 pub struct Inbound {
     pub port: u32,
     pub http: bool,
+    /// A service's port of protocol HTTP/2 or gRPC: the app speaks HTTP/2.
+    pub h2: bool,
     /// The hosts of the services whose endpoints are this port.
     pub services: Vec<String>,
     pub mtls: MtlsMode,

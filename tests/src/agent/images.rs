@@ -1,7 +1,7 @@
 //! Which local program runs a container of which image. No image is pulled:
 //! an image's repository (its last path segment, whatever the registry and
-//! tag) names a binary of this workspace or a system package, with the user
-//! its Dockerfile runs as.
+//! tag) names a binary of this workspace, with the user its Dockerfile runs
+//! as.
 //!
 //! | image (last segment) | runs                                  | user  |
 //! |----------------------|---------------------------------------|-------|
@@ -9,6 +9,7 @@
 //! | `proxy`              | `bowline-proxy` (`sidecar`, `gateway`, `init` from the container's args) | 1337 |
 //! | `operator`           | `bowline-operator`                    | 65532 |
 //! | `sample-echo`        | `sample-echo` (tests/src/bin)         | 1000  |
+//! | `sample-grpc`        | `sample-grpc` (tests/src/bin)         | 1000  |
 //!
 //! Any other image (Prometheus, Grafana, Jaeger, Kiali) has no local
 //! program — Debian's Prometheus lacks the Kubernetes service discovery the
@@ -39,10 +40,12 @@ const TABLE: &[(&str, &str, &str, u32)] = &[
     ("proxy", "bowline-proxy", "bowline-proxy", 1337),
     ("operator", "bowline-operator", "bowline-operator", 65532),
     ("sample-echo", "bowline-tests", "sample-echo", 1000),
+    ("sample-grpc", "bowline-tests", "sample-grpc", 1000),
 ];
 
 /// The image names of the sample apps, for manifests.
 pub const SAMPLE_ECHO: &str = "ghcr.io/bowline-mesh/sample-echo:0.1.0";
+pub const SAMPLE_GRPC: &str = "ghcr.io/bowline-mesh/sample-grpc:0.1.0";
 
 /// The repository's last segment: `ghcr.io/bowline-mesh/proxy:0.1.0@sha…`
 /// → `proxy`.
