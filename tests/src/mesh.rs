@@ -43,7 +43,7 @@ pub fn shared() -> anyhow::Result<&'static LocalCluster> {
                 runtime
                     .block_on(async {
                         let cluster = cluster().await?;
-                        install(&cluster, false)?;
+                        install(&cluster)?;
                         anyhow::Ok(cluster)
                     })
                     .map_err(|e| format!("{e:#}"))
@@ -56,46 +56,51 @@ pub fn shared() -> anyhow::Result<&'static LocalCluster> {
 }
 
 /// Installs the operator with its Helm chart, then the demo mesh and the
-/// `default` tag, and waits until the installation is Ready. `show`
-/// prints each command and its output, for the demo.
-pub fn install(cluster: &LocalCluster, show: bool) -> anyhow::Result<()> {
-    let config = config_dir();
+/// `default` tag, and waits until the installation is Ready.
+pub fn install(cluster: &LocalCluster) -> anyhow::Result<()> {
+    install_operator(cluster)?;
+    install_mesh(cluster)
+}
+
+/// `helm install` of config/helm/bowline-operator into bowline-system, one
+/// replica, waiting until it is available.
+pub fn install_operator(cluster: &LocalCluster) -> anyhow::Result<()> {
     let helm_home = tempfile::tempdir()?;
-    let mut helm = std::process::Command::new(tool("helm/build.sh")?);
-    helm.env("KUBECONFIG", cluster.kubeconfig())
+    let output = std::process::Command::new(tool("helm/build.sh")?)
+        .env("KUBECONFIG", cluster.kubeconfig())
         .env("HELM_CACHE_HOME", helm_home.path().join("cache"))
         .env("HELM_CONFIG_HOME", helm_home.path().join("config"))
         .env("HELM_DATA_HOME", helm_home.path().join("data"))
         .args(["install", "bowline-operator"])
-        .arg(config.join("helm/bowline-operator"))
+        .arg(config_dir().join("helm/bowline-operator"))
         .args(["--namespace", "bowline-system", "--create-namespace"])
         .args(["--set", "replicaCount=1", "--wait", "--timeout", "3m"])
-        .stdout(Stdio::null());
-    let output = helm.output().context("running helm")?;
+        .stdout(Stdio::null())
+        .output()
+        .context("running helm")?;
     ensure!(
         output.status.success(),
         "helm install: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let output = kubectl(cluster, args)?;
-        if show {
-            println!("$ kubectl {}\n{}", args.join(" "), output.trim_end());
-        }
-        Ok(())
-    };
-    if show {
-        run(&["get", "pods", "-n", "bowline-system", "-o", "wide"])?;
-    }
-    let path = |p: &str| config.join(p).display().to_string();
-    run(&["apply", "-f", &path("samples/demo.yaml")])?;
-    run(&["apply", "-f", &path("samples/tag-default.yaml")])?;
-    run(&[
-        "wait",
-        "--for=condition=Ready",
-        "meshinstallation/default",
-        "--timeout=180s",
-    ])?;
+    Ok(())
+}
+
+/// config/samples/demo.yaml and tag-default.yaml, then waits until the
+/// installation is Ready.
+pub fn install_mesh(cluster: &LocalCluster) -> anyhow::Result<()> {
+    let path = |p: &str| config_dir().join(p).display().to_string();
+    kubectl(cluster, &["apply", "-f", &path("samples/demo.yaml")])?;
+    kubectl(cluster, &["apply", "-f", &path("samples/tag-default.yaml")])?;
+    kubectl(
+        cluster,
+        &[
+            "wait",
+            "--for=condition=Ready",
+            "meshinstallation/default",
+            "--timeout=180s",
+        ],
+    )?;
     Ok(())
 }
 

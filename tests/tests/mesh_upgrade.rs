@@ -15,7 +15,7 @@ use serde_json::{Value, json};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
     let cluster = cluster().await?;
-    install(&cluster, false)?;
+    install(&cluster)?;
     let app = config_dir().join("samples/demo-app.yaml");
     kubectl(&cluster, &["apply", "-f", &app.display().to_string()])?;
     wait_available(&cluster, "demo")?;

@@ -1,7 +1,8 @@
 //! The node agent on the local cluster: a Deployment's pods run as
 //! processes in network namespaces, become Ready by their probes, are
 //! reached through their Service's ClusterIP by name from another pod (a
-//! Job, which Succeeds), and stop when scaled away.
+//! Job, which Succeeds), are restarted when their liveness probe fails, and
+//! stop when scaled away.
 
 use std::time::Duration;
 
@@ -123,6 +124,44 @@ async fn pods_run_serve_their_service_and_stop() -> anyhow::Result<()> {
         .with_context(|| log.clone())?;
     assert_eq!(result["versions"]["v1"], 40, "{result}");
     assert_eq!(result["errors"], json!({}), "{result}");
+
+    // A container whose liveness probe fails is restarted, and says so.
+    let mut sick = echo("sick", 1)?;
+    let container = &mut sick
+        .spec
+        .as_mut()
+        .context("spec")?
+        .template
+        .spec
+        .as_mut()
+        .context("pod spec")?
+        .containers[0];
+    container.liveness_probe = Some(serde_json::from_value(json!({
+        "httpGet": {"path": "/status/500", "port": "http"},
+        "periodSeconds": 1,
+        "failureThreshold": 2,
+    }))?);
+    deployments.create(&PostParams::default(), &sick).await?;
+    wait_until("the sick container to be restarted", || async {
+        let listed = pods
+            .list(&ListParams::default().labels("version=sick"))
+            .await?;
+        Ok(listed.items.iter().any(|p| {
+            p.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .is_some_and(|c| {
+                    c[0].restart_count >= 1
+                        && c[0]
+                            .last_state
+                            .as_ref()
+                            .and_then(|l| l.terminated.as_ref())
+                            .is_some()
+                })
+        }))
+    })
+    .await?;
+    deployments.delete("echo-sick", &Default::default()).await?;
 
     // Scaled to nothing: the pods' processes stop and the pods go.
     deployments

@@ -1,20 +1,19 @@
 //! Runs the local cluster by hand.
 //!
 //! `bowline-cluster` starts it, prints how to point kubectl at it and stays up
-//! until Ctrl-C. `bowline-cluster --demo` also installs the mesh through the
-//! operator — CRDs, the operator's RBAC, the operator running as its own
-//! ServiceAccount, then `kubectl apply -f config/samples/demo.yaml` — shows
-//! what it made, and stops (or stays up with `--stay`).
+//! until Ctrl-C (`--agent` adds the Node whose pods really run).
+//! `bowline-cluster --demo` runs the demo on the node agent: the operator
+//! from its Helm chart, `kubectl apply -f config/samples/demo.yaml`, the
+//! sample app split 90/10, traffic through the ingress gateway, a canary
+//! upgrade under traffic — and stops (or stays up with `--stay`).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use std::process::{Command, Stdio};
 
 use bowline_tests::agent::NodeAgent;
 use bowline_tests::agent::images::SAMPLE_ECHO;
-use bowline_tests::binaries::tool;
+use bowline_tests::mesh;
 use bowline_tests::{ClusterOptions, LocalCluster};
 use clap::Parser;
 use tokio::signal::unix::{SignalKind, signal};
@@ -94,46 +93,20 @@ async fn main() -> anyhow::Result<()> {
 /// config/samples/demo.yaml, the sample app split 90/10, traffic through the
 /// ingress gateway, and a canary upgrade of the mesh under traffic.
 async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
-    let config = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../config");
+    let config = mesh::config_dir();
     let path = |p: &str| config.join(p).display().to_string();
     let agent = cluster.agent().context("the demo runs on the node agent")?;
 
     println!("== Installing the operator with its Helm chart (config/helm/bowline-operator)");
-    let helm_home = tempfile::tempdir()?;
-    let status = Command::new(tool("helm/build.sh")?)
-        .env("KUBECONFIG", cluster.kubeconfig())
-        .env("HELM_CACHE_HOME", helm_home.path().join("cache"))
-        .env("HELM_CONFIG_HOME", helm_home.path().join("config"))
-        .env("HELM_DATA_HOME", helm_home.path().join("data"))
-        .args([
-            "install",
-            "bowline-operator",
-            &path("helm/bowline-operator"),
-        ])
-        .args(["--namespace", "bowline-system", "--create-namespace"])
-        .args(["--set", "replicaCount=1", "--wait", "--timeout", "3m"])
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("helm install failed with {status}");
-    }
+    mesh::install_operator(cluster)?;
     kubectl(
         cluster,
         &["get", "pods", "-n", "bowline-system", "-o", "wide"],
     )?;
 
     println!("\n== Applying a MeshInstallation with the demo profile, and the default tag");
-    kubectl(cluster, &["apply", "-f", &path("samples/demo.yaml")])?;
-    kubectl(cluster, &["apply", "-f", &path("samples/tag-default.yaml")])?;
-    kubectl(
-        cluster,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "meshinstallation/default",
-            "--timeout=180s",
-        ],
-    )?;
+    println!("$ kubectl apply -f config/samples/demo.yaml -f config/samples/tag-default.yaml");
+    mesh::install_mesh(cluster)?;
     kubectl(
         cluster,
         &["get", "meshinstallation,meshrevision,meshrevisiontag"],
@@ -172,8 +145,8 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
     );
 
     println!("\n== Mutual TLS: what echo-v1's sidecar counted (its 15020/stats/prometheus)");
-    let pod = first_pod(cluster, "demo", "app=echo,version=v1")?;
-    let metrics = capture(
+    let pod = mesh::pod(cluster, "demo", "app=echo,version=v1")?;
+    let metrics = mesh::kubectl(
         cluster,
         &[
             "get",
@@ -231,7 +204,7 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
     // gone (inactiveRevisionDeletionGracePeriodSeconds after its last).
     let deadline = Instant::now() + Duration::from_secs(240);
     loop {
-        let revisions = capture(
+        let revisions = mesh::kubectl(
             cluster,
             &[
                 "get",
@@ -248,7 +221,7 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let pod = first_pod(cluster, "demo-client", "job-name=upgrade")?;
+    let pod = mesh::pod(cluster, "demo-client", "job-name=upgrade")?;
     kubectl(
         cluster,
         &[
@@ -282,7 +255,7 @@ async fn traffic(
     requests: u32,
 ) -> anyhow::Result<serde_json::Value> {
     start_traffic(cluster, name, requests, "0ms", "60s")?;
-    capture(
+    mesh::kubectl(
         cluster,
         &[
             "wait",
@@ -293,7 +266,7 @@ async fn traffic(
             "--timeout=120s",
         ],
     )?;
-    let pod = first_pod(cluster, "demo-client", &format!("job-name={name}"))?;
+    let pod = mesh::pod(cluster, "demo-client", &format!("job-name={name}"))?;
     finish_traffic(agent, &pod).await
 }
 
@@ -323,13 +296,7 @@ fn start_traffic(
             }],
         }}},
     });
-    let file = tempfile::NamedTempFile::new()?;
-    std::fs::write(file.path(), serde_json::to_vec(&job)?)?;
-    capture(
-        cluster,
-        &["apply", "-f", &file.path().display().to_string()],
-    )?;
-    Ok(())
+    mesh::apply(cluster, &[job])
 }
 
 /// What the Job's client printed last (it prints when done or stopped).
@@ -345,36 +312,6 @@ async fn finish_traffic(agent: &NodeAgent, pod: &str) -> anyhow::Result<serde_js
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-}
-
-fn first_pod(cluster: &LocalCluster, namespace: &str, selector: &str) -> anyhow::Result<String> {
-    let name = capture(
-        cluster,
-        &[
-            "get",
-            "pods",
-            "-n",
-            namespace,
-            "-l",
-            selector,
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ],
-    )?;
-    Ok(name.trim().to_string())
-}
-
-/// Runs the cluster's kubectl and returns its output.
-fn capture(cluster: &LocalCluster, args: &[&str]) -> anyhow::Result<String> {
-    let output = cluster.kubectl().args(args).output()?;
-    if !output.status.success() {
-        bail!(
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(String::from_utf8(output.stdout)?)
 }
 
 /// Runs the cluster's kubectl with its output going straight to ours.
