@@ -375,6 +375,46 @@ pub fn log(cluster: &LocalCluster, namespace: &str, pod: &str, container: &str) 
         .unwrap_or_default()
 }
 
+/// Whether Prometheus text `metrics` has a series of `name` with every
+/// label of `labels`.
+pub fn has_series(metrics: &str, name: &str, labels: &[(&str, &str)]) -> bool {
+    let prefix = format!("{name}{{");
+    metrics.lines().any(|line| {
+        line.starts_with(&prefix)
+            && labels
+                .iter()
+                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+    })
+}
+
+/// Waits (up to four minutes) until the only MeshRevision left is
+/// `revision`: a canary upgrade moved every workload to it and deleted the
+/// old one.
+pub async fn wait_for_only_revision(cluster: &LocalCluster, revision: &str) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(240);
+    loop {
+        let revisions = kubectl(
+            cluster,
+            &[
+                "get",
+                "meshrevision",
+                "-o",
+                "jsonpath={.items[*].metadata.name}",
+            ],
+        )?;
+        if revisions.trim() == revision {
+            return Ok(());
+        }
+        if std::time::Instant::now() > deadline {
+            bail!(
+                "the upgrade did not finish in 4 minutes: revisions {revisions}; {}",
+                kubectl(cluster, &["get", "meshinstallation", "-o", "yaml"])?
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    }
+}
+
 /// The Prometheus text a pod's sidecar serves on 15020, read through the
 /// API server's pod proxy as a user would.
 pub fn sidecar_metrics(

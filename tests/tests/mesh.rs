@@ -10,8 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, ensure};
 use bowline_tests::agent::images::SAMPLE_GRPC;
 use bowline_tests::mesh::{
-    apply, call_from, call_until, curl_from, curl_until, echo, echo_with, kubectl, namespace, pod,
-    sample_call_from, service, shared, sidecar_metrics, wait_available,
+    apply, call_from, call_until, curl_from, curl_until, echo, echo_with, has_series, kubectl,
+    namespace, pod, sample_call_from, service, shared, sidecar_metrics, wait_available,
 };
 use serde_json::{Value, json};
 
@@ -102,12 +102,15 @@ async fn traffic_split_follows_the_virtual_service() -> anyhow::Result<()> {
     let v2 = pod(cluster, ns, "app=echo,version=v2")?;
     let metrics = sidecar_metrics(cluster, ns, &v2)?;
     ensure!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_requests_total{")
-                && l.contains("reporter=\"destination\"")
-                && l.contains("source_workload=\"client\"")
-                && l.contains("connection_security_policy=\"mutual_tls\"")),
+        has_series(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "destination"),
+                ("source_workload", "client"),
+                ("connection_security_policy", "mutual_tls")
+            ],
+        ),
         "echo-v2's sidecar counts the client's requests as mutual TLS:\n{metrics}"
     );
     Ok(())
@@ -523,12 +526,15 @@ async fn circuit_breaking_and_outlier_ejection() -> anyhow::Result<()> {
     );
     let metrics = sidecar_metrics(cluster, ns, &client)?;
     ensure!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_requests_total{")
-                && l.contains("reporter=\"source\"")
-                && l.contains("response_code=\"503\"")
-                && l.contains("response_flags=\"UO\"")),
+        has_series(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("response_code", "503"),
+                ("response_flags", "UO")
+            ],
+        ),
         "the client's sidecar reports the overflow as UO:\n{metrics}"
     );
 
@@ -606,12 +612,15 @@ async fn a_service_entry_reaches_an_external_host() -> anyhow::Result<()> {
     );
     let metrics = sidecar_metrics(cluster, ns, &client)?;
     ensure!(
-        metrics
-            .lines()
-            .any(|l| l.starts_with("istio_requests_total{")
-                && l.contains("reporter=\"source\"")
-                && l.contains("destination_service=\"api.partner.example\"")
-                && l.contains("response_code=\"200\"")),
+        has_series(
+            &metrics,
+            "istio_requests_total",
+            &[
+                ("reporter", "source"),
+                ("destination_service", "api.partner.example"),
+                ("response_code", "200")
+            ],
+        ),
         "the client's sidecar reports the call to api.partner.example:\n{metrics}"
     );
     Ok(())
@@ -697,13 +706,16 @@ async fn grpc_calls_carry_their_status_through_the_mesh() -> anyhow::Result<()> 
     let metrics = sidecar_metrics(cluster, ns, &greeter)?;
     for status in ["0", "5"] {
         ensure!(
-            metrics
-                .lines()
-                .any(|l| l.starts_with("istio_requests_total{")
-                    && l.contains("reporter=\"destination\"")
-                    && l.contains("request_protocol=\"grpc\"")
-                    && l.contains(&format!("grpc_response_status=\"{status}\""))
-                    && l.contains("connection_security_policy=\"mutual_tls\"")),
+            has_series(
+                &metrics,
+                "istio_requests_total",
+                &[
+                    ("reporter", "destination"),
+                    ("request_protocol", "grpc"),
+                    ("grpc_response_status", status),
+                    ("connection_security_policy", "mutual_tls")
+                ],
+            ),
             "greeter's sidecar counts grpc status {status}:\n{metrics}"
         );
     }

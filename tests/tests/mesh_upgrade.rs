@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use bowline_tests::mesh::{
-    apply, cluster, config_dir, install, kubectl, log, namespace, pod, wait_available,
+    self, apply, cluster, config_dir, install, kubectl, log, namespace, pod, wait_available,
 };
 use serde_json::{Value, json};
 
@@ -85,31 +85,7 @@ async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
     )?;
     // Done when only the new revision is left: every workload moved and the
     // old revision deleted after its grace period.
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let revisions = kubectl(
-            &cluster,
-            &[
-                "get",
-                "meshrevision",
-                "-o",
-                "jsonpath={.items[*].metadata.name}",
-            ],
-        )?;
-        if revisions.trim() == "default-v0-2-0" {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the upgrade did not finish in 4 minutes: revisions {revisions}; {}",
-                kubectl(
-                    &cluster,
-                    &["get", "meshinstallation", "default", "-o", "yaml"]
-                )?
-            );
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
+    mesh::wait_for_only_revision(&cluster, "default-v0-2-0").await?;
     let after = kubectl(
         &cluster,
         &[

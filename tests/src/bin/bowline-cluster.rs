@@ -118,18 +118,7 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
 
     println!("\n== The sample app: echo v1 and v2 behind one Service, split 90/10");
     kubectl(cluster, &["apply", "-f", &path("samples/demo-app.yaml")])?;
-    kubectl(
-        cluster,
-        &[
-            "wait",
-            "--for=condition=Available",
-            "deployment",
-            "--all",
-            "-n",
-            "demo",
-            "--timeout=180s",
-        ],
-    )?;
+    mesh::wait_available(cluster, "demo")?;
     kubectl(cluster, &["get", "pods", "-n", "demo", "-o", "wide"])?;
 
     println!("\n== 200 requests from a client pod through the ingress gateway");
@@ -202,26 +191,8 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
     )?;
     // Done when the new revision serves every workload and the old one is
     // gone (inactiveRevisionDeletionGracePeriodSeconds after its last).
-    let deadline = Instant::now() + Duration::from_secs(240);
-    loop {
-        let revisions = mesh::kubectl(
-            cluster,
-            &[
-                "get",
-                "meshrevision",
-                "-o",
-                "jsonpath={.items[*].metadata.name}",
-            ],
-        )?;
-        if revisions.trim() == "default-v0-2-0" {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("the upgrade did not finish within 4 minutes: revisions {revisions}");
-        }
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
-    let pod = mesh::pod(cluster, "demo-client", "job-name=upgrade")?;
+    mesh::wait_for_only_revision(cluster, "default-v0-2-0").await?;
+    let pod = job_pod(cluster, "upgrade")?;
     kubectl(
         cluster,
         &[
@@ -266,7 +237,7 @@ async fn traffic(
             "--timeout=120s",
         ],
     )?;
-    let pod = mesh::pod(cluster, "demo-client", &format!("job-name={name}"))?;
+    let pod = job_pod(cluster, name)?;
     finish_traffic(agent, &pod).await
 }
 
@@ -312,6 +283,24 @@ async fn finish_traffic(agent: &NodeAgent, pod: &str) -> anyhow::Result<serde_js
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// The pod of Job `name` in demo-client, running or done.
+fn job_pod(cluster: &LocalCluster, name: &str) -> anyhow::Result<String> {
+    let pod = mesh::kubectl(
+        cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            "demo-client",
+            "-l",
+            &format!("job-name={name}"),
+            "-o",
+            "jsonpath={.items[0].metadata.name}",
+        ],
+    )?;
+    Ok(pod.trim().to_string())
 }
 
 /// Runs the cluster's kubectl with its output going straight to ours.
