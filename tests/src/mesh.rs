@@ -415,6 +415,20 @@ pub async fn wait_for_only_revision(cluster: &LocalCluster, revision: &str) -> a
     }
 }
 
+/// The result of PromQL `query` from the mesh's Prometheus, asked through
+/// the API server's Service proxy (as `kubectl proxy` would).
+pub fn prometheus_query(cluster: &LocalCluster, query: &str) -> anyhow::Result<Value> {
+    let path = format!(
+        "/api/v1/namespaces/istio-system/services/prometheus:9090/proxy/api/v1/query?{}",
+        form_urlencoded::Serializer::new(String::new())
+            .append_pair("query", query)
+            .finish()
+    );
+    let answer: Value = serde_json::from_str(&kubectl(cluster, &["get", "--raw", &path])?)?;
+    ensure!(answer["status"] == "success", "{query}: {answer}");
+    Ok(answer["data"]["result"].clone())
+}
+
 /// The Prometheus text a pod's sidecar serves on 15020, read through the
 /// API server's pod proxy as a user would.
 pub fn sidecar_metrics(

@@ -11,7 +11,8 @@ use anyhow::{Context, ensure};
 use bowline_tests::agent::images::SAMPLE_GRPC;
 use bowline_tests::mesh::{
     apply, call_from, call_until, curl_from, curl_until, echo, echo_with, has_series, kubectl,
-    namespace, pod, sample_call_from, service, shared, sidecar_metrics, wait_available,
+    namespace, pod, prometheus_query, sample_call_from, service, shared, sidecar_metrics,
+    wait_available,
 };
 use serde_json::{Value, json};
 
@@ -300,7 +301,12 @@ async fn the_operator_installs_the_mesh_on_running_pods() -> anyhow::Result<()> 
             .any(|c| c["type"] == "bowline.dev/Simulated");
         running.insert(app, (pod["status"]["phase"].clone(), simulated));
     }
-    for component in ["istiod", "istio-ingressgateway", "istio-egressgateway"] {
+    for component in [
+        "istiod",
+        "istio-ingressgateway",
+        "istio-egressgateway",
+        "prometheus",
+    ] {
         ensure!(
             running.get(component) == Some(&(json!("Running"), false)),
             "{component} runs for real: {running:?}"
@@ -718,6 +724,52 @@ async fn grpc_calls_carry_their_status_through_the_mesh() -> anyhow::Result<()> 
             ),
             "greeter's sidecar counts grpc status {status}:\n{metrics}"
         );
+    }
+    Ok(())
+}
+
+/// The mesh's Prometheus (the addon, running) scrapes the sidecars as its
+/// configuration says: the requests of a client in the mesh show up in it
+/// with Istio's labels, as mutual TLS, queried through the API server as a
+/// user would through `kubectl proxy`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_scrapes_the_sidecars() -> anyhow::Result<()> {
+    let cluster = shared()?;
+    let ns = "observed";
+    let mut objects = vec![namespace(ns, true), service(ns, "echo")];
+    objects.extend(echo(ns, "echo", "echo", "v1"));
+    objects.extend(client(ns));
+    apply(cluster, &objects)?;
+    wait_available(cluster, ns)?;
+    let client = pod(cluster, ns, "app=client")?;
+    call_until(
+        cluster,
+        (ns, &client),
+        "sample-echo",
+        "http://echo/",
+        &["--requests", "50"],
+        |r| answered(r, "v1") == 50,
+    )
+    .await?;
+    let query = format!(
+        "sum(istio_requests_total{{reporter=\"destination\",destination_workload_namespace=\"{ns}\",connection_security_policy=\"mutual_tls\"}})"
+    );
+    // Scraped every 15 s.
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let result = prometheus_query(cluster, &query)?;
+        let value = result[0]["value"][1]
+            .as_str()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0);
+        if value >= 50.0 {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "Prometheus has not seen the 50 requests in 90 s: {result}"
+        );
+        tokio::time::sleep(Duration::from_secs(3)).await;
     }
     Ok(())
 }

@@ -1,7 +1,7 @@
 //! Which local program runs a container of which image. No image is pulled:
 //! an image's repository (its last path segment, whatever the registry and
-//! tag) names a binary of this workspace, with the user its Dockerfile runs
-//! as.
+//! tag) names a binary of this workspace or one built from a pinned Go
+//! module, with the user its image runs as.
 //!
 //! | image (last segment) | runs                                  | user  |
 //! |----------------------|---------------------------------------|-------|
@@ -10,10 +10,9 @@
 //! | `operator`           | `bowline-operator`                    | 65532 |
 //! | `sample-echo`        | `sample-echo` (tests/src/bin)         | 1000  |
 //! | `sample-grpc`        | `sample-grpc` (tests/src/bin)         | 1000  |
+//! | `prometheus`         | Prometheus v3.5.0 from its Go module (tests/prometheus) | 65534 |
 //!
-//! Any other image (Prometheus, Grafana, Jaeger, Kiali) has no local
-//! program — Debian's Prometheus lacks the Kubernetes service discovery the
-//! rendered configuration scrapes with — so its
+//! Any other image (Grafana, Jaeger, Kiali) has no local program: its
 //! container is reported running without running, and the pod carries the
 //! condition `bowline.dev/Simulated` saying so.
 
@@ -29,18 +28,51 @@ pub struct Program {
     pub user: u32,
 }
 
-/// Image → (package, binary, user).
-const TABLE: &[(&str, &str, &str, u32)] = &[
+/// Where an image's program comes from.
+enum Source {
+    /// A binary of this workspace's package.
+    Workspace {
+        package: &'static str,
+        binary: &'static str,
+    },
+    /// A program built from a pinned Go module by `tests/<script>`.
+    GoModule { script: &'static str },
+}
+
+const fn workspace(package: &'static str, binary: &'static str) -> Source {
+    Source::Workspace { package, binary }
+}
+
+/// Image → (program, user).
+const TABLE: &[(&str, Source, u32)] = &[
     (
         "controlplane",
-        "bowline-controlplane",
-        "bowline-controlplane",
+        workspace("bowline-controlplane", "bowline-controlplane"),
         1337,
     ),
-    ("proxy", "bowline-proxy", "bowline-proxy", 1337),
-    ("operator", "bowline-operator", "bowline-operator", 65532),
-    ("sample-echo", "bowline-tests", "sample-echo", 1000),
-    ("sample-grpc", "bowline-tests", "sample-grpc", 1000),
+    ("proxy", workspace("bowline-proxy", "bowline-proxy"), 1337),
+    (
+        "operator",
+        workspace("bowline-operator", "bowline-operator"),
+        65532,
+    ),
+    (
+        "sample-echo",
+        workspace("bowline-tests", "sample-echo"),
+        1000,
+    ),
+    (
+        "sample-grpc",
+        workspace("bowline-tests", "sample-grpc"),
+        1000,
+    ),
+    (
+        "prometheus",
+        Source::GoModule {
+            script: "prometheus/build.sh",
+        },
+        65534,
+    ),
 ];
 
 /// The image names of the sample apps, for manifests.
@@ -59,10 +91,13 @@ pub fn short_name(image: &str) -> &str {
 /// missing; `None` when nothing here runs it.
 pub fn program(image: &str) -> anyhow::Result<Option<Program>> {
     let name = short_name(image);
-    let Some((_, package, binary, user)) = TABLE.iter().find(|(n, ..)| *n == name) else {
+    let Some((_, source, user)) = TABLE.iter().find(|(n, ..)| *n == name) else {
         return Ok(None);
     };
-    let path = workspace_binary(package, binary)?;
+    let path = match source {
+        Source::Workspace { package, binary } => workspace_binary(package, binary)?,
+        Source::GoModule { script } => crate::binaries::tool(script)?,
+    };
     Ok(Some(Program { path, user: *user }))
 }
 

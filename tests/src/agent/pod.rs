@@ -440,12 +440,15 @@ impl Life {
         // container's own: its volumes and its program bound where the
         // image has them, then the program as its user.
         const SCRIPT: &str = r#"set -e
+workdir=$1
+shift
 while [ "$1" != "--" ]; do
   mount --bind "$2" "$3"
   if [ "$1" = ro ]; then mount -o remount,bind,ro "$3"; fi
   shift 3
 done
 shift
+cd "$workdir"
 exec "$@"
 "#;
         let mut command = tokio::process::Command::new("ip");
@@ -458,6 +461,9 @@ exec "$@"
             SCRIPT,
             "container",
         ]);
+        // Where the program starts: the container's working directory, or
+        // the root (the image's WORKDIR is not known here).
+        command.arg(spec.working_dir.as_deref().unwrap_or("/"));
         command.args([
             "ro",
             &program.path.display().to_string(),
@@ -500,6 +506,9 @@ exec "$@"
             .open(&log)
             .with_context(|| log.display().to_string())?;
         command
+            // Never this process's own directory: the script moves to the
+            // container's once its volumes are mounted.
+            .current_dir("/")
             .env_clear()
             .envs(env)
             .stdin(Stdio::null())

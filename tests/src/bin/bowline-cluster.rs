@@ -164,16 +164,45 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
         );
     }
 
-    println!("\n== Prometheus and Grafana");
-    println!("   kubectl proxy --port 8001, then open");
+    println!("\n== The mesh's Prometheus, as it scraped the sidecars (every 15 s)");
+    let query = r#"sum by (source_workload, destination_workload, connection_security_policy) (istio_requests_total{reporter="destination", destination_workload_namespace="demo"})"#;
+    println!("   {query}");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let series = loop {
+        let series = mesh::prometheus_query(cluster, query)?;
+        let seen: f64 = series
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s["value"][1].as_str()?.parse::<f64>().ok())
+            .sum();
+        if seen >= 200.0 || Instant::now() > deadline {
+            break series;
+        }
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    };
+    for s in series.as_array().into_iter().flatten() {
+        let m = &s["metric"];
+        println!(
+            "   {} -> {} ({}): {}",
+            m["source_workload"].as_str().unwrap_or(""),
+            m["destination_workload"].as_str().unwrap_or(""),
+            m["connection_security_policy"].as_str().unwrap_or(""),
+            s["value"][1].as_str().unwrap_or("")
+        );
+    }
+
+    println!("\n== Opening Prometheus and Grafana");
+    println!("   with --stay: kubectl proxy --port 8001, then");
     println!(
-        "   http://127.0.0.1:8001/api/v1/namespaces/istio-system/services/prometheus:9090/proxy/"
+        "   http://127.0.0.1:8001/api/v1/namespaces/istio-system/services/prometheus:9090/proxy/api/v1/query?query=istio_requests_total"
     );
     println!(
         "   http://127.0.0.1:8001/api/v1/namespaces/istio-system/services/grafana:3000/proxy/"
     );
-    println!("   (here their pods are reported running without running: no local program runs");
-    println!("   their images; see tests/src/agent/images.rs)");
+    println!("   Prometheus serves its API here (built from its Go module, without the web UI's");
+    println!("   assets); Grafana, Jaeger and Kiali are reported running without running: no");
+    println!("   local program runs their images (tests/src/agent/images.rs).");
 
     println!("\n== Canary upgrade of the mesh to v0.2.0, with traffic flowing");
     start_traffic(cluster, "upgrade", 100_000, "20ms", "240s")?;
