@@ -563,7 +563,11 @@ fn gateway_listeners_bind_the_services_target_ports() {
     let target = |service_port, port| Endpoint {
         service_port,
         port,
-        ..endpoint("10.244.0.30", port, &[("istio", "ingressgateway")])
+        ..endpoint(
+            "10.244.0.30",
+            port,
+            &[("istio", "ingressgateway"), ("app", "istio-ingressgateway")],
+        )
     };
     endpoints.insert(service.hostname, vec![target(80, 8080), target(443, 8443)]);
     snapshot.endpoints = Arc::new(endpoints);
@@ -571,7 +575,10 @@ fn gateway_listeners_bind_the_services_target_ports() {
         id: "router~10.244.0.30~ingress-1.istio-system~istio-system.svc.cluster.local".into(),
         kind: ProxyKind::Gateway,
         namespace: "istio-system".into(),
-        labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
+        labels: BTreeMap::from([
+            ("istio".to_string(), "ingressgateway".to_string()),
+            ("app".to_string(), "istio-ingressgateway".to_string()),
+        ]),
         ip: "10.244.0.30".into(),
         captured: false,
     };
@@ -579,9 +586,21 @@ fn gateway_listeners_bind_the_services_target_ports() {
     let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, ["0.0.0.0_8080", "0.0.0.0_8443"]);
     assert!(routes.iter().any(|r| r.name == "http.80"));
-    // Another gateway pod, not behind the Service: the server's own port.
-    let other = Proxy {
+    // A new replica, not among the endpoints yet: as its fellows.
+    let new = Proxy {
         ip: "10.244.0.31".into(),
+        ..gateway.clone()
+    };
+    let (listeners, _) = translate::gateway::gateway(&snapshot, &new);
+    let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["0.0.0.0_8080", "0.0.0.0_8443"]);
+    // Another gateway, not behind the Service: the server's own port.
+    let other = Proxy {
+        ip: "10.244.0.32".into(),
+        labels: BTreeMap::from([
+            ("istio".to_string(), "ingressgateway".to_string()),
+            ("app".to_string(), "another-gateway".to_string()),
+        ]),
         ..gateway
     };
     let (listeners, _) = translate::gateway::gateway(&snapshot, &other);

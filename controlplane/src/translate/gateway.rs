@@ -184,8 +184,16 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
 /// gateway Service's port, as in Istio: the listener binds the targetPort
 /// that a Service of the gateway's namespace selecting this pod maps it to
 /// (gateways run unprivileged, 80 → 8080), the port itself when one maps
-/// it to itself or none maps it at all.
+/// it to itself or none maps it at all. The Service's endpoints say it: this
+/// pod's, or — while this pod is not among them yet, as when it has just
+/// started — those of its fellow replicas (the same `app` and `istio`
+/// labels), so that the listener does not move when the endpoints churn.
 fn listener_port(snapshot: &Snapshot, proxy: &Proxy, server_port: u32) -> u32 {
+    let same_gateway = |labels: &std::collections::BTreeMap<String, String>| {
+        ["app", "istio"].iter().all(|key| {
+            proxy.labels.get(*key).is_some() && labels.get(*key) == proxy.labels.get(*key)
+        })
+    };
     let mut targets: Vec<u32> = snapshot
         .endpoints
         .iter()
@@ -196,7 +204,9 @@ fn listener_port(snapshot: &Snapshot, proxy: &Proxy, server_port: u32) -> u32 {
                 .is_some_and(|s| s.namespace == proxy.namespace)
         })
         .flat_map(|(_, endpoints)| endpoints)
-        .filter(|e| e.address == proxy.ip && e.service_port == server_port)
+        .filter(|e| {
+            e.service_port == server_port && (e.address == proxy.ip || same_gateway(&e.labels))
+        })
         .map(|e| e.port)
         .collect();
     targets.sort_unstable();

@@ -363,12 +363,30 @@ pub fn service_rules(
 }
 
 /// The ready endpoints of Service `namespace/name` for the port named
-/// `port` (unnamed when the Service has one port).
+/// `port` (unnamed when the Service has one port) — or, when none is ready,
+/// those still serving while they terminate, as kube-proxy does: a rollout
+/// whose new pods are not ready yet keeps answering from the old ones.
 fn ready_endpoints(
     slices: &[std::sync::Arc<EndpointSlice>],
     namespace: &str,
     name: &str,
     port: Option<&str>,
+) -> Vec<SocketAddr> {
+    let ready = endpoints_where(slices, namespace, name, port, |c| c.ready.unwrap_or(true));
+    if !ready.is_empty() {
+        return ready;
+    }
+    endpoints_where(slices, namespace, name, port, |c| {
+        c.serving.unwrap_or(false) && c.terminating.unwrap_or(false)
+    })
+}
+
+fn endpoints_where(
+    slices: &[std::sync::Arc<EndpointSlice>],
+    namespace: &str,
+    name: &str,
+    port: Option<&str>,
+    wanted: impl Fn(&k8s_openapi::api::discovery::v1::EndpointConditions) -> bool,
 ) -> Vec<SocketAddr> {
     let mut endpoints = Vec::new();
     for slice in slices {
@@ -389,12 +407,8 @@ fn ready_endpoints(
             continue;
         };
         for endpoint in &slice.endpoints {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
-            if !ready {
+            let conditions = endpoint.conditions.clone().unwrap_or_default();
+            if !wanted(&conditions) {
                 continue;
             }
             for address in &endpoint.addresses {
@@ -469,7 +483,7 @@ mod tests {
             ],
         }))
         .unwrap();
-        let rules = service_rules(&[Arc::new(service)], &[Arc::new(slice)]);
+        let rules = service_rules(&[Arc::new(service.clone())], &[Arc::new(slice)]);
         assert!(
             rules.contains("-A BL-SERVICES -d 10.96.0.20/32 -p tcp --dport 80 "),
             "{rules}"
@@ -483,6 +497,27 @@ mod tests {
             "{rules}"
         );
         assert!(!rules.contains("10.248.0.4"), "{rules}");
+
+        // Only a terminating endpoint still serving: used until a ready one
+        // comes.
+        let draining: EndpointSlice = serde_json::from_value(json!({
+            "metadata": {"name": "echo-y", "namespace": "demo",
+                         "labels": {"kubernetes.io/service-name": "echo"}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": [
+                {"addresses": ["10.248.0.5"],
+                 "conditions": {"ready": false, "serving": true, "terminating": true}},
+                {"addresses": ["10.248.0.6"], "conditions": {"ready": false}},
+            ],
+        }))
+        .unwrap();
+        let rules = service_rules(&[Arc::new(service.clone())], &[Arc::new(draining)]);
+        assert!(
+            rules.contains("--to-destination 10.248.0.5:8080"),
+            "{rules}"
+        );
+        assert!(!rules.contains("10.248.0.6"), "{rules}");
         // No endpoints for grpc: no rule, so a connection is refused by
         // nothing answering rather than sent anywhere.
         assert!(!rules.contains("--dport 9090"), "{rules}");
