@@ -191,7 +191,7 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
 fn listener_port(snapshot: &Snapshot, proxy: &Proxy, server_port: u32) -> u32 {
     let same_gateway = |labels: &std::collections::BTreeMap<String, String>| {
         ["app", "istio"].iter().all(|key| {
-            proxy.labels.get(*key).is_some() && labels.get(*key) == proxy.labels.get(*key)
+            proxy.labels.contains_key(*key) && labels.get(*key) == proxy.labels.get(*key)
         })
     };
     let mut targets: Vec<u32> = snapshot

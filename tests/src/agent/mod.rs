@@ -110,7 +110,7 @@ impl NodeAgent {
             })?;
         let agent = Self {
             stop: Some(stop_tx),
-            _janitor: janitor(&format!("bln{}", std::process::id()))?,
+            _janitor: janitor(&format!("bln{}", std::process::id()), &dir)?,
             thread: Some(thread),
             dir,
         };
@@ -153,17 +153,20 @@ impl NodeAgent {
 /// A shell in a process group of its own that waits on a pipe only this
 /// process writes to; when the pipe closes — a normal drop, or this process
 /// dying without one (a shared cluster in a static is never dropped) — it
-/// deletes the network namespaces and hosts files named `<prefix>-*`.
-fn janitor(prefix: &str) -> anyhow::Result<Option<std::process::ChildStdin>> {
+/// deletes the network namespaces and hosts files named `<prefix>-*` and
+/// the agent's directory `dir`.
+fn janitor(prefix: &str, dir: &Path) -> anyhow::Result<Option<std::process::ChildStdin>> {
     use std::os::unix::process::CommandExt;
     const SCRIPT: &str = r#"trap '' TERM INT HUP
 read -r _
 sleep 2
 for ns in $(ip netns list | awk '{print $1}'); do
   case "$ns" in "$1"-*) ip netns del "$ns"; rm -rf "/etc/netns/$ns";; esac
-done"#;
+done
+rm -rf -- "$2""#;
     let mut child = std::process::Command::new("sh")
         .args(["-c", SCRIPT, "bowline-netns-janitor", prefix])
+        .arg(dir)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
