@@ -177,7 +177,17 @@ async fn accept(
     drain: Duration,
 ) {
     let graceful = GracefulShutdown::new();
+    // Set at the stop: until when it still accepts. A listener the
+    // configuration dropped closes at once; only the proxy's own stop keeps
+    // accepting through the drain period.
+    let mut until: Option<tokio::time::Instant> = None;
     loop {
+        let closing = async {
+            match until {
+                Some(until) => tokio::time::sleep_until(until).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
             accepted = socket.accept() => match accepted {
                 Ok((stream, peer)) => {
@@ -196,30 +206,11 @@ async fn accept(
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },
-            _ = stopped(&mut stop) => break,
-        }
-    }
-    // A listener the configuration dropped closes at once; only the
-    // proxy's own stop keeps accepting through the drain period.
-    let until = tokio::time::Instant::now()
-        + if shared.state.is_draining() {
-            drain
-        } else {
-            Duration::ZERO
-        };
-    loop {
-        tokio::select! {
-            accepted = socket.accept() => if let Ok((stream, peer)) = accepted {
-                let _ = stream.set_nodelay(true);
-                tokio::spawn(connection(
-                    stream,
-                    peer,
-                    name.clone(),
-                    shared.clone(),
-                    graceful.watcher(),
-                ));
-            },
-            _ = tokio::time::sleep_until(until) => break,
+            _ = stopped(&mut stop), if until.is_none() => {
+                let period = if shared.state.is_draining() { drain } else { Duration::ZERO };
+                until = Some(tokio::time::Instant::now() + period);
+            }
+            _ = closing => break,
         }
     }
     drop(socket);

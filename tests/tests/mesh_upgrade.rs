@@ -12,15 +12,10 @@ use bowline_tests::mesh::{
 };
 use serde_json::{Value, json};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
-    let cluster = cluster().await?;
-    install(&cluster)?;
-    let app = config_dir().join("samples/demo-app.yaml");
-    kubectl(&cluster, &["apply", "-f", &app.display().to_string()])?;
-    wait_available(&cluster, "demo")?;
-    let before = kubectl(
-        &cluster,
+/// The control-plane revision of each of the sample app's pods.
+fn app_revisions(cluster: &bowline_tests::LocalCluster) -> anyhow::Result<String> {
+    kubectl(
+        cluster,
         &[
             "get",
             "pods",
@@ -29,7 +24,17 @@ async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
             "-o",
             "jsonpath={.items[*].metadata.labels.istio\\.io/rev}",
         ],
-    )?;
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
+    let cluster = cluster().await?;
+    install(&cluster)?;
+    let app = config_dir().join("samples/demo-app.yaml");
+    kubectl(&cluster, &["apply", "-f", &app.display().to_string()])?;
+    wait_available(&cluster, "demo")?;
+    let before = app_revisions(&cluster)?;
     ensure!(
         before.split_whitespace().all(|r| r == "default-v0-1-0"),
         "the app starts on the first revision: {before}"
@@ -86,17 +91,7 @@ async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
     // Done when only the new revision is left: every workload moved and the
     // old revision deleted after its grace period.
     mesh::wait_for_only_revision(&cluster, "default-v0-2-0").await?;
-    let after = kubectl(
-        &cluster,
-        &[
-            "get",
-            "pods",
-            "-n",
-            "demo",
-            "-o",
-            "jsonpath={.items[*].metadata.labels.istio\\.io/rev}",
-        ],
-    )?;
+    let after = app_revisions(&cluster)?;
     ensure!(
         !after.trim().is_empty() && after.split_whitespace().all(|r| r == "default-v0-2-0"),
         "the app moved to the new revision: {after}"
