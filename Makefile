@@ -8,12 +8,12 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s envoy kstatus helm prometheus olm-validate olm descriptors deps bench-operator bench-controlplane bench-proxy bench-mtls
+.PHONY: demo cluster test lint k8s envoy kstatus helm prometheus jaeger olm-validate olm descriptors deps bench-operator bench-controlplane bench-proxy bench-mtls
 
 ## demo: the local cluster with the node agent (pods really run; needs
 ## root), the operator from its Helm chart, the demo mesh, the sample app
 ## split 90/10, traffic through the ingress gateway, a canary upgrade; stop.
-demo: k8s helm prometheus
+demo: k8s helm prometheus jaeger
 	$(CARGO) build --locked -q -p bowline-controlplane -p bowline-proxy -p bowline-operator -p bowline-tests --bins
 	$(CARGO) run --locked -q -p bowline-tests --bin bowline-cluster -- --demo
 
@@ -22,7 +22,7 @@ cluster: k8s
 	$(CARGO) run --locked -q -p bowline-tests --bin bowline-cluster
 
 ## test: formatting, clippy (warnings are errors), then every test.
-test: lint k8s envoy kstatus helm prometheus olm-validate
+test: lint k8s envoy kstatus helm prometheus jaeger olm-validate
 	$(CARGO) test --locked --workspace
 
 lint: deps
@@ -72,6 +72,11 @@ helm: deps
 ## Kubernetes discovery Debian's lacks) for the mesh's Prometheus addon.
 prometheus: deps
 	bash tests/prometheus/build.sh
+
+## jaeger: build Jaeger's all-in-one (pinned, from its Go module) for the
+## mesh's Jaeger addon.
+jaeger: deps
+	bash tests/jaeger/build.sh
 
 ## olm-validate: build the operator framework's bundle validator.
 olm-validate: deps

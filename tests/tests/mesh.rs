@@ -306,6 +306,7 @@ async fn the_operator_installs_the_mesh_on_running_pods() -> anyhow::Result<()> 
         "istio-ingressgateway",
         "istio-egressgateway",
         "prometheus",
+        "jaeger",
     ] {
         ensure!(
             running.get(component) == Some(&(json!("Running"), false)),
@@ -544,7 +545,17 @@ async fn circuit_breaking_and_outlier_ejection() -> anyhow::Result<()> {
         "the client's sidecar reports the overflow as UO:\n{metrics}"
     );
 
-    let first = call_from(cluster, ns, &client, "http://pool/", &["--requests", "20"])?;
+    // Until the client's sidecar knows both replicas and has met the
+    // broken one: its first failure ejects it.
+    let first = call_until(
+        cluster,
+        (ns, &client),
+        "sample-echo",
+        "http://pool/",
+        &["--requests", "20"],
+        |r| status_count(r, 503) >= 1,
+    )
+    .await?;
     ensure!(
         status_count(&first, 503) <= 3,
         "the broken replica is ejected at its first failure: {first}"
@@ -770,6 +781,50 @@ async fn prometheus_scrapes_the_sidecars() -> anyhow::Result<()> {
             "Prometheus has not seen the 50 requests in 90 s: {result}"
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    Ok(())
+}
+
+/// The mesh's Jaeger (the addon, running) receives the sidecars' spans over
+/// OTLP, as the demo profile's tracing settings say: the traced calls'
+/// services show up in its query API.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jaeger_receives_the_sidecars_spans() -> anyhow::Result<()> {
+    let cluster = shared()?;
+    let ns = "traced";
+    let mut objects = vec![namespace(ns, true), service(ns, "echo")];
+    objects.extend(echo(ns, "echo", "echo", "v1"));
+    objects.extend(client(ns));
+    apply(cluster, &objects)?;
+    wait_available(cluster, ns)?;
+    let client = pod(cluster, ns, "app=client")?;
+    call_until(
+        cluster,
+        (ns, &client),
+        "sample-echo",
+        "http://echo/",
+        &["--requests", "20"],
+        |r| answered(r, "v1") == 20,
+    )
+    .await?;
+    let services = "/api/v1/namespaces/istio-system/services/tracing:80/proxy/jaeger/api/services";
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let answer: Value = serde_json::from_str(&kubectl(cluster, &["get", "--raw", services])?)?;
+        let names: Vec<&str> = answer["data"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        if names.iter().any(|n| n.contains(ns)) {
+            break;
+        }
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "Jaeger has no service of namespace {ns} after 60 s: {answer}"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     Ok(())
 }

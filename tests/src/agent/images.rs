@@ -11,8 +11,9 @@
 //! | `sample-echo`        | `sample-echo` (tests/src/bin)         | 1000  |
 //! | `sample-grpc`        | `sample-grpc` (tests/src/bin)         | 1000  |
 //! | `prometheus`         | Prometheus v3.5.0 from its Go module (tests/prometheus) | 65534 |
+//! | `all-in-one`         | Jaeger v1.72.0 from its Go module (tests/jaeger) | 10001 |
 //!
-//! Any other image (Grafana, Jaeger, Kiali) has no local program: its
+//! Any other image (Grafana, Kiali) has no local program: its
 //! container is reported running without running, and the pod carries the
 //! condition `bowline.dev/Simulated` saying so.
 
@@ -72,6 +73,13 @@ const TABLE: &[(&str, Source, u32)] = &[
             script: "prometheus/build.sh",
         },
         65534,
+    ),
+    (
+        "all-in-one",
+        Source::GoModule {
+            script: "jaeger/build.sh",
+        },
+        10001,
     ),
 ];
 

@@ -75,9 +75,11 @@ impl NodeAgent {
     /// Registers the Node, starts serving its pods and returns once the
     /// Node is Ready.
     pub async fn start(options: AgentOptions) -> anyhow::Result<Self> {
+        // Not under /tmp: a container may mount a volume there, which would
+        // hide the programs bound into this directory.
         let dir = tempfile::Builder::new()
             .prefix("bowline-node-")
-            .tempdir()?
+            .tempdir_in("/run")?
             .keep();
         std::fs::create_dir_all(dir.join("bin"))?;
         // Containers run as other users: they reach their programs here.

@@ -200,9 +200,14 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
     println!(
         "   http://127.0.0.1:8001/api/v1/namespaces/istio-system/services/grafana:3000/proxy/"
     );
-    println!("   Prometheus serves its API here (built from its Go module, without the web UI's");
-    println!("   assets); Grafana, Jaeger and Kiali are reported running without running: no");
-    println!("   local program runs their images (tests/src/agent/images.rs).");
+    println!(
+        "   http://127.0.0.1:8001/api/v1/namespaces/istio-system/services/tracing:80/proxy/jaeger/api/services"
+    );
+    println!(
+        "   Prometheus and Jaeger serve their APIs here (built from their Go modules, without"
+    );
+    println!("   their web UIs' assets); Grafana and Kiali are reported running without running:");
+    println!("   no local program runs their images (tests/src/agent/images.rs).");
 
     println!("\n== Canary upgrade of the mesh to v0.2.0, with traffic flowing");
     start_traffic(cluster, "upgrade", 100_000, "20ms", "240s")?;
