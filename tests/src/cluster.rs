@@ -84,19 +84,11 @@ impl LocalCluster {
         static SHARED: OnceLock<Result<LocalCluster, String>> = OnceLock::new();
         SHARED
             .get_or_init(|| {
-                // Tests call this from inside their own runtimes, which must
-                // not block on another; start on a thread of its own.
-                std::thread::spawn(|| {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .map_err(|e| e.to_string())?;
-                    runtime
-                        .block_on(Self::start(ClusterOptions::default()))
-                        .map_err(|e| e.to_string())
+                on_a_thread_of_its_own(|| async {
+                    Self::start(ClusterOptions::default())
+                        .await
+                        .map_err(anyhow::Error::from)
                 })
-                .join()
-                .unwrap_or_else(|_| Err("the cluster start-up thread panicked".into()))
             })
             .as_ref()
             .map_err(|message| Error::Shared(message.clone()))
@@ -302,6 +294,26 @@ impl LocalCluster {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// Runs the future `start` makes to its end on a thread and runtime of its
+/// own, for what tests share: they call from inside their own runtimes,
+/// which must not block on another. A failure comes back as its message.
+pub fn on_a_thread_of_its_own<T, F, Fut>(start: F) -> Result<T, String>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(start()).map_err(|e| format!("{e:#}"))
+    })
+    .join()
+    .unwrap_or_else(|_| Err("the start-up thread panicked".into()))
 }
 
 /// Creates a namespace with `labels` and waits for its `default`

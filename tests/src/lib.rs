@@ -22,6 +22,7 @@
 //! - [`proxy`]: bowline-proxy run in-process, upstreams on loopback, curl.
 //! - [`reviews`]: a service on loopback behind ServiceEntry, subsets and a
 //!   split, for a sidecar without capture.
+//! - [`samples`]: what the sample apps (src/bin) share.
 //! - [`usage`]: a process's resident memory and CPU time, for benchmarks.
 //! - [`xds`]: a delta-ADS client standing in for a proxy.
 
@@ -42,6 +43,7 @@ pub mod process;
 pub mod prometheus;
 pub mod proxy;
 pub mod reviews;
+pub mod samples;
 pub mod usage;
 pub mod xds;
 

@@ -35,21 +35,11 @@ pub fn shared() -> anyhow::Result<&'static LocalCluster> {
     static SHARED: OnceLock<Result<LocalCluster, String>> = OnceLock::new();
     SHARED
         .get_or_init(|| {
-            std::thread::spawn(|| {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| e.to_string())?;
-                runtime
-                    .block_on(async {
-                        let cluster = cluster().await?;
-                        install(&cluster)?;
-                        anyhow::Ok(cluster)
-                    })
-                    .map_err(|e| format!("{e:#}"))
+            crate::cluster::on_a_thread_of_its_own(|| async {
+                let cluster = cluster().await?;
+                install(&cluster)?;
+                Ok(cluster)
             })
-            .join()
-            .unwrap_or_else(|_| Err("the mesh start-up thread panicked".into()))
         })
         .as_ref()
         .map_err(|message| anyhow::anyhow!("the shared mesh failed to start: {message}"))
@@ -373,6 +363,80 @@ pub fn log(cluster: &LocalCluster, namespace: &str, pod: &str, container: &str) 
         .agent()
         .map(|agent| agent.log(namespace, pod, container))
         .unwrap_or_default()
+}
+
+/// A pod `name` in `namespace` (which exists) running `sample-echo call`
+/// with `args` (the URL first), until it is done or stopped
+/// ([`stop_caller`]); [`caller_result`] reads what it saw.
+pub fn start_caller(
+    cluster: &LocalCluster,
+    namespace: &str,
+    name: &str,
+    args: &[&str],
+) -> anyhow::Result<()> {
+    let mut command = vec!["call"];
+    command.extend(args);
+    apply(
+        cluster,
+        &[json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "restartPolicy": "Never",
+                "terminationGracePeriodSeconds": 5,
+                "containers": [{"name": "call", "image": SAMPLE_ECHO, "args": command}],
+            },
+        })],
+    )
+}
+
+/// Deletes caller `namespace/name`: stopped by SIGTERM, it prints what it
+/// saw.
+pub fn stop_caller(cluster: &LocalCluster, namespace: &str, name: &str) -> anyhow::Result<()> {
+    kubectl(
+        cluster,
+        &["delete", "pod", name, "-n", namespace, "--wait=false"],
+    )?;
+    Ok(())
+}
+
+/// What caller `namespace/name` printed once done or stopped (waiting up
+/// to `wait` for it).
+pub async fn caller_result(
+    cluster: &LocalCluster,
+    (namespace, name): (&str, &str),
+    wait: std::time::Duration,
+) -> anyhow::Result<Value> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        let text = log(cluster, namespace, name, "call");
+        if let Some(line) = text.lines().rev().find(|l| l.starts_with('{')) {
+            return serde_json::from_str(line).with_context(|| format!("caller {name}: {line}"));
+        }
+        if std::time::Instant::now() > deadline {
+            bail!("caller {namespace}/{name} printed no result: {text}");
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Moves installation `default` to `version` (a canary with the demo's
+/// RevisionBased strategy).
+pub fn upgrade_to(cluster: &LocalCluster, version: &str) -> anyhow::Result<()> {
+    let patch = json!({"spec": {"version": version}}).to_string();
+    kubectl(
+        cluster,
+        &[
+            "patch",
+            "meshinstallation",
+            "default",
+            "--type=merge",
+            "-p",
+            &patch,
+        ],
+    )?;
+    Ok(())
 }
 
 /// Whether Prometheus text `metrics` has a series of `name` with every

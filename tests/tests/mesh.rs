@@ -128,6 +128,7 @@ async fn strict_mtls_refuses_a_pod_without_a_sidecar() -> anyhow::Result<()> {
         namespace(outside, false),
         namespace(inside, true),
         service(ns, "echo"),
+        service(inside, "client"),
         json!({
             "apiVersion": "security.istio.io/v1",
             "kind": "PeerAuthentication",
@@ -146,6 +147,15 @@ async fn strict_mtls_refuses_a_pod_without_a_sidecar() -> anyhow::Result<()> {
     let meshed = pod(cluster, inside, "app=client")?;
     curl_until(cluster, (inside, &meshed), &[&url], 200).await?;
     let legacy = pod(cluster, outside, "app=client")?;
+    // The same pod reaches a sidecar that is PERMISSIVE (the default): what
+    // refuses it below is STRICT, not its network.
+    curl_until(
+        cluster,
+        (outside, &legacy),
+        &[&format!("http://client.{inside}/")],
+        200,
+    )
+    .await?;
     let (code, body) = curl_from(cluster, outside, &legacy, &[&url])?;
     ensure!(
         code == 0,
@@ -739,6 +749,32 @@ async fn grpc_calls_carry_their_status_through_the_mesh() -> anyhow::Result<()> 
     Ok(())
 }
 
+/// In a new injected namespace `ns`, the echo service and a client, and
+/// `requests` calls from one to the other, all answered.
+async fn meshed_calls(
+    cluster: &bowline_tests::LocalCluster,
+    ns: &str,
+    requests: u64,
+) -> anyhow::Result<()> {
+    let mut objects = vec![namespace(ns, true), service(ns, "echo")];
+    objects.extend(echo(ns, "echo", "echo", "v1"));
+    objects.extend(client(ns));
+    apply(cluster, &objects)?;
+    wait_available(cluster, ns)?;
+    let client = pod(cluster, ns, "app=client")?;
+    let count = requests.to_string();
+    call_until(
+        cluster,
+        (ns, &client),
+        "sample-echo",
+        "http://echo/",
+        &["--requests", &count],
+        |r| answered(r, "v1") == requests,
+    )
+    .await?;
+    Ok(())
+}
+
 /// The mesh's Prometheus (the addon, running) scrapes the sidecars as its
 /// configuration says: the requests of a client in the mesh show up in it
 /// with Istio's labels, as mutual TLS, queried through the API server as a
@@ -747,21 +783,7 @@ async fn grpc_calls_carry_their_status_through_the_mesh() -> anyhow::Result<()> 
 async fn prometheus_scrapes_the_sidecars() -> anyhow::Result<()> {
     let cluster = shared()?;
     let ns = "observed";
-    let mut objects = vec![namespace(ns, true), service(ns, "echo")];
-    objects.extend(echo(ns, "echo", "echo", "v1"));
-    objects.extend(client(ns));
-    apply(cluster, &objects)?;
-    wait_available(cluster, ns)?;
-    let client = pod(cluster, ns, "app=client")?;
-    call_until(
-        cluster,
-        (ns, &client),
-        "sample-echo",
-        "http://echo/",
-        &["--requests", "50"],
-        |r| answered(r, "v1") == 50,
-    )
-    .await?;
+    meshed_calls(cluster, ns, 50).await?;
     let query = format!(
         "sum(istio_requests_total{{reporter=\"destination\",destination_workload_namespace=\"{ns}\",connection_security_policy=\"mutual_tls\"}})"
     );
@@ -792,21 +814,7 @@ async fn prometheus_scrapes_the_sidecars() -> anyhow::Result<()> {
 async fn jaeger_receives_the_sidecars_spans() -> anyhow::Result<()> {
     let cluster = shared()?;
     let ns = "traced";
-    let mut objects = vec![namespace(ns, true), service(ns, "echo")];
-    objects.extend(echo(ns, "echo", "echo", "v1"));
-    objects.extend(client(ns));
-    apply(cluster, &objects)?;
-    wait_available(cluster, ns)?;
-    let client = pod(cluster, ns, "app=client")?;
-    call_until(
-        cluster,
-        (ns, &client),
-        "sample-echo",
-        "http://echo/",
-        &["--requests", "20"],
-        |r| answered(r, "v1") == 20,
-    )
-    .await?;
+    meshed_calls(cluster, ns, 20).await?;
     let services = "/api/v1/namespaces/istio-system/services/tracing:80/proxy/jaeger/api/services";
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     loop {

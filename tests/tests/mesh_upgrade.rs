@@ -4,13 +4,13 @@
 //! app through the ingress gateway. The new revision takes over, the
 //! workloads move to it, the old revision goes — and no request fails.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail, ensure};
+use anyhow::ensure;
 use bowline_tests::mesh::{
-    self, apply, cluster, config_dir, install, kubectl, log, namespace, pod, wait_available,
+    self, apply, cluster, config_dir, install, kubectl, namespace, pod, wait_available,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// The control-plane revision of each of the sample app's pods.
 fn app_revisions(cluster: &bowline_tests::LocalCluster) -> anyhow::Result<String> {
@@ -42,26 +42,21 @@ async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
 
     // A client outside the mesh, through the ingress gateway, every 20 ms
     // until stopped.
-    apply(
+    apply(&cluster, &[namespace("callers", false)])?;
+    mesh::start_caller(
         &cluster,
+        "callers",
+        "caller",
         &[
-            namespace("callers", false),
-            json!({
-                "apiVersion": "v1",
-                "kind": "Pod",
-                "metadata": {"name": "caller", "namespace": "callers"},
-                "spec": {
-                    "restartPolicy": "Never",
-                    "terminationGracePeriodSeconds": 5,
-                    "containers": [{
-                        "name": "call",
-                        "image": bowline_tests::agent::images::SAMPLE_ECHO,
-                        "args": ["call", "http://istio-ingressgateway.istio-system/",
-                                 "--host", "echo.example.com", "--requests", "1000000",
-                                 "--interval", "20ms", "--duration", "300s"],
-                    }],
-                },
-            }),
+            "http://istio-ingressgateway.istio-system/",
+            "--host",
+            "echo.example.com",
+            "--requests",
+            "1000000",
+            "--interval",
+            "20ms",
+            "--duration",
+            "300s",
         ],
     )?;
     kubectl(
@@ -77,17 +72,7 @@ async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
     )?;
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    kubectl(
-        &cluster,
-        &[
-            "patch",
-            "meshinstallation",
-            "default",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"version":"v0.2.0"}}"#,
-        ],
-    )?;
+    mesh::upgrade_to(&cluster, "v0.2.0")?;
     // Done when only the new revision is left: every workload moved and the
     // old revision deleted after its grace period.
     mesh::wait_for_only_revision(&cluster, "default-v0-2-0").await?;
@@ -115,21 +100,9 @@ async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
     );
 
     // Stopped, the client reports what it saw.
-    kubectl(
-        &cluster,
-        &["delete", "pod", "caller", "-n", "callers", "--wait=false"],
-    )?;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let result: Value = loop {
-        let text = log(&cluster, "callers", "caller", "call");
-        if let Some(line) = text.lines().rev().find(|l| l.starts_with('{')) {
-            break serde_json::from_str(line).context("the client's result")?;
-        }
-        if Instant::now() > deadline {
-            bail!("the client printed no result: {text}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    mesh::stop_caller(&cluster, "callers", "caller")?;
+    let result =
+        mesh::caller_result(&cluster, ("callers", "caller"), Duration::from_secs(30)).await?;
     let requests = result["requests"].as_u64().unwrap_or(0);
     ensure!(requests > 500, "traffic flowed throughout: {result}");
     ensure!(

@@ -4,8 +4,6 @@
 //! Job, which Succeeds), are restarted when their liveness probe fails, and
 //! stop when scaled away.
 
-use std::time::Duration;
-
 use anyhow::Context;
 use bowline_tests::agent::images::SAMPLE_ECHO;
 use bowline_tests::cluster::wait_until;
@@ -69,8 +67,15 @@ async fn pods_run_serve_their_service_and_stop() -> anyhow::Result<()> {
     })
     .await?;
     let running = pods.list(&ListParams::default().labels("app=echo")).await?;
+    let agent = cluster.agent().context("the agent")?;
     let mut ips = Vec::new();
+    let mut namespaces = Vec::new();
     for pod in &running.items {
+        namespaces.push(
+            agent
+                .netns(&ns, pod.metadata.name.as_deref().unwrap_or_default())
+                .context("the pod's network namespace")?,
+        );
         let status = pod.status.as_ref().context("a status")?;
         assert_eq!(status.phase.as_deref(), Some("Running"));
         assert_eq!(status.host_ip.as_deref(), Some("10.248.0.1"));
@@ -115,7 +120,7 @@ async fn pods_run_serve_their_service_and_stop() -> anyhow::Result<()> {
         .items
         .pop()
         .context("the Job's pod")?;
-    let log = cluster.agent().context("the agent")?.log(
+    let log = agent.log(
         &ns,
         call.metadata.name.as_deref().unwrap_or_default(),
         "call",
@@ -179,6 +184,20 @@ async fn pods_run_serve_their_service_and_stop() -> anyhow::Result<()> {
             .is_empty())
     })
     .await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Their network namespaces went with their processes.
+    let left = String::from_utf8(
+        std::process::Command::new("ip")
+            .args(["netns", "list"])
+            .output()?
+            .stdout,
+    )?;
+    for netns in &namespaces {
+        assert!(
+            !left
+                .lines()
+                .any(|l| l.split_whitespace().next() == Some(netns)),
+            "{netns} is gone: {left}"
+        );
+    }
     Ok(())
 }

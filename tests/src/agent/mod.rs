@@ -123,14 +123,8 @@ impl NodeAgent {
     /// The log of a container of a pod the agent runs (`kubectl logs`
     /// without a kubelet).
     pub fn log(&self, namespace: &str, pod: &str, container: &str) -> String {
-        let prefix = format!("{namespace}_{pod}_");
-        let Ok(entries) = std::fs::read_dir(self.dir.join("pods")) else {
-            return String::new();
-        };
-        entries
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-            .filter_map(|e| std::fs::read_to_string(e.path().join(format!("{container}.log"))).ok())
+        self.pod_dirs(namespace, pod)
+            .filter_map(|dir| std::fs::read_to_string(dir.join(format!("{container}.log"))).ok())
             .collect::<Vec<_>>()
             .join("\n")
     }
@@ -138,17 +132,20 @@ impl NodeAgent {
     /// The network namespace of pod `namespace/pod`, to run a command in
     /// it (`ip netns exec`) as from inside the pod.
     pub fn netns(&self, namespace: &str, pod: &str) -> Option<String> {
-        let prefix = format!("{namespace}_{pod}_");
-        std::fs::read_dir(self.dir.join("pods"))
-            .ok()?
-            .flatten()
-            .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix))
-            .find_map(|e| std::fs::read_to_string(e.path().join("netns")).ok())
+        self.pod_dirs(namespace, pod)
+            .find_map(|dir| std::fs::read_to_string(dir.join("netns")).ok())
     }
 
-    /// Where pods' volumes and logs are.
-    pub fn dir(&self) -> &Path {
-        &self.dir
+    /// The directories of the pods named `namespace/pod` (one per uid) the
+    /// agent ran or runs (`pod::Life` makes them).
+    fn pod_dirs(&self, namespace: &str, pod: &str) -> impl Iterator<Item = PathBuf> {
+        let prefix = format!("{namespace}_{pod}_");
+        std::fs::read_dir(self.dir.join("pods"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(move |e| e.file_name().to_string_lossy().starts_with(&prefix))
+            .map(|e| e.path())
     }
 }
 

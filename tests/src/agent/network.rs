@@ -6,8 +6,9 @@
 //!   `kubernetes` Service's ([`KUBERNETES_SERVICE_IP`]) on its loopback, IP
 //!   forwarding on, and kube-proxy's DNAT rules for every Service;
 //! - per pod a namespace with `eth0`, the pod's /32 and a default route to
-//!   the node (a link-local gateway answered by proxy ARP, as Calico does),
-//!   so that every packet between pods crosses the node's netfilter;
+//!   the node (a link-local gateway, as Calico has, which is an address of
+//!   the node's own), so that every packet between pods crosses the node's
+//!   netfilter;
 //! - per pod a hosts file (`/etc/netns/<namespace>/hosts`, which
 //!   `ip netns exec` mounts on `/etc/hosts`) naming every Service.
 
@@ -28,7 +29,7 @@ use crate::netns::run;
 /// (10.244.0.0/16) and the Services' (10.96.0.0/16), so none collide.
 pub const POD_SUBNET: &str = "10.248.0.0/24";
 pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 248, 0, 1);
-/// The gateway every pod routes through; the node's veth answers for it.
+/// The gateway every pod routes through: an address of the node's own.
 const GATEWAY: &str = "169.254.1.1";
 
 /// The node's namespace and the pods'; removed when dropped.
@@ -59,20 +60,11 @@ impl PodNetwork {
             state: Mutex::new(State::default()),
         };
         let n = &network.node;
-        run(&["ip", "-n", n, "link", "set", "lo", "up"])?;
-        // The gateway is the node's own address too: it answers pods' ARP
-        // for it, and is where their packets enter the node.
+        ip(n, &["link", "set", "lo", "up"])?;
+        // The gateway is the node's own address too: the node answers pods'
+        // ARP for it, and it is where their packets enter the node.
         for address in [NODE_IP, KUBERNETES_SERVICE_IP, GATEWAY.parse()?] {
-            run(&[
-                "ip",
-                "-n",
-                n,
-                "addr",
-                "add",
-                &format!("{address}/32"),
-                "dev",
-                "lo",
-            ])?;
+            ip(n, &["addr", "add", &format!("{address}/32"), "dev", "lo"])?;
         }
         run(&[
             "ip",
@@ -86,17 +78,7 @@ impl PodNetwork {
         // ClusterIPs are the node's own until DNAT sends them on: what the
         // node itself dials (the API server's tunnel) needs a route before
         // the rules apply, and a Service with no endpoints refuses at once.
-        run(&[
-            "ip",
-            "-n",
-            n,
-            "route",
-            "add",
-            "local",
-            SERVICE_CIDR,
-            "dev",
-            "lo",
-        ])?;
+        ip(n, &["route", "add", "local", SERVICE_CIDR, "dev", "lo"])?;
         network.write_service_rules(&[], &[])?;
         Ok(network)
     }
@@ -109,7 +91,7 @@ impl PodNetwork {
     /// A network namespace for a pod of Kubernetes namespace `namespace`,
     /// with the next free address; returns its name and address.
     pub fn add_pod(&self, namespace: &str) -> anyhow::Result<(String, Ipv4Addr)> {
-        let (ns, ip, link, services) = {
+        let (ns, address, link, services) = {
             let mut state = self.state.lock().expect("network state");
             let used: HashSet<Ipv4Addr> = state.pods.values().map(|(ip, _)| *ip).collect();
             let ip = (2..255u8)
@@ -122,52 +104,32 @@ impl PodNetwork {
             state.pods.insert(ns.clone(), (ip, namespace.to_string()));
             (ns, ip, link, state.services.clone())
         };
-        write_hosts(&ns, ip, namespace, &services)?;
+        write_hosts(&ns, address, namespace, &services)?;
         run(&["ip", "netns", "add", &ns])?;
         let n = &self.node;
-        run(&[
-            "ip", "-n", n, "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns",
-            &ns,
-        ])?;
-        run(&["ip", "-n", n, "link", "set", &link, "up"])?;
-        run(&[
-            "ip",
-            "netns",
-            "exec",
+        ip(
             n,
-            "sysctl",
-            "-qw",
-            &format!("net.ipv4.conf.{link}.proxy_arp=1"),
-        ])?;
-        run(&[
-            "ip",
-            "-n",
-            n,
-            "route",
-            "add",
-            &format!("{ip}/32"),
-            "dev",
-            &link,
-        ])?;
-        run(&["ip", "-n", &ns, "link", "set", "lo", "up"])?;
-        run(&[
-            "ip",
-            "-n",
+            &[
+                "link", "add", &link, "type", "veth", "peer", "name", "eth0", "netns", &ns,
+            ],
+        )?;
+        ip(n, &["link", "set", &link, "up"])?;
+        ip(n, &["route", "add", &format!("{address}/32"), "dev", &link])?;
+        ip(&ns, &["link", "set", "lo", "up"])?;
+        ip(
             &ns,
-            "addr",
-            "add",
-            &format!("{ip}/32"),
-            "dev",
-            "eth0",
-        ])?;
-        run(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
-        run(&[
-            "ip", "-n", &ns, "route", "add", GATEWAY, "dev", "eth0", "scope", "link",
-        ])?;
-        run(&[
-            "ip", "-n", &ns, "route", "add", "default", "via", GATEWAY, "dev", "eth0",
-        ])?;
-        Ok((ns, ip))
+            &["addr", "add", &format!("{address}/32"), "dev", "eth0"],
+        )?;
+        ip(&ns, &["link", "set", "eth0", "up"])?;
+        ip(
+            &ns,
+            &["route", "add", GATEWAY, "dev", "eth0", "scope", "link"],
+        )?;
+        ip(
+            &ns,
+            &["route", "add", "default", "via", GATEWAY, "dev", "eth0"],
+        )?;
+        Ok((ns, address))
     }
 
     /// Removes a pod's namespace (its veth goes with it).
@@ -253,6 +215,17 @@ impl Drop for PodNetwork {
             self.remove_pod(ns);
         }
     }
+}
+
+/// `ip -n <ns> <args>`.
+fn ip(ns: &str, args: &[&str]) -> anyhow::Result<()> {
+    let command: Vec<&str> = ["ip", "-n", ns]
+        .iter()
+        .copied()
+        .chain(args.iter().copied())
+        .collect();
+    run(&command)?;
+    Ok(())
 }
 
 fn etc_dir(ns: &str) -> PathBuf {

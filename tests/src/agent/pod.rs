@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, Container, EnvVar, Pod, Probe, Secret, ServiceAccount, Volume,
+    ConfigMap, Container, DownwardAPIVolumeFile, EnvVar, KeyToPath, Pod, Probe, Secret,
+    ServiceAccount, Volume,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -643,6 +644,19 @@ exec "$@"
         Ok(())
     }
 
+    /// Downward-API files: each a field of the pod.
+    fn write_fields(&self, items: &[DownwardAPIVolumeFile], dir: &Path) -> anyhow::Result<()> {
+        for item in items {
+            if let Some(field) = &item.field_ref {
+                write_file(
+                    &dir.join(&item.path),
+                    self.field(&field.field_path)?.as_bytes(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
     async fn fill(&self, volume: &Volume, dir: &Path) -> anyhow::Result<()> {
         let namespace = self.pod.metadata.namespace.clone().unwrap_or_default();
         let client = &self.node.client;
@@ -651,38 +665,16 @@ exec "$@"
             return Ok(());
         }
         if let Some(source) = &volume.config_map {
-            let optional = source.optional == Some(true);
-            let items = source
-                .items
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|i| (i.key, i.path))
-                .collect();
-            return write_config_map(client, &namespace, &source.name, optional, items, dir).await;
+            let keys = Keys::of(&source.name, source.optional, &source.items);
+            return write_keys(client, &namespace, Kind::ConfigMap, keys, dir).await;
         }
         if let Some(source) = &volume.secret {
             let name = source.secret_name.clone().unwrap_or_default();
-            let optional = source.optional == Some(true);
-            let items = source
-                .items
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .map(|i| (i.key, i.path))
-                .collect();
-            return write_secret(client, &namespace, &name, optional, items, dir).await;
+            let keys = Keys::of(&name, source.optional, &source.items);
+            return write_keys(client, &namespace, Kind::Secret, keys, dir).await;
         }
         if let Some(downward) = &volume.downward_api {
-            for item in downward.items.iter().flatten() {
-                if let Some(field) = &item.field_ref {
-                    write_file(
-                        &dir.join(&item.path),
-                        self.field(&field.field_path)?.as_bytes(),
-                    )?;
-                }
-            }
-            return Ok(());
+            return self.write_fields(downward.items.as_deref().unwrap_or_default(), dir);
         }
         if let Some(projected) = &volume.projected {
             for source in projected.sources.iter().flatten() {
@@ -693,50 +685,15 @@ exec "$@"
                     write_file(&dir.join(&token.path), token_text.as_bytes())?;
                 }
                 if let Some(cm) = &source.config_map {
-                    let items = cm
-                        .items
-                        .clone()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|i| (i.key, i.path))
-                        .collect();
-                    write_config_map(
-                        client,
-                        &namespace,
-                        &cm.name,
-                        cm.optional == Some(true),
-                        items,
-                        dir,
-                    )
-                    .await?;
+                    let keys = Keys::of(&cm.name, cm.optional, &cm.items);
+                    write_keys(client, &namespace, Kind::ConfigMap, keys, dir).await?;
                 }
                 if let Some(secret) = &source.secret {
-                    let items = secret
-                        .items
-                        .clone()
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|i| (i.key, i.path))
-                        .collect();
-                    write_secret(
-                        client,
-                        &namespace,
-                        &secret.name,
-                        secret.optional == Some(true),
-                        items,
-                        dir,
-                    )
-                    .await?;
+                    let keys = Keys::of(&secret.name, secret.optional, &secret.items);
+                    write_keys(client, &namespace, Kind::Secret, keys, dir).await?;
                 }
                 if let Some(downward) = &source.downward_api {
-                    for item in downward.items.iter().flatten() {
-                        if let Some(field) = &item.field_ref {
-                            write_file(
-                                &dir.join(&item.path),
-                                self.field(&field.field_path)?.as_bytes(),
-                            )?;
-                        }
-                    }
+                    self.write_fields(downward.items.as_deref().unwrap_or_default(), dir)?;
                 }
             }
             return Ok(());
@@ -1099,58 +1056,78 @@ fn mount_point(source: &Path, target: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn write_config_map(
-    client: &Client,
-    namespace: &str,
-    name: &str,
+/// What a volume, or a projection into one, takes from a ConfigMap or a
+/// Secret: which, whether it may be missing, and the keys by path (every key
+/// when none are named).
+struct Keys {
+    name: String,
     optional: bool,
     items: Vec<(String, String)>,
-    dir: &Path,
-) -> anyhow::Result<()> {
-    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let Some(map) = maps.get_opt(name).await? else {
-        if optional {
-            return Ok(());
-        }
-        bail!("configmap \"{name}\" not found");
-    };
-    let mut data: BTreeMap<String, Vec<u8>> = map
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.into_bytes()))
-        .collect();
-    data.extend(
-        map.binary_data
-            .unwrap_or_default()
-            .into_iter()
-            .map(|(k, v)| (k, v.0)),
-    );
-    write_items(data, items, dir)
 }
 
-async fn write_secret(
+impl Keys {
+    fn of(name: &str, optional: Option<bool>, items: &Option<Vec<KeyToPath>>) -> Self {
+        Self {
+            name: name.to_string(),
+            optional: optional == Some(true),
+            items: items
+                .iter()
+                .flatten()
+                .map(|i| (i.key.clone(), i.path.clone()))
+                .collect(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    ConfigMap,
+    Secret,
+}
+
+/// The keys of a ConfigMap or Secret as files under `dir`. One not there
+/// yet fails (the pod waits in ContainerCreating), unless it is optional.
+async fn write_keys(
     client: &Client,
     namespace: &str,
-    name: &str,
-    optional: bool,
-    items: Vec<(String, String)>,
+    kind: Kind,
+    keys: Keys,
     dir: &Path,
 ) -> anyhow::Result<()> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    let Some(secret) = secrets.get_opt(name).await? else {
-        if optional {
-            return Ok(());
+    let data: Option<BTreeMap<String, Vec<u8>>> = match kind {
+        Kind::ConfigMap => {
+            let maps: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
+            maps.get_opt(&keys.name).await?.map(|map| {
+                let text = map
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.into_bytes()));
+                let binary = map
+                    .binary_data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0));
+                text.chain(binary).collect()
+            })
         }
-        bail!("secret \"{name}\" not found");
+        Kind::Secret => {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+            secrets.get_opt(&keys.name).await?.map(|secret| {
+                secret
+                    .data
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (k, v.0))
+                    .collect()
+            })
+        }
     };
-    let data = secret
-        .data
-        .unwrap_or_default()
-        .into_iter()
-        .map(|(k, v)| (k, v.0))
-        .collect();
-    write_items(data, items, dir)
+    match data {
+        Some(data) => write_items(data, keys.items, dir),
+        None if keys.optional => Ok(()),
+        None => bail!("{kind:?} {:?} not found", keys.name),
+    }
 }
 
 /// Every key as a file, or only `items` (key → path) when given.

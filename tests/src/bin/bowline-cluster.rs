@@ -11,8 +11,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use bowline_tests::agent::NodeAgent;
-use bowline_tests::agent::images::SAMPLE_ECHO;
 use bowline_tests::mesh;
 use bowline_tests::{ClusterOptions, LocalCluster};
 use clap::Parser;
@@ -89,13 +87,15 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The ingress gateway, as a client outside the mesh reaches it.
+const GATEWAY: &str = "http://istio-ingressgateway.istio-system/";
+
 /// The demo: the operator from its Helm chart, the mesh from
 /// config/samples/demo.yaml, the sample app split 90/10, traffic through the
 /// ingress gateway, and a canary upgrade of the mesh under traffic.
 async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
     let config = mesh::config_dir();
     let path = |p: &str| config.join(p).display().to_string();
-    let agent = cluster.agent().context("the demo runs on the node agent")?;
 
     println!("== Installing the operator with its Helm chart (config/helm/bowline-operator)");
     mesh::install_operator(cluster)?;
@@ -123,7 +123,25 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
 
     println!("\n== 200 requests from a client pod through the ingress gateway");
     kubectl(cluster, &["create", "namespace", "demo-client"])?;
-    let result = traffic(cluster, agent, "first", 200).await?;
+    mesh::start_caller(
+        cluster,
+        "demo-client",
+        "first",
+        &[GATEWAY, "--host", "echo.example.com", "--requests", "200"],
+    )?;
+    kubectl(
+        cluster,
+        &[
+            "wait",
+            "--for=jsonpath={.status.phase}=Succeeded",
+            "pod/first",
+            "-n",
+            "demo-client",
+            "--timeout=120s",
+        ],
+    )?;
+    let result =
+        mesh::caller_result(cluster, ("demo-client", "first"), Duration::from_secs(30)).await?;
     println!("   answered by version: {}", result["versions"]);
     println!("   status codes: {}", result["statuses"]);
     println!(
@@ -210,35 +228,33 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
     println!("   no local program runs their images (tests/src/agent/images.rs).");
 
     println!("\n== Canary upgrade of the mesh to v0.2.0, with traffic flowing");
-    start_traffic(cluster, "upgrade", 100_000, "20ms", "240s")?;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    kubectl(
+    mesh::start_caller(
         cluster,
+        "demo-client",
+        "upgrade",
         &[
-            "patch",
-            "meshinstallation",
-            "default",
-            "--type=merge",
-            "-p",
-            r#"{"spec":{"version":"v0.2.0"}}"#,
+            GATEWAY,
+            "--host",
+            "echo.example.com",
+            "--requests",
+            "1000000",
+            "--interval",
+            "20ms",
+            "--duration",
+            "240s",
         ],
     )?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "$ kubectl patch meshinstallation default --type=merge -p '{{\"spec\":{{\"version\":\"v0.2.0\"}}}}'"
+    );
+    mesh::upgrade_to(cluster, "v0.2.0")?;
     // Done when the new revision serves every workload and the old one is
     // gone (inactiveRevisionDeletionGracePeriodSeconds after its last).
     mesh::wait_for_only_revision(cluster, "default-v0-2-0").await?;
-    let pod = job_pod(cluster, "upgrade")?;
-    kubectl(
-        cluster,
-        &[
-            "delete",
-            "job",
-            "upgrade",
-            "-n",
-            "demo-client",
-            "--wait=false",
-        ],
-    )?;
-    let result = finish_traffic(agent, &pod).await?;
+    mesh::stop_caller(cluster, "demo-client", "upgrade")?;
+    let result =
+        mesh::caller_result(cluster, ("demo-client", "upgrade"), Duration::from_secs(30)).await?;
     kubectl(cluster, &["get", "meshinstallation,meshrevision"])?;
     kubectl(
         cluster,
@@ -249,92 +265,6 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
         result["requests"], result["versions"], result["statuses"], result["errors"]
     );
     Ok(())
-}
-
-/// Runs a Job in namespace demo-client calling echo.example.com through
-/// the ingress gateway, and returns what it printed.
-async fn traffic(
-    cluster: &LocalCluster,
-    agent: &NodeAgent,
-    name: &str,
-    requests: u32,
-) -> anyhow::Result<serde_json::Value> {
-    start_traffic(cluster, name, requests, "0ms", "60s")?;
-    mesh::kubectl(
-        cluster,
-        &[
-            "wait",
-            "--for=condition=Complete",
-            &format!("job/{name}"),
-            "-n",
-            "demo-client",
-            "--timeout=120s",
-        ],
-    )?;
-    let pod = job_pod(cluster, name)?;
-    finish_traffic(agent, &pod).await
-}
-
-fn start_traffic(
-    cluster: &LocalCluster,
-    name: &str,
-    requests: u32,
-    interval: &str,
-    duration: &str,
-) -> anyhow::Result<()> {
-    let job = serde_json::json!({
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {"name": name, "namespace": "demo-client"},
-        "spec": {"backoffLimit": 0, "template": {"spec": {
-            "restartPolicy": "Never",
-            // Stopped (SIGTERM) when the Job is deleted: it prints its
-            // counts on the way out.
-            "terminationGracePeriodSeconds": 5,
-            "containers": [{
-                "name": "call",
-                "image": SAMPLE_ECHO,
-                "args": ["call", "http://istio-ingressgateway.istio-system/",
-                         "--host", "echo.example.com",
-                         "--requests", requests.to_string(),
-                         "--interval", interval, "--duration", duration],
-            }],
-        }}},
-    });
-    mesh::apply(cluster, &[job])
-}
-
-/// What the Job's client printed last (it prints when done or stopped).
-async fn finish_traffic(agent: &NodeAgent, pod: &str) -> anyhow::Result<serde_json::Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let log = agent.log("demo-client", pod, "call");
-        if let Some(line) = log.lines().rev().find(|l| l.starts_with('{')) {
-            return Ok(serde_json::from_str(line)?);
-        }
-        if Instant::now() > deadline {
-            bail!("the client {pod} printed no result: {log}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// The pod of Job `name` in demo-client, running or done.
-fn job_pod(cluster: &LocalCluster, name: &str) -> anyhow::Result<String> {
-    let pod = mesh::kubectl(
-        cluster,
-        &[
-            "get",
-            "pods",
-            "-n",
-            "demo-client",
-            "-l",
-            &format!("job-name={name}"),
-            "-o",
-            "jsonpath={.items[0].metadata.name}",
-        ],
-    )?;
-    Ok(pod.trim().to_string())
 }
 
 /// Runs the cluster's kubectl with its output going straight to ours.

@@ -17,6 +17,7 @@ use axum::extract::{Path, Request};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bowline_tests::samples::{self, parse_duration};
 use clap::{Parser, Subcommand};
 use serde_json::json;
 
@@ -68,14 +69,6 @@ struct CallOptions {
     /// Also count the requests that took at least this long.
     #[arg(long, value_parser = parse_duration)]
     slow: Option<Duration>,
-}
-
-fn parse_duration(text: &str) -> Result<Duration, String> {
-    go_parse_duration::parse_duration(text)
-        .ok()
-        .and_then(|nanos| u64::try_from(nanos).ok())
-        .map(Duration::from_nanos)
-        .ok_or_else(|| format!("{text:?} is not a duration such as 500ms or 2s"))
 }
 
 #[tokio::main(flavor = "current_thread")]
@@ -137,25 +130,9 @@ async fn serve(port: u16, version: String, service: String, status: u16) -> anyh
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
     eprintln!("sample-echo serving on :{port}");
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown())
+        .with_graceful_shutdown(samples::terminated())
         .await?;
     Ok(())
-}
-
-/// SIGTERM, then a few seconds more of serving (`SHUTDOWN_DELAY`, 3s by
-/// default), as a well-behaved pod does: its endpoint is still in use until
-/// the endpoint's removal has reached every client.
-async fn shutdown() {
-    if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-    {
-        term.recv().await;
-    }
-    let delay = std::env::var("SHUTDOWN_DELAY")
-        .ok()
-        .and_then(|d| parse_duration(&d).ok())
-        .unwrap_or(Duration::from_secs(3));
-    eprintln!("sample-echo stopping in {delay:?}");
-    tokio::time::sleep(delay).await;
 }
 
 /// What a call run saw.

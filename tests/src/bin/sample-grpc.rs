@@ -81,15 +81,10 @@ async fn serve(port: u16, version: String, service: String) -> anyhow::Result<()
     tonic::transport::Server::builder()
         .layer(stamp)
         .add_service(health)
-        .serve_with_shutdown(SocketAddr::from(([0, 0, 0, 0], port)), async {
-            if let Ok(mut term) =
-                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            {
-                term.recv().await;
-            }
-            // Still serving while the endpoint's removal spreads.
-            tokio::time::sleep(Duration::from_secs(3)).await;
-        })
+        .serve_with_shutdown(
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            bowline_tests::samples::terminated(),
+        )
         .await?;
     Ok(())
 }
