@@ -417,7 +417,9 @@ async fn serve<S>(
                 telemetry: shared.telemetry,
             };
             let service = hyper::service::service_fn(move |request| {
-                let served = crate::http::serve(connection.clone(), request);
+                // Boxed: the request's future is large, and hyper moves
+                // what this returns.
+                let served = Box::pin(crate::http::serve(connection.clone(), request));
                 let state = Arc::clone(&state);
                 async move {
                     let mut response = served.await?;
@@ -441,6 +443,7 @@ async fn serve<S>(
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
+                .writev(false)
                 .max_buf_size(MAX_HEADERS_BYTES);
             builder
                 .http2()

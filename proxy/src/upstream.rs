@@ -7,27 +7,27 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::connect::Connector;
 use crate::model::cluster::Discovery;
 use crate::model::cluster::{LbPolicy, Protocol, Target};
 use crate::model::{Cluster, Endpoints, Snapshot};
-use crate::tls::{Carried, Secrets};
+use crate::pool::{Answer, Dial, Failure, Pool};
+use crate::tls::Secrets;
 
 /// The body of requests and responses on the data path.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// How long an idle upstream connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How many original destinations a passthrough cluster keeps the
+/// connections of.
+const ORIGINALS_KEPT: usize = 1024;
 
 /// Where a cluster's requests and connections can go.
 #[derive(Debug)]
@@ -35,7 +35,7 @@ pub enum Reach {
     /// Its endpoints, one chosen each time by its policy.
     Endpoints(Arc<Endpoints>),
     /// The captured connection's original destination (ORIGINAL_DST).
-    Original(Arc<Host>),
+    Original(std::net::SocketAddr),
 }
 
 impl Reach {
@@ -49,11 +49,7 @@ impl Reach {
         captured: Option<std::net::SocketAddr>,
     ) -> Option<Self> {
         match cluster.discovery {
-            Discovery::OriginalDst => {
-                let destination = captured?;
-                let host = Host::new(Target::Ip(destination), false);
-                Some(Self::Original(Arc::new(host)))
-            }
+            Discovery::OriginalDst => captured.map(Self::Original),
             _ => snapshot.endpoints_of(cluster).map(Self::Endpoints),
         }
     }
@@ -105,8 +101,7 @@ impl Upstreams {
 #[derive(Debug)]
 pub struct ClusterState {
     pub config: Arc<Cluster>,
-    http1: Client<Connector, Body>,
-    http2: Client<Connector, Body>,
+    secrets: Arc<Secrets>,
     next: AtomicUsize,
     requests: AtomicU32,
     pending: AtomicU32,
@@ -114,6 +109,9 @@ pub struct ClusterState {
     /// HTTP/1.1 connections busy: one request each.
     connections: Arc<Semaphore>,
     hosts: ArcSwap<Hosts>,
+    /// The original destinations requests went to (ORIGINAL_DST), for
+    /// their connections.
+    originals: Mutex<HashMap<std::net::SocketAddr, Arc<Host>>>,
     /// Ejection times are kept as milliseconds since this instant.
     epoch: Instant,
 }
@@ -133,6 +131,10 @@ pub struct Host {
     ///
     /// [`Endpoint::mesh`]: crate::model::cluster::Endpoint::mesh
     pub mesh: bool,
+    /// The authority of requests to it over HTTP/2.
+    pub authority: http::uri::Authority,
+    /// Its connections.
+    pub pool: Arc<Pool>,
     active: AtomicU32,
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
@@ -145,8 +147,13 @@ pub struct Host {
 impl Host {
     fn new(address: Target, mesh: bool) -> Self {
         Self {
+            authority: address
+                .to_string()
+                .parse()
+                .unwrap_or_else(|_| http::uri::Authority::from_static("upstream")),
             address,
             mesh,
+            pool: Arc::default(),
             active: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
@@ -221,33 +228,16 @@ const PANIC_PERCENT: usize = 50;
 
 impl ClusterState {
     fn new(config: Arc<Cluster>, secrets: Arc<Secrets>) -> Self {
-        let client = |http2: bool| {
-            let connector = Connector {
-                cluster: Arc::clone(&config),
-                secrets: Arc::clone(&secrets),
-                carried: if http2 {
-                    Carried::Http2
-                } else {
-                    Carried::Http1
-                },
-            };
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(IDLE_TIMEOUT)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .http2_only(http2)
-                .build(connector)
-        };
         let connections = (config.limits.max_connections as usize).min(Semaphore::MAX_PERMITS);
         Self {
-            http1: client(false),
-            http2: client(true),
+            secrets,
             next: AtomicUsize::new(0),
             requests: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             retries: AtomicU32::new(0),
             connections: Arc::new(Semaphore::new(connections)),
             hosts: ArcSwap::from_pointee(Hosts::default()),
+            originals: Mutex::default(),
             epoch: Instant::now(),
             config,
         }
@@ -263,8 +253,26 @@ impl ClusterState {
         }
     }
 
-    pub fn client(&self, h2: bool) -> &Client<Connector, Body> {
-        if h2 { &self.http2 } else { &self.http1 }
+    /// Sends `request` to `host` over one of its connections, HTTP/2
+    /// when `h2` (the URI absolute then, origin-form over HTTP/1.1), TLS
+    /// when the cluster says so for the endpoint.
+    pub async fn send(
+        &self,
+        host: &Host,
+        h2: bool,
+        request: Request<Body>,
+    ) -> Result<Response<Answer>, Failure> {
+        let dial = Dial {
+            cluster: &self.config,
+            secrets: &self.secrets,
+            target: &host.address,
+            tls: self.config.tls_for(host.mesh).map(Arc::as_ref),
+        };
+        if h2 {
+            host.pool.send_http2(dial, request).await
+        } else {
+            host.pool.send_http1(dial, request).await
+        }
     }
 
     /// Admits a request past the circuit breakers: at most `max_requests`
@@ -349,8 +357,24 @@ impl ClusterState {
     pub fn choose(&self, reach: &Reach, tried: &[Arc<Host>]) -> Option<Arc<Host>> {
         match reach {
             Reach::Endpoints(endpoints) => self.pick(endpoints, tried),
-            Reach::Original(host) => Some(Arc::clone(host)),
+            Reach::Original(destination) => Some(self.original(*destination)),
         }
+    }
+
+    /// The host of an original destination, kept (with its connections)
+    /// for the next request there; when too many are kept, those without
+    /// a request in flight go.
+    fn original(&self, destination: std::net::SocketAddr) -> Arc<Host> {
+        let mut originals = self.originals.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(host) = originals.get(&destination) {
+            return Arc::clone(host);
+        }
+        if originals.len() >= ORIGINALS_KEPT {
+            originals.retain(|_, host| host.active.load(Ordering::Relaxed) > 0);
+        }
+        let host = Arc::new(Host::new(Target::Ip(destination), false));
+        originals.insert(destination, Arc::clone(&host));
+        host
     }
 
     /// An endpoint for the next attempt by the cluster's policy, among the
@@ -487,6 +511,7 @@ mod tests {
     use super::*;
     use crate::model::cluster::{Discovery, Endpoint};
     use crate::model::resilience::{Limits, Outlier};
+    use std::time::Duration;
 
     fn secrets() -> Arc<Secrets> {
         Arc::new(Secrets::new(Arc::default(), false))

@@ -2,10 +2,13 @@
 //! readiness, a 90/10 split over 1,000 requests, HTTP/1.1 and h2c on one
 //! port, rewrites, a redirect and a direct response, Envoy's answers when
 //! there is no route (404), no live endpoint (503) or no answer in time
-//! (504), and TCP proxying. Upstreams are axum servers on loopback.
+//! (504), TCP proxying, upstream connections kept alive, and a drain.
+//! Upstreams are axum servers on loopback.
 
 use std::net::SocketAddr;
 use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use anyhow::ensure;
@@ -228,4 +231,78 @@ async fn a_stop_drains_requests_in_flight() -> anyhow::Result<()> {
         "the listener is closed once the drain is over"
     );
     Ok(())
+}
+
+/// An HTTP/1.1 upstream answering `ok` to each GET, counting the
+/// connections it accepts and closing one after 300 ms without a request,
+/// as a server's keep-alive timeout does.
+async fn counting_upstream() -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let address = listener.local_addr()?;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&accepted);
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut pending = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let read =
+                        tokio::time::timeout(Duration::from_millis(300), stream.read(&mut chunk));
+                    let Ok(Ok(n @ 1..)) = read.await else {
+                        return;
+                    };
+                    pending.extend_from_slice(&chunk[..n]);
+                    while let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                        pending.drain(..end + 4);
+                        let answer = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer.as_bytes()).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Ok((address, accepted))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_connections_are_kept_alive_until_the_server_closes_them() -> anyhow::Result<()> {
+    let (upstream, accepted) = counting_upstream().await?;
+    let http_port = free_port()?;
+    let bootstrap = in_front_of(http_port, cluster("counted", &[upstream]));
+    let proxy = Running::bootstrap(bootstrap, &[]).await?;
+    let url = format!("http://127.0.0.1:{http_port}/");
+    let calls = |count: usize| {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            for _ in 0..count {
+                let (status, body) = curl(&[&url])?;
+                ensure!(status == 200 && body == "ok", "answered {status} {body}");
+            }
+            Ok(())
+        })
+    };
+
+    // Each curl is a new client connection; upstream, one connection
+    // serves them all in turn.
+    calls(20).await??;
+    ensure!(
+        accepted.load(Ordering::SeqCst) == 1,
+        "20 requests in turn reused one upstream connection, not {}",
+        accepted.load(Ordering::SeqCst)
+    );
+
+    // The server closes it when idle: the next requests go on a new one,
+    // none failing for the closed one.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    calls(10).await??;
+    ensure!(
+        accepted.load(Ordering::SeqCst) == 2,
+        "after the server closed the idle connection, one new connection, not {}",
+        accepted.load(Ordering::SeqCst) - 1
+    );
+    proxy.stop().await
 }
