@@ -113,8 +113,10 @@ pub async fn run(
             tokio::spawn(async move { xds::follow(&config, &discovery, state, stop).await });
         }
     }
+    let upstreams = Arc::new(Upstreams::new(Arc::clone(&secrets)));
+    tokio::spawn(upstream::close_idle(Arc::downgrade(&upstreams)));
     let shared = Shared {
-        upstreams: Arc::new(Upstreams::new(Arc::clone(&secrets))),
+        upstreams,
         secrets,
         state,
         telemetry,

@@ -10,7 +10,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -25,8 +25,12 @@ use crate::model::cluster::Target;
 use crate::tls::{Carried, Secrets, Session, UpstreamTls};
 use crate::upstream::Body;
 
-/// How long an idle connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How often free connections are looked at ([`Pool::close_idle`]).
+pub const IDLE_SWEEP: Duration = Duration::from_secs(15);
+
+/// How many looks a connection stays free for before it is closed: it
+/// is kept between 75 and 90 s.
+const IDLE_SWEEPS: u32 = 6;
 
 /// An endpoint's connections.
 #[derive(Debug, Default)]
@@ -43,7 +47,8 @@ pub struct Pool {
 struct Idle {
     sender: http1::SendRequest<Body>,
     session: Option<Session>,
-    since: Instant,
+    /// Looks it has been free for.
+    sweeps: u32,
 }
 
 #[derive(Clone, Debug)]
@@ -125,15 +130,30 @@ impl Pool {
         Ok(response.map(|body| Answer { body, back: None }))
     }
 
-    /// The newest free HTTP/1.1 connection that is ready; those closed or
-    /// idle too long are dropped on the way.
+    /// Closes the connections free for [`IDLE_SWEEPS`] looks and forgets
+    /// those the server closed.
+    pub fn close_idle(&self) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain_mut(|i| {
+                i.sweeps += 1;
+                i.sweeps <= IDLE_SWEEPS && !i.sender.is_closed()
+            });
+    }
+
+    /// Whether it holds no free connection.
+    pub fn is_empty(&self) -> bool {
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+    }
+
+    /// The newest free HTTP/1.1 connection that is ready; those the
+    /// server closed are dropped on the way.
     fn take(&self) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        let stale = idle
-            .iter()
-            .take_while(|i| i.since.elapsed() > IDLE_TIMEOUT)
-            .count();
-        idle.drain(..stale);
         idle.retain(|i| !i.sender.is_closed());
         // A connection whose last answer was just read may not be ready
         // for a moment yet; it stays for the next request.
@@ -164,7 +184,7 @@ impl Pool {
         Ok(Idle {
             sender,
             session,
-            since: Instant::now(),
+            sweeps: 0,
         })
     }
 
@@ -224,7 +244,7 @@ struct Back {
 impl Answer {
     fn give_back(&mut self) {
         if let Some(Back { pool, mut idle }) = self.back.take() {
-            idle.since = Instant::now();
+            idle.sweeps = 0;
             pool.put(idle);
         }
     }

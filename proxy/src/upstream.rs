@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use futures::future::Either;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -19,7 +20,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::model::cluster::Discovery;
 use crate::model::cluster::{LbPolicy, Protocol, Target};
 use crate::model::{Cluster, Endpoints, Snapshot};
-use crate::pool::{Answer, Dial, Failure, Pool};
+use crate::pool::{Answer, Dial, Failure, IDLE_SWEEP, Pool};
 use crate::tls::Secrets;
 
 /// The body of requests and responses on the data path.
@@ -86,12 +87,50 @@ impl Upstreams {
         state
     }
 
+    /// Closes the connections idle too long, in every cluster.
+    fn close_idle(&self) {
+        let clusters: Vec<Arc<ClusterState>> = self
+            .clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for cluster in clusters {
+            for host in &cluster.hosts.load().states {
+                host.pool.close_idle();
+            }
+            cluster
+                .originals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, host| {
+                    host.pool.close_idle();
+                    host.active.load(Ordering::Relaxed) > 0 || !host.pool.is_empty()
+                });
+        }
+    }
+
     /// Forgets clusters no longer configured.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.clusters
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|name, _| keep(name));
+    }
+}
+
+/// Closes idle connections that requests have not come to take, looking
+/// every [`IDLE_SWEEP`], for as long as `upstreams` are in use.
+pub async fn close_idle(upstreams: std::sync::Weak<Upstreams>) {
+    let mut every = tokio::time::interval(IDLE_SWEEP);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(upstreams) = upstreams.upgrade() else {
+            return;
+        };
+        upstreams.close_idle();
     }
 }
 
@@ -256,22 +295,23 @@ impl ClusterState {
     /// Sends `request` to `host` over one of its connections, HTTP/2
     /// when `h2` (the URI absolute then, origin-form over HTTP/1.1), TLS
     /// when the cluster says so for the endpoint.
-    pub async fn send(
-        &self,
-        host: &Host,
+    pub fn send<'a>(
+        &'a self,
+        host: &'a Host,
         h2: bool,
         request: Request<Body>,
-    ) -> Result<Response<Answer>, Failure> {
+    ) -> impl Future<Output = Result<Response<Answer>, Failure>> + 'a {
         let dial = Dial {
             cluster: &self.config,
             secrets: &self.secrets,
             target: &host.address,
             tls: self.config.tls_for(host.mesh).map(Arc::as_ref),
         };
+        // Not an async fn: its future would hold the pool's, moved in.
         if h2 {
-            host.pool.send_http2(dial, request).await
+            Either::Left(host.pool.send_http2(dial, request))
         } else {
-            host.pool.send_http1(dial, request).await
+            Either::Right(host.pool.send_http1(dial, request))
         }
     }
 
