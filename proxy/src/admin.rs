@@ -226,11 +226,16 @@ const DUMPS: [(&str, &str, &str, &str, &str); 4] = [
 
 /// What is served, in the shape of Envoy's `/config_dump`: clusters,
 /// listeners and routes, static or dynamic with their versions; endpoints
-/// with `?include_eds`.
+/// with `?include_eds`. Written apart ([`crate::envoy::apart`]): the
+/// descriptors it needs are megabytes.
 fn config_dump(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
-    use serde_json::{Value, json};
     let include_eds = query.is_some_and(|q| q.split('&').any(|p| p.starts_with("include_eds")));
     let snapshot = admin.state.snapshot();
+    crate::envoy::apart(|| json_body(&dump(&snapshot, include_eds)))
+}
+
+fn dump(snapshot: &crate::model::Snapshot, include_eds: bool) -> serde_json::Value {
+    use serde_json::{Value, json};
     let descriptors = crate::envoy::Descriptors::load();
     let configs: Vec<Value> = DUMPS
         .iter()
@@ -257,7 +262,7 @@ fn config_dump(admin: &Admin, query: Option<&str>) -> Response<Full<Bytes>> {
             })
         })
         .collect();
-    json_body(&json!({ "configs": configs }))
+    json!({ "configs": configs })
 }
 
 /// `level=debug` sets every target; `bowline_proxy::xds=trace` one.
