@@ -867,7 +867,7 @@ fn authorized(connection: &Connection, request: &Request<Incoming>) -> bool {
     true
 }
 
-fn full(bytes: Bytes) -> Body {
+pub(crate) fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 

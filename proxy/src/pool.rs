@@ -8,6 +8,7 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -30,7 +31,7 @@ pub const IDLE_SWEEP: Duration = Duration::from_secs(15);
 
 /// How many looks a connection stays free for before it is closed: it
 /// is kept between 75 and 90 s.
-const IDLE_SWEEPS: u32 = 6;
+pub(crate) const IDLE_SWEEPS: u32 = 6;
 
 /// An endpoint's connections.
 #[derive(Debug, Default)]
@@ -40,6 +41,8 @@ pub struct Pool {
     /// The HTTP/2 connection; locked while it is being opened, so
     /// requests arriving meanwhile share it.
     shared: tokio::sync::Mutex<Option<Shared>>,
+    /// Looks the HTTP/2 connection has had no request for.
+    shared_sweeps: AtomicU32,
 }
 
 /// A free HTTP/1.1 connection.
@@ -123,6 +126,7 @@ impl Pool {
             mut sender,
             session,
         } = Box::pin(self.http2(dial)).await?;
+        self.shared_sweeps.store(0, Ordering::Relaxed);
         let mut response = sender.send_request(request).await.map_err(Failure::Reset)?;
         if let Some(session) = session {
             response.extensions_mut().insert(session);
@@ -131,8 +135,15 @@ impl Pool {
     }
 
     /// Closes the connections free for [`IDLE_SWEEPS`] looks and forgets
-    /// those the server closed.
+    /// those the server closed. The HTTP/2 connection goes the same way
+    /// when no request has used it for as long (streams still open on it
+    /// finish first).
     pub fn close_idle(&self) {
+        if self.shared_sweeps.fetch_add(1, Ordering::Relaxed) >= IDLE_SWEEPS
+            && let Ok(mut shared) = self.shared.try_lock()
+        {
+            *shared = None;
+        }
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -142,12 +153,13 @@ impl Pool {
             });
     }
 
-    /// Whether it holds no free connection.
+    /// Whether it holds no connection.
     pub fn is_empty(&self) -> bool {
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_empty()
+            && self.shared.try_lock().is_ok_and(|shared| shared.is_none())
     }
 
     /// The newest free HTTP/1.1 connection that is ready; those the

@@ -754,4 +754,67 @@ mod tests {
         let b = upstreams.get(&cluster(LbPolicy::Random, None));
         assert!(!Arc::ptr_eq(&a, &b));
     }
+
+    /// An upstream answering `ok` on each connection it accepts, telling
+    /// when a connection has been closed by the proxy.
+    async fn closing_upstream() -> (u16, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (closed, closes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(1..) = stream.read(&mut buffer).await {
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = closed.send(());
+                });
+            }
+        });
+        (port, closes)
+    }
+
+    #[tokio::test]
+    async fn a_free_connection_is_closed_after_its_idle_looks() {
+        use http_body_util::BodyExt;
+        let (upstream, mut closes) = closing_upstream().await;
+        let upstreams = Upstreams::new(secrets());
+        let state = upstreams.get(&cluster(LbPolicy::RoundRobin, None));
+        let host = state.pick(&endpoints(&[(upstream, 1, true)]), &[]).unwrap();
+        let request = || {
+            let mut request = Request::new(crate::http::full(Bytes::new()));
+            request
+                .headers_mut()
+                .insert(http::header::HOST, http::HeaderValue::from_static("c"));
+            request
+        };
+        for _ in 0..2 {
+            let response = state.send(&host, false, request()).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ok");
+        }
+        assert!(
+            !host.pool.is_empty(),
+            "the connection is kept once its answer is read"
+        );
+        for _ in 0..crate::pool::IDLE_SWEEPS {
+            upstreams.close_idle();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            closes.try_recv().is_err(),
+            "kept while it has been free for fewer looks"
+        );
+        upstreams.close_idle();
+        tokio::time::timeout(Duration::from_secs(5), closes.recv())
+            .await
+            .expect("closed after its last look");
+        assert!(host.pool.is_empty());
+    }
 }
