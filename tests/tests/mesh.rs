@@ -777,8 +777,8 @@ async fn meshed_calls(
 
 /// The mesh's Prometheus (the addon, running) scrapes the sidecars as its
 /// configuration says: the requests of a client in the mesh show up in it
-/// with Istio's labels, as mutual TLS, queried through the API server as a
-/// user would through `kubectl proxy`.
+/// with Istio's labels, as mutual TLS, once each, queried through the API
+/// server as a user would through `kubectl proxy`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_the_sidecars() -> anyhow::Result<()> {
     let cluster = shared()?;
@@ -804,6 +804,32 @@ async fn prometheus_scrapes_the_sidecars() -> anyhow::Result<()> {
         );
         tokio::time::sleep(Duration::from_secs(3)).await;
     }
+    // Each sidecar is one target: a second one scraping the same 15020
+    // would double every sum a dashboard makes.
+    let targets = kubectl(
+        cluster,
+        &[
+            "get",
+            "--raw",
+            "/api/v1/namespaces/istio-system/services/prometheus:9090/proxy/api/v1/targets",
+        ],
+    )?;
+    let targets: serde_json::Value = serde_json::from_str(&targets)?;
+    let mut scraped: Vec<(String, String)> = targets["data"]["activeTargets"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|t| t["labels"]["namespace"] == ns)
+        .map(|t| {
+            let label = |name: &str| t["labels"][name].as_str().unwrap_or("").to_string();
+            (label("pod"), label("job"))
+        })
+        .collect();
+    scraped.sort();
+    ensure!(
+        !scraped.is_empty() && scraped.windows(2).all(|w| w[0].0 != w[1].0),
+        "each pod of {ns} is scraped by one target: {scraped:?}"
+    );
     Ok(())
 }
 
