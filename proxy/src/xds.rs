@@ -538,6 +538,17 @@ fn update<T>(
         ..
     } in &response.resources
     {
+        // Sent again unchanged (another resource of its type changed): the
+        // one held stays, and with it what the data path keeps for it — a
+        // cluster's connections, ejections and balancing state — as Envoy
+        // leaves a cluster whose configuration did not change.
+        if let (Some(any), Some((held_version, _, raw))) = (resource, held.get_mut(name))
+            && any.type_url == response.type_url
+            && raw.as_ref() == any.value.as_slice()
+        {
+            held_version.clone_from(version);
+            continue;
+        }
         let converted = match resource {
             Some(any) if any.type_url == response.type_url => convert(name, &any.value),
             Some(any) => Err(Error::resource(
@@ -647,6 +658,25 @@ mod tests {
             versions.into_iter().collect::<BTreeMap<_, _>>(),
             BTreeMap::from([("b".into(), "1".into()), ("c".into(), "1".into())])
         );
+    }
+
+    #[test]
+    fn a_cluster_sent_again_unchanged_is_the_one_held() {
+        let mut held = Held::default();
+        let send = |held: &mut Held, version: &str, lb_policy: i32| {
+            held.apply(&response(
+                CLUSTER,
+                vec![resource(CLUSTER, "a", version, &cluster("a", lb_policy))],
+                &[],
+            ));
+            Arc::clone(&held.clusters["a"].1)
+        };
+        let first = send(&mut held, "1", 0);
+        let again = send(&mut held, "2", 0);
+        assert!(Arc::ptr_eq(&first, &again), "same bytes, same cluster");
+        assert_eq!(held.versions(CLUSTER)["a"], "2");
+        let changed = send(&mut held, "3", 1);
+        assert!(!Arc::ptr_eq(&again, &changed), "changed, converted anew");
     }
 
     #[test]
