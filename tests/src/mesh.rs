@@ -391,6 +391,36 @@ pub fn start_caller(
     )
 }
 
+/// The ingress gateway's Service, as a pod calls it.
+pub const INGRESS_GATEWAY: &str = "http://istio-ingressgateway.istio-system/";
+
+/// A steady client ([`start_caller`]): a request for `host` to the
+/// ingress gateway every 20 ms, until stopped or `duration` is over.
+pub fn start_gateway_caller(
+    cluster: &LocalCluster,
+    namespace: &str,
+    name: &str,
+    host: &str,
+    duration: &str,
+) -> anyhow::Result<()> {
+    let duration = format!("--duration={duration}");
+    start_caller(
+        cluster,
+        namespace,
+        name,
+        &[
+            INGRESS_GATEWAY,
+            "--host",
+            host,
+            "--requests",
+            "1000000",
+            "--interval",
+            "20ms",
+            &duration,
+        ],
+    )
+}
+
 /// Deletes caller `namespace/name`: stopped by SIGTERM, it prints what it
 /// saw.
 pub fn stop_caller(cluster: &LocalCluster, namespace: &str, name: &str) -> anyhow::Result<()> {
@@ -482,15 +512,21 @@ pub async fn wait_for_only_revision(cluster: &LocalCluster, revision: &str) -> a
 /// The result of PromQL `query` from the mesh's Prometheus, asked through
 /// the API server's Service proxy (as `kubectl proxy` would).
 pub fn prometheus_query(cluster: &LocalCluster, query: &str) -> anyhow::Result<Value> {
-    let path = format!(
-        "/api/v1/namespaces/istio-system/services/prometheus:9090/proxy/api/v1/query?{}",
-        form_urlencoded::Serializer::new(String::new())
-            .append_pair("query", query)
-            .finish()
-    );
-    let answer: Value = serde_json::from_str(&kubectl(cluster, &["get", "--raw", &path])?)?;
-    ensure!(answer["status"] == "success", "{query}: {answer}");
-    Ok(answer["data"]["result"].clone())
+    let query = form_urlencoded::Serializer::new(String::new())
+        .append_pair("query", query)
+        .finish();
+    Ok(prometheus_api(cluster, &format!("query?{query}"))?["result"].take())
+}
+
+/// The `data` of the mesh's Prometheus answering `path` under its
+/// `/api/v1/` (`targets`, `query?…`), through the API server's service
+/// proxy.
+pub fn prometheus_api(cluster: &LocalCluster, path: &str) -> anyhow::Result<Value> {
+    let path =
+        format!("/api/v1/namespaces/istio-system/services/prometheus:9090/proxy/api/v1/{path}");
+    let mut answer: Value = serde_json::from_str(&kubectl(cluster, &["get", "--raw", &path])?)?;
+    ensure!(answer["status"] == "success", "{path}: {answer}");
+    Ok(answer["data"].take())
 }
 
 /// The Prometheus text a pod's sidecar serves on 15020, read through the

@@ -11,8 +11,8 @@ use anyhow::{Context, ensure};
 use bowline_tests::agent::images::SAMPLE_GRPC;
 use bowline_tests::mesh::{
     apply, call_from, call_until, curl_from, curl_until, echo, echo_with, has_series, kubectl,
-    namespace, pod, prometheus_query, sample_call_from, service, shared, sidecar_metrics,
-    wait_available,
+    namespace, pod, prometheus_api, prometheus_query, sample_call_from, service, shared,
+    sidecar_metrics, wait_available,
 };
 use serde_json::{Value, json};
 
@@ -813,16 +813,8 @@ async fn prometheus_scrapes_the_sidecars() -> anyhow::Result<()> {
     }
     // Each sidecar is one target: a second one scraping the same 15020
     // would double every sum a dashboard makes.
-    let targets = kubectl(
-        cluster,
-        &[
-            "get",
-            "--raw",
-            "/api/v1/namespaces/istio-system/services/prometheus:9090/proxy/api/v1/targets",
-        ],
-    )?;
-    let targets: serde_json::Value = serde_json::from_str(&targets)?;
-    let mut scraped: Vec<(String, String)> = targets["data"]["activeTargets"]
+    let targets = prometheus_api(cluster, "targets")?;
+    let mut scraped: Vec<(String, String)> = targets["activeTargets"]
         .as_array()
         .into_iter()
         .flatten()

@@ -43,22 +43,7 @@ async fn a_canary_upgrade_fails_no_request() -> anyhow::Result<()> {
     // A client outside the mesh, through the ingress gateway, every 20 ms
     // until stopped.
     apply(&cluster, &[namespace("callers", false)])?;
-    mesh::start_caller(
-        &cluster,
-        "callers",
-        "caller",
-        &[
-            "http://istio-ingressgateway.istio-system/",
-            "--host",
-            "echo.example.com",
-            "--requests",
-            "1000000",
-            "--interval",
-            "20ms",
-            "--duration",
-            "300s",
-        ],
-    )?;
+    mesh::start_gateway_caller(&cluster, "callers", "caller", "echo.example.com", "300s")?;
     kubectl(
         &cluster,
         &[

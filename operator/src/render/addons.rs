@@ -348,12 +348,11 @@ fn prometheus_config(target: &Target<'_>) -> Value {
                 "kubernetes_sd_configs": [{"role": "pod"}],
                 "relabel_configs": with_pod_labels(vec![
                     json!({"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"], "action": "keep", "regex": "true"}),
-                    // Injected pods are scraped by the job above: injection
-                    // points their prometheus.io annotations at the same
-                    // 15020, and a second target would count each series
-                    // twice in every sum.
-                    json!({"source_labels": ["__meta_kubernetes_pod_annotationpresent_sidecar_istio_io_status"], "action": "drop", "regex": "true"}),
-                    json!({"source_labels": ["__meta_kubernetes_pod_container_name"], "action": "drop", "regex": "istio-proxy"}),
+                    // 15020 is the job above's: injection and the gateways
+                    // point their prometheus.io annotations at it, and a
+                    // second target would count each series twice in every
+                    // sum. An app's own port is still scraped here.
+                    json!({"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_port"], "action": "drop", "regex": "15020"}),
                     json!({"source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_path"], "action": "replace", "regex": "(.+)", "target_label": "__metrics_path__"}),
                     json!({
                         "source_labels": ["__address__", "__meta_kubernetes_pod_annotation_prometheus_io_port"],

@@ -87,9 +87,6 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The ingress gateway, as a client outside the mesh reaches it.
-const GATEWAY: &str = "http://istio-ingressgateway.istio-system/";
-
 /// The demo: the operator from its Helm chart, the mesh from
 /// config/samples/demo.yaml, the sample app split 90/10, traffic through the
 /// ingress gateway, and a canary upgrade of the mesh under traffic.
@@ -127,7 +124,13 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
         cluster,
         "demo-client",
         "first",
-        &[GATEWAY, "--host", "echo.example.com", "--requests", "200"],
+        &[
+            mesh::INGRESS_GATEWAY,
+            "--host",
+            "echo.example.com",
+            "--requests",
+            "200",
+        ],
     )?;
     kubectl(
         cluster,
@@ -228,21 +231,12 @@ async fn demo(cluster: &LocalCluster) -> anyhow::Result<()> {
     println!("   no local program runs their images (tests/src/agent/images.rs).");
 
     println!("\n== Canary upgrade of the mesh to v0.2.0, with traffic flowing");
-    mesh::start_caller(
+    mesh::start_gateway_caller(
         cluster,
         "demo-client",
         "upgrade",
-        &[
-            GATEWAY,
-            "--host",
-            "echo.example.com",
-            "--requests",
-            "1000000",
-            "--interval",
-            "20ms",
-            "--duration",
-            "240s",
-        ],
+        "echo.example.com",
+        "240s",
     )?;
     tokio::time::sleep(Duration::from_secs(2)).await;
     println!(
