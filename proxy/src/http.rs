@@ -128,10 +128,12 @@ impl Flag {
     }
 }
 
-/// What every request on one HTTP connection shares.
-#[derive(Clone, Debug)]
+/// What every request on one HTTP connection shares: its filter chain's
+/// HTTP connection manager (chosen when it was accepted) and its ends.
+/// The configuration is not: each request is served on the latest when it
+/// arrived ([`serve`]).
+#[derive(Debug)]
 pub struct Connection {
-    pub snapshot: Arc<Snapshot>,
     pub manager: Arc<HttpManager>,
     pub upstreams: Arc<Upstreams>,
     pub telemetry: Arc<Telemetry>,
@@ -164,10 +166,22 @@ struct Report {
     span: Option<Box<Open>>,
 }
 
-/// Serves one request; never fails (errors are answers). Its metrics are
-/// recorded when the response's body ends.
+/// Where a request is served: the connection it came on, and the
+/// configuration of the moment it arrived — so routes, clusters and
+/// endpoints pushed after its connection opened apply to it, as Envoy's
+/// route and cluster updates reach open connections, and a request in
+/// flight finishes on the configuration it started with.
+#[derive(Clone, Copy)]
+struct On<'a> {
+    connection: &'a Connection,
+    snapshot: &'a Snapshot,
+}
+
+/// Serves one request on `snapshot`; never fails (errors are answers).
+/// Its metrics are recorded when the response's body ends.
 pub async fn serve(
-    connection: Connection,
+    connection: Arc<Connection>,
+    snapshot: Arc<Snapshot>,
     mut request: Request<Incoming>,
 ) -> Result<Response<Recorded<Body>>, Infallible> {
     let started = std::time::Instant::now();
@@ -226,7 +240,13 @@ pub async fn serve(
     }
     let response = match &authority {
         _ if !authorized(&connection, &request) => Err(Flag::Denied),
-        Some(authority) => proxy(&connection, request, authority, &mut report).await,
+        Some(authority) => {
+            let on = On {
+                connection: &connection,
+                snapshot: &snapshot,
+            };
+            proxy(on, request, authority, &mut report).await
+        }
         None => Err(Flag::NoRoute),
     };
     let response = response.unwrap_or_else(|flag| {
@@ -298,12 +318,15 @@ pub async fn serve(
 }
 
 async fn proxy(
-    connection: &Connection,
+    on: On<'_>,
     request: Request<Incoming>,
     authority: &str,
     report: &mut Report,
 ) -> Result<Response<Body>, Flag> {
-    let snapshot = &connection.snapshot;
+    let On {
+        connection,
+        snapshot,
+    } = on;
     let table = match &connection.manager.routes {
         RouteSource::Inline(table) => Arc::clone(table),
         RouteSource::Rds(name) => snapshot.routes.get(name).cloned().ok_or(Flag::NoRoute)?,
@@ -344,8 +367,7 @@ async fn proxy(
             if let Some(fault) = &route.fault {
                 inject(fault, &mut report.flags).await?;
             }
-            let mut response =
-                send(connection, host, route, forward, request, authority, report).await?;
+            let mut response = send(on, host, route, forward, request, authority, report).await?;
             route.headers.response.apply(response.headers_mut());
             host.headers.response.apply(response.headers_mut());
             Ok(response)
@@ -437,7 +459,7 @@ impl Upstream {
 }
 
 async fn send(
-    connection: &Connection,
+    on: On<'_>,
     host: &crate::model::route::VirtualHost,
     route: &Route,
     forward: &Forward,
@@ -453,7 +475,10 @@ async fn send(
         .destinations
         .pick(|total| rand::random_range(0..total))
         .ok_or(Flag::NoCluster)?;
-    let snapshot = &connection.snapshot;
+    let On {
+        connection,
+        snapshot,
+    } = on;
     let cluster = snapshot.clusters.get(cluster_name).ok_or(Flag::NoCluster)?;
     report.service.clone_from(&cluster.service);
     if let Some(log) = &mut report.log {
@@ -506,7 +531,7 @@ async fn send(
         if let Some(bytes) = body.kept() {
             for mirror in &forward.mirrors {
                 if mirror.share.hit(rand::random_range(0..1_000_000)) {
-                    shadow(connection, &mirror.cluster, &head, authority, bytes.clone());
+                    shadow(on, &mirror.cluster, &head, authority, bytes.clone());
                 }
             }
         }
@@ -686,8 +711,11 @@ fn classify(error: &hyper_util::client::legacy::Error, target: &Target) -> Attem
 
 /// Sends a copy of the request to `cluster` with the authority suffixed
 /// `-shadow`, as Envoy does; its answer is dropped.
-fn shadow(connection: &Connection, cluster: &str, head: &Upstream, authority: &str, body: Bytes) {
-    let snapshot = &connection.snapshot;
+fn shadow(on: On<'_>, cluster: &str, head: &Upstream, authority: &str, body: Bytes) {
+    let On {
+        connection,
+        snapshot,
+    } = on;
     let Some(cluster) = snapshot.clusters.get(cluster) else {
         return;
     };

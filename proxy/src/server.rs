@@ -10,10 +10,11 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::{GracefulShutdown, Watcher};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::connect::Stream;
 use crate::error::Error;
@@ -176,7 +177,9 @@ async fn accept(
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
-    let graceful = GracefulShutdown::new();
+    // Its connections, and the signal for them to finish.
+    let connections = TaskTracker::new();
+    let shutdown = CancellationToken::new();
     // Set at the stop: until when it still accepts. A listener the
     // configuration dropped closes at once; only the proxy's own stop keeps
     // accepting through the drain period.
@@ -192,12 +195,12 @@ async fn accept(
             accepted = socket.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
-                    tokio::spawn(connection(
+                    connections.spawn(connection(
                         stream,
                         peer,
                         name.clone(),
                         shared.clone(),
-                        graceful.watcher(),
+                        shutdown.clone(),
                     ));
                 }
                 Err(error) => {
@@ -214,13 +217,15 @@ async fn accept(
         }
     }
     drop(socket);
-    let open = graceful.count();
+    let open = connections.len();
+    shutdown.cancel();
+    connections.close();
     let finish = if shared.state.is_draining() {
         DRAIN_CLOSE
     } else {
         drain
     };
-    if tokio::time::timeout(finish, graceful.shutdown())
+    if tokio::time::timeout(finish, connections.wait())
         .await
         .is_err()
     {
@@ -238,7 +243,7 @@ async fn connection(
     peer: SocketAddr,
     name: String,
     shared: Shared,
-    watcher: Watcher,
+    shutdown: CancellationToken,
 ) {
     let snapshot = shared.state.snapshot();
     let Some(mut listener) = snapshot.listeners.get(&name).cloned() else {
@@ -306,10 +311,10 @@ async fn connection(
     };
     let Some(tls) = &chain.tls else {
         let chosen = Chosen {
-            listener: &listener.name,
+            listener: &listener,
             chain,
         };
-        return serve(stream, ends, None, chosen, snapshot, shared, watcher).await;
+        return serve(stream, ends, None, chosen, snapshot, shared, shutdown).await;
     };
     let offered = inspected.tls.map(|h| h.alpn).unwrap_or_default();
     let (config, local) = match tls.server_config(&shared.secrets, &offered) {
@@ -353,12 +358,12 @@ async fn connection(
         ends,
         Some(session),
         Chosen {
-            listener: &listener.name,
+            listener: &listener,
             chain,
         },
         snapshot,
         shared,
-        watcher,
+        shutdown,
     )
     .await
 }
@@ -366,7 +371,7 @@ async fn connection(
 /// The listener that took a connection and the filter chain chosen for it.
 #[derive(Clone, Copy, Debug)]
 struct Chosen<'a> {
-    listener: &'a str,
+    listener: &'a Arc<Listener>,
     chain: &'a FilterChain,
 }
 
@@ -391,7 +396,7 @@ async fn serve<S>(
     Chosen { listener, chain }: Chosen<'_>,
     snapshot: Arc<Snapshot>,
     shared: Shared,
-    watcher: Watcher,
+    shutdown: CancellationToken,
 ) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -399,14 +404,13 @@ async fn serve<S>(
         shared
             .telemetry
             .metrics
-            .refused(listener, &chain.name, Refusal::Rbac);
+            .refused(&listener.name, &chain.name, Refusal::Rbac);
         return;
     }
     match &chain.terminal {
         Terminal::Http(manager) => {
             let state = Arc::clone(&shared.state);
-            let connection = Connection {
-                snapshot: Arc::clone(&snapshot),
+            let connection = Arc::new(Connection {
                 manager: Arc::clone(manager),
                 inbound: ends.inbound,
                 local: ends.destination,
@@ -415,18 +419,38 @@ async fn serve<S>(
                 session,
                 upstreams: shared.upstreams,
                 telemetry: shared.telemetry,
-            };
+            });
+            // Told by a request that found its listener changed: an
+            // HTTP/2 connection then says GOAWAY.
+            let replaced = Arc::new(Notify::new());
+            let accepted = Arc::clone(listener);
+            let tell = Arc::clone(&replaced);
             let service = hyper::service::service_fn(move |request| {
+                let snapshot = state.snapshot();
+                // As in Envoy, a connection stays with the listener (and
+                // filter chain) it was accepted on, and once that
+                // listener has changed it drains: new connections get the
+                // new one. Routes, clusters and endpoints are the
+                // request's own snapshot's.
+                let replaced = !snapshot
+                    .listeners
+                    .get(&accepted.name)
+                    .is_some_and(|now| Arc::ptr_eq(now, &accepted));
+                let closing = replaced || state.is_draining();
+                let tell = replaced.then(|| Arc::clone(&tell));
                 // Boxed: the request's future is large, and hyper moves
                 // what this returns.
-                let served = Box::pin(crate::http::serve(connection.clone(), request));
-                let state = Arc::clone(&state);
+                let served = Box::pin(crate::http::serve(
+                    Arc::clone(&connection),
+                    snapshot,
+                    request,
+                ));
                 async move {
                     let mut response = served.await?;
-                    // Draining: each HTTP/1 response closes its connection,
-                    // so clients reconnect to wherever the Service sends
-                    // them now (HTTP/2 gets a GOAWAY when the drain ends).
-                    if state.is_draining()
+                    // Each HTTP/1 response closes its connection, so
+                    // clients reconnect (to wherever the Service sends
+                    // them now, when draining); HTTP/2 gets a GOAWAY.
+                    if closing
                         && response.version() <= http::Version::HTTP_11
                         && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
                     {
@@ -434,6 +458,8 @@ async fn serve<S>(
                             http::header::CONNECTION,
                             http::HeaderValue::from_static("close"),
                         );
+                    } else if let Some(tell) = tell {
+                        tell.notify_one();
                     }
                     Ok::<_, std::convert::Infallible>(response)
                 }
@@ -450,13 +476,24 @@ async fn serve<S>(
                 .timer(TokioTimer::new())
                 .max_header_list_size(MAX_HEADERS_BYTES as u32);
             let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            if let Err(error) = watcher.watch(connection).await {
+            let mut connection = std::pin::pin!(connection);
+            let ended = tokio::select! {
+                ended = connection.as_mut() => ended,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                () = replaced.notified() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = ended {
                 tracing::debug!(peer = %ends.peer, %error, "HTTP connection ended");
             }
         }
         Terminal::Tcp(route) => {
-            // Watched only so that a drain waits for it.
-            let _draining = watcher;
+            // Cut at the drain's end; a drain waits for it until then.
             tcp(stream, ends, session, route, &snapshot, &shared).await
         }
     }

@@ -230,6 +230,45 @@ pub async fn first_words(
     Ok(words)
 }
 
+/// One HTTP/1.1 connection kept open across requests, as a pooling
+/// client (an app's HTTP library, another proxy) keeps it.
+#[derive(Debug)]
+pub struct KeptConnection {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+}
+
+impl KeptConnection {
+    pub async fn open(address: SocketAddr) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(address).await?;
+        let (sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(connection);
+        Ok(Self { sender })
+    }
+
+    /// GETs `path` with `host` on this connection: the first word of the
+    /// answer. Fails when the connection was closed.
+    pub async fn first_word(&mut self, host: &str, path: &str) -> anyhow::Result<String> {
+        use http_body_util::BodyExt;
+        self.sender.ready().await.context("the kept connection")?;
+        let request = http::Request::get(path)
+            .header(http::header::HOST, host)
+            .body(http_body_util::Empty::new())?;
+        let response = self
+            .sender
+            .send_request(request)
+            .await
+            .context("a request on the kept connection")?;
+        let body = response.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        Ok(text
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    }
+}
+
 /// The environment of a proxy configured by the control plane at
 /// `target`, presenting `token`: the files it reads are written to `dir`.
 pub fn discovery_env(

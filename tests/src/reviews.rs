@@ -88,6 +88,11 @@ impl Reviews {
     }
 
     /// Where a client of the sidecar sends its requests.
+    pub fn address(&self) -> std::net::SocketAddr {
+        (std::net::Ipv4Addr::LOCALHOST, self.service_port).into()
+    }
+
+    /// [`Self::address`] as a URL, with `path`.
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.service_port)
     }

@@ -2,7 +2,8 @@
 //! control plane over delta ADS (TLS, ServiceAccount token): it is ready
 //! once its first configuration is whole and then splits 1,000 requests
 //! 90/10 as the VirtualService says; a VirtualService change reaches it
-//! while it serves; the control plane counts no NACK — the proxy takes
+//! while it serves, also on a connection opened before it; the control
+//! plane counts no NACK — the proxy takes
 //! everything the control plane's translation emits for this workload.
 //! With the control plane gone it keeps serving its last configuration
 //! and stays ready; when the control plane is back it reconnects and
@@ -18,7 +19,7 @@ use bowline_proxy::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use bowline_tests::LocalCluster;
 use bowline_tests::cluster::{create_namespace, service_account_token};
 use bowline_tests::controlplane::ControlPlane;
-use bowline_tests::proxy::{Running, first_words};
+use bowline_tests::proxy::{KeptConnection, Running, first_words};
 use bowline_tests::reviews::Reviews;
 use serde_json::json;
 
@@ -111,9 +112,21 @@ async fn the_proxy_follows_the_control_plane_and_outlives_it() -> anyhow::Result
         "dynamic listeners in {dump:#}"
     );
 
+    // A client keeping its connection sees the change too: a request is
+    // routed on the configuration of its own moment, not its connection's.
+    let mut kept = KeptConnection::open(reviews.address()).await?;
+    let before = kept.first_word("reviews", "/reviews").await?;
+    ensure!(before.starts_with('v'), "answered by a subset: {before:?}");
     reviews.split(0, 100).await?;
     let took = until_all_reach(&reviews, "v2").await?;
     println!("a VirtualService change reached the proxy's traffic in {took:?}");
+    for _ in 0..20 {
+        let word = kept.first_word("reviews", "/reviews").await?;
+        ensure!(
+            word == "v2",
+            "a connection opened before the change follows it: {word:?}"
+        );
+    }
 
     let (_, metrics) = control_plane.get("/metrics").await?;
     ensure!(
