@@ -7,12 +7,8 @@
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use futures::future::BoxFuture;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -148,71 +144,5 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
-    }
-}
-
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
-        match self {
-            Stream::Plain(s) => s.connected(),
-            Stream::Tls(s, session) => {
-                let (tcp, tls) = s.get_ref();
-                let mut connected = tcp.connected();
-                if matches!(tls.alpn_protocol(), Some(b"h2" | b"istio-h2")) {
-                    connected = connected.negotiated_h2();
-                }
-                // Responses on it carry who is at each end.
-                connected.extra(session.clone())
-            }
-        }
-    }
-}
-
-/// The connector of a cluster's HTTP client: `https://` URIs (the scheme
-/// the data path gives endpoints to reach over TLS) get TLS.
-#[derive(Clone, Debug)]
-pub struct Connector {
-    pub cluster: Arc<Cluster>,
-    pub secrets: Arc<Secrets>,
-    pub carried: Carried,
-}
-
-impl tower::Service<http::Uri> for Connector {
-    type Response = TokioIo<Stream>;
-    type Error = io::Error;
-    type Future = BoxFuture<'static, io::Result<Self::Response>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let connector = self.clone();
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default();
-            let host = host.trim_start_matches('[').trim_end_matches(']');
-            let secure = uri.scheme() == Some(&http::uri::Scheme::HTTPS);
-            let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
-            let target = match host.parse::<std::net::IpAddr>() {
-                Ok(ip) => Target::Ip(SocketAddr::new(ip, port)),
-                Err(_) => Target::Dns(host.to_string(), port),
-            };
-            // `https` is given to endpoints the cluster reaches over TLS,
-            // all of them or those with a mesh proxy.
-            let tls = if secure {
-                connector.cluster.tls_for(true).map(Arc::as_ref)
-            } else {
-                None
-            };
-            let stream = connect(
-                &connector.cluster,
-                &connector.secrets,
-                &target,
-                tls,
-                connector.carried,
-            )
-            .await?;
-            Ok(TokioIo::new(stream))
-        })
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HOST, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Request, Response, StatusCode, Uri, Version};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
@@ -20,11 +21,11 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use http_body::Body as _;
 
 use crate::model::Snapshot;
-use crate::model::cluster::Target;
 use crate::model::listener::{HttpManager, RouteSource};
 use crate::model::rbac::{Asked, Subject, Verdict};
 use crate::model::resilience::{Abort, Attempt, Fault};
 use crate::model::route::{Action, Forward, Route, split_port};
+use crate::pool::{Answer, Failure};
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::{Head, Pending};
 use crate::telemetry::metrics::{
@@ -365,7 +366,7 @@ async fn proxy(
         }
         Action::Forward(forward) => {
             if let Some(fault) = &route.fault {
-                inject(fault, &mut report.flags).await?;
+                Box::pin(inject(fault, &mut report.flags)).await?;
             }
             let mut response = send(on, host, route, forward, request, authority, report).await?;
             route.headers.response.apply(response.headers_mut());
@@ -442,18 +443,33 @@ impl RequestBody {
 /// The request as it goes upstream, before an endpoint is chosen.
 struct Upstream {
     method: http::Method,
-    path: String,
+    path: PathAndQuery,
     headers: http::HeaderMap,
 }
 
 impl Upstream {
-    /// The request to `host`, over TLS when `secure`.
-    fn request(&self, target: &Target, secure: bool, body: Body) -> Result<Request<Body>, Flag> {
+    /// The request to `host` with `headers`: origin-form over HTTP/1.1,
+    /// absolute over HTTP/2 (`https` when `secure`).
+    fn request(
+        &self,
+        host: &Host,
+        h2: bool,
+        secure: bool,
+        headers: http::HeaderMap,
+        body: Body,
+    ) -> Result<Request<Body>, Flag> {
         let mut request = Request::new(body);
         *request.method_mut() = self.method.clone();
-        *request.uri_mut() =
-            upstream_uri(target, secure, &self.path).ok_or(Flag::UpstreamConnectionFailure)?;
-        *request.headers_mut() = self.headers.clone();
+        *request.uri_mut() = if h2 {
+            let mut uri = http::uri::Parts::default();
+            uri.scheme = Some(if secure { Scheme::HTTPS } else { Scheme::HTTP });
+            uri.authority = Some(host.authority.clone());
+            uri.path_and_query = Some(self.path.clone());
+            Uri::from_parts(uri).map_err(|_| Flag::UpstreamConnectionFailure)?
+        } else {
+            Uri::from(self.path.clone())
+        };
+        *request.headers_mut() = headers;
         Ok(request)
     }
 }
@@ -496,11 +512,14 @@ async fn send(
     let path_and_query = parts
         .uri
         .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
-    let path = forward
-        .rewrite_path(route, &path_and_query)
-        .unwrap_or(path_and_query);
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let path = match forward.rewrite_path(route, path_and_query.as_str()) {
+        Some(rewritten) => {
+            PathAndQuery::try_from(rewritten).map_err(|_| Flag::UpstreamConnectionFailure)?
+        }
+        None => path_and_query,
+    };
     let host_header = match &forward.host_rewrite {
         Some(rewrite) => rewrite.clone(),
         None => HeaderValue::from_str(authority).map_err(|_| Flag::NoRoute)?,
@@ -542,7 +561,7 @@ async fn send(
             upstream: &upstream,
             reach: &reach,
             forward,
-            head: &head,
+            head,
             h2,
             announce,
         };
@@ -595,7 +614,7 @@ struct Plan<'a> {
     upstream: &'a Arc<ClusterState>,
     reach: &'a Reach,
     forward: &'a Forward,
-    head: &'a Upstream,
+    head: Upstream,
     /// HTTP/2 to the endpoint.
     h2: bool,
     /// Tells mesh endpoints who calls.
@@ -614,7 +633,7 @@ async fn attempt(
         upstream,
         reach,
         forward,
-        head,
+        mut head,
         h2,
         announce,
     } = plan;
@@ -644,19 +663,23 @@ async fn attempt(
         let admission = upstream.admit(h2).await.map_err(|_| Flag::Overflow)?;
         let in_flight = target.start();
         let secure = upstream.config.tls_for(target.mesh).is_some();
-        let mut request = head.request(&target.address, secure, body.next())?;
+        // The headers go with the last attempt; earlier ones send copies.
+        let headers = if retries_left > 0 {
+            head.headers.clone()
+        } else {
+            std::mem::take(&mut head.headers)
+        };
+        let mut request = head.request(&target, h2, secure, headers, body.next())?;
         if let Some(exchange) = announce.filter(|_| target.mesh) {
             exchange.announce(request.headers_mut());
         }
-        let call = upstream.client(h2).request(request);
+        let call = upstream.send(&target, h2, request);
         let result = match policy.and_then(|p| p.per_try_timeout) {
             Some(limit) => match tokio::time::timeout(limit, call).await {
-                Ok(result) => result.map_err(|error| classify(&error, &target.address)),
+                Ok(result) => result.map_err(|error| classify(&error, &target)),
                 Err(_) => Err(Attempt::TimedOut),
             },
-            None => call
-                .await
-                .map_err(|error| classify(&error, &target.address)),
+            None => call.await.map_err(|error| classify(&error, &target)),
         };
         let (outcome, ended) = match &result {
             Ok(response) => {
@@ -699,13 +722,17 @@ async fn attempt(
     }
 }
 
-fn classify(error: &hyper_util::client::legacy::Error, target: &Target) -> Attempt {
-    let cause = std::error::Error::source(error).map(ToString::to_string);
-    tracing::debug!(%error, ?cause, endpoint = %target, "upstream request failed");
-    if error.is_connect() {
-        Attempt::ConnectFailure
-    } else {
-        Attempt::Reset
+fn classify(failure: &Failure, host: &Host) -> Attempt {
+    match failure {
+        Failure::Connect(error) => {
+            tracing::debug!(%error, endpoint = %host.address, "upstream connection failed");
+            Attempt::ConnectFailure
+        }
+        Failure::Reset(error) => {
+            let cause = std::error::Error::source(error).map(ToString::to_string);
+            tracing::debug!(%error, ?cause, endpoint = %host.address, "upstream request failed");
+            Attempt::Reset
+        }
     }
 }
 
@@ -727,7 +754,9 @@ fn shadow(on: On<'_>, cluster: &str, head: &Upstream, authority: &str, body: Byt
         return;
     };
     let secure = cluster.tls_for(target.mesh).is_some();
-    let Ok(mut request) = head.request(&target.address, secure, full(body)) else {
+    let h2 = upstream.speaks_h2(false);
+    let Ok(mut request) = head.request(&target, h2, secure, head.headers.clone(), full(body))
+    else {
         return;
     };
     let host = match split_port(authority) {
@@ -737,11 +766,10 @@ fn shadow(on: On<'_>, cluster: &str, head: &Upstream, authority: &str, body: Byt
     if let Ok(host) = HeaderValue::from_str(&host) {
         request.headers_mut().insert(HOST, host);
     }
-    let client = upstream.client(upstream.speaks_h2(false)).clone();
     tokio::spawn(async move {
         let _in_flight = target.start();
         if let Ok(Ok(response)) =
-            tokio::time::timeout(SHADOW_TIMEOUT, client.request(request)).await
+            tokio::time::timeout(SHADOW_TIMEOUT, upstream.send(&target, h2, request)).await
         {
             let _ = response.into_body().collect().await;
         }
@@ -755,7 +783,7 @@ const SHADOW_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(15);
 /// circuit-breaker admission and its count at the endpoint — until it is
 /// read or dropped.
 struct Guarded {
-    body: Incoming,
+    body: Answer,
     _guards: (Admission, HostGuard),
 }
 
@@ -867,14 +895,7 @@ fn authorized(connection: &Connection, request: &Request<Incoming>) -> bool {
     true
 }
 
-/// `https://` for an endpoint reached over TLS: the connector's cue, and
-/// a pool of its own.
-fn upstream_uri(target: &Target, secure: bool, path: &str) -> Option<Uri> {
-    let scheme = if secure { "https" } else { "http" };
-    format!("{scheme}://{target}{path}").parse().ok()
-}
-
-fn full(bytes: Bytes) -> Body {
+pub(crate) fn full(bytes: Bytes) -> Body {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 

@@ -10,8 +10,10 @@
 //! - [`sniff`]: HTTP told from other protocols by a connection's first
 //!   bytes, for listeners that ask.
 //! - [`http`]: one request: route, then forward, redirect or answer.
-//! - [`upstream`]: pooled connections to a cluster's endpoints, and the
+//! - [`upstream`]: a cluster's circuit breakers, outlier detection and
 //!   choice of endpoint.
+//! - [`pool`]: an endpoint's HTTP connections, kept alive between
+//!   requests.
 //! - [`connect`]: a connection to one endpoint, TLS as the cluster says.
 //! - [`tls`]: TLS contexts, the secrets they name, peers' SPIFFE IDs.
 //! - [`identity`]: the workload's SVID from the CA, renewed at half-life.
@@ -31,6 +33,7 @@ pub mod error;
 pub mod http;
 pub mod identity;
 pub mod model;
+pub mod pool;
 pub mod probe;
 pub mod server;
 pub mod sniff;
@@ -110,8 +113,10 @@ pub async fn run(
             tokio::spawn(async move { xds::follow(&config, &discovery, state, stop).await });
         }
     }
+    let upstreams = Arc::new(Upstreams::new(Arc::clone(&secrets)));
+    tokio::spawn(upstream::close_idle(Arc::downgrade(&upstreams)));
     let shared = Shared {
-        upstreams: Arc::new(Upstreams::new(Arc::clone(&secrets))),
+        upstreams,
         secrets,
         state,
         telemetry,

@@ -616,8 +616,13 @@ impl UpstreamTls {
                 Carried::Tcp => vec![b"istio-peer-exchange".to_vec(), MESH_ALPN.to_vec()],
             };
         }
+        // An HTTP/1.1 connection cannot switch to the h2 a server picks.
         if !configured.is_empty() {
-            return configured.clone();
+            return configured
+                .iter()
+                .filter(|p| carried != Carried::Http1 || p.as_slice() != b"h2")
+                .cloned()
+                .collect();
         }
         match carried {
             Carried::Http1 => vec![b"http/1.1".to_vec()],

@@ -7,27 +7,28 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
+use futures::future::Either;
 
 use bytes::Bytes;
+use http::{Request, Response};
 use http_body_util::combinators::BoxBody;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::connect::Connector;
 use crate::model::cluster::Discovery;
 use crate::model::cluster::{LbPolicy, Protocol, Target};
 use crate::model::{Cluster, Endpoints, Snapshot};
-use crate::tls::{Carried, Secrets};
+use crate::pool::{Answer, Dial, Failure, IDLE_SWEEP, Pool};
+use crate::tls::Secrets;
 
 /// The body of requests and responses on the data path.
 pub type Body = BoxBody<Bytes, hyper::Error>;
 
-/// How long an idle upstream connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+/// How many original destinations a passthrough cluster keeps the
+/// connections of.
+const ORIGINALS_KEPT: usize = 1024;
 
 /// Where a cluster's requests and connections can go.
 #[derive(Debug)]
@@ -35,7 +36,7 @@ pub enum Reach {
     /// Its endpoints, one chosen each time by its policy.
     Endpoints(Arc<Endpoints>),
     /// The captured connection's original destination (ORIGINAL_DST).
-    Original(Arc<Host>),
+    Original(std::net::SocketAddr),
 }
 
 impl Reach {
@@ -49,11 +50,7 @@ impl Reach {
         captured: Option<std::net::SocketAddr>,
     ) -> Option<Self> {
         match cluster.discovery {
-            Discovery::OriginalDst => {
-                let destination = captured?;
-                let host = Host::new(Target::Ip(destination), false);
-                Some(Self::Original(Arc::new(host)))
-            }
+            Discovery::OriginalDst => captured.map(Self::Original),
             _ => snapshot.endpoints_of(cluster).map(Self::Endpoints),
         }
     }
@@ -90,6 +87,30 @@ impl Upstreams {
         state
     }
 
+    /// Closes the connections idle too long, in every cluster.
+    fn close_idle(&self) {
+        let clusters: Vec<Arc<ClusterState>> = self
+            .clusters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for cluster in clusters {
+            for host in &cluster.hosts.load().states {
+                host.pool.close_idle();
+            }
+            cluster
+                .originals
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .retain(|_, host| {
+                    host.pool.close_idle();
+                    host.active.load(Ordering::Relaxed) > 0 || !host.pool.is_empty()
+                });
+        }
+    }
+
     /// Forgets clusters no longer configured.
     pub fn retain(&self, keep: impl Fn(&str) -> bool) {
         self.clusters
@@ -99,14 +120,27 @@ impl Upstreams {
     }
 }
 
+/// Closes idle connections that requests have not come to take, looking
+/// every [`IDLE_SWEEP`], for as long as `upstreams` are in use.
+pub async fn close_idle(upstreams: std::sync::Weak<Upstreams>) {
+    let mut every = tokio::time::interval(IDLE_SWEEP);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        let Some(upstreams) = upstreams.upgrade() else {
+            return;
+        };
+        upstreams.close_idle();
+    }
+}
+
 /// One cluster's upstream side: its connection pools, its circuit
 /// breakers, and the state of each endpoint (requests in flight for
 /// least-request, failures and ejection for outlier detection).
 #[derive(Debug)]
 pub struct ClusterState {
     pub config: Arc<Cluster>,
-    http1: Client<Connector, Body>,
-    http2: Client<Connector, Body>,
+    secrets: Arc<Secrets>,
     next: AtomicUsize,
     requests: AtomicU32,
     pending: AtomicU32,
@@ -114,6 +148,9 @@ pub struct ClusterState {
     /// HTTP/1.1 connections busy: one request each.
     connections: Arc<Semaphore>,
     hosts: ArcSwap<Hosts>,
+    /// The original destinations requests went to (ORIGINAL_DST), for
+    /// their connections.
+    originals: Mutex<HashMap<std::net::SocketAddr, Arc<Host>>>,
     /// Ejection times are kept as milliseconds since this instant.
     epoch: Instant,
 }
@@ -133,6 +170,10 @@ pub struct Host {
     ///
     /// [`Endpoint::mesh`]: crate::model::cluster::Endpoint::mesh
     pub mesh: bool,
+    /// The authority of requests to it over HTTP/2.
+    pub authority: http::uri::Authority,
+    /// Its connections.
+    pub pool: Arc<Pool>,
     active: AtomicU32,
     consecutive_5xx: AtomicU32,
     consecutive_gateway: AtomicU32,
@@ -145,8 +186,13 @@ pub struct Host {
 impl Host {
     fn new(address: Target, mesh: bool) -> Self {
         Self {
+            authority: address
+                .to_string()
+                .parse()
+                .unwrap_or_else(|_| http::uri::Authority::from_static("upstream")),
             address,
             mesh,
+            pool: Arc::default(),
             active: AtomicU32::new(0),
             consecutive_5xx: AtomicU32::new(0),
             consecutive_gateway: AtomicU32::new(0),
@@ -221,34 +267,16 @@ const PANIC_PERCENT: usize = 50;
 
 impl ClusterState {
     fn new(config: Arc<Cluster>, secrets: Arc<Secrets>) -> Self {
-        let client = |http2: bool| {
-            let connector = Connector {
-                cluster: Arc::clone(&config),
-                secrets: Arc::clone(&secrets),
-                carried: if http2 {
-                    Carried::Http2
-                } else {
-                    Carried::Http1
-                },
-            };
-            Client::builder(TokioExecutor::new())
-                .pool_idle_timeout(IDLE_TIMEOUT)
-                .pool_timer(TokioTimer::new())
-                .timer(TokioTimer::new())
-                .http2_only(http2)
-                .http1_writev(false)
-                .build(connector)
-        };
         let connections = (config.limits.max_connections as usize).min(Semaphore::MAX_PERMITS);
         Self {
-            http1: client(false),
-            http2: client(true),
+            secrets,
             next: AtomicUsize::new(0),
             requests: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             retries: AtomicU32::new(0),
             connections: Arc::new(Semaphore::new(connections)),
             hosts: ArcSwap::from_pointee(Hosts::default()),
+            originals: Mutex::default(),
             epoch: Instant::now(),
             config,
         }
@@ -264,8 +292,27 @@ impl ClusterState {
         }
     }
 
-    pub fn client(&self, h2: bool) -> &Client<Connector, Body> {
-        if h2 { &self.http2 } else { &self.http1 }
+    /// Sends `request` to `host` over one of its connections, HTTP/2
+    /// when `h2` (the URI absolute then, origin-form over HTTP/1.1), TLS
+    /// when the cluster says so for the endpoint.
+    pub fn send<'a>(
+        &'a self,
+        host: &'a Host,
+        h2: bool,
+        request: Request<Body>,
+    ) -> impl Future<Output = Result<Response<Answer>, Failure>> + 'a {
+        let dial = Dial {
+            cluster: &self.config,
+            secrets: &self.secrets,
+            target: &host.address,
+            tls: self.config.tls_for(host.mesh).map(Arc::as_ref),
+        };
+        // Not an async fn: its future would hold the pool's, moved in.
+        if h2 {
+            Either::Left(host.pool.send_http2(dial, request))
+        } else {
+            Either::Right(host.pool.send_http1(dial, request))
+        }
     }
 
     /// Admits a request past the circuit breakers: at most `max_requests`
@@ -350,8 +397,24 @@ impl ClusterState {
     pub fn choose(&self, reach: &Reach, tried: &[Arc<Host>]) -> Option<Arc<Host>> {
         match reach {
             Reach::Endpoints(endpoints) => self.pick(endpoints, tried),
-            Reach::Original(host) => Some(Arc::clone(host)),
+            Reach::Original(destination) => Some(self.original(*destination)),
         }
+    }
+
+    /// The host of an original destination, kept (with its connections)
+    /// for the next request there; when too many are kept, those without
+    /// a request in flight go.
+    fn original(&self, destination: std::net::SocketAddr) -> Arc<Host> {
+        let mut originals = self.originals.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(host) = originals.get(&destination) {
+            return Arc::clone(host);
+        }
+        if originals.len() >= ORIGINALS_KEPT {
+            originals.retain(|_, host| host.active.load(Ordering::Relaxed) > 0);
+        }
+        let host = Arc::new(Host::new(Target::Ip(destination), false));
+        originals.insert(destination, Arc::clone(&host));
+        host
     }
 
     /// An endpoint for the next attempt by the cluster's policy, among the
@@ -488,6 +551,7 @@ mod tests {
     use super::*;
     use crate::model::cluster::{Discovery, Endpoint};
     use crate::model::resilience::{Limits, Outlier};
+    use std::time::Duration;
 
     fn secrets() -> Arc<Secrets> {
         Arc::new(Secrets::new(Arc::default(), false))
@@ -689,5 +753,68 @@ mod tests {
         assert!(Arc::ptr_eq(&a, &upstreams.get(&first)));
         let b = upstreams.get(&cluster(LbPolicy::Random, None));
         assert!(!Arc::ptr_eq(&a, &b));
+    }
+
+    /// An upstream answering `ok` on each connection it accepts, telling
+    /// when a connection has been closed by the proxy.
+    async fn closing_upstream() -> (u16, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (closed, closes) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let closed = closed.clone();
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    while let Ok(1..) = stream.read(&mut buffer).await {
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if stream.write_all(answer).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = closed.send(());
+                });
+            }
+        });
+        (port, closes)
+    }
+
+    #[tokio::test]
+    async fn a_free_connection_is_closed_after_its_idle_looks() {
+        use http_body_util::BodyExt;
+        let (upstream, mut closes) = closing_upstream().await;
+        let upstreams = Upstreams::new(secrets());
+        let state = upstreams.get(&cluster(LbPolicy::RoundRobin, None));
+        let host = state.pick(&endpoints(&[(upstream, 1, true)]), &[]).unwrap();
+        let request = || {
+            let mut request = Request::new(crate::http::full(Bytes::new()));
+            request
+                .headers_mut()
+                .insert(http::header::HOST, http::HeaderValue::from_static("c"));
+            request
+        };
+        for _ in 0..2 {
+            let response = state.send(&host, false, request()).await.unwrap();
+            let body = response.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body, "ok");
+        }
+        assert!(
+            !host.pool.is_empty(),
+            "the connection is kept once its answer is read"
+        );
+        for _ in 0..crate::pool::IDLE_SWEEPS {
+            upstreams.close_idle();
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            closes.try_recv().is_err(),
+            "kept while it has been free for fewer looks"
+        );
+        upstreams.close_idle();
+        tokio::time::timeout(Duration::from_secs(5), closes.recv())
+            .await
+            .expect("closed after its last look");
+        assert!(host.pool.is_empty());
     }
 }
