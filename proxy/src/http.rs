@@ -289,7 +289,10 @@ pub async fn serve(
             peers,
             protocol,
             code: parts.status.as_u16(),
-            grpc_status: grpc_status(&parts.headers),
+            grpc_status: match protocol {
+                Protocol::Grpc => grpc_status(&parts.headers),
+                Protocol::Http => None,
+            },
             flags: report.flags,
         },
         started,
@@ -567,6 +570,9 @@ async fn send(
         };
         attempt(plan, &mut body, &mut report.endpoint).await
     };
+    // Pinned where it is: the timeout takes a reference, not the future
+    // (kilobytes, moved on every request otherwise).
+    let attempts = std::pin::pin!(attempts);
     let mut response = match forward.timeout {
         Some(timeout) => tokio::time::timeout(timeout, attempts)
             .await
@@ -673,18 +679,23 @@ async fn attempt(
         if let Some(exchange) = announce.filter(|_| target.mesh) {
             exchange.announce(request.headers_mut());
         }
-        let call = upstream.send(&target, h2, request);
-        let result = match policy.and_then(|p| p.per_try_timeout) {
-            Some(limit) => match tokio::time::timeout(limit, call).await {
-                Ok(result) => result.map_err(|error| classify(&error, &target)),
-                Err(_) => Err(Attempt::TimedOut),
-            },
-            None => call.await.map_err(|error| classify(&error, &target)),
+        let result = {
+            let call = std::pin::pin!(upstream.send(&target, h2, request));
+            match policy.and_then(|p| p.per_try_timeout) {
+                Some(limit) => match tokio::time::timeout(limit, call).await {
+                    Ok(result) => result.map_err(|error| classify(&error, &target)),
+                    Err(_) => Err(Attempt::TimedOut),
+                },
+                None => call.await.map_err(|error| classify(&error, &target)),
+            }
         };
         let (outcome, ended) = match &result {
             Ok(response) => {
                 let status = response.status();
-                let grpc = grpc_status(response.headers()).map(u32::from);
+                // Only a retry policy's gRPC conditions read it.
+                let grpc = policy
+                    .and_then(|_| grpc_status(response.headers()))
+                    .map(u32::from);
                 let outcome = if status.is_server_error() {
                     Outcome::ServerError(status.as_u16())
                 } else {
@@ -836,6 +847,20 @@ fn connection_options(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
 /// Headers that describe one connection, not the request (RFC 9110 7.6.1),
 /// and the headers the Connection header names.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    // Most requests have none: one look at their few names is cheaper
+    // than a lookup of each.
+    let hop_by_hop = |name: &http::HeaderName| {
+        name == http::header::CONNECTION
+            || name == http::header::PROXY_AUTHENTICATE
+            || name == http::header::TRANSFER_ENCODING
+            || name == http::header::UPGRADE
+            || name == http::header::TE
+            || name == "keep-alive"
+            || name == "proxy-connection"
+    };
+    if !headers.keys().any(hop_by_hop) {
+        return;
+    }
     let named: Vec<http::HeaderName> = connection_options(headers)
         .filter_map(|name| http::HeaderName::from_bytes(name.as_bytes()).ok())
         .collect();

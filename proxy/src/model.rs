@@ -26,16 +26,20 @@ pub fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> std::time::D
     std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
 }
 
+/// Resources by name, looked up on every request: hashed with foldhash,
+/// many times faster than SipHash on names (and still seeded).
+pub type ByName<V> = HashMap<String, V, foldhash::fast::RandomState>;
+
 /// Everything the proxy serves with, at one moment.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     pub listeners: BTreeMap<String, Arc<Listener>>,
-    pub routes: HashMap<String, Arc<RouteTable>>,
-    pub clusters: HashMap<String, Arc<Cluster>>,
+    pub routes: ByName<Arc<RouteTable>>,
+    pub clusters: ByName<Arc<Cluster>>,
     /// EDS assignments by service name.
-    pub endpoints: HashMap<String, Arc<Endpoints>>,
+    pub endpoints: ByName<Arc<Endpoints>>,
     /// Certificates and roots by name, from SDS or the bootstrap file.
-    pub secrets: HashMap<String, Arc<crate::tls::Secret>>,
+    pub secrets: ByName<Arc<crate::tls::Secret>>,
     /// Every resource as it came, for the admin endpoint's dump.
     pub raw: Arc<[Raw]>,
 }

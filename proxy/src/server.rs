@@ -440,10 +440,9 @@ async fn serve<S>(
                 let tell = replaced.then(|| Arc::clone(&tell));
                 // Boxed: the request's future is large, and hyper moves
                 // what this returns.
-                let served = Box::pin(crate::http::serve(
-                    Arc::clone(&connection),
-                    snapshot,
-                    request,
+                let served = Box::into_pin(Box::write(
+                    Box::new_uninit(),
+                    crate::http::serve(Arc::clone(&connection), snapshot, request),
                 ));
                 async move {
                     let mut response = served.await?;

@@ -59,7 +59,7 @@ impl Reach {
 /// Every cluster's upstream state, by name.
 #[derive(Debug)]
 pub struct Upstreams {
-    clusters: Mutex<HashMap<String, Arc<ClusterState>>>,
+    clusters: Mutex<crate::model::ByName<Arc<ClusterState>>>,
     pub secrets: Arc<Secrets>,
 }
 
@@ -142,6 +142,9 @@ pub struct ClusterState {
     pub config: Arc<Cluster>,
     secrets: Arc<Secrets>,
     next: AtomicUsize,
+    /// Milliseconds since the epoch until which the last ejection lasts:
+    /// before then some endpoint may be ejected.
+    ejections_end: AtomicU64,
     requests: AtomicU32,
     pending: AtomicU32,
     retries: AtomicU32,
@@ -160,6 +163,10 @@ pub struct ClusterState {
 struct Hosts {
     source: Option<Arc<Endpoints>>,
     states: Vec<Arc<Host>>,
+    /// Which of them EDS says are healthy, by index.
+    healthy: Vec<usize>,
+    /// Whether those all have the same weight.
+    equal: bool,
 }
 
 /// One endpoint's state, kept across EDS updates while it stays.
@@ -271,6 +278,7 @@ impl ClusterState {
         Self {
             secrets,
             next: AtomicUsize::new(0),
+            ejections_end: AtomicU64::new(0),
             requests: AtomicU32::new(0),
             pending: AtomicU32::new(0),
             retries: AtomicU32::new(0),
@@ -372,21 +380,27 @@ impl ClusterState {
         {
             return hosts;
         }
+        let known: HashMap<(&Target, bool), &Arc<Host>> = hosts
+            .states
+            .iter()
+            .map(|h| ((&h.address, h.mesh), h))
+            .collect();
         let states = endpoints
             .items
             .iter()
-            .map(|e| {
-                hosts
-                    .states
-                    .iter()
-                    .find(|h| h.address == e.address && h.mesh == e.mesh)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(Host::new(e.address.clone(), e.mesh)))
+            .map(|e| match known.get(&(&e.address, e.mesh)) {
+                Some(host) => Arc::clone(host),
+                None => Arc::new(Host::new(e.address.clone(), e.mesh)),
             })
+            .collect();
+        let healthy: Vec<usize> = (0..endpoints.items.len())
+            .filter(|i| endpoints.items[*i].healthy)
             .collect();
         let fresh = Arc::new(Hosts {
             source: Some(Arc::clone(endpoints)),
             states,
+            equal: equal_weights(endpoints, &healthy),
+            healthy,
         });
         self.hosts.store(Arc::clone(&fresh));
         fresh
@@ -423,47 +437,57 @@ impl ClusterState {
     pub fn pick(&self, endpoints: &Arc<Endpoints>, tried: &[Arc<Host>]) -> Option<Arc<Host>> {
         let hosts = self.hosts(endpoints);
         let now = self.now();
-        let healthy: Vec<(usize, &Arc<Host>)> = hosts
-            .states
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| endpoints.items[*i].healthy)
-            .collect();
-        let available: Vec<(usize, &Arc<Host>)> = healthy
+        // Nothing ejected and nothing to avoid (every first attempt while
+        // all is well): the healthy endpoints as EDS last gave them.
+        if tried.is_empty() && now >= self.ejections_end.load(Ordering::Relaxed) {
+            return self.by_policy(&hosts, endpoints, &hosts.healthy, hosts.equal);
+        }
+        let available: Vec<usize> = hosts
+            .healthy
             .iter()
             .copied()
-            .filter(|(_, h)| !h.ejected(now))
+            .filter(|i| !hosts.states[*i].ejected(now))
             .collect();
-        let mut candidates = if available.len() * 100 < healthy.len() * PANIC_PERCENT {
-            healthy
+        let mut candidates = if available.len() * 100 < hosts.healthy.len() * PANIC_PERCENT {
+            hosts.healthy.clone()
         } else {
             available
         };
         if !tried.is_empty() {
-            let untried: Vec<(usize, &Arc<Host>)> = candidates
+            let untried: Vec<usize> = candidates
                 .iter()
                 .copied()
-                .filter(|(_, h)| !tried.iter().any(|t| Arc::ptr_eq(t, h)))
+                .filter(|i| !tried.iter().any(|t| Arc::ptr_eq(t, &hosts.states[*i])))
                 .collect();
             if !untried.is_empty() {
                 candidates = untried;
             }
         }
+        let equal = equal_weights(endpoints, &candidates);
+        self.by_policy(&hosts, endpoints, &candidates, equal)
+    }
+
+    /// One of `candidates` (indices into `hosts`) by the cluster's policy.
+    fn by_policy(
+        &self,
+        hosts: &Hosts,
+        endpoints: &Endpoints,
+        candidates: &[usize],
+        equal: bool,
+    ) -> Option<Arc<Host>> {
+        let host = |n: usize| &hosts.states[candidates[n]];
         let weight = |i: usize| endpoints.items[i].weight;
-        let equal = candidates
-            .windows(2)
-            .all(|w| weight(w[0].0) == weight(w[1].0));
         let chosen = match (self.config.lb, candidates.len()) {
             (_, 0) => return None,
-            (_, 1) => candidates[0].1,
+            (_, 1) => host(0),
             (LbPolicy::RoundRobin, n) if equal => {
-                candidates[self.next.fetch_add(1, Ordering::Relaxed) % n].1
+                host(self.next.fetch_add(1, Ordering::Relaxed) % n)
             }
             // Power of two choices: the less loaded of two at random.
             (LbPolicy::LeastRequest, n) if equal => {
                 let first = rand::random_range(0..n);
                 let second = (first + rand::random_range(1..n)) % n;
-                let (a, b) = (candidates[first].1, candidates[second].1);
+                let (a, b) = (host(first), host(second));
                 if b.active.load(Ordering::Relaxed) < a.active.load(Ordering::Relaxed) {
                     b
                 } else {
@@ -472,16 +496,14 @@ impl ClusterState {
             }
             // By weight at random (and RANDOM).
             _ => {
-                let total: u64 = candidates.iter().map(|(i, _)| u64::from(weight(*i))).sum();
+                let total: u64 = candidates.iter().map(|i| u64::from(weight(*i))).sum();
                 let mut point = rand::random_range(0..total);
-                candidates
-                    .iter()
-                    .find(|(i, _)| {
-                        let hit = point < u64::from(weight(*i));
-                        point = point.saturating_sub(u64::from(weight(*i)));
-                        hit
-                    })?
-                    .1
+                let found = candidates.iter().find(|i| {
+                    let hit = point < u64::from(weight(**i));
+                    point = point.saturating_sub(u64::from(weight(**i)));
+                    hit
+                })?;
+                &hosts.states[*found]
             }
         };
         Some(Arc::clone(chosen))
@@ -538,12 +560,20 @@ impl ClusterState {
         host.ejections.store(ejections, Ordering::Relaxed);
         let time = (outlier.base_ejection_time * ejections)
             .min(outlier.max_ejection_time.max(outlier.base_ejection_time));
-        host.ejected_until
-            .store(now + time.as_millis() as u64, Ordering::Relaxed);
+        let until = now + time.as_millis() as u64;
+        host.ejected_until.store(until, Ordering::Relaxed);
+        self.ejections_end.fetch_max(until, Ordering::Relaxed);
         host.consecutive_5xx.store(0, Ordering::Relaxed);
         host.consecutive_gateway.store(0, Ordering::Relaxed);
         tracing::info!(cluster = %self.config.name, endpoint = %host.address, ?time, "endpoint ejected");
     }
+}
+
+/// Whether the endpoints at `indices` all have the same weight.
+fn equal_weights(endpoints: &Endpoints, indices: &[usize]) -> bool {
+    indices
+        .windows(2)
+        .all(|w| endpoints.items[w[0]].weight == endpoints.items[w[1]].weight)
 }
 
 #[cfg(test)]
