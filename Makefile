@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s envoy kstatus helm prometheus jaeger olm-validate olm descriptors deps bench-operator bench-controlplane bench-proxy bench-mtls
+.PHONY: demo cluster test lint k8s envoy kstatus helm prometheus jaeger olm-validate olm descriptors deps bench-operator bench-controlplane bench-proxy bench-mtls bench-instructions
 
 ## demo: the local cluster with the node agent (pods really run; needs
 ## root), the operator from its Helm chart, the demo mesh, the sample app
@@ -51,6 +51,13 @@ bench-proxy: envoy
 bench-mtls:
 	$(CARGO) build --locked --release -p bowline-proxy -p bowline-tests --bin bowline-proxy --bin bench-proxy
 	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(CARGO_TARGET_DIR)/release/bowline-proxy --suite mtls $(BENCH_ARGS)
+
+## bench-instructions: instructions per HTTP/1.1 request of bowline-proxy
+## and of nginx as the same proxy, counted by valgrind's callgrind
+## (apt-get install valgrind nghttp2-client nginx-light).
+bench-instructions:
+	$(CARGO) build --locked --release -p bowline-proxy -p bowline-tests --bin bowline-proxy --bin bench-proxy
+	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(CARGO_TARGET_DIR)/release/bowline-proxy --suite instructions $(BENCH_ARGS)
 
 ## k8s: build (or find, when up to date) the local cluster's binaries.
 k8s: deps

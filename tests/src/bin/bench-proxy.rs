@@ -18,6 +18,12 @@
 //! latency, CPU and memory of both sidecars, and new connections per
 //! second between the sidecars — with TLS sessions resumed (the default)
 //! and with resumption off (`max_session_keys: 0`, full handshakes).
+//!
+//! `--suite instructions` counts the instructions bowline-proxy and nginx
+//! (as the same proxy) execute per request, each run under valgrind's
+//! callgrind for a fixed number of HTTP/1.1 requests: a figure that does
+//! not swing with the machine's load as timings do, for comparing two
+//! builds or the two proxies.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -52,6 +58,10 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     connections: u64,
 
+    /// Requests counted by the instructions suite.
+    #[arg(long, default_value_t = 20_000)]
+    requests: u64,
+
     /// The core the proxies run on.
     #[arg(long, default_value_t = 1)]
     proxy_core: usize,
@@ -66,6 +76,7 @@ struct Args {
 enum Suite {
     Proxies,
     Mtls,
+    Instructions,
 }
 
 /// One thing measured: its process (and descendants) in a group of its
@@ -318,6 +329,20 @@ fn nginx(
     dir: &Path,
     servers: &str,
 ) -> anyhow::Result<Target> {
+    let mut command = pinned(core, "/usr/sbin/nginx");
+    nginx_arguments(&mut command, name, dir, servers)?;
+    command.args(["-g", "daemon off;"]);
+    Target::start(name, dir, command)
+}
+
+/// The arguments of `command` (an nginx) for its configuration, written
+/// to `dir`.
+fn nginx_arguments(
+    command: &mut Command,
+    name: &str,
+    dir: &Path,
+    servers: &str,
+) -> anyhow::Result<()> {
     let own = dir.join(name);
     std::fs::create_dir_all(&own)?;
     let d = own.display();
@@ -332,15 +357,17 @@ fn nginx(
              uwsgi_temp_path {d}/uwsgi;\n  scgi_temp_path {d}/scgi;\n{servers}\n}}\n"
         ),
     )?;
-    // Debian installs it in /usr/sbin, which a user's PATH may lack.
-    let mut command = pinned(core, "/usr/sbin/nginx");
-    command
-        .arg("-p")
-        .arg(&own)
-        .arg("-c")
-        .arg(&config)
-        .args(["-g", "daemon off;"]);
-    Target::start(name, dir, command)
+    command.arg("-p").arg(&own).arg("-c").arg(&config);
+    Ok(())
+}
+
+/// nginx's proxy configuration: to the upstream, keep-alive.
+fn nginx_proxy(port: u16, h2: u16, upstream: u16) -> String {
+    format!(
+        "  upstream backend {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n  server {{\n    \
+         listen 127.0.0.1:{port} backlog=4096;\n    listen 127.0.0.1:{h2} http2;\n    location / {{\n      \
+         proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}"
+    )
 }
 
 /// The Envoy bootstrap both Envoy and bowline-proxy read: one listener
@@ -366,6 +393,13 @@ fn bootstrap(port: u16, upstream: u16) -> serde_json::Value {
 /// its own endpoints on free ports.
 fn bowline(name: &'static str, args: &Args, file: &Path, dir: &Path) -> anyhow::Result<Target> {
     let mut command = pinned(Some(args.proxy_core), &args.proxy);
+    bowline_arguments(&mut command, file)?;
+    Target::start(name, dir, command)
+}
+
+/// The arguments and environment of `command` (a bowline-proxy) for a
+/// gateway on one worker from the bootstrap `file`.
+fn bowline_arguments(command: &mut Command, file: &Path) -> anyhow::Result<()> {
     command
         .args(["gateway", "--bootstrap"])
         .arg(file)
@@ -379,7 +413,94 @@ fn bowline(name: &'static str, args: &Args, file: &Path, dir: &Path) -> anyhow::
     ] {
         command.env(variable, format!("127.0.0.1:{}", free_port()?));
     }
-    Target::start(name, dir, command)
+    Ok(())
+}
+
+/// The instructions suite: bowline-proxy and nginx, each counted by
+/// callgrind serving `--requests` HTTP/1.1 requests on 16 connections.
+fn instructions_suite(args: &Args, upstream: u16, root: &Path) -> anyhow::Result<()> {
+    let file = root.join("bootstrap.json");
+    let port = free_port()?;
+    std::fs::write(&file, serde_json::to_vec(&bootstrap(port, upstream))?)?;
+    let bowline = instructions("bowline", args, root, port, |out| {
+        let mut command = callgrind(args, out);
+        command.arg(&args.proxy);
+        bowline_arguments(&mut command, &file)?;
+        // Stopped without a drain period, so its count is written at once.
+        command.env("TERMINATION_DRAIN_DURATION_SECONDS", "0");
+        Ok(command)
+    })?;
+    let (nginx_port, h2) = (free_port()?, free_port()?);
+    let servers = nginx_proxy(nginx_port, h2, upstream);
+    let nginx = instructions("nginx", args, root, nginx_port, |out| {
+        let mut command = callgrind(args, out);
+        command.arg("/usr/sbin/nginx");
+        nginx_arguments(&mut command, "nginx", root, &servers)?;
+        // One process: the one counted.
+        command.args(["-g", "daemon off; master_process off;"]);
+        Ok(command)
+    })?;
+    println!();
+    println!(
+        "instructions per request ({} requests, HTTP/1.1, 16 connections):",
+        args.requests
+    );
+    println!("  bowline {bowline:>9.0}");
+    println!("  nginx   {nginx:>9.0}");
+    println!("bowline / nginx: {:.2}x", bowline / nginx);
+    Ok(())
+}
+
+/// valgrind counting instructions into `out`, on the proxies' core.
+fn callgrind(args: &Args, out: &Path) -> Command {
+    let mut command = pinned(Some(args.proxy_core), "valgrind");
+    command
+        .args(["--tool=callgrind", "--quiet"])
+        .arg(format!("--callgrind-out-file={}", out.display()));
+    command
+}
+
+/// Instructions per request of what `command` runs (under callgrind,
+/// writing to the path it is given), serving on `port`: the count of a
+/// run serving `--requests` requests less that of a run serving one.
+fn instructions(
+    name: &'static str,
+    args: &Args,
+    root: &Path,
+    port: u16,
+    command: impl Fn(&Path) -> anyhow::Result<Command>,
+) -> anyhow::Result<f64> {
+    println!("counting: {name}");
+    let mut counts = Vec::new();
+    for requests in [0, args.requests] {
+        let out = root.join(format!("{name}-{requests}.callgrind"));
+        {
+            let mut target = Target::start(name, root, command(&out)?)?;
+            target.wait_serving(port)?;
+            if requests > 0 {
+                let output = Command::new("h2load")
+                    .args(["--h1", "-t1", "-c16", "-n", &requests.to_string()])
+                    .arg(format!("http://127.0.0.1:{port}/"))
+                    .output()
+                    .context("running h2load (apt-get install nghttp2-client)")?;
+                let text = String::from_utf8_lossy(&output.stdout);
+                let succeeded = format!("{requests} succeeded");
+                if !text.contains(&succeeded) {
+                    bail!("{name}: not every request succeeded: {text}");
+                }
+            }
+            // Dropped: stopped, and callgrind writes its count.
+        }
+        let text = std::fs::read_to_string(&out)
+            .with_context(|| format!("callgrind's count for {name} (apt-get install valgrind)"))?;
+        let total: f64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix("totals:"))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("the totals line of {}", out.display()))?;
+        counts.push(total);
+    }
+    Ok((counts[1] - counts[0]) / args.requests as f64)
 }
 
 /// How the two sidecars of the mTLS suite speak to each other.
@@ -637,9 +758,16 @@ fn main() -> anyhow::Result<()> {
         "one worker each on core {}; load and upstream on core 0; {} s per saturation run; {} rps over {} connections for latency and CPU",
         args.proxy_core, args.seconds, args.rate, args.connections
     );
-    if args.suite == Suite::Mtls {
-        direct.wait_serving(upstream)?;
-        return mtls_suite(&args, upstream, root);
+    match args.suite {
+        Suite::Mtls => {
+            direct.wait_serving(upstream)?;
+            return mtls_suite(&args, upstream, root);
+        }
+        Suite::Instructions => {
+            direct.wait_serving(upstream)?;
+            return instructions_suite(&args, upstream, root);
+        }
+        Suite::Proxies => {}
     }
     let mut results: Vec<(&str, Figures)> = Vec::new();
 
@@ -673,16 +801,7 @@ fn main() -> anyhow::Result<()> {
     // nginx as a proxy: HTTP/1.1 and h2c need a port each.
     {
         let (port, h2) = (free_port()?, free_port()?);
-        let mut target = nginx(
-            "nginx",
-            core,
-            root,
-            &format!(
-                "  upstream backend {{ server 127.0.0.1:{upstream}; keepalive 128; }}\n  server {{\n    \
-                 listen 127.0.0.1:{port} backlog=4096;\n    listen 127.0.0.1:{h2} http2;\n    location / {{\n      \
-                 proxy_pass http://backend;\n      proxy_http_version 1.1;\n      proxy_set_header Connection \"\";\n    }}\n  }}"
-            ),
-        )?;
+        let mut target = nginx("nginx", core, root, &nginx_proxy(port, h2, upstream))?;
         results.push(("nginx", measure(&args, &mut target, port, h2, root)?));
     }
 
