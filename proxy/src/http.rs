@@ -524,8 +524,16 @@ async fn send(
         None => path_and_query,
     };
     let host_header = match &forward.host_rewrite {
-        Some(rewrite) => rewrite.clone(),
-        None => HeaderValue::from_str(authority).map_err(|_| Flag::NoRoute)?,
+        Some(rewrite) => Some(rewrite.clone()),
+        // The one Host the request came with goes on as it is.
+        None if {
+            let mut hosts = parts.headers.get_all(HOST).iter();
+            hosts.next().is_some_and(|h| h == authority) && hosts.next().is_none()
+        } =>
+        {
+            None
+        }
+        None => Some(HeaderValue::from_str(authority).map_err(|_| Flag::NoRoute)?),
     };
     strip_hop_by_hop(&mut parts.headers);
     if let Some(protocol) = upgrade {
@@ -535,7 +543,9 @@ async fn send(
         );
         parts.headers.insert(http::header::UPGRADE, protocol);
     }
-    parts.headers.insert(HOST, host_header);
+    if let Some(host_header) = host_header {
+        parts.headers.insert(HOST, host_header);
+    }
     if let Some(ops) = weighted_headers {
         ops.request.apply(&mut parts.headers);
     }
