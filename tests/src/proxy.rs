@@ -249,6 +249,18 @@ impl KeptConnection {
     /// GETs `path` with `host` on this connection: the first word of the
     /// answer. Fails when the connection was closed.
     pub async fn first_word(&mut self, host: &str, path: &str) -> anyhow::Result<String> {
+        let response = self.get(host, path).await?;
+        let body = response.body();
+        Ok(body
+            .split_whitespace()
+            .next()
+            .unwrap_or_default()
+            .to_string())
+    }
+
+    /// GETs `path` with `host` on this connection: the answer, its body
+    /// as text. Fails when the connection was closed.
+    pub async fn get(&mut self, host: &str, path: &str) -> anyhow::Result<http::Response<String>> {
         use http_body_util::BodyExt;
         self.sender.ready().await.context("the kept connection")?;
         let request = http::Request::get(path)
@@ -259,13 +271,15 @@ impl KeptConnection {
             .send_request(request)
             .await
             .context("a request on the kept connection")?;
-        let body = response.into_body().collect().await?.to_bytes();
-        let text = String::from_utf8_lossy(&body);
-        Ok(text
-            .split_whitespace()
-            .next()
-            .unwrap_or_default()
-            .to_string())
+        let (parts, body) = response.into_parts();
+        let body = body.collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        Ok(http::Response::from_parts(parts, text))
+    }
+
+    /// Whether the connection is still open.
+    pub async fn is_open(&mut self) -> bool {
+        self.sender.ready().await.is_ok()
     }
 }
 

@@ -2,8 +2,9 @@
 //! control plane over delta ADS (TLS, ServiceAccount token): it is ready
 //! once its first configuration is whole and then splits 1,000 requests
 //! 90/10 as the VirtualService says; a VirtualService change reaches it
-//! while it serves, also on a connection opened before it; the control
-//! plane counts no NACK — the proxy takes
+//! while it serves, also on a connection opened before it, and a change of
+//! the listener itself closes such a connection with its next answer (as
+//! Envoy drains it); the control plane counts no NACK — the proxy takes
 //! everything the control plane's translation emits for this workload.
 //! With the control plane gone it keeps serving its last configuration
 //! and stays ready; when the control plane is back it reconnects and
@@ -170,6 +171,54 @@ async fn the_proxy_follows_the_control_plane_and_outlives_it() -> anyhow::Result
         );
     }
     ensure!(entry["lastNack"].is_null(), "no NACK: {entry}");
+
+    // The listener itself changes (the Sidecar allows only the registry's
+    // hosts, which gives it a default filter chain): a connection it
+    // accepted is told to close with its next answer, and then closes;
+    // new connections are served.
+    let mut kept = KeptConnection::open(reviews.address()).await?;
+    ensure!(kept.first_word("reviews", "/reviews").await? == "v1");
+    reviews
+        .apply(
+            "Sidecar",
+            json!({
+                "metadata": {"name": "default"},
+                "spec": {
+                    "egress": [{
+                        "port": {"number": reviews.service_port, "protocol": "HTTP", "name": "http"},
+                        "bind": "127.0.0.1", "captureMode": "NONE", "hosts": ["./*"],
+                    }],
+                    "outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"},
+                },
+            }),
+        )
+        .await?;
+    let started = Instant::now();
+    let closing = loop {
+        let answer = kept.get("reviews", "/reviews").await?;
+        if answer
+            .headers()
+            .get("connection")
+            .is_some_and(|c| c == "close")
+        {
+            break answer;
+        }
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the kept connection was not told to close within 20 s of the listener change"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    ensure!(
+        closing.status() == 200 && closing.body().starts_with("v1"),
+        "its last answer is served: {closing:?}"
+    );
+    ensure!(!kept.is_open().await, "the connection closes after it");
+    let counts = versions(&reviews, 20).await?;
+    ensure!(
+        counts.get("v1") == Some(&20),
+        "new connections are served by the new listener: {counts:?}"
+    );
     drop(control_plane);
     proxy.stop().await
 }
