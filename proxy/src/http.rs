@@ -526,13 +526,7 @@ async fn send(
     let host_header = match &forward.host_rewrite {
         Some(rewrite) => Some(rewrite.clone()),
         // The one Host the request came with goes on as it is.
-        None if {
-            let mut hosts = parts.headers.get_all(HOST).iter();
-            hosts.next().is_some_and(|h| h == authority) && hosts.next().is_none()
-        } =>
-        {
-            None
-        }
+        None if only_host_is(&parts.headers, authority) => None,
         None => Some(HeaderValue::from_str(authority).map_err(|_| Flag::NoRoute)?),
     };
     strip_hop_by_hop(&mut parts.headers);
@@ -828,6 +822,12 @@ impl http_body::Body for Guarded {
     }
 }
 
+/// Whether `headers` have one Host, and it is `authority`.
+fn only_host_is(headers: &http::HeaderMap, authority: &str) -> bool {
+    let mut hosts = headers.get_all(HOST).iter();
+    hosts.next().is_some_and(|h| h == authority) && hosts.next().is_none()
+}
+
 /// The request's authority: `:authority` (HTTP/2, absolute URIs), else
 /// `Host`.
 fn authority<B>(request: &Request<B>) -> Option<String> {
@@ -857,18 +857,20 @@ fn connection_options(headers: &http::HeaderMap) -> impl Iterator<Item = &str> {
 /// Headers that describe one connection, not the request (RFC 9110 7.6.1),
 /// and the headers the Connection header names.
 fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
+    const HOP_BY_HOP: [http::HeaderName; 6] = [
+        http::header::CONNECTION,
+        http::header::PROXY_AUTHENTICATE,
+        http::header::TRANSFER_ENCODING,
+        http::header::UPGRADE,
+        http::HeaderName::from_static("keep-alive"),
+        http::HeaderName::from_static("proxy-connection"),
+    ];
     // Most requests have none: one look at their few names is cheaper
     // than a lookup of each.
-    let hop_by_hop = |name: &http::HeaderName| {
-        name == http::header::CONNECTION
-            || name == http::header::PROXY_AUTHENTICATE
-            || name == http::header::TRANSFER_ENCODING
-            || name == http::header::UPGRADE
-            || name == http::header::TE
-            || name == "keep-alive"
-            || name == "proxy-connection"
-    };
-    if !headers.keys().any(hop_by_hop) {
+    if !headers
+        .keys()
+        .any(|name| HOP_BY_HOP.contains(name) || name == http::header::TE)
+    {
         return;
     }
     let named: Vec<http::HeaderName> = connection_options(headers)
@@ -877,14 +879,7 @@ fn strip_hop_by_hop(headers: &mut http::HeaderMap) {
     for name in named {
         headers.remove(name);
     }
-    for name in [
-        http::header::CONNECTION,
-        http::header::PROXY_AUTHENTICATE,
-        http::header::TRANSFER_ENCODING,
-        http::header::UPGRADE,
-        http::HeaderName::from_static("keep-alive"),
-        http::HeaderName::from_static("proxy-connection"),
-    ] {
+    for name in HOP_BY_HOP {
         headers.remove(name);
     }
     // TE survives only as "trailers", which gRPC needs.

@@ -26,9 +26,12 @@ pub fn duration(d: &envoy_types::pb::google::protobuf::Duration) -> std::time::D
     std::time::Duration::new(d.seconds.max(0) as u64, d.nanos.max(0) as u32)
 }
 
-/// Resources by name, looked up on every request: hashed with foldhash,
-/// many times faster than SipHash on names (and still seeded).
-pub type ByName<V> = HashMap<String, V, foldhash::fast::RandomState>;
+/// A map read on every request: hashed with foldhash, many times faster
+/// than SipHash on short keys, and still seeded per process.
+pub type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Resources by name.
+pub type ByName<V> = FastMap<String, V>;
 
 /// Everything the proxy serves with, at one moment.
 #[derive(Debug, Default, Clone)]

@@ -68,18 +68,7 @@ impl Reviews {
             )
             .await?;
         reviews.split(90, 10).await?;
-        reviews
-            .apply(
-                "Sidecar",
-                json!({
-                    "metadata": {"name": "default"},
-                    "spec": {"egress": [{
-                        "port": {"number": reviews.service_port, "protocol": "HTTP", "name": "http"},
-                        "bind": "127.0.0.1", "captureMode": "NONE", "hosts": ["./*"],
-                    }]},
-                }),
-            )
-            .await?;
+        reviews.sidecar(false).await?;
         Ok(reviews)
     }
 
@@ -94,7 +83,24 @@ impl Reviews {
 
     /// [`Self::address`] as a URL, with `path`.
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.service_port)
+        format!("http://{}{path}", self.address())
+    }
+
+    /// The Sidecar: the proxy listens for reviews on 127.0.0.1, and with
+    /// `registry_only` lets out only hosts of the registry.
+    pub async fn sidecar(&self, registry_only: bool) -> anyhow::Result<()> {
+        let mut spec = json!({"egress": [{
+            "port": {"number": self.service_port, "protocol": "HTTP", "name": "http"},
+            "bind": "127.0.0.1", "captureMode": "NONE", "hosts": ["./*"],
+        }]});
+        if registry_only {
+            spec["outboundTrafficPolicy"] = json!({"mode": "REGISTRY_ONLY"});
+        }
+        self.apply(
+            "Sidecar",
+            json!({"metadata": {"name": "default"}, "spec": spec}),
+        )
+        .await
     }
 
     /// Routes `v1` % to v1 and `v2` % to v2, with retries and a timeout.

@@ -178,21 +178,7 @@ async fn the_proxy_follows_the_control_plane_and_outlives_it() -> anyhow::Result
     // new connections are served.
     let mut kept = KeptConnection::open(reviews.address()).await?;
     ensure!(kept.first_word("reviews", "/reviews").await? == "v1");
-    reviews
-        .apply(
-            "Sidecar",
-            json!({
-                "metadata": {"name": "default"},
-                "spec": {
-                    "egress": [{
-                        "port": {"number": reviews.service_port, "protocol": "HTTP", "name": "http"},
-                        "bind": "127.0.0.1", "captureMode": "NONE", "hosts": ["./*"],
-                    }],
-                    "outboundTrafficPolicy": {"mode": "REGISTRY_ONLY"},
-                },
-            }),
-        )
-        .await?;
+    reviews.sidecar(true).await?;
     let started = Instant::now();
     let closing = loop {
         let answer = kept.get("reviews", "/reviews").await?;

@@ -10,7 +10,6 @@
 //! strings are written only when Prometheus scrapes.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
@@ -275,9 +274,8 @@ impl Metrics {
     }
 }
 
-/// Series by their labels. Labels hash as a few words (interned values
-/// by pointer), which foldhash does in a fraction of SipHash's time.
-type Series<K, S> = HashMap<K, Arc<S>, foldhash::fast::RandomState>;
+/// Series by their labels (a few words: interned values hash by pointer).
+type Series<K, S> = crate::model::FastMap<K, Arc<S>>;
 
 /// The series for `key`, made on first use.
 fn series<K: Eq + Hash, S>(map: &RwLock<Series<K, S>>, key: K, make: impl FnOnce() -> S) -> Arc<S> {

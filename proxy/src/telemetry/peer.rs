@@ -8,7 +8,7 @@
 //! the metrics key their series by pointer and a request hashes a few
 //! words, not twenty strings.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, LazyLock, Mutex};
 
@@ -19,16 +19,14 @@ use envoy_types::pb::google::protobuf::{ListValue, Struct, Value};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use prost::Message as _;
 
+use crate::model::FastMap;
+
 pub const PEER_METADATA: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
 pub const PEER_METADATA_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
 
 /// How many hosts [`Service::of_authority`] remembers; a client naming
 /// more (any Host header reaches it) only makes them slower.
 const HOSTS_KEPT: usize = 4096;
-
-/// A map hashed with foldhash: many times faster than SipHash, still
-/// seeded per process.
-type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// What Istio's labels say when a value is not known.
 pub const UNKNOWN: &str = "unknown";
