@@ -210,7 +210,8 @@ pub async fn serve(
             request.headers_mut().insert(REQUEST_ID, value);
         }
     }
-    let authority = authority(&request);
+    let authority = Authority::of(&request);
+    let authority = authority.as_ref().map(Authority::as_str);
     let mut report = Report::default();
     if let Some(tracing) = &connection.manager.tracing {
         let kind = if connection.inbound {
@@ -218,7 +219,7 @@ pub async fn serve(
         } else {
             Kind::Client
         };
-        report.span = tracing.start(&mut request, kind, authority.as_deref(), connection.peer);
+        report.span = tracing.start(&mut request, kind, authority, connection.peer);
     }
     let logs = &connection.manager.access_logs;
     if !logs.is_empty() {
@@ -239,7 +240,7 @@ pub async fn serve(
             downstream_remote: connection.peer,
         }));
     }
-    let response = match &authority {
+    let response = match authority {
         _ if !authorized(&connection, &request) => Err(Flag::Denied),
         Some(authority) => {
             let on = On {
@@ -265,11 +266,9 @@ pub async fn serve(
     } else {
         exchange.receive(&mut parts.headers)
     };
-    let service = report.service.unwrap_or_else(|| {
-        authority
-            .as_deref()
-            .map_or_else(Service::unknown, Service::of_authority)
-    });
+    let service = report
+        .service
+        .unwrap_or_else(|| authority.map_or_else(Service::unknown, Service::of_authority));
     // Inbound, the TLS the caller came over; outbound, the TLS of the
     // connection the answer came on (the connector marks its responses).
     let session = if connection.inbound {
@@ -829,19 +828,32 @@ fn only_host_is(headers: &http::HeaderMap, authority: &str) -> bool {
 }
 
 /// The request's authority: `:authority` (HTTP/2, absolute URIs), else
-/// `Host`.
-fn authority<B>(request: &Request<B>) -> Option<String> {
-    request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_string())
-        .or_else(|| {
-            request
+/// `Host` — held as the request has it, not copied.
+enum Authority {
+    Uri(http::uri::Authority),
+    Host(HeaderValue),
+}
+
+impl Authority {
+    fn of<B>(request: &Request<B>) -> Option<Self> {
+        match request.uri().authority() {
+            Some(authority) => Some(Self::Uri(authority.clone())),
+            None => request
                 .headers()
                 .get(HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_string)
-        })
+                .filter(|h| h.to_str().is_ok())
+                .cloned()
+                .map(Self::Host),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            Self::Uri(authority) => authority.as_str(),
+            // Only a Host that is text is kept.
+            Self::Host(host) => host.to_str().unwrap_or_default(),
+        }
+    }
 }
 
 /// The options the Connection header lists (RFC 9110 7.6.1).

@@ -177,7 +177,12 @@ impl RouteTable {
     /// then the longest `*.suffix`, then the longest `prefix.*`, then `*`.
     /// Domains are tried with the authority's port and without it.
     pub fn find_host(&self, authority: &str) -> Option<&VirtualHost> {
-        let authority = authority.to_ascii_lowercase();
+        // Lowercased only when it is not already (a copy per request).
+        let authority = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+            std::borrow::Cow::Owned(authority.to_ascii_lowercase())
+        } else {
+            std::borrow::Cow::Borrowed(authority)
+        };
         let (host, port) = split_port(&authority);
         let with_port = self.rank(&authority);
         let without = port.and_then(|_| self.rank(host));
@@ -604,12 +609,14 @@ impl Redirect {
 /// An authority's host and port (`reviews:9080` → `reviews`, 9080); an
 /// authority without a numeric port is all host.
 pub fn split_port(authority: &str) -> (&str, Option<u16>) {
-    match authority.rsplit_once(':') {
-        Some((host, port)) => match port.parse() {
-            Ok(port) => (host, Some(port)),
-            Err(_) => (authority, None),
-        },
-        None => (authority, None),
+    // A byte search: `rsplit_once(':')` goes through the general pattern
+    // machinery, several times the cost on every request.
+    let Some(colon) = authority.bytes().rposition(|b| b == b':') else {
+        return (authority, None);
+    };
+    match authority[colon + 1..].parse() {
+        Ok(port) => (&authority[..colon], Some(port)),
+        Err(_) => (authority, None),
     }
 }
 
@@ -841,6 +848,16 @@ mod tests {
         assert_eq!(find("ratings.shop.svc.cluster.local"), Some("suffix"));
         assert_eq!(find("reviews.other"), Some("prefix"));
         assert_eq!(find("example.com"), Some("any"));
+    }
+
+    #[test]
+    fn an_authority_splits_at_its_port() {
+        assert_eq!(split_port("reviews:9080"), ("reviews", Some(9080)));
+        assert_eq!(split_port("reviews"), ("reviews", None));
+        assert_eq!(split_port("[::1]:8080"), ("[::1]", Some(8080)));
+        assert_eq!(split_port("[::1]"), ("[::1]", None));
+        assert_eq!(split_port("reviews:http"), ("reviews:http", None));
+        assert_eq!(split_port("reviews:"), ("reviews:", None));
     }
 
     #[test]
