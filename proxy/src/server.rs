@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -420,12 +421,15 @@ async fn serve<S>(
                 upstreams: shared.upstreams,
                 telemetry: shared.telemetry,
             });
-            // Told by a request that found its listener changed: an
-            // HTTP/2 connection then says GOAWAY.
-            let replaced = Arc::new(Notify::new());
+            // Whether the client speaks HTTP/2: such a connection is told
+            // GOAWAY as soon as its listener changes, busy or not.
+            let speaks_h2 = Arc::new(SpeaksH2::default());
+            let h2 = Arc::clone(&speaks_h2);
             let accepted = Arc::clone(listener);
-            let tell = Arc::clone(&replaced);
             let service = hyper::service::service_fn(move |request| {
+                if request.version() == http::Version::HTTP_2 {
+                    h2.seen();
+                }
                 let snapshot = state.snapshot();
                 // As in Envoy, a connection stays with the listener (and
                 // filter chain) it was accepted on, and once that
@@ -437,7 +441,6 @@ async fn serve<S>(
                     .get(&accepted.name)
                     .is_some_and(|now| Arc::ptr_eq(now, &accepted));
                 let closing = replaced || state.is_draining();
-                let tell = replaced.then(|| Arc::clone(&tell));
                 // Boxed: the request's future is large, and hyper moves
                 // what this returns.
                 let served = Box::into_pin(Box::write(
@@ -448,7 +451,8 @@ async fn serve<S>(
                     let mut response = served.await?;
                     // Each HTTP/1 response closes its connection, so
                     // clients reconnect (to wherever the Service sends
-                    // them now, when draining); HTTP/2 gets a GOAWAY.
+                    // them now, when draining); HTTP/2 gets a GOAWAY
+                    // (below).
                     if closing
                         && response.version() <= http::Version::HTTP_11
                         && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
@@ -457,8 +461,6 @@ async fn serve<S>(
                             http::header::CONNECTION,
                             http::HeaderValue::from_static("close"),
                         );
-                    } else if let Some(tell) = tell {
-                        tell.notify_one();
                     }
                     Ok::<_, std::convert::Infallible>(response)
                 }
@@ -482,7 +484,7 @@ async fn serve<S>(
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
-                () = replaced.notified() => {
+                () = replaced_for_h2(&shared.state, listener, &speaks_h2) => {
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
@@ -495,6 +497,43 @@ async fn serve<S>(
             // Cut at the drain's end; a drain waits for it until then.
             tcp(stream, ends, session, route, &snapshot, &shared).await
         }
+    }
+}
+
+/// Set once a connection has carried an HTTP/2 request.
+#[derive(Debug, Default)]
+struct SpeaksH2 {
+    seen: AtomicBool,
+    first: Notify,
+}
+
+impl SpeaksH2 {
+    fn seen(&self) {
+        if !self.seen.load(Ordering::Relaxed) {
+            self.seen.store(true, Ordering::Relaxed);
+            self.first.notify_one();
+        }
+    }
+}
+
+/// Resolves once `accepted` is no longer the configuration's listener of
+/// its name and the connection speaks HTTP/2. An HTTP/1.1 connection is
+/// not closed for it here, where a request could be on its way to it: it
+/// is told to close with its next answer.
+async fn replaced_for_h2(state: &State, accepted: &Arc<Listener>, h2: &SpeaksH2) {
+    let mut changes = state.changes();
+    while state
+        .snapshot()
+        .listeners
+        .get(&accepted.name)
+        .is_some_and(|now| Arc::ptr_eq(now, accepted))
+    {
+        if changes.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+    if !h2.seen.load(Ordering::Relaxed) {
+        h2.first.notified().await;
     }
 }
 

@@ -230,20 +230,51 @@ pub async fn first_words(
     Ok(words)
 }
 
-/// One HTTP/1.1 connection kept open across requests, as a pooling
-/// client (an app's HTTP library, another proxy) keeps it.
+/// One connection kept open across requests, as a pooling client (an
+/// app's HTTP library, another proxy, a gRPC channel) keeps it: HTTP/1.1,
+/// or HTTP/2 with prior knowledge.
 #[derive(Debug)]
 pub struct KeptConnection {
-    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    sender: Sender,
+    /// How the connection ended: `Ok` when it closed cleanly (an HTTP/2
+    /// GOAWAY, an HTTP/1.1 close between answers).
+    ended: tokio::sync::watch::Receiver<Option<Result<(), String>>>,
+}
+
+type Empty = http_body_util::Empty<bytes::Bytes>;
+
+#[derive(Debug)]
+enum Sender {
+    Http1(hyper::client::conn::http1::SendRequest<Empty>),
+    Http2(hyper::client::conn::http2::SendRequest<Empty>),
 }
 
 impl KeptConnection {
+    /// An HTTP/1.1 connection to `address`.
     pub async fn open(address: SocketAddr) -> anyhow::Result<Self> {
-        let stream = tokio::net::TcpStream::connect(address).await?;
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(address).await?);
+        let (sender, connection) = hyper::client::conn::http1::handshake(io).await?;
+        Ok(Self::driven(Sender::Http1(sender), connection))
+    }
+
+    /// An HTTP/2 connection (prior knowledge, no TLS) to `address`.
+    pub async fn open_http2(address: SocketAddr) -> anyhow::Result<Self> {
+        let io = hyper_util::rt::TokioIo::new(tokio::net::TcpStream::connect(address).await?);
         let (sender, connection) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
-        Ok(Self { sender })
+            hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), io).await?;
+        Ok(Self::driven(Sender::Http2(sender), connection))
+    }
+
+    fn driven(
+        sender: Sender,
+        connection: impl Future<Output = hyper::Result<()>> + Send + 'static,
+    ) -> Self {
+        let (end, ended) = tokio::sync::watch::channel(None);
+        tokio::spawn(async move {
+            let result = connection.await.map_err(|e| e.to_string());
+            let _ = end.send(Some(result));
+        });
+        Self { sender, ended }
     }
 
     /// GETs `path` with `host` on this connection: the first word of the
@@ -262,15 +293,23 @@ impl KeptConnection {
     /// as text. Fails when the connection was closed.
     pub async fn get(&mut self, host: &str, path: &str) -> anyhow::Result<http::Response<String>> {
         use http_body_util::BodyExt;
-        self.sender.ready().await.context("the kept connection")?;
-        let request = http::Request::get(path)
-            .header(http::header::HOST, host)
-            .body(http_body_util::Empty::new())?;
-        let response = self
-            .sender
-            .send_request(request)
-            .await
-            .context("a request on the kept connection")?;
+        let response = match &mut self.sender {
+            Sender::Http1(sender) => {
+                sender.ready().await.context("the kept connection")?;
+                let request = http::Request::get(path)
+                    .header(http::header::HOST, host)
+                    .body(Empty::new())?;
+                sender.send_request(request).await
+            }
+            Sender::Http2(sender) => {
+                sender.ready().await.context("the kept connection")?;
+                let request = http::Request::get(format!("http://{host}{path}"))
+                    .version(http::Version::HTTP_2)
+                    .body(Empty::new())?;
+                sender.send_request(request).await
+            }
+        }
+        .context("a request on the kept connection")?;
         let (parts, body) = response.into_parts();
         let body = body.collect().await?.to_bytes();
         let text = String::from_utf8_lossy(&body).into_owned();
@@ -279,7 +318,20 @@ impl KeptConnection {
 
     /// Whether the connection is still open.
     pub async fn is_open(&mut self) -> bool {
-        self.sender.ready().await.is_ok()
+        match &mut self.sender {
+            Sender::Http1(sender) => sender.ready().await.is_ok(),
+            Sender::Http2(sender) => sender.ready().await.is_ok(),
+        }
+    }
+
+    /// Waits up to `limit` for the connection to end: how it ended, or
+    /// `None` while it is still open.
+    pub async fn ended_within(&mut self, limit: Duration) -> Option<Result<(), String>> {
+        let ended = self.ended.wait_for(Option::is_some);
+        match tokio::time::timeout(limit, ended).await {
+            Ok(Ok(ended)) => ended.clone(),
+            _ => None,
+        }
     }
 }
 

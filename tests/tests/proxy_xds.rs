@@ -174,10 +174,12 @@ async fn the_proxy_follows_the_control_plane_and_outlives_it() -> anyhow::Result
 
     // The listener itself changes (the Sidecar allows only the registry's
     // hosts, which gives it a default filter chain): a connection it
-    // accepted is told to close with its next answer, and then closes;
-    // new connections are served.
+    // accepted is told to close — over HTTP/1.1 with its next answer, over
+    // HTTP/2 by a GOAWAY — and then closes; new connections are served.
     let mut kept = KeptConnection::open(reviews.address()).await?;
     ensure!(kept.first_word("reviews", "/reviews").await? == "v1");
+    let mut kept_h2 = KeptConnection::open_http2(reviews.address()).await?;
+    ensure!(kept_h2.first_word("reviews", "/reviews").await? == "v1");
     reviews.sidecar(true).await?;
     let started = Instant::now();
     let closing = loop {
@@ -200,6 +202,11 @@ async fn the_proxy_follows_the_control_plane_and_outlives_it() -> anyhow::Result
         "its last answer is served: {closing:?}"
     );
     ensure!(!kept.is_open().await, "the connection closes after it");
+    let ended = kept_h2.ended_within(Duration::from_secs(20)).await;
+    ensure!(
+        ended == Some(Ok(())),
+        "the HTTP/2 connection is sent a GOAWAY and closes cleanly: {ended:?}"
+    );
     let counts = versions(&reviews, 20).await?;
     ensure!(
         counts.get("v1") == Some(&20),
