@@ -36,7 +36,7 @@ use crate::model::{
     AccessLogSettings, Config, HostIndex, Mesh, Protocol, Proxy, Service, Snapshot,
     TracingSettings, host_matches, oldest, resolve_host, selects,
 };
-use listeners::{Bound, Inbound, Outbound};
+use listeners::{Bound, Carries, Inbound, Outbound};
 use routes::RouteContext;
 
 /// What one proxy is sent, by type.
@@ -356,7 +356,11 @@ impl<'s> Scope<'s> {
             .filter(|p| p.protocol.is_http())
             .map(|p| p.port)
             .collect();
-        ports.extend(self.bound().map(|b| b.port));
+        ports.extend(
+            self.bound()
+                .filter(|b| b.carries == Carries::Http)
+                .map(|b| b.port),
+        );
         let ctx = self.context(routes::DEFAULT_HTTP_PORT);
         if !routes::unbacked_hosts(&ctx, &self.services).is_empty() {
             ports.insert(routes::DEFAULT_HTTP_PORT);
@@ -376,16 +380,36 @@ impl<'s> Scope<'s> {
             .map(|p| p.port)
     }
 
-    /// Sidecar egress listeners the proxy binds itself.
+    /// Sidecar egress listeners the proxy binds itself, carrying what
+    /// their port's protocol says: HTTP routed by the port's route
+    /// configuration; TCP to the first visible service with that port
+    /// (none there: no listener, as in Istio); an undeclared protocol
+    /// told apart by its first bytes.
     fn bound(&self) -> impl Iterator<Item = Bound> + '_ {
         self.sidecar
             .iter()
             .flat_map(|s| s.spec.egress.iter())
             .filter(|e| e.capture_mode == Some(bowline_api::networking::CaptureMode::None))
             .filter_map(|e| {
+                let port = e.port.as_ref()?;
+                let protocol = Protocol::select("", port.protocol.as_deref());
+                let cluster = || {
+                    self.services
+                        .iter()
+                        .find(|s| s.port(port.number).is_some())
+                        .map(|s| clusters::cluster_name(port.number, "", &s.hostname))
+                };
+                let carries = match protocol {
+                    p if p.is_http() => Carries::Http,
+                    Protocol::Unknown => Carries::Sniffed { cluster: cluster() },
+                    _ => Carries::Tcp {
+                        cluster: cluster()?,
+                    },
+                };
                 Some(Bound {
                     address: e.bind.clone().unwrap_or_else(|| "127.0.0.1".into()),
-                    port: e.port.as_ref()?.number,
+                    port: port.number,
+                    carries,
                 })
             })
     }
@@ -404,11 +428,16 @@ impl<'s> Scope<'s> {
     /// One route configuration per outbound HTTP or sniffed port, named
     /// by it.
     pub fn routes(&self) -> Vec<RouteConfiguration> {
+        let bound_sniffed = self
+            .bound()
+            .filter(|b| matches!(b.carries, Carries::Sniffed { .. }))
+            .map(|b| b.port);
         let ports: BTreeSet<u32> = self
             .http_ports
             .iter()
             .copied()
             .chain(self.sniffed_ports())
+            .chain(bound_sniffed)
             .collect();
         ports
             .into_iter()

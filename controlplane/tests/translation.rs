@@ -1075,3 +1075,102 @@ fn a_port_of_unknown_protocol_is_sniffed_http_routed_and_tcp_otherwise() {
         Some(http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(_))
     ));
 }
+
+#[test]
+fn bound_egress_listeners_carry_their_ports_protocol() {
+    let mut snapshot = snapshot(&[]);
+    let mut legacy = Service::kubernetes(
+        "legacy",
+        NS,
+        vec![
+            ServicePort {
+                name: "tcp-db".into(),
+                port: 7070,
+                protocol: Protocol::Tcp,
+            },
+            ServicePort {
+                name: "other".into(),
+                port: 7071,
+                protocol: Protocol::Unknown,
+            },
+        ],
+    );
+    legacy.address = Some("10.96.0.70".into());
+    let mut services = (*snapshot.services).clone();
+    services.insert(legacy.hostname.clone(), legacy);
+    snapshot.services = Arc::new(services);
+    let bind = |number: u32, protocol: Option<&str>| {
+        serde_json::json!({
+            "port": {"number": number, "protocol": protocol, "name": format!("p{number}")},
+            "bind": "127.0.0.1", "captureMode": "NONE", "hosts": ["./*"],
+        })
+    };
+    let spec = serde_json::json!({"egress": [
+        bind(9080, Some("HTTP")),
+        bind(7070, Some("TCP")),
+        bind(7071, None),
+        // No service has this port: nothing to bind.
+        bind(5432, Some("TCP")),
+        {"hosts": ["./*"]},
+    ]});
+    snapshot.sidecars = Arc::new(vec![Config::new(
+        "bound",
+        NS,
+        serde_json::from_value::<SidecarSpec>(spec).expect("a Sidecar"),
+    )]);
+    let resources = translate::sidecar(&snapshot, &sidecar("productpage", "10.244.0.10"));
+    let tcp_cluster = |chain: &envoy_types::pb::envoy::config::listener::v3::FilterChain| {
+        let proxy: TcpProxy = typed(&chain.filters[0].config_type);
+        match proxy.cluster_specifier {
+            Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) => cluster,
+            other => panic!("a cluster: {other:?}"),
+        }
+    };
+    let rds = |chain: &envoy_types::pb::envoy::config::listener::v3::FilterChain| {
+        let hcm: HttpConnectionManager = typed(&chain.filters[0].config_type);
+        match hcm.route_specifier {
+            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => rds.route_config_name,
+            other => panic!("RDS: {other:?}"),
+        }
+    };
+
+    // HTTP: routed by the port's route configuration.
+    let http = listener(&resources, "127.0.0.1_9080");
+    assert_eq!(rds(&http.filter_chains[0]), "9080");
+
+    // TCP: every connection to the service with that port, and no HTTP
+    // listener anywhere for the port.
+    let tcp = listener(&resources, "127.0.0.1_7070");
+    let [chain] = &tcp.filter_chains[..] else {
+        panic!("one chain: {:?}", tcp.filter_chains);
+    };
+    assert_eq!(
+        tcp_cluster(chain),
+        format!("outbound|7070||{}", host("legacy"))
+    );
+    assert!(!resources.listeners.iter().any(|l| l.name == "0.0.0.0_7070"));
+    assert!(!resources.routes.iter().any(|r| r.name == "7070"));
+
+    // Undeclared: HTTP by its first bytes, the rest to the service.
+    let sniffed = listener(&resources, "127.0.0.1_7071");
+    assert_eq!(
+        sniffed.listener_filters[0].name,
+        "envoy.filters.listener.http_inspector"
+    );
+    let [http, rest] = &sniffed.filter_chains[..] else {
+        panic!("an HTTP and a TCP chain: {:?}", sniffed.filter_chains);
+    };
+    assert_eq!(rds(http), "7071");
+    assert!(resources.routes.iter().any(|r| r.name == "7071"));
+    assert_eq!(
+        tcp_cluster(rest),
+        format!("outbound|7071||{}", host("legacy"))
+    );
+
+    assert!(
+        !resources
+            .listeners
+            .iter()
+            .any(|l| l.name == "127.0.0.1_5432")
+    );
+}

@@ -84,11 +84,25 @@ pub enum Outbound {
 const HTTP_PROTOCOLS: [&str; 3] = ["http/1.1", "http/1.0", "h2c"];
 
 /// A listener the proxy binds itself (a Sidecar egress listener with
-/// `captureMode: NONE`), routed like the captured one for its port.
+/// `captureMode: NONE`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Bound {
     pub address: String,
     pub port: u32,
+    pub carries: Carries,
+}
+
+/// What a bound listener carries, by its port's protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Carries {
+    /// HTTP, routed by the route configuration `<port>`.
+    Http,
+    /// Every connection to `cluster`.
+    Tcp { cluster: String },
+    /// Protocol not declared: HTTP, found by its first bytes, routed by
+    /// the route configuration `<port>`; anything else to `cluster`
+    /// (dropped when no service has the port).
+    Sniffed { cluster: Option<String> },
 }
 
 /// An inbound port of the workload, and how its peers must authenticate.
@@ -232,26 +246,64 @@ pub fn outbound_tls(port: u32, hosts: &[(String, String)]) -> Listener {
     }
 }
 
-/// A bound egress listener: it sniffs, routing HTTP by the port's route
-/// configuration and passing anything else on as the captured path would.
+/// A bound egress listener, carrying what its port's protocol says. With
+/// REGISTRY_ONLY, what no route or cluster takes is dropped.
 pub fn bound(listener: &Bound, allow_any: bool) -> Listener {
-    let Bound { address, port } = listener;
-    Listener {
+    let Bound {
+        address,
+        port,
+        carries,
+    } = listener;
+    let http = || FilterChain {
+        filters: vec![rds_filter(
+            &format!("outbound_{address}_{port}"),
+            &port.to_string(),
+        )],
+        ..Default::default()
+    };
+    let tcp = |cluster: &str| FilterChain {
+        filters: vec![tcp_proxy_filter(cluster, cluster)],
+        ..Default::default()
+    };
+    let blackhole = || tcp(BLACKHOLE_CLUSTER);
+    let listener = Listener {
         name: format!("{address}_{port}"),
         address: Some(socket(address, *port)),
         traffic_direction: TrafficDirection::Outbound as i32,
-        filter_chains: vec![FilterChain {
-            filters: vec![rds_filter(
-                &format!("outbound_{address}_{port}"),
-                &port.to_string(),
-            )],
-            ..Default::default()
-        }],
-        default_filter_chain: (!allow_any).then(|| FilterChain {
-            filters: vec![tcp_proxy_filter(BLACKHOLE_CLUSTER, BLACKHOLE_CLUSTER)],
-            ..Default::default()
-        }),
         ..Default::default()
+    };
+    match carries {
+        Carries::Http => Listener {
+            filter_chains: vec![http()],
+            default_filter_chain: (!allow_any).then(blackhole),
+            ..listener
+        },
+        Carries::Tcp { cluster } => Listener {
+            filter_chains: vec![tcp(cluster)],
+            ..listener
+        },
+        Carries::Sniffed { cluster } => Listener {
+            listener_filters: vec![http_inspector()],
+            listener_filters_timeout: Some(duration(std::time::Duration::ZERO)),
+            continue_on_listener_filters_timeout: true,
+            filter_chains: std::iter::once(FilterChain {
+                name: format!("{address}_{port}_http"),
+                filter_chain_match: Some(FilterChainMatch {
+                    application_protocols: HTTP_PROTOCOLS.map(String::from).to_vec(),
+                    ..Default::default()
+                }),
+                ..http()
+            })
+            .chain(cluster.as_deref().map(|cluster| FilterChain {
+                name: format!("{address}_{port}_tcp"),
+                ..tcp(cluster)
+            }))
+            .collect(),
+            // Passing through is no way out for a connection nobody
+            // captured: it would only come back here.
+            default_filter_chain: cluster.is_none().then(blackhole),
+            ..listener
+        },
     }
 }
 
