@@ -89,6 +89,15 @@ impl Reviews {
     /// The Sidecar: the proxy listens for reviews on 127.0.0.1, and with
     /// `registry_only` lets out only hosts of the registry.
     pub async fn sidecar(&self, registry_only: bool) -> anyhow::Result<()> {
+        self.apply(
+            "Sidecar",
+            json!({"metadata": {"name": "default"}, "spec": self.sidecar_spec(registry_only)}),
+        )
+        .await
+    }
+
+    /// [`Self::sidecar`]'s spec, for a test to add to.
+    pub fn sidecar_spec(&self, registry_only: bool) -> serde_json::Value {
         let mut spec = json!({"egress": [{
             "port": {"number": self.service_port, "protocol": "HTTP", "name": "http"},
             "bind": "127.0.0.1", "captureMode": "NONE", "hosts": ["./*"],
@@ -96,11 +105,7 @@ impl Reviews {
         if registry_only {
             spec["outboundTrafficPolicy"] = json!({"mode": "REGISTRY_ONLY"});
         }
-        self.apply(
-            "Sidecar",
-            json!({"metadata": {"name": "default"}, "spec": spec}),
-        )
-        .await
+        spec
     }
 
     /// Routes `v1` % to v1 and `v2` % to v2, with retries and a timeout.

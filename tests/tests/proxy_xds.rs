@@ -4,7 +4,8 @@
 //! 90/10 as the VirtualService says; a VirtualService change reaches it
 //! while it serves, also on a connection opened before it, and a change of
 //! the listener itself closes such a connection with its next answer (as
-//! Envoy drains it); the control plane counts no NACK — the proxy takes
+//! Envoy drains it, HTTP/2 with a GOAWAY); a bound egress port declared TCP
+//! carries TCP; the control plane counts no NACK — the proxy takes
 //! everything the control plane's translation emits for this workload.
 //! With the control plane gone it keeps serving its last configuration
 //! and stays ready; when the control plane is back it reconnects and
@@ -18,9 +19,9 @@ use bowline_controlplane::ca::AUDIENCE;
 use bowline_proxy::Mode;
 use bowline_proxy::xds::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use bowline_tests::LocalCluster;
-use bowline_tests::cluster::{create_namespace, service_account_token};
+use bowline_tests::cluster::{create_namespace, free_port, service_account_token};
 use bowline_tests::controlplane::ControlPlane;
-use bowline_tests::proxy::{KeptConnection, Running, first_words};
+use bowline_tests::proxy::{KeptConnection, Running, echo, echoes, first_words};
 use bowline_tests::reviews::Reviews;
 use serde_json::json;
 
@@ -212,6 +213,44 @@ async fn the_proxy_follows_the_control_plane_and_outlives_it() -> anyhow::Result
         counts.get("v1") == Some(&20),
         "new connections are served by the new listener: {counts:?}"
     );
+
+    // A bound egress port declared TCP carries TCP: bytes to it reach the
+    // service with that port (an HTTP listener would answer 400).
+    let ledger = echo().await?;
+    let ledger_port = free_port()?;
+    reviews
+        .apply(
+            "ServiceEntry",
+            json!({"metadata": {"name": "ledger"}, "spec": {
+                "hosts": [format!("ledger.{apps}.svc.cluster.local")],
+                "location": "MESH_INTERNAL", "resolution": "STATIC",
+                "ports": [{"number": ledger_port, "name": "tcp", "protocol": "TCP"}],
+                "endpoints": [{"address": "127.0.0.1", "ports": {"tcp": ledger.port()}}],
+            }}),
+        )
+        .await?;
+    let mut sidecar = reviews.sidecar_spec(true);
+    sidecar["egress"]
+        .as_array_mut()
+        .context("egress")?
+        .push(json!({
+            "port": {"number": ledger_port, "protocol": "TCP", "name": "tcp"},
+            "bind": "127.0.0.1", "captureMode": "NONE", "hosts": ["./*"],
+        }));
+    reviews
+        .apply(
+            "Sidecar",
+            json!({"metadata": {"name": "default"}, "spec": sidecar}),
+        )
+        .await?;
+    let started = Instant::now();
+    while let Err(error) = echoes(ledger_port, b"ledger entry 1").await {
+        ensure!(
+            started.elapsed() < Duration::from_secs(20),
+            "the bound TCP port does not echo within 20 s: {error:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(control_plane);
     proxy.stop().await
 }
