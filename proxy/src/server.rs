@@ -436,10 +436,7 @@ async fn serve<S>(
                 // listener has changed it drains: new connections get the
                 // new one. Routes, clusters and endpoints are the
                 // request's own snapshot's.
-                let replaced = !snapshot
-                    .listeners
-                    .get(&accepted.name)
-                    .is_some_and(|now| Arc::ptr_eq(now, &accepted));
+                let replaced = !still_serves(&snapshot, &accepted);
                 let closing = replaced || state.is_draining();
                 // Boxed: the request's future is large, and hyper moves
                 // what this returns.
@@ -500,6 +497,15 @@ async fn serve<S>(
     }
 }
 
+/// Whether `listener` is still `snapshot`'s listener of its name (xDS
+/// keeps the one held when it is sent again unchanged).
+fn still_serves(snapshot: &Snapshot, listener: &Arc<Listener>) -> bool {
+    snapshot
+        .listeners
+        .get(&listener.name)
+        .is_some_and(|now| Arc::ptr_eq(now, listener))
+}
+
 /// Set once a connection has carried an HTTP/2 request.
 #[derive(Debug, Default)]
 struct SpeaksH2 {
@@ -522,12 +528,7 @@ impl SpeaksH2 {
 /// is told to close with its next answer.
 async fn replaced_for_h2(state: &State, accepted: &Arc<Listener>, h2: &SpeaksH2) {
     let mut changes = state.changes();
-    while state
-        .snapshot()
-        .listeners
-        .get(&accepted.name)
-        .is_some_and(|now| Arc::ptr_eq(now, accepted))
-    {
+    while still_serves(&state.snapshot(), accepted) {
         if changes.changed().await.is_err() {
             return std::future::pending().await;
         }
