@@ -245,6 +245,8 @@ pub struct Scope<'s> {
     rules: HostIndex<'s, DestinationRuleSpec>,
     /// VirtualServices bound to the mesh, by host.
     routes: HostIndex<'s, VirtualServiceSpec>,
+    /// The Sidecar's egress listeners the proxy binds itself.
+    bound: Vec<Bound>,
     /// The outbound ports routed as HTTP (a `0.0.0.0_<port>` listener).
     http_ports: BTreeSet<u32>,
 }
@@ -284,8 +286,10 @@ impl<'s> Scope<'s> {
             allow_any,
             rules,
             routes,
+            bound: Vec::new(),
             http_ports: BTreeSet::new(),
         };
+        scope.bound = scope.find_bound();
         scope.http_ports = scope.find_http_ports();
         scope
     }
@@ -357,7 +361,8 @@ impl<'s> Scope<'s> {
             .map(|p| p.port)
             .collect();
         ports.extend(
-            self.bound()
+            self.bound
+                .iter()
                 .filter(|b| b.carries == Carries::Http)
                 .map(|b| b.port),
         );
@@ -385,7 +390,7 @@ impl<'s> Scope<'s> {
     /// configuration; TCP to the first visible service with that port
     /// (none there: no listener, as in Istio); an undeclared protocol
     /// told apart by its first bytes.
-    fn bound(&self) -> impl Iterator<Item = Bound> + '_ {
+    fn find_bound(&self) -> Vec<Bound> {
         self.sidecar
             .iter()
             .flat_map(|s| s.spec.egress.iter())
@@ -412,6 +417,7 @@ impl<'s> Scope<'s> {
                     carries,
                 })
             })
+            .collect()
     }
 
     fn context(&self, port: u32) -> RouteContext<'_> {
@@ -429,7 +435,8 @@ impl<'s> Scope<'s> {
     /// by it.
     pub fn routes(&self) -> Vec<RouteConfiguration> {
         let bound_sniffed = self
-            .bound()
+            .bound
+            .iter()
             .filter(|b| matches!(b.carries, Carries::Sniffed { .. }))
             .map(|b| b.port);
         let ports: BTreeSet<u32> = self
@@ -456,7 +463,6 @@ impl<'s> Scope<'s> {
     /// address, and the bound ones.
     pub fn outbound_listeners(&self) -> Vec<Listener> {
         let mut listeners = Vec::new();
-        let bound: Vec<Bound> = self.bound().collect();
         for &port in &self.http_ports {
             if port == routes::DEFAULT_HTTP_PORT
                 || self.services.iter().any(|s| s.port(port).is_some())
@@ -496,7 +502,11 @@ impl<'s> Scope<'s> {
                 listeners.push(listeners::outbound_tls(port, &hosts));
             }
         }
-        listeners.extend(bound.iter().map(|b| listeners::bound(b, self.allow_any)));
+        listeners.extend(
+            self.bound
+                .iter()
+                .map(|b| listeners::bound(b, self.allow_any)),
+        );
         observe(&mut listeners, &self.snapshot.mesh);
         listeners
     }

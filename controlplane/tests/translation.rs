@@ -18,7 +18,7 @@ use bowline_controlplane::translate::{self, Resources};
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, lb_endpoint};
-use envoy_types::pb::envoy::config::listener::v3::{Listener, filter};
+use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener, filter};
 use envoy_types::pb::envoy::config::rbac::v3::{principal, rbac};
 use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteConfiguration, VirtualHost, header_matcher, route, route_action, route_match,
@@ -260,6 +260,42 @@ fn typed<T: Message + Default>(config: &Option<filter::ConfigType>) -> T {
         }
         other => panic!("typed config: {other:?}"),
     }
+}
+
+/// The route configuration a chain's HTTP connection manager asks RDS for.
+fn rds_name(chain: &FilterChain) -> String {
+    let hcm: HttpConnectionManager = typed(&chain.filters[0].config_type);
+    match hcm.route_specifier {
+        Some(http_connection_manager::RouteSpecifier::Rds(rds)) => rds.route_config_name,
+        other => panic!("RDS: {other:?}"),
+    }
+}
+
+/// The cluster a chain's TCP proxy sends every connection to.
+fn tcp_cluster(chain: &FilterChain) -> String {
+    let proxy: TcpProxy = typed(&chain.filters[0].config_type);
+    match proxy.cluster_specifier {
+        Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) => cluster,
+        other => panic!("a cluster: {other:?}"),
+    }
+}
+
+/// Adds the service `legacy` (address 10.96.0.70) with `ports` (name,
+/// number, protocol).
+fn add_legacy(snapshot: &mut Snapshot, ports: &[(&str, u32, Protocol)]) {
+    let ports = ports
+        .iter()
+        .map(|&(name, port, protocol)| ServicePort {
+            name: name.into(),
+            port,
+            protocol,
+        })
+        .collect();
+    let mut legacy = Service::kubernetes("legacy", NS, ports);
+    legacy.address = Some("10.96.0.70".into());
+    let mut services = (*snapshot.services).clone();
+    services.insert(legacy.hostname.clone(), legacy);
+    snapshot.services = Arc::new(services);
 }
 
 fn addresses(assignment: &ClusterLoadAssignment) -> Vec<String> {
@@ -1003,19 +1039,7 @@ fn a_port_of_unknown_protocol_is_sniffed_http_routed_and_tcp_otherwise() {
         HttpProtocolOptions, http_protocol_options,
     };
     let mut snapshot = snapshot(&[]);
-    let mut legacy = Service::kubernetes(
-        "legacy",
-        NS,
-        vec![ServicePort {
-            name: "tcp-less".into(),
-            port: 7070,
-            protocol: Protocol::Unknown,
-        }],
-    );
-    legacy.address = Some("10.96.0.70".into());
-    let mut services = (*snapshot.services).clone();
-    services.insert(legacy.hostname.clone(), legacy);
-    snapshot.services = Arc::new(services);
+    add_legacy(&mut snapshot, &[("tcp-less", 7070, Protocol::Unknown)]);
     let resources = translate::sidecar(&snapshot, &sidecar("productpage", "10.244.0.10"));
     let cluster_name = format!("outbound|7070||{}", host("legacy"));
 
@@ -1035,16 +1059,9 @@ fn a_port_of_unknown_protocol_is_sniffed_http_routed_and_tcp_otherwise() {
             .application_protocols,
         ["http/1.1", "http/1.0", "h2c"]
     );
-    let hcm: HttpConnectionManager = typed(&http.filters[0].config_type);
-    assert!(
-        matches!(hcm.route_specifier, Some(http_connection_manager::RouteSpecifier::Rds(ref r)) if r.route_config_name == "7070")
-    );
+    assert_eq!(rds_name(http), "7070");
     assert!(tcp.filter_chain_match.is_none());
-    let proxy: TcpProxy = typed(&tcp.filters[0].config_type);
-    assert_eq!(
-        proxy.cluster_specifier,
-        Some(tcp_proxy::ClusterSpecifier::Cluster(cluster_name.clone()))
-    );
+    assert_eq!(tcp_cluster(tcp), cluster_name);
     // No wildcard listener takes every connection to 7070 as HTTP.
     assert!(!resources.listeners.iter().any(|l| l.name == "0.0.0.0_7070"));
 
@@ -1079,26 +1096,13 @@ fn a_port_of_unknown_protocol_is_sniffed_http_routed_and_tcp_otherwise() {
 #[test]
 fn bound_egress_listeners_carry_their_ports_protocol() {
     let mut snapshot = snapshot(&[]);
-    let mut legacy = Service::kubernetes(
-        "legacy",
-        NS,
-        vec![
-            ServicePort {
-                name: "tcp-db".into(),
-                port: 7070,
-                protocol: Protocol::Tcp,
-            },
-            ServicePort {
-                name: "other".into(),
-                port: 7071,
-                protocol: Protocol::Unknown,
-            },
+    add_legacy(
+        &mut snapshot,
+        &[
+            ("tcp-db", 7070, Protocol::Tcp),
+            ("other", 7071, Protocol::Unknown),
         ],
     );
-    legacy.address = Some("10.96.0.70".into());
-    let mut services = (*snapshot.services).clone();
-    services.insert(legacy.hostname.clone(), legacy);
-    snapshot.services = Arc::new(services);
     let bind = |number: u32, protocol: Option<&str>| {
         serde_json::json!({
             "port": {"number": number, "protocol": protocol, "name": format!("p{number}")},
@@ -1119,24 +1123,10 @@ fn bound_egress_listeners_carry_their_ports_protocol() {
         serde_json::from_value::<SidecarSpec>(spec).expect("a Sidecar"),
     )]);
     let resources = translate::sidecar(&snapshot, &sidecar("productpage", "10.244.0.10"));
-    let tcp_cluster = |chain: &envoy_types::pb::envoy::config::listener::v3::FilterChain| {
-        let proxy: TcpProxy = typed(&chain.filters[0].config_type);
-        match proxy.cluster_specifier {
-            Some(tcp_proxy::ClusterSpecifier::Cluster(cluster)) => cluster,
-            other => panic!("a cluster: {other:?}"),
-        }
-    };
-    let rds = |chain: &envoy_types::pb::envoy::config::listener::v3::FilterChain| {
-        let hcm: HttpConnectionManager = typed(&chain.filters[0].config_type);
-        match hcm.route_specifier {
-            Some(http_connection_manager::RouteSpecifier::Rds(rds)) => rds.route_config_name,
-            other => panic!("RDS: {other:?}"),
-        }
-    };
 
     // HTTP: routed by the port's route configuration.
     let http = listener(&resources, "127.0.0.1_9080");
-    assert_eq!(rds(&http.filter_chains[0]), "9080");
+    assert_eq!(rds_name(&http.filter_chains[0]), "9080");
 
     // TCP: every connection to the service with that port, and no HTTP
     // listener anywhere for the port.
@@ -1160,7 +1150,7 @@ fn bound_egress_listeners_carry_their_ports_protocol() {
     let [http, rest] = &sniffed.filter_chains[..] else {
         panic!("an HTTP and a TCP chain: {:?}", sniffed.filter_chains);
     };
-    assert_eq!(rds(http), "7071");
+    assert_eq!(rds_name(http), "7071");
     assert!(resources.routes.iter().any(|r| r.name == "7071"));
     assert_eq!(
         tcp_cluster(rest),

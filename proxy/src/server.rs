@@ -509,6 +509,7 @@ fn still_serves(snapshot: &Snapshot, listener: &Arc<Listener>) -> bool {
 /// Set once a connection has carried an HTTP/2 request.
 #[derive(Debug, Default)]
 struct SpeaksH2 {
+    /// Spares later requests the notification.
     seen: AtomicBool,
     first: Notify,
 }
@@ -533,9 +534,8 @@ async fn replaced_for_h2(state: &State, accepted: &Arc<Listener>, h2: &SpeaksH2)
             return std::future::pending().await;
         }
     }
-    if !h2.seen.load(Ordering::Relaxed) {
-        h2.first.notified().await;
-    }
+    // The first HTTP/2 request left a permit: no wait once it came.
+    h2.first.notified().await;
 }
 
 /// Whether a chain's network RBAC filters let the connection through, on

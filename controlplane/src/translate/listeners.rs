@@ -193,35 +193,39 @@ pub fn outbound(listener: &Outbound) -> Listener {
             address,
             port,
             cluster,
-        } => Listener {
-            listener_filters: vec![http_inspector()],
-            // Istio's protocolDetectionTimeout: wait for the client's
-            // first bytes however long they take, so a pooled connection
-            // used late is still HTTP (server-first protocols need their
-            // port's protocol declared).
-            listener_filters_timeout: Some(duration(std::time::Duration::ZERO)),
-            continue_on_listener_filters_timeout: true,
-            filter_chains: vec![
-                FilterChain {
-                    name: format!("{address}_{port}_http"),
-                    filter_chain_match: Some(FilterChainMatch {
-                        application_protocols: HTTP_PROTOCOLS.map(String::from).to_vec(),
-                        ..Default::default()
-                    }),
-                    filters: vec![rds_filter(
-                        &format!("outbound_{address}_{port}"),
-                        &port.to_string(),
-                    )],
-                    ..Default::default()
-                },
-                FilterChain {
-                    name: format!("{address}_{port}_tcp"),
-                    filters: vec![tcp_proxy_filter(cluster, cluster)],
-                    ..Default::default()
-                },
-            ],
-            ..captured(address, *port)
-        },
+        } => sniffing(captured(address, *port), *port, Some(cluster)),
+    }
+}
+
+/// `listener` telling HTTP from anything else by a connection's first
+/// bytes: HTTP routed by the route configuration `<port>`, the rest to
+/// `cluster` (with none, the listener's default chain decides).
+fn sniffing(listener: Listener, port: u32, cluster: Option<&str>) -> Listener {
+    let name = &listener.name;
+    let http = FilterChain {
+        name: format!("{name}_http"),
+        filter_chain_match: Some(FilterChainMatch {
+            application_protocols: HTTP_PROTOCOLS.map(String::from).to_vec(),
+            ..Default::default()
+        }),
+        filters: vec![rds_filter(&format!("outbound_{name}"), &port.to_string())],
+        ..Default::default()
+    };
+    let tcp = cluster.map(|cluster| FilterChain {
+        name: format!("{name}_tcp"),
+        filters: vec![tcp_proxy_filter(cluster, cluster)],
+        ..Default::default()
+    });
+    Listener {
+        listener_filters: vec![http_inspector()],
+        // Istio's protocolDetectionTimeout: wait for the client's first
+        // bytes however long they take, so a pooled connection used late
+        // is still HTTP (server-first protocols need their port's
+        // protocol declared).
+        listener_filters_timeout: Some(duration(std::time::Duration::ZERO)),
+        continue_on_listener_filters_timeout: true,
+        filter_chains: std::iter::once(http).chain(tcp).collect(),
+        ..listener
     }
 }
 
@@ -254,13 +258,6 @@ pub fn bound(listener: &Bound, allow_any: bool) -> Listener {
         port,
         carries,
     } = listener;
-    let http = || FilterChain {
-        filters: vec![rds_filter(
-            &format!("outbound_{address}_{port}"),
-            &port.to_string(),
-        )],
-        ..Default::default()
-    };
     let tcp = |cluster: &str| FilterChain {
         filters: vec![tcp_proxy_filter(cluster, cluster)],
         ..Default::default()
@@ -274,7 +271,13 @@ pub fn bound(listener: &Bound, allow_any: bool) -> Listener {
     };
     match carries {
         Carries::Http => Listener {
-            filter_chains: vec![http()],
+            filter_chains: vec![FilterChain {
+                filters: vec![rds_filter(
+                    &format!("outbound_{address}_{port}"),
+                    &port.to_string(),
+                )],
+                ..Default::default()
+            }],
             default_filter_chain: (!allow_any).then(blackhole),
             ..listener
         },
@@ -283,26 +286,10 @@ pub fn bound(listener: &Bound, allow_any: bool) -> Listener {
             ..listener
         },
         Carries::Sniffed { cluster } => Listener {
-            listener_filters: vec![http_inspector()],
-            listener_filters_timeout: Some(duration(std::time::Duration::ZERO)),
-            continue_on_listener_filters_timeout: true,
-            filter_chains: std::iter::once(FilterChain {
-                name: format!("{address}_{port}_http"),
-                filter_chain_match: Some(FilterChainMatch {
-                    application_protocols: HTTP_PROTOCOLS.map(String::from).to_vec(),
-                    ..Default::default()
-                }),
-                ..http()
-            })
-            .chain(cluster.as_deref().map(|cluster| FilterChain {
-                name: format!("{address}_{port}_tcp"),
-                ..tcp(cluster)
-            }))
-            .collect(),
             // Passing through is no way out for a connection nobody
             // captured: it would only come back here.
             default_filter_chain: cluster.is_none().then(blackhole),
-            ..listener
+            ..sniffing(listener, *port, cluster.as_deref())
         },
     }
 }
