@@ -83,7 +83,19 @@ async fn traffic_split_follows_the_virtual_service() -> anyhow::Result<()> {
                 && answered(r, "v1") + answered(r, "v2") == 40
         },
     )
-    .await?;
+    .await
+    .map_err(|error| {
+        // What the client's sidecar saw (response flags say why it failed).
+        let seen = sidecar_metrics(cluster, ns, &client)
+            .map(|m| {
+                m.lines()
+                    .filter(|l| l.starts_with("istio_requests_total{reporter=\"source\""))
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
+            .unwrap_or_else(|e| e.to_string());
+        error.context(format!("the client's sidecar:\n{seen}"))
+    })?;
     let result = call_from(cluster, ns, &client, "http://echo/", &["--requests", "400"])?;
     ensure!(
         answered(&result, "v1") + answered(&result, "v2") == 400,
