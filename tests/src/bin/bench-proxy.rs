@@ -8,8 +8,11 @@
 //! Per target: saturation throughput with wrk (HTTP/1.1) and h2load
 //! (HTTP/2, prior knowledge); p50/p99 latency and CPU at a fixed rate (h2load, evenly
 //! spaced on a kept-alive connection); resident memory idle and under load. Every load
-//! is bounded in time. Prints a table and the ratios of bowline-proxy to
-//! the upstream alone, to Envoy and to nginx.
+//! is bounded in time. The targets are measured in turn, `--rounds` times
+//! (each proxy started afresh every round), so that a slow spell of the
+//! machine falls on all of them; prints the figures' medians and the ratios
+//! of bowline-proxy to the upstream alone, to Envoy, to nginx and to
+//! HAProxy (the median of the rounds' ratios, with their range).
 //!
 //! `--suite mtls` measures what mutual TLS costs instead: two
 //! bowline-proxy sidecars in a row (the client's, then the server's) in
@@ -46,6 +49,11 @@ struct Args {
     /// Seconds of each saturation run.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+
+    /// Rounds of the proxies suite: each measures every target once, in
+    /// turn; the figures reported are the rounds' medians.
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
 
     /// Requests per second of the fixed-rate run.
     #[arg(long, default_value_t = 1000)]
@@ -195,6 +203,14 @@ fn fixed_rate(
     connections: u64,
     log: &Path,
 ) -> anyhow::Result<(Vec<f64>, u64)> {
+    // h2load appends to its log: a log left by an earlier round would
+    // count twice.
+    match std::fs::remove_file(log) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).context(format!("removing {}", log.display()));
+        }
+        _ => {}
+    }
     let output = Command::new("h2load")
         .args(["--h1", "-t1", &format!("-c{connections}")])
         .arg(format!("--rps={}", rate / connections))
@@ -742,7 +758,6 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let dir = tempfile::tempdir()?;
     let root = dir.path();
-    let core = Some(args.proxy_core);
 
     let (upstream, upstream_h2) = (free_port()?, free_port()?);
     let mut direct = nginx(
@@ -761,73 +776,49 @@ fn main() -> anyhow::Result<()> {
     match args.suite {
         Suite::Mtls => {
             direct.wait_serving(upstream)?;
-            return mtls_suite(&args, upstream, root);
+            mtls_suite(&args, upstream, root)
         }
         Suite::Instructions => {
             direct.wait_serving(upstream)?;
-            return instructions_suite(&args, upstream, root);
+            instructions_suite(&args, upstream, root)
         }
-        Suite::Proxies => {}
+        Suite::Proxies => proxies_suite(&args, &mut direct, (upstream, upstream_h2), root),
     }
-    let mut results: Vec<(&str, Figures)> = Vec::new();
+}
 
-    // The upstream alone: its own process is what is measured.
-    results.push((
-        "direct",
-        measure(&args, &mut direct, upstream, upstream_h2, root)?,
-    ));
+/// The proxies the proxies suite compares, in the order each round
+/// measures them.
+const PROXIES: [&str; 4] = ["bowline", "envoy", "nginx", "haproxy"];
 
-    // bowline-proxy and Envoy, from the same bootstrap file.
-    let file = root.join("bootstrap.json");
-    let port = free_port()?;
-    std::fs::write(&file, serde_json::to_vec(&bootstrap(port, upstream))?)?;
-    {
-        let mut target = bowline("bowline", &args, &file, root)?;
-        results.push(("bowline", measure(&args, &mut target, port, port, root)?));
-    }
-    {
-        let mut command = pinned(core, bowline_tests::binaries::tool("envoy/fetch.sh")?);
-        command.arg("-c").arg(&file).args([
-            "--concurrency",
-            "1",
-            "--disable-hot-restart",
-            "--log-level",
-            "warn",
-        ]);
-        let mut target = Target::start("envoy", root, command)?;
-        results.push(("envoy", measure(&args, &mut target, port, port, root)?));
-    }
-
-    // nginx as a proxy: HTTP/1.1 and h2c need a port each.
-    {
-        let (port, h2) = (free_port()?, free_port()?);
-        let mut target = nginx("nginx", core, root, &nginx_proxy(port, h2, upstream))?;
-        results.push(("nginx", measure(&args, &mut target, port, h2, root)?));
-    }
-
-    // HAProxy.
-    {
-        let (port, h2) = (free_port()?, free_port()?);
-        let config = root.join("haproxy.cfg");
-        std::fs::write(
-            &config,
-            format!(
-                "global\n  nbthread 1\n  maxconn 4000\n\
-                 defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  \
-                 option http-keep-alive\n  http-reuse always\n\
-                 frontend bench\n  bind 127.0.0.1:{port}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend upstream\n\
-                 backend upstream\n  server upstream 127.0.0.1:{upstream}\n"
-            ),
-        )?;
-        let mut command = pinned(core, "/usr/sbin/haproxy");
-        command.arg("-db").arg("-f").arg(&config);
-        let mut target = Target::start("haproxy", root, command)?;
-        results.push(("haproxy", measure(&args, &mut target, port, h2, root)?));
+/// The proxies suite: `--rounds` rounds, each measuring the upstream alone
+/// and then every proxy in [`PROXIES`], started afresh. Rounds alternate the
+/// targets so that a slow spell of the machine touches all of them rather
+/// than one; the table shows each figure's median over the rounds and each
+/// ratio is the median of the rounds' own ratios, with their range.
+fn proxies_suite(
+    args: &Args,
+    direct: &mut Target,
+    (upstream, upstream_h2): (u16, u16),
+    root: &Path,
+) -> anyhow::Result<()> {
+    let mut rounds: Vec<Vec<(&str, Figures)>> = Vec::new();
+    for round in 1..=args.rounds {
+        println!("round {round} of {}", args.rounds);
+        let mut results = vec![(
+            "direct",
+            measure(args, direct, upstream, upstream_h2, root)?,
+        )];
+        for name in PROXIES {
+            let (mut target, port, h2) = start_proxy(name, args, upstream, root)?;
+            results.push((name, measure(args, &mut target, port, h2, root)?));
+        }
+        rounds.push(results);
     }
 
     println!();
     println!(
-        "{:<9} {:>10} {:>10} {:>8} {:>8} {:>7} {:>11} {:>9} {:>9} {:>6}",
+        "medians of {} rounds:\n{:<9} {:>10} {:>10} {:>8} {:>8} {:>7} {:>11} {:>9} {:>9} {:>6}",
+        args.rounds,
         "target",
         "h1 rps",
         "h2 rps",
@@ -839,41 +830,137 @@ fn main() -> anyhow::Result<()> {
         "rss load",
         "errors"
     );
-    for (name, f) in &results {
+    let figures = |name: &str| -> Vec<Figures> {
+        rounds
+            .iter()
+            .filter_map(|round| round.iter().find(|(n, _)| *n == name))
+            .map(|(_, f)| f.clone())
+            .collect()
+    };
+    for name in std::iter::once("direct").chain(PROXIES) {
+        let all = figures(name);
+        let m = |field: fn(&Figures) -> f64| median(all.iter().map(field).collect());
         println!(
             "{:<9} {:>10.0} {:>10.0} {:>8.3} {:>8.3} {:>7.3} {:>11.1} {:>8.1}M {:>8.1}M {:>6}",
             name,
-            f.h1_rps,
-            f.h2_rps,
-            f.p50_ms,
-            f.p99_ms,
-            f.cores,
-            f.cpu_ms_per_1000,
-            f.rss_idle_mb,
-            f.rss_load_mb,
-            f.errors
+            m(|f| f.h1_rps),
+            m(|f| f.h2_rps),
+            m(|f| f.p50_ms),
+            m(|f| f.p99_ms),
+            m(|f| f.cores),
+            m(|f| f.cpu_ms_per_1000),
+            m(|f| f.rss_idle_mb),
+            m(|f| f.rss_load_mb),
+            all.iter().map(|f| f.errors).sum::<u64>(),
         );
     }
-    let find = |name: &str| {
-        results
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, f)| f.clone())
-    };
-    if let Some(bowline) = find("bowline") {
-        println!();
-        for base in ["direct", "envoy", "nginx", "haproxy"] {
-            let Some(other) = find(base) else { continue };
-            println!(
-                "bowline / {base:<7}: h1 rps {:.2}x, h2 rps {:.2}x, p99 {:.2}x, cpu at {} rps {:.2}x, rss idle {:.2}x",
-                bowline.h1_rps / other.h1_rps,
-                bowline.h2_rps / other.h2_rps,
-                bowline.p99_ms / other.p99_ms,
-                args.rate,
-                bowline.cpu_ms_per_1000 / other.cpu_ms_per_1000,
-                bowline.rss_idle_mb / other.rss_idle_mb,
-            );
-        }
+    println!();
+    let bowline = figures("bowline");
+    for base in ["direct", "envoy", "nginx", "haproxy"] {
+        let other = figures(base);
+        let ratio = |field: fn(&Figures) -> f64| {
+            Ratio::of(
+                bowline
+                    .iter()
+                    .zip(&other)
+                    .map(|(b, o)| field(b) / field(o))
+                    .collect(),
+            )
+        };
+        println!(
+            "bowline / {base:<7}: h1 rps {}, h2 rps {}, p99 {}, cpu at {} rps {}, rss idle {}",
+            ratio(|f| f.h1_rps),
+            ratio(|f| f.h2_rps),
+            ratio(|f| f.p99_ms),
+            args.rate,
+            ratio(|f| f.cpu_ms_per_1000),
+            ratio(|f| f.rss_idle_mb),
+        );
     }
     Ok(())
+}
+
+/// Starts the proxy `name` (one of [`PROXIES`]) on the proxies' core in
+/// front of `upstream`: the target, its HTTP/1.1 port and its HTTP/2 port.
+fn start_proxy(
+    name: &'static str,
+    args: &Args,
+    upstream: u16,
+    root: &Path,
+) -> anyhow::Result<(Target, u16, u16)> {
+    let core = Some(args.proxy_core);
+    let (port, h2) = (free_port()?, free_port()?);
+    let target = match name {
+        // bowline-proxy and Envoy read the same bootstrap file; each port
+        // speaks both protocols.
+        "bowline" | "envoy" => {
+            let file = root.join(format!("{name}.bootstrap.json"));
+            std::fs::write(&file, serde_json::to_vec(&bootstrap(port, upstream))?)?;
+            if name == "bowline" {
+                bowline(name, args, &file, root)?
+            } else {
+                let mut command = pinned(core, bowline_tests::binaries::tool("envoy/fetch.sh")?);
+                command.arg("-c").arg(&file).args([
+                    "--concurrency",
+                    "1",
+                    "--disable-hot-restart",
+                    "--log-level",
+                    "warn",
+                ]);
+                Target::start(name, root, command)?
+            }
+        }
+        "nginx" => nginx(name, core, root, &nginx_proxy(port, h2, upstream))?,
+        "haproxy" => {
+            let config = root.join("haproxy.cfg");
+            std::fs::write(
+                &config,
+                format!(
+                    "global\n  nbthread 1\n  maxconn 4000\n\
+                     defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n  \
+                     option http-keep-alive\n  http-reuse always\n\
+                     frontend bench\n  bind 127.0.0.1:{port}\n  bind 127.0.0.1:{h2} proto h2\n  default_backend upstream\n\
+                     backend upstream\n  server upstream 127.0.0.1:{upstream}\n"
+                ),
+            )?;
+            let mut command = pinned(core, "/usr/sbin/haproxy");
+            command.arg("-db").arg("-f").arg(&config);
+            Target::start(name, root, command)?
+        }
+        other => bail!("no proxy called {other}"),
+    };
+    let h2 = if matches!(name, "bowline" | "envoy") { port } else { h2 };
+    Ok((target, port, h2))
+}
+
+/// The middle of `values` (the mean of the two middle ones when even).
+fn median(mut values: Vec<f64>) -> f64 {
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
+}
+
+/// A ratio measured once per round: its median and its range.
+struct Ratio(Vec<f64>);
+
+impl Ratio {
+    fn of(mut rounds: Vec<f64>) -> Self {
+        rounds.sort_by(f64::total_cmp);
+        Self(rounds)
+    }
+}
+
+impl std::fmt::Display for Ratio {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:.2}x", median(self.0.clone()))?;
+        if let (Some(low), Some(high)) = (self.0.first(), self.0.last())
+            && self.0.len() > 1
+        {
+            write!(f, " ({low:.2}-{high:.2})")?;
+        }
+        Ok(())
+    }
 }
