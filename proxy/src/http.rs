@@ -266,9 +266,17 @@ pub async fn serve(
     } else {
         exchange.receive(&mut parts.headers)
     };
-    let service = report
-        .service
-        .unwrap_or_else(|| authority.map_or_else(Service::unknown, Service::of_authority));
+    // A request whose cluster names no service (no route, no cluster,
+    // denied) is labelled by its Host on a sidecar's outbound side only:
+    // inbound and on a gateway, where any client picks its Host, it is
+    // `unknown` — Istio's `disable_host_header_fallback` there — so that
+    // clients cannot add metric series at will.
+    let service = report.service.unwrap_or_else(|| match authority {
+        Some(authority) if !connection.inbound && !telemetry.gateway => {
+            Service::of_authority(authority)
+        }
+        _ => Service::unknown(),
+    });
     // Inbound, the TLS the caller came over; outbound, the TLS of the
     // connection the answer came on (the connector marks its responses).
     let session = if connection.inbound {

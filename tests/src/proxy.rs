@@ -404,8 +404,26 @@ impl Running {
         Self::bootstrap_unready(bootstrap, env)?.until_ready().await
     }
 
+    /// As [`Running::bootstrap`], a gateway.
+    pub async fn gateway(
+        bootstrap: serde_json::Value,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::from_file(Mode::Gateway, bootstrap, env)?
+            .until_ready()
+            .await
+    }
+
     /// As [`Running::bootstrap`], returning as soon as it runs.
     pub fn bootstrap_unready(
+        bootstrap: serde_json::Value,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        Self::from_file(Mode::Sidecar, bootstrap, env)
+    }
+
+    fn from_file(
+        mode: Mode,
         bootstrap: serde_json::Value,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
@@ -416,7 +434,7 @@ impl Running {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
-        Self::spawn(Mode::Sidecar, Some(path), env, dir)
+        Self::spawn(mode, Some(path), env, dir)
     }
 
     /// A proxy in `mode` configured over xDS at `target` (see

@@ -4,7 +4,8 @@
 //! Debian's Prometheus, scraping them on 15020 and 15090, finds
 //! `istio_requests_total`, the duration and size histograms and the TCP
 //! metrics with Istio's labels, from both reporters. The admin endpoint
-//! answers `/ready` and `/server_info`, and `/quitquitquit` drains.
+//! answers `/ready` and `/server_info`, and `/quitquitquit` drains. A
+//! Host a client makes up labels nothing inbound or at a gateway.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -232,6 +233,95 @@ async fn prometheus_scrapes_istios_metrics_from_both_sidecars() -> anyhow::Resul
 
     productpage.stop().await?;
     reviews.stop().await?;
+    Ok(())
+}
+
+/// A request no service answers (here: no route) is labelled by its Host
+/// on a sidecar's outbound side, as Istio does (checked above); inbound
+/// and on a gateway, where any client picks the Host, its
+/// `destination_service` is `unknown` (Istio's
+/// `disable_host_header_fallback` there), so a client sending made-up
+/// Hosts adds no metric series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_host_adds_no_series_inbound_or_at_a_gateway() -> anyhow::Result<()> {
+    let app = upstream("reviews").await?;
+    // Only /reviews is routed; anything else is a 404 (NR).
+    let routes = http_manager(json!([{"name": "reviews", "domains": ["*"],
+        "routes": [{"match": {"prefix": "/reviews"}, "route": {"cluster": "inbound|9080||"}}]}]));
+    let clusters = json!([cluster(
+        "inbound|9080||",
+        app.port(),
+        false,
+        json!({"filter_metadata": {"istio": {
+        "services": [{"host": REVIEWS, "name": "reviews", "namespace": "shop"}]}}})
+    )]);
+    let (inbound_port, gateway_port) = (free_port()?, free_port()?);
+    let sidecar = Running::bootstrap(
+        json!({"static_resources": {
+            "listeners": [listener("virtualInbound", inbound_port, "INBOUND", routes.clone())],
+            "clusters": clusters.clone(),
+        }}),
+        &workload_env("reviews-v1", r#"{"app":"reviews","version":"v1"}"#),
+    )
+    .await?;
+    let gateway = Running::gateway(
+        json!({"static_resources": {
+            "listeners": [listener("0.0.0.0_8080", gateway_port, "OUTBOUND", routes)],
+            "clusters": clusters,
+        }}),
+        &workload_env("ingressgateway", r#"{"app":"ingressgateway"}"#),
+    )
+    .await?;
+    for (name, proxy, port) in [
+        ("inbound", &sidecar, inbound_port),
+        ("gateway", &gateway, gateway_port),
+    ] {
+        let url = |path: &str| format!("http://127.0.0.1:{port}{path}");
+        for n in 0..3 {
+            let host = format!("Host: made-up-{n}.example");
+            ensure!(curl(&["-H", &host, &url("/elsewhere")])?.0 == 404);
+        }
+        ensure!(curl(&[&url("/reviews/1")])?.0 == 200);
+        let scrape = format!(
+            "http://127.0.0.1:{}/stats/prometheus",
+            proxy.ports.prometheus
+        );
+        let (_, metrics) = curl(&[&scrape])?;
+        let requests: Vec<(&str, f64)> = metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                Some((series, value.parse().ok()?))
+            })
+            .collect();
+        let counted = |labels: &[String]| -> f64 {
+            requests
+                .iter()
+                .filter(|(series, _)| labels.iter().all(|l| series.contains(l.as_str())))
+                .map(|(_, value)| value)
+                .sum()
+        };
+        let label = |key: &str, value: &str| format!("{key}=\"{value}\"");
+        ensure!(
+            counted(&[
+                label("response_flags", "NR"),
+                label("destination_service", "unknown")
+            ]) == 3.0,
+            "{name}: the unrouted requests counted as to an unknown service:\n{metrics}"
+        );
+        ensure!(
+            counted(&[
+                label("response_code", "200"),
+                label("destination_service", REVIEWS)
+            ]) == 1.0,
+            "{name}: the routed request counted as to its cluster's service:\n{metrics}"
+        );
+        ensure!(
+            !metrics.contains("made-up-"),
+            "{name}: a client's Host became a label:\n{metrics}"
+        );
+    }
     Ok(())
 }
 

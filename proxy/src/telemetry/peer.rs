@@ -24,8 +24,9 @@ use crate::model::FastMap;
 pub const PEER_METADATA: HeaderName = HeaderName::from_static("x-envoy-peer-metadata");
 pub const PEER_METADATA_ID: HeaderName = HeaderName::from_static("x-envoy-peer-metadata-id");
 
-/// How many hosts [`Service::of_authority`] remembers; a client naming
-/// more (any Host header reaches it) only makes them slower.
+/// How many hosts [`Service::of_authority`] remembers; applications
+/// naming more (a sidecar's outbound side labels by the Host they send)
+/// only make them slower.
 const HOSTS_KEPT: usize = 4096;
 
 /// What Istio's labels say when a value is not known.

@@ -929,7 +929,11 @@ fn start_proxy(
         }
         other => bail!("no proxy called {other}"),
     };
-    let h2 = if matches!(name, "bowline" | "envoy") { port } else { h2 };
+    let h2 = if matches!(name, "bowline" | "envoy") {
+        port
+    } else {
+        h2
+    };
     Ok((target, port, h2))
 }
 
