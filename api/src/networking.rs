@@ -478,6 +478,24 @@ pub struct TrafficPolicy {
     pub tls: Option<ClientTlsSettings>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub port_level_settings: Vec<PortTrafficPolicy>,
+    /// A limit on concurrent retries relative to the requests in flight;
+    /// when set, `connectionPool.http.maxRetries` no longer applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Concurrent retries to a destination: at most `percent` of the requests
+/// to it active or pending, and at least `minRetryConcurrency`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Percent of the active and pending requests that may be retries at
+    /// once (0 to 100); 20 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// Retries allowed at once whatever the percent gives; 3 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retry_concurrency: Option<u32>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -453,6 +453,14 @@ fn traffic_policy(errors: &mut Errors, field: &str, policy: &TrafficPolicy) {
     if let Some(tls) = &policy.tls {
         client_tls(errors, &format!("{field}.tls"), tls);
     }
+    if let Some(percent) = policy.retry_budget.as_ref().and_then(|b| b.percent)
+        && !(0.0..=100.0).contains(&percent)
+    {
+        errors.add(
+            &format!("{field}.retryBudget.percent"),
+            format!("{percent} is not a percentage; give 0 to 100"),
+        );
+    }
     for (i, port) in policy.port_level_settings.iter().enumerate() {
         let at = format!("{field}.portLevelSettings[{i}]");
         match &port.port {
@@ -991,6 +999,19 @@ mod tests {
         assert!(
             e[0].starts_with("spec.servers[0].tls: SIMPLE and MUTUAL need"),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_retry_budget_is_a_percentage() {
+        let e = errors(
+            "DestinationRule",
+            json!({"host": "db", "trafficPolicy": {"retryBudget": {"percent": 150.0}},
+                   "subsets": [{"name": "v1", "trafficPolicy": {"retryBudget": {"percent": 20.0, "minRetryConcurrency": 1}}}]}),
+        );
+        assert_eq!(
+            e,
+            ["spec.trafficPolicy.retryBudget.percent: 150 is not a percentage; give 0 to 100"]
         );
     }
 

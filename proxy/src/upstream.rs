@@ -258,7 +258,7 @@ impl Drop for Admission {
     }
 }
 
-/// A retry admitted by the `max_retries` breaker.
+/// A retry admitted by the `max_retries` breaker or the retry budget.
 #[derive(Debug)]
 pub struct RetryAdmission(Arc<ClusterState>);
 
@@ -356,9 +356,15 @@ impl ClusterState {
         Ok(admission)
     }
 
-    /// Admits one more retry, under `max_retries` at once.
+    /// Admits one more retry, under `max_retries` at once or, with a
+    /// retry budget, under its share of the requests in flight (pending
+    /// ones included, as Envoy counts them).
     pub fn admit_retry(self: &Arc<Self>) -> Option<RetryAdmission> {
-        if self.retries.fetch_add(1, Ordering::Relaxed) >= self.config.limits.max_retries {
+        let allowed = self
+            .config
+            .limits
+            .retries_allowed(self.requests.load(Ordering::Relaxed));
+        if self.retries.fetch_add(1, Ordering::Relaxed) >= allowed {
             self.retries.fetch_sub(1, Ordering::Relaxed);
             return None;
         }

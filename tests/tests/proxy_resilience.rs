@@ -4,9 +4,10 @@
 //! slow attempt to another endpoint; an injected delay is measured and an
 //! injected abort answers its share; the circuit breaker answers 503
 //! (`x-envoy-overloaded`) beyond one connection and one pending request;
-//! outlier detection stops traffic to a failing endpoint, which returns
-//! after its ejection time; a mirror gets a copy with `-shadow` in its
-//! Host.
+//! a retry budget, not `max_retries`, decides how many retries go when
+//! a cluster has one; outlier detection stops traffic to a failing
+//! endpoint, which returns after its ejection time; a mirror gets a copy
+//! with `-shadow` in its Host.
 
 use std::time::{Duration, Instant};
 
@@ -183,6 +184,52 @@ async fn the_circuit_breaker_overflows_beyond_its_limits() -> anyhow::Result<()>
                 "200 ", "200 ", "503 true", "503 true", "503 true", "503 true"
             ],
         "{answers:?}"
+    );
+    proxy.stop().await
+}
+
+/// A retry budget decides retries instead of `max_retries`: one of none
+/// (0 %, at least 0) stops every retry, Envoy's default one (20 %, at
+/// least 3) lets a lone request retry although `max_retries` is 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_budget_decides_how_many_retries_go() -> anyhow::Result<()> {
+    let ((none, none_calls), (some, some_calls)) = (failing("none").await?, failing("some").await?);
+    let port = free_port()?;
+    let retried = |prefix: &str, cluster: &str| {
+        json!({"match": {"prefix": prefix}, "route": {"cluster": cluster,
+            "retry_policy": {"retry_on": "5xx", "num_retries": 3,
+                             "retry_back_off": {"base_interval": "0.001s"}}}})
+    };
+    let mut no_budget = static_cluster("none", &[none]);
+    no_budget["circuit_breakers"] = json!({"thresholds": [{
+        "retry_budget": {"budget_percent": {"value": 0.0}, "min_retry_concurrency": 0}}]});
+    let mut default_budget = static_cluster("some", &[some]);
+    default_budget["circuit_breakers"] =
+        json!({"thresholds": [{"max_retries": 0, "retry_budget": {}}]});
+    let proxy = Running::bootstrap(
+        http_bootstrap(
+            port,
+            json!([retried("/none", "none"), retried("/some", "some")]),
+            vec![no_budget, default_budget],
+        ),
+        &[],
+    )
+    .await?;
+    for _ in 0..10 {
+        ensure!(curl(&[&url(port, "/none")])?.0 == 503);
+        ensure!(curl(&[&url(port, "/some")])?.0 == 503);
+    }
+    let (none, some) = (
+        none_calls.load(std::sync::atomic::Ordering::Relaxed),
+        some_calls.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    ensure!(
+        none == 10,
+        "no budget: each request tried once, got {none} calls"
+    );
+    ensure!(
+        some == 40,
+        "the default budget: each request tried and retried three times, got {some} calls"
     );
     proxy.stop().await
 }

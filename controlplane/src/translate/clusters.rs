@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use bowline_api::networking::{
     ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, DestinationRuleSpec, H2UpgradePolicy,
-    OutlierDetection, PortTrafficPolicy, SimpleLb, TrafficPolicy,
+    OutlierDetection, PortTrafficPolicy, RetryBudget, SimpleLb, TrafficPolicy,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, HttpProtocolOptions as CoreHttpOptions, Metadata, data_source,
@@ -18,6 +18,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
     HttpProtocolOptions, http_protocol_options,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Struct, Value, value};
 use envoy_types::util::pack_any;
 
@@ -451,6 +452,7 @@ fn merge(base: Option<&TrafficPolicy>, over: Option<&TrafficPolicy>) -> Option<T
             } else {
                 o.port_level_settings.clone()
             },
+            retry_budget: o.retry_budget.clone().or_else(|| b.retry_budget.clone()),
         }),
     }
 }
@@ -503,13 +505,22 @@ fn cluster(name: &str, policy: Option<&TrafficPolicy>, port: u32) -> Cluster {
         }),
         lb_policy: lb_policy as i32,
         connect_timeout: Some(duration(connect_timeout)),
-        circuit_breakers: Some(circuit_breakers(pool)),
+        circuit_breakers: Some(circuit_breakers(
+            pool,
+            policy.and_then(|p| p.retry_budget.as_ref()),
+        )),
         outlier_detection: outlier.map(outlier_detection),
         ..Default::default()
     }
 }
 
-fn circuit_breakers(pool: Option<&ConnectionPoolSettings>) -> CircuitBreakers {
+/// The connection pool's limits and the retry budget (which replaces
+/// `maxRetries` in Envoy when present; its unset fields keep Envoy's
+/// defaults, 20 % and 3).
+fn circuit_breakers(
+    pool: Option<&ConnectionPoolSettings>,
+    budget: Option<&RetryBudget>,
+) -> CircuitBreakers {
     let limit = |value: Option<i32>| {
         Some(UInt32Value {
             value: value.filter(|v| *v > 0).map_or(UNLIMITED, |v| v as u32),
@@ -523,6 +534,11 @@ fn circuit_breakers(pool: Option<&ConnectionPoolSettings>) -> CircuitBreakers {
             max_pending_requests: limit(http.and_then(|h| h.http1_max_pending_requests)),
             max_requests: limit(http.and_then(|h| h.http2_max_requests)),
             max_retries: limit(http.and_then(|h| h.max_retries)),
+            retry_budget: budget.map(|b| circuit_breakers::thresholds::RetryBudget {
+                budget_percent: b.percent.map(|value| Percent { value }),
+                min_retry_concurrency: b.min_retry_concurrency.map(|value| UInt32Value { value }),
+                budget_interval: None,
+            }),
             ..Default::default()
         }],
         ..Default::default()
@@ -698,6 +714,44 @@ mod tests {
             "the subset's own policy"
         );
         assert_eq!(clusters[0].connect_timeout, Some(duration(CONNECT_TIMEOUT)));
+    }
+
+    #[test]
+    fn a_retry_budget_goes_to_the_circuit_breakers_and_subsets_inherit_it() {
+        let rule = rule(json!({"host": "httpbin",
+            "trafficPolicy": {
+                "connectionPool": {"http": {"maxRetries": 2}},
+                "retryBudget": {"percent": 25.0, "minRetryConcurrency": 5},
+            },
+            "subsets": [
+                {"name": "v1", "labels": {"version": "v1"}},
+                {"name": "v2", "labels": {"version": "v2"},
+                 "trafficPolicy": {"retryBudget": {"percent": 50.0}}},
+            ],
+        }));
+        let clusters = outbound_clusters(&service("httpbin", 8000), Some(&rule), &[]);
+        let budget = |name: &str| {
+            let cluster = clusters.iter().find(|c| c.name.contains(name)).unwrap();
+            let thresholds = &cluster.circuit_breakers.as_ref().unwrap().thresholds[0];
+            let budget = thresholds.retry_budget.as_ref().expect("a retry budget");
+            (
+                budget.budget_percent.as_ref().map(|p| p.value),
+                budget.min_retry_concurrency.as_ref().map(|v| v.value),
+            )
+        };
+        assert_eq!(budget("||httpbin"), (Some(25.0), Some(5)));
+        assert_eq!(budget("|v1|"), (Some(25.0), Some(5)), "inherited");
+        assert_eq!(
+            budget("|v2|"),
+            (Some(50.0), None),
+            "the subset's budget replaces the rule's whole; Envoy's default (3) fills in"
+        );
+        let plain = &outbound_clusters(&service("plain", 80), None, &[])[0];
+        assert!(
+            plain.circuit_breakers.as_ref().unwrap().thresholds[0]
+                .retry_budget
+                .is_none()
+        );
     }
 
     #[test]

@@ -269,6 +269,17 @@ pub struct Limits {
     pub max_pending_requests: u32,
     pub max_requests: u32,
     pub max_retries: u32,
+    /// Retries at once relative to the requests in flight; replaces
+    /// `max_retries` when set.
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Envoy's retry budget: retries at once may be `share` of the requests
+/// active and pending, and at least `min_concurrency`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryBudget {
+    pub share: PerMillion,
+    pub min_concurrency: u32,
 }
 
 impl Default for Limits {
@@ -278,6 +289,7 @@ impl Default for Limits {
             max_pending_requests: 1024,
             max_requests: 1024,
             max_retries: 3,
+            retry_budget: None,
         }
     }
 }
@@ -297,6 +309,25 @@ impl Limits {
             max_pending_requests: or(&t.max_pending_requests, defaults.max_pending_requests),
             max_requests: or(&t.max_requests, defaults.max_requests),
             max_retries: or(&t.max_retries, defaults.max_retries),
+            // Envoy's defaults for what the budget leaves unset: 20 %, 3.
+            retry_budget: t.retry_budget.as_ref().map(|b| RetryBudget {
+                share: PerMillion(b.budget_percent.as_ref().map_or(200_000, |p| {
+                    (p.value.clamp(0.0, 100.0) * 10_000.0).round() as u32
+                })),
+                min_concurrency: or(&b.min_retry_concurrency, 3),
+            }),
+        }
+    }
+
+    /// How many retries may be under way at once while `requests` are
+    /// active or pending.
+    pub fn retries_allowed(&self, requests: u32) -> u32 {
+        match self.retry_budget {
+            Some(budget) => {
+                let share = u64::from(requests) * u64::from(budget.share.0) / 1_000_000;
+                (share as u32).max(budget.min_concurrency)
+            }
+            None => self.max_retries,
         }
     }
 }
@@ -435,6 +466,7 @@ mod tests {
             ),
             (1, 1, 1024)
         );
+        assert_eq!(limits.retries_allowed(100), 3, "max_retries, by default");
         let outlier: OutlierDetection = crate::envoy::from_json(serde_json::json!({
             "consecutive_5xx": 2, "base_ejection_time": "1s", "max_ejection_percent": 100,
         }))
@@ -444,5 +476,28 @@ mod tests {
         assert_eq!(outlier.consecutive_gateway, 0, "not enforced by default");
         assert_eq!(outlier.base_ejection_time, Duration::from_secs(1));
         assert_eq!(outlier.max_ejection_percent, 100);
+    }
+
+    #[test]
+    fn a_retry_budget_replaces_max_retries() {
+        let limits = |thresholds: serde_json::Value| {
+            let breakers: CircuitBreakers =
+                crate::envoy::from_json(serde_json::json!({"thresholds": [thresholds]})).unwrap();
+            Limits::from_envoy(Some(&breakers))
+        };
+        let budget = limits(serde_json::json!({"max_retries": 1,
+            "retry_budget": {"budget_percent": {"value": 25.0}, "min_retry_concurrency": 2}}));
+        // A quarter of those in flight, and never fewer than two.
+        assert_eq!(budget.retries_allowed(100), 25);
+        assert_eq!(budget.retries_allowed(10), 2);
+        assert_eq!(budget.retries_allowed(0), 2);
+        // Envoy's defaults: 20 %, at least 3.
+        let defaults = limits(serde_json::json!({"retry_budget": {}}));
+        assert_eq!(defaults.retries_allowed(50), 10);
+        assert_eq!(defaults.retries_allowed(5), 3);
+        // None at all.
+        let none = limits(serde_json::json!({
+            "retry_budget": {"budget_percent": {"value": 0.0}, "min_retry_concurrency": 0}}));
+        assert_eq!(none.retries_allowed(1_000), 0);
     }
 }
