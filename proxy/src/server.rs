@@ -44,8 +44,6 @@ pub struct Shared {
 
 /// How long a TLS client may take to finish its handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// The most a request's headers may take, buffered (Envoy's default
 /// limit is 60 KiB): a client sending more is refused, not buffered.
 const MAX_HEADERS_BYTES: usize = 64 * 1024;
@@ -466,7 +464,7 @@ async fn serve<S>(
             builder
                 .http1()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(manager.header_wait)
                 .writev(false)
                 .max_buf_size(MAX_HEADERS_BYTES);
             builder

@@ -2,7 +2,8 @@
 //! readiness, a 90/10 split over 1,000 requests, HTTP/1.1 and h2c on one
 //! port, rewrites, a redirect and a direct response, Envoy's answers when
 //! there is no route (404), no live endpoint (503) or no answer in time
-//! (504), TCP proxying, upstream connections kept alive, and a drain.
+//! (504), TCP proxying, client and upstream connections kept alive, and a
+//! drain.
 //! Upstreams are axum servers on loopback.
 
 use std::net::SocketAddr;
@@ -13,7 +14,9 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use bowline_tests::cluster::free_port;
-use bowline_tests::proxy::{Running, curl, echo, in_front_of, static_cluster as cluster, upstream};
+use bowline_tests::proxy::{
+    KeptConnection, Running, curl, echo, in_front_of, static_cluster as cluster, upstream,
+};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -266,6 +269,33 @@ async fn counting_upstream() -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
         }
     });
     Ok((address, accepted))
+}
+
+/// A client's kept-alive connection stays open between requests for the
+/// connection manager's idle timeout (Envoy's, 1 h, when unset), not
+/// less: here 2 s — a second's pause is served on the same connection,
+/// three seconds' close it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_client_connection_lasts_its_idle_timeout() -> anyhow::Result<()> {
+    let app = upstream("app").await?;
+    let port = free_port()?;
+    let mut bootstrap = in_front_of(port, cluster("app", &[app]));
+    bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["common_http_protocol_options"] = json!({"idle_timeout": "2s"});
+    let proxy = Running::bootstrap(bootstrap, &[]).await?;
+    let mut kept = KeptConnection::open(([127, 0, 0, 1], port).into()).await?;
+    ensure!(kept.first_word("app", "/").await? == "app");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        kept.first_word("app", "/").await? == "app",
+        "served after a second's pause"
+    );
+    let ended = kept.ended_within(Duration::from_secs(5)).await;
+    ensure!(
+        ended == Some(Ok(())),
+        "closed cleanly after 2 s without a request: {ended:?}"
+    );
+    proxy.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
