@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -22,16 +22,14 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::connect::{Stream, connect};
 use crate::model::Cluster;
-use crate::model::cluster::Target;
+use crate::model::cluster::{Connections, Target};
 use crate::tls::{Carried, Secrets, Session, UpstreamTls};
 use crate::upstream::Body;
 
-/// How often free connections are looked at ([`Pool::close_idle`]).
+/// How often free connections are looked at ([`Pool::close_idle`]): a
+/// connection idle past its cluster's idle timeout is never taken again,
+/// and closed at the next look.
 pub const IDLE_SWEEP: Duration = Duration::from_secs(15);
-
-/// How many looks a connection stays free for before it is closed: it
-/// is kept between 75 and 90 s.
-pub(crate) const IDLE_SWEEPS: u32 = 6;
 
 /// An endpoint's connections.
 #[derive(Debug, Default)]
@@ -43,6 +41,13 @@ pub struct Pool {
     shared: tokio::sync::Mutex<Option<Shared>>,
     /// Looks the HTTP/2 connection has had no request for.
     shared_sweeps: AtomicU32,
+    /// Streams the HTTP/2 connection has been given.
+    shared_streams: AtomicU32,
+}
+
+/// The cluster's [`Connections`] settings where the pool acts on them.
+fn settings(dial: &Dial<'_>) -> Connections {
+    dial.cluster.connections
 }
 
 /// A free HTTP/1.1 connection.
@@ -50,8 +55,19 @@ pub struct Pool {
 struct Idle {
     sender: http1::SendRequest<Body>,
     session: Option<Session>,
-    /// Looks it has been free for.
-    sweeps: u32,
+    /// Since when it has been free.
+    freed: Instant,
+    /// Requests it has been given.
+    served: u32,
+}
+
+impl Idle {
+    /// Whether it may take another request: open, not idle past
+    /// `idle_timeout`.
+    fn usable(&self, idle_timeout: Option<Duration>, now: Instant) -> bool {
+        !self.sender.is_closed()
+            && idle_timeout.is_none_or(|limit| now.saturating_duration_since(self.freed) < limit)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -96,15 +112,17 @@ impl Pool {
         dial: Dial<'_>,
         mut request: Request<Body>,
     ) -> Result<Response<Answer>, Failure> {
+        let settings = settings(&dial);
         loop {
-            let (mut idle, reused) = match self.take() {
+            let (mut idle, reused) = match self.take(settings.idle_timeout) {
                 Some(idle) => (idle, true),
                 // Boxed: opening (TLS included) is rare and large, and
                 // would make every request's future as large.
                 None => (Box::pin(self.open_http1(dial)).await?, false),
             };
+            idle.served += 1;
             match idle.sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.answer(response, idle)),
+                Ok(response) => return Ok(self.answer(response, idle, settings.max_requests)),
                 // The server closed the connection as it was taken: the
                 // request was not sent, and goes on another.
                 Err(mut error) => match error.take_message() {
@@ -134,23 +152,24 @@ impl Pool {
         Ok(response.map(|body| Answer { body, back: None }))
     }
 
-    /// Closes the connections free for [`IDLE_SWEEPS`] looks and forgets
-    /// those the server closed. The HTTP/2 connection goes the same way
-    /// when no request has used it for as long (streams still open on it
-    /// finish first).
-    pub fn close_idle(&self) {
-        if self.shared_sweeps.fetch_add(1, Ordering::Relaxed) >= IDLE_SWEEPS
-            && let Ok(mut shared) = self.shared.try_lock()
-        {
-            *shared = None;
+    /// Closes the connections free for `idle_timeout` or longer and
+    /// forgets those the server closed. The HTTP/2 connection goes once no
+    /// request has used it for as many looks as cover `idle_timeout`
+    /// (streams still open on it finish first).
+    pub fn close_idle(&self, idle_timeout: Option<Duration>) {
+        if let Some(limit) = idle_timeout {
+            let looks = limit.div_duration_f64(IDLE_SWEEP).ceil().max(1.0) as u32;
+            if self.shared_sweeps.fetch_add(1, Ordering::Relaxed) + 1 >= looks
+                && let Ok(mut shared) = self.shared.try_lock()
+            {
+                *shared = None;
+            }
         }
+        let now = Instant::now();
         self.idle
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain_mut(|i| {
-                i.sweeps += 1;
-                i.sweeps <= IDLE_SWEEPS && !i.sender.is_closed()
-            });
+            .retain(|i| i.usable(idle_timeout, now));
     }
 
     /// Whether it holds no connection.
@@ -163,10 +182,14 @@ impl Pool {
     }
 
     /// The newest free HTTP/1.1 connection that is ready; those the
-    /// server closed are dropped on the way.
-    fn take(&self) -> Option<Idle> {
+    /// server closed or idle past `idle_timeout` are dropped on the way.
+    fn take(&self, idle_timeout: Option<Duration>) -> Option<Idle> {
         let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
-        idle.retain(|i| !i.sender.is_closed());
+        if idle.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        idle.retain(|i| i.usable(idle_timeout, now));
         // A connection whose last answer was just read may not be ready
         // for a moment yet; it stays for the next request.
         let ready = idle.iter().rposition(|i| i.sender.is_ready())?;
@@ -196,14 +219,18 @@ impl Pool {
         Ok(Idle {
             sender,
             session,
-            sweeps: 0,
+            freed: Instant::now(),
+            served: 0,
         })
     }
 
     async fn http2(&self, dial: Dial<'_>) -> Result<Shared, Failure> {
+        let max_requests = settings(&dial).max_requests;
         let mut shared = self.shared.lock().await;
         if let Some(open) = shared.as_ref().filter(|s| !s.sender.is_closed()) {
-            return Ok(open.clone());
+            let open = open.clone();
+            self.after_stream(&mut shared, max_requests);
+            return Ok(open);
         }
         let io = dial.open(Carried::Http2).await?;
         let session = io.inner().session().cloned();
@@ -219,17 +246,35 @@ impl Pool {
         });
         let open = Shared { sender, session };
         *shared = Some(open.clone());
+        self.shared_streams.store(0, Ordering::Relaxed);
+        self.after_stream(&mut shared, max_requests);
         Ok(open)
+    }
+
+    /// Counts a stream given to the HTTP/2 connection; at `max_requests`
+    /// the connection takes no more (those open on it finish).
+    fn after_stream(&self, shared: &mut Option<Shared>, max_requests: Option<u32>) {
+        let streams = self.shared_streams.fetch_add(1, Ordering::Relaxed) + 1;
+        if max_requests.is_some_and(|max| streams >= max) {
+            *shared = None;
+        }
     }
 
     /// The response of an HTTP/1.1 connection, whose body gives the
     /// connection back when read to its end. A connection switched to
     /// another protocol does not come back.
-    fn answer(self: &Arc<Self>, mut response: Response<Incoming>, idle: Idle) -> Response<Answer> {
+    /// One that has served `max_requests` does not come back either.
+    fn answer(
+        self: &Arc<Self>,
+        mut response: Response<Incoming>,
+        idle: Idle,
+        max_requests: Option<u32>,
+    ) -> Response<Answer> {
         if let Some(session) = &idle.session {
             response.extensions_mut().insert(session.clone());
         }
-        let back = (response.status() != StatusCode::SWITCHING_PROTOCOLS).then(|| Back {
+        let spent = max_requests.is_some_and(|max| idle.served >= max);
+        let back = (response.status() != StatusCode::SWITCHING_PROTOCOLS && !spent).then(|| Back {
             pool: Arc::clone(self),
             idle,
         });
@@ -256,7 +301,7 @@ struct Back {
 impl Answer {
     fn give_back(&mut self) {
         if let Some(Back { pool, mut idle }) = self.back.take() {
-            idle.sweeps = 0;
+            idle.freed = Instant::now();
             pool.put(idle);
         }
     }

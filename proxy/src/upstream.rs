@@ -97,15 +97,16 @@ impl Upstreams {
             .cloned()
             .collect();
         for cluster in clusters {
+            let idle_timeout = cluster.config.connections.idle_timeout;
             for host in &cluster.hosts.load().states {
-                host.pool.close_idle();
+                host.pool.close_idle(idle_timeout);
             }
             cluster
                 .originals
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .retain(|_, host| {
-                    host.pool.close_idle();
+                    host.pool.close_idle(idle_timeout);
                     host.active.load(Ordering::Relaxed) > 0 || !host.pool.is_empty()
                 });
         }
@@ -585,7 +586,7 @@ fn equal_weights(endpoints: &Endpoints, indices: &[usize]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::cluster::{Discovery, Endpoint};
+    use crate::model::cluster::{Connections, Discovery, Endpoint};
     use crate::model::resilience::{Limits, Outlier};
     use std::time::Duration;
 
@@ -594,12 +595,21 @@ mod tests {
     }
 
     fn cluster(lb: LbPolicy, outlier: Option<Outlier>) -> Arc<Cluster> {
+        connecting(lb, outlier, Connections::default())
+    }
+
+    fn connecting(
+        lb: LbPolicy,
+        outlier: Option<Outlier>,
+        connections: Connections,
+    ) -> Arc<Cluster> {
         Arc::new(Cluster {
             name: "c".into(),
             discovery: Discovery::Eds("c".into()),
             lb,
             connect_timeout: Duration::from_secs(1),
             protocol: Protocol::Http1,
+            connections,
             limits: Limits {
                 max_connections: 1,
                 max_pending_requests: 1,
@@ -816,41 +826,91 @@ mod tests {
         (port, closes)
     }
 
-    #[tokio::test]
-    async fn a_free_connection_is_closed_after_its_idle_looks() {
+    /// Two requests in turn to `host` of `state`; their answers read.
+    async fn two_requests(state: &Arc<ClusterState>, host: &Arc<Host>) {
         use http_body_util::BodyExt;
-        let (upstream, mut closes) = closing_upstream().await;
-        let upstreams = Upstreams::new(secrets());
-        let state = upstreams.get(&cluster(LbPolicy::RoundRobin, None));
-        let host = state.pick(&endpoints(&[(upstream, 1, true)]), &[]).unwrap();
-        let request = || {
+        for _ in 0..2 {
             let mut request = Request::new(crate::http::full(Bytes::new()));
             request
                 .headers_mut()
                 .insert(http::header::HOST, http::HeaderValue::from_static("c"));
-            request
-        };
-        for _ in 0..2 {
-            let response = state.send(&host, false, request()).await.unwrap();
+            let response = state.send(host, false, request).await.unwrap();
             let body = response.into_body().collect().await.unwrap().to_bytes();
             assert_eq!(body, "ok");
         }
+    }
+
+    #[tokio::test]
+    async fn a_free_connection_is_closed_after_its_idle_timeout() {
+        let (upstream, mut closes) = closing_upstream().await;
+        let upstreams = Upstreams::new(secrets());
+        let idle_timeout = Duration::from_millis(300);
+        let state = upstreams.get(&connecting(
+            LbPolicy::RoundRobin,
+            None,
+            Connections {
+                idle_timeout: Some(idle_timeout),
+                max_requests: None,
+            },
+        ));
+        let host = state.pick(&endpoints(&[(upstream, 1, true)]), &[]).unwrap();
+        two_requests(&state, &host).await;
         assert!(
             !host.pool.is_empty(),
             "the connection is kept once its answer is read"
         );
-        for _ in 0..crate::pool::IDLE_SWEEPS {
-            upstreams.close_idle();
-        }
+        upstreams.close_idle();
         tokio::time::sleep(Duration::from_millis(100)).await;
         assert!(
             closes.try_recv().is_err(),
-            "kept while it has been free for fewer looks"
+            "kept while it has been free for less than its idle timeout"
         );
+        tokio::time::sleep(idle_timeout).await;
         upstreams.close_idle();
         tokio::time::timeout(Duration::from_secs(5), closes.recv())
             .await
-            .expect("closed after its last look");
+            .expect("closed at the first look after its idle timeout");
         assert!(host.pool.is_empty());
+        // Past its idle timeout a connection is not taken, looked at or not.
+        two_requests(&state, &host).await;
+        tokio::time::sleep(idle_timeout).await;
+        two_requests(&state, &host).await;
+        tokio::time::timeout(Duration::from_secs(5), closes.recv())
+            .await
+            .expect("the connection idle too long was dropped, not used");
+    }
+
+    #[tokio::test]
+    async fn a_connection_serves_its_cluster_s_max_requests() {
+        let (upstream, mut closes) = closing_upstream().await;
+        let upstreams = Upstreams::new(secrets());
+        let state = upstreams.get(&connecting(
+            LbPolicy::RoundRobin,
+            None,
+            Connections {
+                idle_timeout: None,
+                max_requests: Some(2),
+            },
+        ));
+        let host = state.pick(&endpoints(&[(upstream, 1, true)]), &[]).unwrap();
+        two_requests(&state, &host).await;
+        tokio::time::timeout(Duration::from_secs(5), closes.recv())
+            .await
+            .expect("closed after its second request");
+        assert!(host.pool.is_empty());
+        // Without a limit, nor an idle timeout, it is kept.
+        let kept = upstreams.get(&connecting(
+            LbPolicy::RoundRobin,
+            None,
+            Connections {
+                idle_timeout: None,
+                max_requests: None,
+            },
+        ));
+        let host = kept.pick(&endpoints(&[(upstream, 1, true)]), &[]).unwrap();
+        two_requests(&kept, &host).await;
+        upstreams.close_idle();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(closes.try_recv().is_err() && !host.pool.is_empty());
     }
 }
