@@ -334,10 +334,11 @@ async fn rebuild(
     if touched(&[Kind::DestinationRules]) {
         next.destination_rules = Arc::new(
             reporter
-                .read(
+                .read_noting(
                     configs(Kind::DestinationRules),
                     "DestinationRule",
                     validate::destination_rule,
+                    validate::destination_rule_unread,
                 )
                 .await,
         );
@@ -781,6 +782,19 @@ impl Reporting {
         kind: &'static str,
         check: fn(&T) -> Result<(), Vec<validate::FieldError>>,
     ) -> Vec<Config<T>> {
+        self.read_noting(objects, kind, check, |_| Vec::new()).await
+    }
+
+    /// [`Reporting::read`], telling the authors of objects applied what
+    /// `unread` finds in them (fields read but not acted on), once per
+    /// version of each.
+    async fn read_noting<T: DeserializeOwned>(
+        &mut self,
+        objects: Vec<Arc<DynamicObject>>,
+        kind: &'static str,
+        check: fn(&T) -> Result<(), Vec<validate::FieldError>>,
+        unread: fn(&T) -> Vec<validate::FieldError>,
+    ) -> Vec<Config<T>> {
         let mut configs = Vec::new();
         for object in objects {
             let spec = object.data.get("spec").cloned().unwrap_or_default();
@@ -796,15 +810,21 @@ impl Reporting {
                     })
                 });
             match result {
-                Ok(spec) => configs.push(Config {
-                    name: object.name_any(),
-                    namespace: object.namespace().unwrap_or_default(),
-                    created: object
-                        .creation_timestamp()
-                        .map(|t| t.0.as_second())
-                        .unwrap_or_default(),
-                    spec,
-                }),
+                Ok(spec) => {
+                    let notes = unread(&spec);
+                    if !notes.is_empty() {
+                        self.note_unread(&object, kind, &notes).await;
+                    }
+                    configs.push(Config {
+                        name: object.name_any(),
+                        namespace: object.namespace().unwrap_or_default(),
+                        created: object
+                            .creation_timestamp()
+                            .map(|t| t.0.as_second())
+                            .unwrap_or_default(),
+                        spec,
+                    });
+                }
                 Err(message) => self.report(&object, kind, message).await,
             }
         }
@@ -812,23 +832,67 @@ impl Reporting {
     }
 
     async fn report(&mut self, object: &DynamicObject, kind: &'static str, message: String) {
-        let key = (
-            object.uid().unwrap_or_default(),
-            object.resource_version().unwrap_or_default(),
-        );
-        if !self.reported.insert(key) {
+        if !self.first_report(object) {
             return;
         }
-        let name = format!(
-            "{}/{}",
-            object.namespace().unwrap_or_default(),
-            object.name_any()
-        );
+        let name = namespaced_name(object);
         tracing::warn!(%kind, object = %name, error = %message, "invalid config skipped");
         self.metrics
             .invalid_config
             .get_or_create(&KindLabels { kind })
             .inc();
+        let note = format!(
+            "{kind} {name} is not applied: {message}. Fix it; the rest of the mesh's config is applied without it."
+        );
+        self.publish(object, kind, "InvalidConfig", note).await;
+    }
+
+    /// Tells of fields `object` sets that are read but not acted on.
+    async fn note_unread(
+        &mut self,
+        object: &DynamicObject,
+        kind: &'static str,
+        notes: &[validate::FieldError],
+    ) {
+        if !self.first_report(object) {
+            return;
+        }
+        let name = namespaced_name(object);
+        let fields = notes
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("; ");
+        tracing::info!(%kind, object = %name, %fields, "config applied without fields it sets");
+        let note = format!("{kind} {name} is applied without: {fields}.");
+        self.publish(object, kind, "UnsupportedFields", note).await;
+    }
+
+    /// Whether this version of `object` has not been reported yet.
+    fn first_report(&mut self, object: &DynamicObject) -> bool {
+        self.reported.insert((
+            object.uid().unwrap_or_default(),
+            object.resource_version().unwrap_or_default(),
+        ))
+    }
+
+    /// A Warning event on `object` (its note cut to the 1 KiB an event
+    /// holds).
+    async fn publish(
+        &mut self,
+        object: &DynamicObject,
+        kind: &'static str,
+        reason: &str,
+        mut note: String,
+    ) {
+        if note.len() > 1024 {
+            let mut end = 1021;
+            while !note.is_char_boundary(end) {
+                end -= 1;
+            }
+            note.truncate(end);
+            note.push_str("...");
+        }
         let reference = ObjectReference {
             api_version: object.types.as_ref().map(|t| t.api_version.clone()),
             kind: Some(kind.into()),
@@ -840,17 +904,24 @@ impl Reporting {
         };
         let event = Event {
             type_: EventType::Warning,
-            reason: "InvalidConfig".into(),
-            note: Some(format!(
-                "{kind} {name} is not applied: {message}. Fix it; the rest of the mesh's config is applied without it."
-            )),
+            reason: reason.into(),
+            note: Some(note),
             action: "Translate".into(),
             secondary: None,
         };
         if let Err(error) = self.recorder.publish(&event, &reference).await {
+            let name = namespaced_name(object);
             tracing::warn!(%error, object = %name, "could not record the event");
         }
     }
+}
+
+fn namespaced_name(object: &DynamicObject) -> String {
+    format!(
+        "{}/{}",
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    )
 }
 
 #[cfg(test)]

@@ -414,6 +414,110 @@ pub fn destination_rule(spec: &DestinationRuleSpec) -> Result<(), Vec<FieldError
     errors.result()
 }
 
+/// What a DestinationRule sets that is read but not acted on: the rule
+/// applies without it, and whoever wrote it is told which fields (rather
+/// than finding out from traffic that does not behave).
+pub fn destination_rule_unread(spec: &DestinationRuleSpec) -> Vec<FieldError> {
+    let mut unread = Errors::default();
+    if let Some(policy) = &spec.traffic_policy {
+        unread_policy(&mut unread, "spec.trafficPolicy", policy);
+    }
+    for (i, subset) in spec.subsets.iter().enumerate() {
+        if let Some(policy) = &subset.traffic_policy {
+            unread_policy(
+                &mut unread,
+                &format!("spec.subsets[{i}].trafficPolicy"),
+                policy,
+            );
+        }
+    }
+    unread.0
+}
+
+fn unread_policy(unread: &mut Errors, field: &str, policy: &TrafficPolicy) {
+    let ports = policy.port_level_settings.iter().enumerate().map(|(i, p)| {
+        (
+            format!("{field}.portLevelSettings[{i}]"),
+            p.load_balancer.as_ref(),
+            p.connection_pool.as_ref(),
+            p.outlier_detection.as_ref(),
+        )
+    });
+    let all = std::iter::once((
+        field.to_string(),
+        policy.load_balancer.as_ref(),
+        policy.connection_pool.as_ref(),
+        policy.outlier_detection.as_ref(),
+    ))
+    .chain(ports);
+    for (at, balancer, pool, outlier) in all {
+        let mut note = |set: bool, path: &str, instead: &str| {
+            if set {
+                unread.add(&format!("{at}.{path}"), format!("not supported; {instead}"));
+            }
+        };
+        if let Some(lb) = balancer {
+            note(
+                lb.consistent_hash.is_some(),
+                "loadBalancer.consistentHash",
+                "requests are balanced by loadBalancer.simple (ROUND_ROBIN when unset), without affinity",
+            );
+            note(
+                lb.locality_lb_setting.is_some(),
+                "loadBalancer.localityLbSetting",
+                "endpoints are chosen regardless of locality",
+            );
+            note(
+                lb.warmup_duration_secs.is_some(),
+                "loadBalancer.warmupDurationSecs",
+                "new endpoints get their full share at once",
+            );
+        }
+        if let Some(tcp) = pool.and_then(|p| p.tcp.as_ref()) {
+            note(
+                tcp.tcp_keepalive.is_some(),
+                "connectionPool.tcp.tcpKeepalive",
+                "connections use the system's keepalive settings",
+            );
+            note(
+                tcp.max_connection_duration.is_some(),
+                "connectionPool.tcp.maxConnectionDuration",
+                "connections last until idle or closed",
+            );
+            note(
+                tcp.idle_timeout.is_some(),
+                "connectionPool.tcp.idleTimeout",
+                "TCP connections last until either side closes",
+            );
+        }
+        if let Some(http) = pool.and_then(|p| p.http.as_ref()) {
+            note(
+                http.use_client_protocol.is_some(),
+                "connectionPool.http.useClientProtocol",
+                "the protocol follows the port's (h2UpgradePolicy for HTTP/2)",
+            );
+            note(
+                http.max_concurrent_streams.is_some(),
+                "connectionPool.http.maxConcurrentStreams",
+                "the server's own limit applies",
+            );
+        }
+        if let Some(outlier) = outlier {
+            note(
+                outlier.split_external_local_origin_errors.is_some()
+                    || outlier.consecutive_local_origin_failures.is_some(),
+                "outlierDetection.consecutiveLocalOriginFailures",
+                "connection failures count as 5xx and gateway errors",
+            );
+            note(
+                outlier.min_health_percent.is_some(),
+                "outlierDetection.minHealthPercent",
+                "ejection stops when fewer than half the endpoints would be left",
+            );
+        }
+    }
+}
+
 fn traffic_policy(errors: &mut Errors, field: &str, policy: &TrafficPolicy) {
     if let Some(pool) = &policy.connection_pool {
         if let Some(tcp) = &pool.tcp {
@@ -453,14 +557,10 @@ fn traffic_policy(errors: &mut Errors, field: &str, policy: &TrafficPolicy) {
     if let Some(tls) = &policy.tls {
         client_tls(errors, &format!("{field}.tls"), tls);
     }
-    if let Some(percent) = policy.retry_budget.as_ref().and_then(|b| b.percent)
-        && !(0.0..=100.0).contains(&percent)
-    {
-        errors.add(
-            &format!("{field}.retryBudget.percent"),
-            format!("{percent} is not a percentage; give 0 to 100"),
-        );
-    }
+    errors.percentage(
+        &format!("{field}.retryBudget.percent"),
+        policy.retry_budget.as_ref().and_then(|b| b.percent),
+    );
     for (i, port) in policy.port_level_settings.iter().enumerate() {
         let at = format!("{field}.portLevelSettings[{i}]");
         match &port.port {
@@ -1003,6 +1103,39 @@ mod tests {
     }
 
     #[test]
+    fn fields_read_but_not_acted_on_are_named() {
+        let spec: DestinationRuleSpec = serde_json::from_value(json!({"host": "reviews",
+            "trafficPolicy": {
+                "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}},
+                "connectionPool": {"tcp": {"maxConnections": 10, "tcpKeepalive": {"time": "60s"}}},
+                "portLevelSettings": [{"port": {"number": 9080},
+                    "loadBalancer": {"simple": "RANDOM", "warmupDurationSecs": "30s"}}],
+            },
+            "subsets": [{"name": "v1", "labels": {"version": "v1"},
+                "trafficPolicy": {"outlierDetection": {"minHealthPercent": 50}}}],
+        }))
+        .unwrap();
+        let fields: Vec<String> = destination_rule_unread(&spec)
+            .into_iter()
+            .map(|e| e.field)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.trafficPolicy.loadBalancer.consistentHash",
+                "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+                "spec.trafficPolicy.portLevelSettings[0].loadBalancer.warmupDurationSecs",
+                "spec.subsets[0].trafficPolicy.outlierDetection.minHealthPercent",
+            ]
+        );
+        let plain: DestinationRuleSpec = serde_json::from_value(json!({"host": "reviews",
+            "trafficPolicy": {"loadBalancer": {"simple": "LEAST_REQUEST"},
+                "connectionPool": {"http": {"idleTimeout": "30s", "maxRetries": 3}}}}))
+        .unwrap();
+        assert!(destination_rule_unread(&plain).is_empty());
+    }
+
+    #[test]
     fn a_retry_budget_is_a_percentage() {
         let e = errors(
             "DestinationRule",
@@ -1011,7 +1144,7 @@ mod tests {
         );
         assert_eq!(
             e,
-            ["spec.trafficPolicy.retryBudget.percent: 150 is not a percentage; give 0 to 100"]
+            ["spec.trafficPolicy.retryBudget.percent: 150 is not a percentage between 0 and 100"]
         );
     }
 

@@ -207,6 +207,38 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
         },
     )
     .await?;
+    // A DestinationRule setting a field that is read but not acted on is
+    // applied, and whoever wrote it is told which field.
+    apply_istio(
+        &client,
+        &apps,
+        json!({
+            "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
+            "metadata": {"name": "ratings"},
+            "spec": {"host": "ratings", "trafficPolicy": {
+                "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}},
+        }),
+    )
+    .await?;
+    wait_until(
+        "an UnsupportedFields event on the DestinationRule",
+        || async {
+            Ok(events
+                .list(&ListParams::default())
+                .await?
+                .items
+                .iter()
+                .any(|e| {
+                    e.reason.as_deref() == Some("UnsupportedFields")
+                        && e.involved_object.kind.as_deref() == Some("DestinationRule")
+                        && e.involved_object.name.as_deref() == Some("ratings")
+                        && e.message.as_deref().is_some_and(|m| {
+                            m.contains("spec.trafficPolicy.loadBalancer.consistentHash")
+                        })
+                }))
+        },
+    )
+    .await?;
     let (_, metrics) = control_plane.get("/metrics").await?;
     ensure!(
         metrics.contains("pilot_total_rejected_configs_total{kind=\"VirtualService\"} 1"),
