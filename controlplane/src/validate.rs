@@ -475,11 +475,6 @@ fn unread_policy(unread: &mut Errors, field: &str, policy: &TrafficPolicy) {
         }
         if let Some(tcp) = pool.and_then(|p| p.tcp.as_ref()) {
             note(
-                tcp.tcp_keepalive.is_some(),
-                "connectionPool.tcp.tcpKeepalive",
-                "connections use the system's keepalive settings",
-            );
-            note(
                 tcp.max_connection_duration.is_some(),
                 "connectionPool.tcp.maxConnectionDuration",
                 "connections last until idle or closed",
@@ -526,6 +521,16 @@ fn traffic_policy(errors: &mut Errors, field: &str, policy: &TrafficPolicy) {
                 tcp.connect_timeout.as_deref(),
                 Duration::from_millis(1),
             );
+            if let Some(keepalive) = &tcp.tcp_keepalive {
+                for (name, value) in [("time", &keepalive.time), ("interval", &keepalive.interval)]
+                {
+                    errors.duration(
+                        &format!("{field}.connectionPool.tcp.tcpKeepalive.{name}"),
+                        value.as_deref(),
+                        Duration::from_secs(1),
+                    );
+                }
+            }
             if tcp.max_connections.is_some_and(|n| n < 0) {
                 errors.add(
                     &format!("{field}.connectionPool.tcp.maxConnections"),
@@ -1107,7 +1112,7 @@ mod tests {
         let spec: DestinationRuleSpec = serde_json::from_value(json!({"host": "reviews",
             "trafficPolicy": {
                 "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}},
-                "connectionPool": {"tcp": {"maxConnections": 10, "tcpKeepalive": {"time": "60s"}}},
+                "connectionPool": {"tcp": {"maxConnections": 10, "maxConnectionDuration": "1h"}},
                 "portLevelSettings": [{"port": {"number": 9080},
                     "loadBalancer": {"simple": "RANDOM", "warmupDurationSecs": "30s"}}],
             },
@@ -1123,7 +1128,7 @@ mod tests {
             fields,
             [
                 "spec.trafficPolicy.loadBalancer.consistentHash",
-                "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive",
+                "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
                 "spec.trafficPolicy.portLevelSettings[0].loadBalancer.warmupDurationSecs",
                 "spec.subsets[0].trafficPolicy.outlierDetection.minHealthPercent",
             ]

@@ -13,7 +13,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 use crate::model::Cluster;
-use crate::model::cluster::Target;
+use crate::model::cluster::{Keepalive, Target};
 use crate::tls::{Carried, Secrets, Session, UpstreamTls};
 
 /// An open connection to an endpoint.
@@ -78,6 +78,9 @@ async fn tcp(cluster: &Cluster, target: &Target) -> io::Result<TcpStream> {
         if let Some(ip) = cluster.bind.filter(|ip| ip.is_ipv4() == address.is_ipv4()) {
             socket.bind(SocketAddr::new(ip, 0))?;
         }
+        if let Some(keepalive) = &cluster.keepalive {
+            keep_alive(&socket, keepalive)?;
+        }
         match socket.connect(address).await {
             Ok(stream) => {
                 stream.set_nodelay(true)?;
@@ -87,6 +90,22 @@ async fn tcp(cluster: &Cluster, target: &Target) -> io::Result<TcpStream> {
         }
     }
     Err(last)
+}
+
+/// Turns TCP keepalive on for `socket`, with the timings given.
+fn keep_alive(socket: &TcpSocket, keepalive: &Keepalive) -> io::Result<()> {
+    use nix::sys::socket::{setsockopt, sockopt};
+    setsockopt(socket, sockopt::KeepAlive, &true)?;
+    if let Some(time) = keepalive.time {
+        setsockopt(socket, sockopt::TcpKeepIdle, &time)?;
+    }
+    if let Some(interval) = keepalive.interval {
+        setsockopt(socket, sockopt::TcpKeepInterval, &interval)?;
+    }
+    if let Some(probes) = keepalive.probes {
+        setsockopt(socket, sockopt::TcpKeepCount, &probes)?;
+    }
+    Ok(())
 }
 
 impl AsyncRead for Stream {
@@ -144,5 +163,36 @@ impl AsyncWrite for Stream {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Tls(s, _) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envoy::from_json;
+    use nix::sys::socket::{getsockopt, sockopt};
+
+    #[tokio::test]
+    async fn a_cluster_s_keepalive_is_set_on_its_connections() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let cluster = |options: serde_json::Value| {
+            let mut cluster = serde_json::json!({"name": "c", "type": "STATIC"});
+            if !options.is_null() {
+                cluster["upstream_connection_options"] = options;
+            }
+            Cluster::from_envoy(&from_json(cluster).unwrap()).unwrap()
+        };
+        let kept = cluster(serde_json::json!({"tcp_keepalive": {
+            "keepalive_time": 60, "keepalive_interval": 10, "keepalive_probes": 3}}));
+        let stream = tcp(&kept, &Target::Ip(address)).await.unwrap();
+        assert!(getsockopt(&stream, sockopt::KeepAlive).unwrap());
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepIdle).unwrap(), 60);
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepInterval).unwrap(), 10);
+        assert_eq!(getsockopt(&stream, sockopt::TcpKeepCount).unwrap(), 3);
+        let plain = tcp(&cluster(serde_json::Value::Null), &Target::Ip(address))
+            .await
+            .unwrap();
+        assert!(!getsockopt(&plain, sockopt::KeepAlive).unwrap());
     }
 }

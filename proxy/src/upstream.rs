@@ -619,6 +619,7 @@ mod tests {
             service: None,
             transport: Default::default(),
             bind: None,
+            keepalive: None,
         })
     }
 

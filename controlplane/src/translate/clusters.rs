@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use bowline_api::networking::{
     ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, DestinationRuleSpec, H2UpgradePolicy,
-    OutlierDetection, PortTrafficPolicy, RetryBudget, SimpleLb, TrafficPolicy,
+    OutlierDetection, PortTrafficPolicy, RetryBudget, SimpleLb, TcpKeepalive, TrafficPolicy,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, HttpProtocolOptions as CoreHttpOptions, Metadata, data_source,
@@ -25,11 +25,12 @@ use envoy_types::util::pack_any;
 use super::gateway::credential_resource;
 use super::listeners::{ROOT_SECRET, mesh_tls_context, sds, transport_socket};
 use envoy_types::pb::envoy::config::cluster::v3::{
-    CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlierDetection, circuit_breakers, cluster,
+    CircuitBreakers, Cluster, OutlierDetection as EnvoyOutlierDetection, UpstreamConnectionOptions,
+    circuit_breakers, cluster,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, SocketAddress, address,
-    config_source, socket_address,
+    AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus, SocketAddress,
+    TcpKeepalive as EnvoyTcpKeepalive, address, config_source, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -509,7 +510,28 @@ fn cluster(name: &str, policy: Option<&TrafficPolicy>, port: u32) -> Cluster {
             pool,
             policy.and_then(|p| p.retry_budget.as_ref()),
         )),
+        upstream_connection_options: pool
+            .and_then(|p| p.tcp.as_ref())
+            .and_then(|t| t.tcp_keepalive.as_ref())
+            .map(keepalive),
         outlier_detection: outlier.map(outlier_detection),
+        ..Default::default()
+    }
+}
+
+/// TCP keepalive as Envoy takes it: whole seconds.
+fn keepalive(keepalive: &TcpKeepalive) -> UpstreamConnectionOptions {
+    let seconds = |text: Option<&str>| {
+        text.and_then(parse_duration).map(|d| UInt32Value {
+            value: d.as_secs().min(u64::from(u32::MAX)) as u32,
+        })
+    };
+    UpstreamConnectionOptions {
+        tcp_keepalive: Some(EnvoyTcpKeepalive {
+            keepalive_probes: keepalive.probes.map(|value| UInt32Value { value }),
+            keepalive_time: seconds(keepalive.time.as_deref()),
+            keepalive_interval: seconds(keepalive.interval.as_deref()),
+        }),
         ..Default::default()
     }
 }
@@ -760,7 +782,8 @@ mod tests {
         let rule = rule(json!({"host": "httpbin", "trafficPolicy": {
             "loadBalancer": {"simple": "LEAST_REQUEST"},
             "connectionPool": {
-                "tcp": {"maxConnections": 1, "connectTimeout": "30ms"},
+                "tcp": {"maxConnections": 1, "connectTimeout": "30ms",
+                        "tcpKeepalive": {"time": "7200s", "interval": "75s", "probes": 9}},
                 "http": {"http1MaxPendingRequests": 1, "maxRequestsPerConnection": 1, "http2MaxRequests": 10, "maxRetries": 2},
             },
             "outlierDetection": {"consecutive5xxErrors": 1, "consecutiveGatewayErrors": 1, "interval": "1s", "baseEjectionTime": "3m", "maxEjectionPercent": 100},
@@ -781,6 +804,19 @@ mod tests {
         assert_eq!(value(&limits.max_pending_requests), Some(1));
         assert_eq!(value(&limits.max_requests), Some(10));
         assert_eq!(value(&limits.max_retries), Some(2));
+        let keepalive = cluster
+            .upstream_connection_options
+            .as_ref()
+            .and_then(|o| o.tcp_keepalive.as_ref())
+            .unwrap();
+        assert_eq!(
+            (
+                value(&keepalive.keepalive_time),
+                value(&keepalive.keepalive_interval),
+                value(&keepalive.keepalive_probes)
+            ),
+            (Some(7200), Some(75), Some(9))
+        );
         let outlier = cluster.outlier_detection.as_ref().unwrap();
         assert_eq!(value(&outlier.consecutive_5xx), Some(1));
         assert_eq!(value(&outlier.enforcing_consecutive_5xx), Some(100));

@@ -42,6 +42,18 @@ pub struct Cluster {
     /// (`upstream_bind_config`): 127.0.0.6 for a sidecar's inbound
     /// clusters, which the capture rules let through to the workload.
     pub bind: Option<IpAddr>,
+    /// TCP keepalive on its connections, when it asks for it.
+    pub keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive (`upstream_connection_options.tcp_keepalive`): seconds
+/// idle before the first probe, seconds between probes, unanswered probes
+/// before the connection is dropped; unset, the system's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    pub time: Option<u32>,
+    pub interval: Option<u32>,
+    pub probes: Option<u32>,
 }
 
 /// How long an upstream HTTP connection is kept, and for how many
@@ -292,6 +304,15 @@ impl Cluster {
             connect_timeout,
             protocol,
             connections,
+            keepalive: cluster
+                .upstream_connection_options
+                .as_ref()
+                .and_then(|o| o.tcp_keepalive.as_ref())
+                .map(|k| Keepalive {
+                    time: k.keepalive_time.as_ref().map(|v| v.value),
+                    interval: k.keepalive_interval.as_ref().map(|v| v.value),
+                    probes: k.keepalive_probes.as_ref().map(|v| v.value),
+                }),
             limits: Limits::from_envoy(cluster.circuit_breakers.as_ref()),
             outlier: cluster.outlier_detection.as_ref().map(Outlier::from_envoy),
             service: Service::of_cluster(
