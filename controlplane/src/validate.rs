@@ -451,64 +451,61 @@ fn unread_policy(unread: &mut Errors, field: &str, policy: &TrafficPolicy) {
     ))
     .chain(ports);
     for (at, balancer, pool, outlier) in all {
-        let mut note = |set: bool, path: &str, instead: &str| {
-            if set {
-                unread.add(&format!("{at}.{path}"), format!("not supported; {instead}"));
-            }
-        };
-        if let Some(lb) = balancer {
-            note(
-                lb.consistent_hash.is_some(),
+        let tcp = pool.and_then(|p| p.tcp.as_ref());
+        let http = pool.and_then(|p| p.http.as_ref());
+        // Each field: whether it is set, where, and what happens instead.
+        let fields = [
+            (
+                balancer.is_some_and(|lb| lb.consistent_hash.is_some()),
                 "loadBalancer.consistentHash",
                 "requests are balanced by loadBalancer.simple (ROUND_ROBIN when unset), without affinity",
-            );
-            note(
-                lb.locality_lb_setting.is_some(),
+            ),
+            (
+                balancer.is_some_and(|lb| lb.locality_lb_setting.is_some()),
                 "loadBalancer.localityLbSetting",
                 "endpoints are chosen regardless of locality",
-            );
-            note(
-                lb.warmup_duration_secs.is_some(),
+            ),
+            (
+                balancer.is_some_and(|lb| lb.warmup_duration_secs.is_some()),
                 "loadBalancer.warmupDurationSecs",
                 "new endpoints get their full share at once",
-            );
-        }
-        if let Some(tcp) = pool.and_then(|p| p.tcp.as_ref()) {
-            note(
-                tcp.max_connection_duration.is_some(),
+            ),
+            (
+                tcp.is_some_and(|t| t.max_connection_duration.is_some()),
                 "connectionPool.tcp.maxConnectionDuration",
                 "connections last until idle or closed",
-            );
-            note(
-                tcp.idle_timeout.is_some(),
+            ),
+            (
+                tcp.is_some_and(|t| t.idle_timeout.is_some()),
                 "connectionPool.tcp.idleTimeout",
                 "TCP connections last until either side closes",
-            );
-        }
-        if let Some(http) = pool.and_then(|p| p.http.as_ref()) {
-            note(
-                http.use_client_protocol.is_some(),
+            ),
+            (
+                http.is_some_and(|h| h.use_client_protocol.is_some()),
                 "connectionPool.http.useClientProtocol",
                 "the protocol follows the port's (h2UpgradePolicy for HTTP/2)",
-            );
-            note(
-                http.max_concurrent_streams.is_some(),
+            ),
+            (
+                http.is_some_and(|h| h.max_concurrent_streams.is_some()),
                 "connectionPool.http.maxConcurrentStreams",
                 "the server's own limit applies",
-            );
-        }
-        if let Some(outlier) = outlier {
-            note(
-                outlier.split_external_local_origin_errors.is_some()
-                    || outlier.consecutive_local_origin_failures.is_some(),
+            ),
+            (
+                outlier.is_some_and(|o| {
+                    o.split_external_local_origin_errors.is_some()
+                        || o.consecutive_local_origin_failures.is_some()
+                }),
                 "outlierDetection.consecutiveLocalOriginFailures",
                 "connection failures count as 5xx and gateway errors",
-            );
-            note(
-                outlier.min_health_percent.is_some(),
+            ),
+            (
+                outlier.is_some_and(|o| o.min_health_percent.is_some()),
                 "outlierDetection.minHealthPercent",
                 "ejection stops when fewer than half the endpoints would be left",
-            );
+            ),
+        ];
+        for (_, path, instead) in fields.into_iter().filter(|(set, ..)| *set) {
+            unread.add(&format!("{at}.{path}"), format!("not supported; {instead}"));
         }
     }
 }

@@ -62,6 +62,32 @@ fn weights(client: &XdsClient, host: &str) -> Option<Vec<(String, u32)>> {
     }
 }
 
+/// Waits for a Warning event with `reason` on the `kind` called `name`
+/// whose message says each of `saying`.
+async fn warned(
+    events: &Api<Event>,
+    (reason, kind, name): (&str, &str, &str),
+    saying: &[&str],
+) -> anyhow::Result<()> {
+    wait_until(&format!("a {reason} event on {kind} {name}"), || async {
+        Ok(events
+            .list(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.involved_object.kind.as_deref() == Some(kind)
+                    && e.involved_object.name.as_deref() == Some(name)
+                    && e.message
+                        .as_deref()
+                        .is_some_and(|m| saying.iter().all(|s| m.contains(s)))
+            }))
+    })
+    .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
     let cluster = LocalCluster::shared()?;
@@ -189,22 +215,10 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
     )
     .await?;
     let events: Api<Event> = Api::namespaced(client.clone(), &apps);
-    wait_until(
-        "an InvalidConfig event on the bad VirtualService",
-        || async {
-            Ok(events
-                .list(&ListParams::default())
-                .await?
-                .items
-                .iter()
-                .any(|e| {
-                    e.reason.as_deref() == Some("InvalidConfig")
-                        && e.involved_object.name.as_deref() == Some("ratings")
-                        && e.message
-                            .as_deref()
-                            .is_some_and(|m| m.contains("spec.http[0].route") && m.contains("110"))
-                }))
-        },
+    warned(
+        &events,
+        ("InvalidConfig", "VirtualService", "ratings"),
+        &["spec.http[0].route", "110"],
     )
     .await?;
     // A DestinationRule setting a field that is read but not acted on is
@@ -220,23 +234,10 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
         }),
     )
     .await?;
-    wait_until(
-        "an UnsupportedFields event on the DestinationRule",
-        || async {
-            Ok(events
-                .list(&ListParams::default())
-                .await?
-                .items
-                .iter()
-                .any(|e| {
-                    e.reason.as_deref() == Some("UnsupportedFields")
-                        && e.involved_object.kind.as_deref() == Some("DestinationRule")
-                        && e.involved_object.name.as_deref() == Some("ratings")
-                        && e.message.as_deref().is_some_and(|m| {
-                            m.contains("spec.trafficPolicy.loadBalancer.consistentHash")
-                        })
-                }))
-        },
+    warned(
+        &events,
+        ("UnsupportedFields", "DestinationRule", "ratings"),
+        &["spec.trafficPolicy.loadBalancer.consistentHash"],
     )
     .await?;
     let (_, metrics) = control_plane.get("/metrics").await?;
