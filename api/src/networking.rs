@@ -496,6 +496,10 @@ pub struct RetryBudget {
     /// Retries allowed at once whatever the percent gives; 3 when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub min_retry_concurrency: Option<u32>,
+    /// The time over which requests count toward the budget; not acted
+    /// on (the budget counts the requests in flight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget_interval: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

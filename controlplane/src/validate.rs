@@ -435,6 +435,16 @@ pub fn destination_rule_unread(spec: &DestinationRuleSpec) -> Vec<FieldError> {
 }
 
 fn unread_policy(unread: &mut Errors, field: &str, policy: &TrafficPolicy) {
+    if policy
+        .retry_budget
+        .as_ref()
+        .is_some_and(|b| b.budget_interval.is_some())
+    {
+        unread.add(
+            &format!("{field}.retryBudget.budgetInterval"),
+            "not supported; the budget counts the requests in flight",
+        );
+    }
     let ports = policy.port_level_settings.iter().enumerate().map(|(i, p)| {
         (
             format!("{field}.portLevelSettings[{i}]"),
@@ -559,10 +569,14 @@ fn traffic_policy(errors: &mut Errors, field: &str, policy: &TrafficPolicy) {
     if let Some(tls) = &policy.tls {
         client_tls(errors, &format!("{field}.tls"), tls);
     }
-    errors.percentage(
-        &format!("{field}.retryBudget.percent"),
-        policy.retry_budget.as_ref().and_then(|b| b.percent),
-    );
+    if let Some(budget) = &policy.retry_budget {
+        errors.percentage(&format!("{field}.retryBudget.percent"), budget.percent);
+        errors.duration(
+            &format!("{field}.retryBudget.budgetInterval"),
+            budget.budget_interval.as_deref(),
+            Duration::ZERO,
+        );
+    }
     for (i, port) in policy.port_level_settings.iter().enumerate() {
         let at = format!("{field}.portLevelSettings[{i}]");
         match &port.port {
@@ -1110,6 +1124,7 @@ mod tests {
             "trafficPolicy": {
                 "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}},
                 "connectionPool": {"tcp": {"maxConnections": 10, "maxConnectionDuration": "1h"}},
+                "retryBudget": {"percent": 25.0, "budgetInterval": "10s"},
                 "portLevelSettings": [{"port": {"number": 9080},
                     "loadBalancer": {"simple": "RANDOM", "warmupDurationSecs": "30s"}}],
             },
@@ -1124,6 +1139,7 @@ mod tests {
         assert_eq!(
             fields,
             [
+                "spec.trafficPolicy.retryBudget.budgetInterval",
                 "spec.trafficPolicy.loadBalancer.consistentHash",
                 "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
                 "spec.trafficPolicy.portLevelSettings[0].loadBalancer.warmupDurationSecs",
