@@ -879,7 +879,7 @@ impl Reporting {
     /// A Warning event on `object` (its note cut to the 1 KiB an event
     /// holds).
     async fn publish(
-        &mut self,
+        &self,
         object: &DynamicObject,
         kind: &'static str,
         reason: &str,

@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 
 use crate::connect::{Stream, connect};
 use crate::model::Cluster;
-use crate::model::cluster::{Connections, Target};
+use crate::model::cluster::Target;
 use crate::tls::{Carried, Secrets, Session, UpstreamTls};
 use crate::upstream::Body;
 
@@ -43,11 +43,6 @@ pub struct Pool {
     shared_sweeps: AtomicU32,
     /// Streams the HTTP/2 connection has been given.
     shared_streams: AtomicU32,
-}
-
-/// The cluster's [`Connections`] settings where the pool acts on them.
-fn settings(dial: &Dial<'_>) -> Connections {
-    dial.cluster.connections
 }
 
 /// A free HTTP/1.1 connection.
@@ -112,7 +107,7 @@ impl Pool {
         dial: Dial<'_>,
         mut request: Request<Body>,
     ) -> Result<Response<Answer>, Failure> {
-        let settings = settings(&dial);
+        let settings = dial.cluster.connections;
         loop {
             let (mut idle, reused) = match self.take(settings.idle_timeout) {
                 Some(idle) => (idle, true),
@@ -225,7 +220,7 @@ impl Pool {
     }
 
     async fn http2(&self, dial: Dial<'_>) -> Result<Shared, Failure> {
-        let max_requests = settings(&dial).max_requests;
+        let max_requests = dial.cluster.connections.max_requests;
         let mut shared = self.shared.lock().await;
         if let Some(open) = shared.as_ref().filter(|s| !s.sender.is_closed()) {
             let open = open.clone();

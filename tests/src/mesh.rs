@@ -472,12 +472,30 @@ pub fn upgrade_to(cluster: &LocalCluster, version: &str) -> anyhow::Result<()> {
 /// Whether Prometheus text `metrics` has a series of `name` with every
 /// label of `labels`.
 pub fn has_series(metrics: &str, name: &str, labels: &[(&str, &str)]) -> bool {
+    series(metrics, name, labels).next().is_some()
+}
+
+/// The sum of the values of the series [`has_series`] finds.
+pub fn series_sum(metrics: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    series(metrics, name, labels)
+        .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+/// The lines of `metrics` that are series of `name` with every label of
+/// `labels`.
+fn series<'a>(
+    metrics: &'a str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> impl Iterator<Item = &'a str> {
     let prefix = format!("{name}{{");
-    metrics.lines().any(|line| {
-        line.starts_with(&prefix)
-            && labels
-                .iter()
-                .all(|(key, value)| line.contains(&format!("{key}=\"{value}\"")))
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(key, value)| format!("{key}=\"{value}\""))
+        .collect();
+    metrics.lines().filter(move |line| {
+        line.starts_with(&prefix) && labels.iter().all(|label| line.contains(label.as_str()))
     })
 }
 

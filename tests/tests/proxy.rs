@@ -274,7 +274,7 @@ async fn counting_upstream() -> anyhow::Result<(SocketAddr, Arc<AtomicUsize>)> {
 /// A client's kept-alive connection stays open between requests for the
 /// connection manager's idle timeout (Envoy's, 1 h, when unset), not
 /// less: here 2 s — a second's pause is served on the same connection,
-/// three seconds' close it.
+/// two seconds without a request close it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kept_alive_client_connection_lasts_its_idle_timeout() -> anyhow::Result<()> {
     let app = upstream("app").await?;

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::ensure;
 use bowline_tests::cluster::free_port;
+use bowline_tests::mesh::series_sum;
 use bowline_tests::prometheus::{Prometheus, Sample};
 use bowline_tests::proxy::{
     Running, curl, echo, http_manager, in_front_of, static_cluster, upstream, workload_env,
@@ -287,34 +288,14 @@ async fn a_clients_host_adds_no_series_inbound_or_at_a_gateway() -> anyhow::Resu
             proxy.ports.prometheus
         );
         let (_, metrics) = curl(&[&scrape])?;
-        let requests: Vec<(&str, f64)> = metrics
-            .lines()
-            .filter(|l| l.starts_with("istio_requests_total{"))
-            .filter_map(|l| {
-                let (series, value) = l.rsplit_once(' ')?;
-                Some((series, value.parse().ok()?))
-            })
-            .collect();
-        let counted = |labels: &[String]| -> f64 {
-            requests
-                .iter()
-                .filter(|(series, _)| labels.iter().all(|l| series.contains(l.as_str())))
-                .map(|(_, value)| value)
-                .sum()
-        };
-        let label = |key: &str, value: &str| format!("{key}=\"{value}\"");
+        let counted =
+            |labels: &[(&str, &str)]| series_sum(&metrics, "istio_requests_total", labels);
         ensure!(
-            counted(&[
-                label("response_flags", "NR"),
-                label("destination_service", "unknown")
-            ]) == 3.0,
+            counted(&[("response_flags", "NR"), ("destination_service", "unknown")]) == 3.0,
             "{name}: the unrouted requests counted as to an unknown service:\n{metrics}"
         );
         ensure!(
-            counted(&[
-                label("response_code", "200"),
-                label("destination_service", REVIEWS)
-            ]) == 1.0,
+            counted(&[("response_code", "200"), ("destination_service", REVIEWS)]) == 1.0,
             "{name}: the routed request counted as to its cluster's service:\n{metrics}"
         );
         ensure!(

@@ -178,7 +178,8 @@ impl std::fmt::Display for Target {
 }
 
 impl Cluster {
-    // `http2_protocol_options` is deprecated, and still read by Envoy.
+    // `http2_protocol_options` and `max_requests_per_connection` are
+    // deprecated, and still read by Envoy.
     #[allow(deprecated)]
     pub fn from_envoy(cluster: &envoy::Cluster) -> Result<Self> {
         let name = &cluster.name;
@@ -246,41 +247,40 @@ impl Cluster {
             .as_ref()
             .map(super::duration)
             .unwrap_or(DEFAULT_CONNECT_TIMEOUT);
-        let mut protocol = if cluster.http2_protocol_options.is_some() {
-            Protocol::Http2
-        } else {
-            Protocol::Http1
+        let options: Option<HttpProtocolOptions> = cluster
+            .typed_extension_protocol_options
+            .get(HTTP_OPTIONS)
+            .map(|any| {
+                unpack(any).map_err(|e| {
+                    invalid(
+                        &format!("typed_extension_protocol_options[{HTTP_OPTIONS}]"),
+                        e,
+                    )
+                })
+            })
+            .transpose()?;
+        let connections = Connections::from_envoy(
+            options
+                .as_ref()
+                .and_then(|o| o.common_http_protocol_options.as_ref()),
+            cluster
+                .max_requests_per_connection
+                .as_ref()
+                .map(|v| v.value),
+        );
+        let protocol = match options.and_then(|o| o.upstream_protocol_options) {
+            Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(c)) => {
+                match c.protocol_config {
+                    Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_)) => Protocol::Http2,
+                    _ => Protocol::Http1,
+                }
+            }
+            Some(http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(
+                _,
+            )) => Protocol::Downstream,
+            _ if cluster.http2_protocol_options.is_some() => Protocol::Http2,
+            _ => Protocol::Http1,
         };
-        #[allow(deprecated)]
-        let deprecated_max_requests = cluster
-            .max_requests_per_connection
-            .as_ref()
-            .map(|v| v.value);
-        let mut connections = Connections::from_envoy(None, deprecated_max_requests);
-        if let Some(any) = cluster.typed_extension_protocol_options.get(HTTP_OPTIONS) {
-            let options: HttpProtocolOptions = unpack(any).map_err(|e| {
-                invalid(
-                    &format!("typed_extension_protocol_options[{HTTP_OPTIONS}]"),
-                    e,
-                )
-            })?;
-            connections = Connections::from_envoy(
-                options.common_http_protocol_options.as_ref(),
-                deprecated_max_requests,
-            );
-            protocol = match options.upstream_protocol_options {
-                Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(c)) => {
-                    match c.protocol_config {
-                        Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(_)) => Protocol::Http2,
-                        _ => Protocol::Http1,
-                    }
-                }
-                Some(http_protocol_options::UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => {
-                    Protocol::Downstream
-                }
-                _ => protocol,
-            };
-        }
         let transport = transport(cluster).map_err(|(f, e)| invalid(&f, e))?;
         let bind = cluster
             .upstream_bind_config

@@ -240,11 +240,15 @@ fn fixed_rate(
     Ok((latencies, failed))
 }
 
+/// The `p` quantile of `sorted`, between its two nearest values in
+/// proportion (the median of an even count is the mean of the middle two).
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+    let rank = (sorted.len() - 1) as f64 * p;
+    let (below, above) = (sorted[rank.floor() as usize], sorted[rank.ceil() as usize]);
+    below + (above - below) * rank.fract()
 }
 
 fn measure(
@@ -839,7 +843,7 @@ fn proxies_suite(
     };
     for name in std::iter::once("direct").chain(PROXIES) {
         let all = figures(name);
-        let m = |field: fn(&Figures) -> f64| median(all.iter().map(field).collect());
+        let m = |field: fn(&Figures) -> f64| Rounds::of(all.iter().map(field).collect()).median();
         println!(
             "{:<9} {:>10.0} {:>10.0} {:>8.3} {:>8.3} {:>7.3} {:>11.1} {:>8.1}M {:>8.1}M {:>6}",
             name,
@@ -856,10 +860,13 @@ fn proxies_suite(
     }
     println!();
     let bowline = figures("bowline");
-    for base in ["direct", "envoy", "nginx", "haproxy"] {
+    for base in std::iter::once("direct")
+        .chain(PROXIES)
+        .filter(|n| *n != "bowline")
+    {
         let other = figures(base);
         let ratio = |field: fn(&Figures) -> f64| {
-            Ratio::of(
+            Rounds::of(
                 bowline
                     .iter()
                     .zip(&other)
@@ -889,14 +896,14 @@ fn start_proxy(
     root: &Path,
 ) -> anyhow::Result<(Target, u16, u16)> {
     let core = Some(args.proxy_core);
-    let (port, h2) = (free_port()?, free_port()?);
-    let target = match name {
-        // bowline-proxy and Envoy read the same bootstrap file; each port
+    let port = free_port()?;
+    let (target, h2) = match name {
+        // bowline-proxy and Envoy read the same bootstrap file; its port
         // speaks both protocols.
         "bowline" | "envoy" => {
             let file = root.join(format!("{name}.bootstrap.json"));
             std::fs::write(&file, serde_json::to_vec(&bootstrap(port, upstream))?)?;
-            if name == "bowline" {
+            let target = if name == "bowline" {
                 bowline(name, args, &file, root)?
             } else {
                 let mut command = pinned(core, bowline_tests::binaries::tool("envoy/fetch.sh")?);
@@ -908,10 +915,19 @@ fn start_proxy(
                     "warn",
                 ]);
                 Target::start(name, root, command)?
-            }
+            };
+            (target, port)
         }
-        "nginx" => nginx(name, core, root, &nginx_proxy(port, h2, upstream))?,
+        // nginx and HAProxy: HTTP/1.1 and h2c need a port each.
+        "nginx" => {
+            let h2 = free_port()?;
+            (
+                nginx(name, core, root, &nginx_proxy(port, h2, upstream))?,
+                h2,
+            )
+        }
         "haproxy" => {
+            let h2 = free_port()?;
             let config = root.join("haproxy.cfg");
             std::fs::write(
                 &config,
@@ -925,44 +941,32 @@ fn start_proxy(
             )?;
             let mut command = pinned(core, "/usr/sbin/haproxy");
             command.arg("-db").arg("-f").arg(&config);
-            Target::start(name, root, command)?
+            (Target::start(name, root, command)?, h2)
         }
         other => bail!("no proxy called {other}"),
-    };
-    let h2 = if matches!(name, "bowline" | "envoy") {
-        port
-    } else {
-        h2
     };
     Ok((target, port, h2))
 }
 
-/// The middle of `values` (the mean of the two middle ones when even).
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    match values.len() {
-        0 => f64::NAN,
-        n if n % 2 == 1 => values[n / 2],
-        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+/// A figure measured once per round, sorted: its median and its range.
+struct Rounds(Vec<f64>);
+
+impl Rounds {
+    fn of(mut values: Vec<f64>) -> Self {
+        values.sort_by(f64::total_cmp);
+        Self(values)
+    }
+
+    fn median(&self) -> f64 {
+        percentile(&self.0, 0.5)
     }
 }
 
-/// A ratio measured once per round: its median and its range.
-struct Ratio(Vec<f64>);
-
-impl Ratio {
-    fn of(mut rounds: Vec<f64>) -> Self {
-        rounds.sort_by(f64::total_cmp);
-        Self(rounds)
-    }
-}
-
-impl std::fmt::Display for Ratio {
+/// A ratio: its median over the rounds, then their range.
+impl std::fmt::Display for Rounds {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:.2}x", median(self.0.clone()))?;
-        if let (Some(low), Some(high)) = (self.0.first(), self.0.last())
-            && self.0.len() > 1
-        {
+        write!(f, "{:.2}x", self.median())?;
+        if let [low, .., high] = self.0.as_slice() {
             write!(f, " ({low:.2}-{high:.2})")?;
         }
         Ok(())
