@@ -563,3 +563,112 @@ pub fn sidecar_metrics(
         ],
     )
 }
+
+/// Why calls to `url` from `namespace/pod` fail, as its sidecar sees them:
+/// its outbound request counts; the endpoints it knows; the log lines of
+/// one more call made with debug logging on; the namespace's pods and their
+/// addresses; the warnings of their sidecars. For a test's error.
+pub fn outbound_diagnosis(cluster: &LocalCluster, namespace: &str, pod: &str, url: &str) -> String {
+    let mut out = String::new();
+    let counts = sidecar_metrics(cluster, namespace, pod)
+        .map(|m| {
+            m.lines()
+                .filter(|l| l.starts_with("istio_requests_total{reporter=\"source\""))
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_else(|e| e.to_string());
+    out += &format!("{namespace}/{pod}'s outbound requests:\n{counts}\n");
+
+    let endpoints = curl_from(
+        cluster,
+        namespace,
+        pod,
+        &["http://127.0.0.1:15000/config_dump?include_eds"],
+    )
+    .and_then(|(_, body)| Ok(serde_json::from_str::<Value>(&body)?))
+    .map(|dump| known_endpoints(&dump))
+    .unwrap_or_else(|e| format!("no config dump: {e:#}"));
+    out += &format!("its endpoints:\n{endpoints}\n");
+
+    let debug = "http://127.0.0.1:15000/logging?level=debug";
+    let before = log(cluster, namespace, pod, "istio-proxy").len();
+    let _ = curl_from(cluster, namespace, pod, &["-X", "POST", debug]);
+    let call = call_from(cluster, namespace, pod, url, &["--requests", "10"])
+        .map(|r| r.to_string())
+        .unwrap_or_else(|e| format!("{e:#}"));
+    let info = "http://127.0.0.1:15000/logging?level=info";
+    let _ = curl_from(cluster, namespace, pod, &["-X", "POST", info]);
+    let logged = log(cluster, namespace, pod, "istio-proxy");
+    let failures: Vec<&str> = logged
+        .get(before..)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains("failed") || l.contains("\" 5"))
+        .take(10)
+        .collect();
+    out += &format!(
+        "one more call: {call}\nits sidecar's failures:\n{}\n",
+        failures.join("\n")
+    );
+
+    let pods = kubectl(cluster, &["get", "pods", "-n", namespace, "-o", "wide"])
+        .unwrap_or_else(|e| format!("{e:#}"));
+    out += &format!("pods:\n{pods}\n");
+    let names = kubectl(
+        cluster,
+        &[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-o",
+            "jsonpath={.items[*].metadata.name}",
+        ],
+    )
+    .unwrap_or_default();
+    for name in names.split_whitespace() {
+        let sidecar = log(cluster, namespace, name, "istio-proxy");
+        let warnings: Vec<&str> = sidecar
+            .lines()
+            .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+            .take(10)
+            .collect();
+        out += &format!("{name}'s sidecar warnings:\n{}\n", warnings.join("\n"));
+    }
+    out
+}
+
+/// Per cluster of an Envoy config dump (with EDS), the endpoint addresses.
+fn known_endpoints(dump: &Value) -> String {
+    let mut lines = Vec::new();
+    for config in dump["configs"].as_array().into_iter().flatten() {
+        for endpoint in config["dynamic_endpoint_configs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let assignment = &endpoint["endpoint_config"];
+            let addresses: Vec<String> = assignment["endpoints"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|locality| locality["lb_endpoints"].as_array().into_iter().flatten())
+                .map(|lb| {
+                    let socket = &lb["endpoint"]["address"]["socket_address"];
+                    format!(
+                        "{}:{}",
+                        socket["address"].as_str().unwrap_or("?"),
+                        socket["port_value"]
+                    )
+                })
+                .collect();
+            lines.push(format!(
+                "{} {}",
+                assignment["cluster_name"].as_str().unwrap_or("?"),
+                addresses.join(" ")
+            ));
+        }
+    }
+    lines.join("\n")
+}

@@ -11,8 +11,8 @@ use anyhow::{Context, ensure};
 use bowline_tests::agent::images::SAMPLE_GRPC;
 use bowline_tests::mesh::{
     apply, call_from, call_until, curl_from, curl_until, echo, echo_with, has_series, kubectl,
-    namespace, pod, prometheus_api, prometheus_query, sample_call_from, service, shared,
-    sidecar_metrics, wait_available,
+    namespace, outbound_diagnosis, pod, prometheus_api, prometheus_query, sample_call_from,
+    service, shared, sidecar_metrics, wait_available,
 };
 use serde_json::{Value, json};
 
@@ -84,18 +84,7 @@ async fn traffic_split_follows_the_virtual_service() -> anyhow::Result<()> {
         },
     )
     .await
-    .map_err(|error| {
-        // What the client's sidecar saw (response flags say why it failed).
-        let seen = sidecar_metrics(cluster, ns, &client)
-            .map(|m| {
-                m.lines()
-                    .filter(|l| l.starts_with("istio_requests_total{reporter=\"source\""))
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            })
-            .unwrap_or_else(|e| e.to_string());
-        error.context(format!("the client's sidecar:\n{seen}"))
-    })?;
+    .map_err(|error| error.context(outbound_diagnosis(cluster, ns, &client, "http://echo/")))?;
     let result = call_from(cluster, ns, &client, "http://echo/", &["--requests", "400"])?;
     ensure!(
         answered(&result, "v1") + answered(&result, "v2") == 400,
