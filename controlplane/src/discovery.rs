@@ -7,7 +7,9 @@
 //! the parts of the snapshot those kinds feed are rebuilt — the others are
 //! shared with the last snapshot — and published as a new push. A push
 //! that changed only endpoints keeps the last push's `config` number, so
-//! proxies get only new endpoints generated (the EDS fast path).
+//! proxies get only new endpoints generated (the EDS fast path) — unless
+//! the endpoints run as service accounts their service's did not, which
+//! changes the identities its clusters accept.
 //!
 //! Istio config is read per object: one that does not parse or fails
 //! validation (applied while the webhook was down, say) is left out alone,
@@ -232,8 +234,13 @@ pub async fn run(
                 first.get_or_insert(last);
             }
             _ = sleep_until(deadline) => {
-                snapshot = rebuild(&snapshot, &stores, &changed, &settings, &mut reporter).await;
-                let endpoints_only = changed.iter().all(|k| k.endpoints_only());
+                let before = snapshot;
+                snapshot = rebuild(&before, &stores, &changed, &settings, &mut reporter).await;
+                // A workload of a new service account changes the identities
+                // its service's clusters accept: their callers need new
+                // clusters, not only endpoints.
+                let endpoints_only = changed.iter().all(|k| k.endpoints_only())
+                    && !snapshot.identities_differ(&before);
                 current = Push {
                     number: current.number + 1,
                     config: if endpoints_only { current.config } else { current.number + 1 },

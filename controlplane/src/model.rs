@@ -4,7 +4,7 @@
 //! directly). A [`Snapshot`] is immutable; discovery makes a new one per
 //! change, sharing the parts that did not change.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bowline_api::install::OutboundTrafficMode;
@@ -36,6 +36,37 @@ pub struct Snapshot {
     /// `namespace/name`.
     pub secrets: Arc<BTreeMap<String, TlsSecret>>,
     pub mesh: Arc<Mesh>,
+}
+
+impl Snapshot {
+    /// The service accounts the endpoints of `host` run as, each once: the
+    /// identities mesh TLS toward it accepts.
+    pub fn service_accounts(&self, host: &str) -> BTreeSet<&str> {
+        self.endpoints
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.service_account.as_deref())
+            .collect()
+    }
+
+    /// Whether some service's endpoints run as other service accounts here
+    /// than in `before`: its clusters accept other identities, so a change
+    /// of endpoints alone is more than endpoints to its callers (Istio
+    /// makes it a full push too).
+    pub fn identities_differ(&self, before: &Snapshot) -> bool {
+        if Arc::ptr_eq(&self.endpoints, &before.endpoints) {
+            return false;
+        }
+        let hosts: BTreeSet<&String> = self
+            .endpoints
+            .keys()
+            .chain(before.endpoints.keys())
+            .collect();
+        hosts
+            .into_iter()
+            .any(|host| self.service_accounts(host) != before.service_accounts(host))
+    }
 }
 
 /// A Secret's certificate, key and CA, in PEM.
@@ -323,4 +354,57 @@ pub struct Endpoint {
     /// The ServiceAccount its workload runs as: mesh TLS toward the
     /// service accepts only these identities.
     pub service_account: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn endpoint(address: &str, service_account: Option<&str>) -> Endpoint {
+        Endpoint {
+            address: address.into(),
+            service_port: 80,
+            port: 8080,
+            labels: BTreeMap::new(),
+            ready: false,
+            sidecar: true,
+            service_account: service_account.map(Into::into),
+        }
+    }
+
+    fn with(endpoints: &[Endpoint]) -> Snapshot {
+        Snapshot {
+            endpoints: Arc::new(
+                [(
+                    "echo.split.svc.cluster.local".to_string(),
+                    endpoints.to_vec(),
+                )]
+                .into(),
+            ),
+            ..Snapshot::default()
+        }
+    }
+
+    #[test]
+    fn only_a_new_or_gone_service_account_changes_identities() {
+        let v1 = endpoint("10.0.0.1", Some("echo-v1"));
+        let before = with(std::slice::from_ref(&v1));
+        // Another pod of the same account, or a readiness change: endpoints.
+        let mut ready = v1.clone();
+        ready.ready = true;
+        assert!(!with(&[ready, endpoint("10.0.0.2", Some("echo-v1"))]).identities_differ(&before));
+        // A pod of another account (echo-v2), or one whose pod was not
+        // known before: its service's clusters accept another identity.
+        let v2 = endpoint("10.0.0.3", Some("echo-v2"));
+        assert!(with(&[v1.clone(), v2.clone()]).identities_differ(&before));
+        let unknown = with(&[v1.clone(), endpoint("10.0.0.3", None)]);
+        assert!(!unknown.identities_differ(&before));
+        assert!(with(&[v1.clone(), v2]).identities_differ(&unknown));
+        // The last pod of an account gone, or the service with it.
+        assert!(Snapshot::default().identities_differ(&before));
+        assert_eq!(
+            before.service_accounts("echo.split.svc.cluster.local"),
+            ["echo-v1"].into()
+        );
+    }
 }

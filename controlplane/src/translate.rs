@@ -326,20 +326,16 @@ impl<'s> Scope<'s> {
 
     /// The SPIFFE IDs of the service's workloads, each once.
     fn identities(&self, service: &Service) -> Vec<String> {
-        let mut ids: Vec<String> = self
-            .endpoints_of(service)
-            .iter()
-            .filter_map(|e| e.service_account.as_deref())
+        self.snapshot
+            .service_accounts(&service.hostname)
+            .into_iter()
             .map(|sa| {
                 format!(
                     "spiffe://{}/ns/{}/sa/{sa}",
                     self.snapshot.mesh.trust_domain, service.namespace
                 )
             })
-            .collect();
-        ids.sort();
-        ids.dedup();
-        ids
+            .collect()
     }
 
     fn endpoints_of(&self, service: &Service) -> &'s [crate::model::Endpoint] {

@@ -1,10 +1,12 @@
 //! The control plane's xDS server on the local cluster: a proxy stand-in
 //! authenticates with a real ServiceAccount token, gets the clusters,
 //! endpoints, listeners and routes its VirtualService and DestinationRule
-//! make, and gets a VirtualService change; invalid config that got past
-//! the webhook is skipped alone and reported; a proxy claiming another
-//! namespace than its identity is refused; a NACK is recorded. The control
-//! plane runs under the RBAC the operator renders for it.
+//! make, and gets a VirtualService change and the identity of a new pod of
+//! another ServiceAccount (an endpoint change the clusters must follow);
+//! invalid config that got past the webhook is skipped alone and reported;
+//! a proxy claiming another namespace than its identity is refused; a NACK
+//! is recorded. The control plane runs under the RBAC the operator renders
+//! for it.
 
 use std::time::{Duration, Instant};
 
@@ -18,11 +20,18 @@ use bowline_tests::reviews::apply_istio;
 use bowline_tests::xds::{
     CLUSTER, Credentials, ENDPOINT, LISTENER, ROUTE, XdsClient, sidecar_node_id,
 };
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::transport_socket;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, route, route_action};
-use k8s_openapi::api::core::v1::{Event, Pod, Service};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    UpstreamTlsContext, common_tls_context,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher;
+use k8s_openapi::api::core::v1::{Event, Pod, Service, ServiceAccount};
 use kube::Client;
 use kube::api::{Api, ListParams, PostParams};
+use prost::Message;
 use serde_json::json;
 
 async fn token(client: &Client, namespace: &str, account: &str) -> anyhow::Result<String> {
@@ -60,6 +69,38 @@ fn weights(client: &XdsClient, host: &str) -> Option<Vec<(String, u32)>> {
         },
         _ => None,
     }
+}
+
+/// The identities cluster `name` accepts from endpoints with a sidecar:
+/// the SANs of its mesh TLS transport socket.
+fn peer_identities(client: &XdsClient, name: &str) -> Vec<String> {
+    let Some(cluster) = client.get::<Cluster>(CLUSTER, name) else {
+        return Vec::new();
+    };
+    cluster
+        .transport_socket_matches
+        .iter()
+        .filter_map(
+            |m| match m.transport_socket.as_ref()?.config_type.as_ref()? {
+                transport_socket::ConfigType::TypedConfig(any) => {
+                    UpstreamTlsContext::decode(any.value.as_slice()).ok()
+                }
+            },
+        )
+        .filter_map(
+            |tls| match tls.common_tls_context?.validation_context_type? {
+                common_tls_context::ValidationContextType::CombinedValidationContext(combined) => {
+                    combined.default_validation_context
+                }
+                _ => None,
+            },
+        )
+        .flat_map(|validation| validation.match_typed_subject_alt_names)
+        .filter_map(|san| match san.matcher?.match_pattern? {
+            string_matcher::MatchPattern::Exact(id) => Some(id),
+            _ => None,
+        })
+        .collect()
 }
 
 /// Waits for a Warning event with `reason` on the `kind` called `name`
@@ -259,6 +300,47 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
             "the 50/50 route, beside the bad config",
             Duration::from_secs(10),
             |p| weights(p, &host) == Some(vec![(v1.clone(), 50), (v2.clone(), 50)]),
+        )
+        .await?;
+
+    // A pod of another ServiceAccount joins reviews: only endpoints
+    // changed, but the clusters must now accept its identity too, or the
+    // proxy refuses the new pod's certificate.
+    let all = format!("outbound|9080||{host}");
+    let identity = |account: &str| format!("spiffe://cluster.local/ns/{apps}/sa/{account}");
+    ensure!(
+        peer_identities(&proxy, &all) == [identity("default")],
+        "{all} accepts: {:?}",
+        peer_identities(&proxy, &all)
+    );
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &apps);
+    accounts
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "reviews-v3"},
+            }))?,
+        )
+        .await?;
+    pods.create(
+        &PostParams::default(),
+        &serde_json::from_value(json!({
+            "metadata": {"name": "reviews-v3", "labels": {"app": "reviews", "version": "v3"},
+                         "annotations": {"sidecar.istio.io/inject": "false"}},
+            "spec": {"serviceAccountName": "reviews-v3",
+                     "containers": [{"name": "reviews", "image": "registry.example/reviews:1"}]},
+        }))?,
+    )
+    .await?;
+    proxy
+        .until(
+            "the new pod's identity in the service's clusters",
+            Duration::from_secs(10),
+            |p| {
+                [&all, &v1, &v2]
+                    .iter()
+                    .all(|c| peer_identities(p, c) == [identity("default"), identity("reviews-v3")])
+            },
         )
         .await?;
 
