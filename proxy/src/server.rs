@@ -6,8 +6,8 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -419,15 +419,14 @@ async fn serve<S>(
                 upstreams: shared.upstreams,
                 telemetry: shared.telemetry,
             });
-            // Whether the client speaks HTTP/2: such a connection is told
-            // GOAWAY as soon as its listener changes, busy or not.
-            let speaks_h2 = Arc::new(SpeaksH2::default());
-            let h2 = Arc::clone(&speaks_h2);
+            // Which protocol the client speaks and how many HTTP/2 streams
+            // are open: an HTTP/2 connection is told GOAWAY as soon as its
+            // listener changes, busy or not, and once it has been idle.
+            let requests = Arc::new(Requests::new());
+            let counted = Arc::clone(&requests);
             let accepted = Arc::clone(listener);
             let service = hyper::service::service_fn(move |request| {
-                if request.version() == http::Version::HTTP_2 {
-                    h2.seen();
-                }
+                let stream = counted.arrived(request.version());
                 let snapshot = state.snapshot();
                 // As in Envoy, a connection stays with the listener (and
                 // filter chain) it was accepted on, and once that
@@ -443,7 +442,10 @@ async fn serve<S>(
                     crate::http::serve(Arc::clone(&connection), snapshot, request),
                 ));
                 async move {
-                    let mut response = served.await?;
+                    let mut response = served.await?.map(|body| Holding {
+                        body,
+                        _stream: stream,
+                    });
                     // Each HTTP/1 response closes its connection, so
                     // clients reconnect (to wherever the Service sends
                     // them now, when draining); HTTP/2 gets a GOAWAY
@@ -479,7 +481,12 @@ async fn serve<S>(
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
-                () = replaced_for_h2(&shared.state, listener, &speaks_h2) => {
+                () = replaced_for_h2(&shared.state, listener, &requests) => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                () = idle_h2(&requests, manager.idle_timeout) => {
+                    tracing::debug!(peer = %ends.peer, "HTTP/2 connection idle; GOAWAY");
                     connection.as_mut().graceful_shutdown();
                     connection.await
                 }
@@ -504,20 +511,101 @@ fn still_serves(snapshot: &Snapshot, listener: &Arc<Listener>) -> bool {
         .is_some_and(|now| Arc::ptr_eq(now, listener))
 }
 
-/// Set once a connection has carried an HTTP/2 request.
-#[derive(Debug, Default)]
-struct SpeaksH2 {
-    /// Spares later requests the notification.
-    seen: AtomicBool,
-    first: Notify,
+/// What a connection's timers know of its requests: the protocol they
+/// came in, and when its HTTP/2 streams were last all closed.
+#[derive(Debug)]
+struct Requests {
+    started: Instant,
+    h1: AtomicBool,
+    h2: AtomicBool,
+    /// Notified with the first HTTP/2 request (a permit, kept).
+    first_h2: Notify,
+    /// HTTP/2 streams open now.
+    open: AtomicUsize,
+    /// When an HTTP/2 stream last closed, in milliseconds from `started`.
+    last_closed: AtomicU64,
 }
 
-impl SpeaksH2 {
-    fn seen(&self) {
-        if !self.seen.load(Ordering::Relaxed) {
-            self.seen.store(true, Ordering::Relaxed);
-            self.first.notify_one();
+impl Requests {
+    fn new() -> Self {
+        Self {
+            started: Instant::now(),
+            h1: AtomicBool::new(false),
+            h2: AtomicBool::new(false),
+            first_h2: Notify::new(),
+            open: AtomicUsize::new(0),
+            last_closed: AtomicU64::new(0),
         }
+    }
+
+    /// Notes a request; an HTTP/2 one is counted open until the returned
+    /// guard is dropped (with its response's body, sent or not).
+    fn arrived(self: &Arc<Self>, version: http::Version) -> Option<OpenStream> {
+        if version != http::Version::HTTP_2 {
+            if !self.h1.load(Ordering::Relaxed) {
+                self.h1.store(true, Ordering::Relaxed);
+            }
+            return None;
+        }
+        if !self.h2.load(Ordering::Relaxed) {
+            self.h2.store(true, Ordering::Relaxed);
+            self.first_h2.notify_one();
+        }
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Some(OpenStream(Arc::clone(self)))
+    }
+
+    /// Since when no HTTP/2 stream has been open, if none is.
+    fn quiet_since(&self) -> Option<Instant> {
+        if self.open.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let closed = self.last_closed.load(Ordering::Relaxed);
+        Some(self.started + Duration::from_millis(closed))
+    }
+}
+
+/// An HTTP/2 stream counted open.
+#[derive(Debug)]
+struct OpenStream(Arc<Requests>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let requests = &self.0;
+        let closed = requests.started.elapsed().as_millis() as u64;
+        requests.last_closed.fetch_max(closed, Ordering::Relaxed);
+        requests.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that keeps its HTTP/2 stream counted open until it is
+/// dropped.
+#[derive(Debug)]
+struct Holding<B> {
+    body: B,
+    _stream: Option<OpenStream>,
+}
+
+impl<B> http_body::Body for Holding<B>
+where
+    B: http_body::Body + Unpin,
+{
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -525,7 +613,7 @@ impl SpeaksH2 {
 /// its name and the connection speaks HTTP/2. An HTTP/1.1 connection is
 /// not closed for it here, where a request could be on its way to it: it
 /// is told to close with its next answer.
-async fn replaced_for_h2(state: &State, accepted: &Arc<Listener>, h2: &SpeaksH2) {
+async fn replaced_for_h2(state: &State, accepted: &Arc<Listener>, requests: &Requests) {
     let mut changes = state.changes();
     while still_serves(&state.snapshot(), accepted) {
         if changes.changed().await.is_err() {
@@ -533,7 +621,30 @@ async fn replaced_for_h2(state: &State, accepted: &Arc<Listener>, h2: &SpeaksH2)
         }
     }
     // The first HTTP/2 request left a permit: no wait once it came.
-    h2.first.notified().await;
+    requests.first_h2.notified().await;
+}
+
+/// Resolves once a connection that is not HTTP/1.1 has had no stream open
+/// for `idle` (Envoy's idle timeout): from its start, or since its last
+/// stream closed. An HTTP/1.1 connection's wait for its next request is
+/// hyper's header timeout, which is never longer.
+async fn idle_h2(requests: &Requests, idle: Option<Duration>) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    let mut check = requests.started + idle;
+    loop {
+        tokio::time::sleep_until(check.into()).await;
+        match requests.quiet_since() {
+            // Busy: look again an idle period on.
+            None => check = Instant::now() + idle,
+            Some(since) if since + idle > Instant::now() => check = since + idle,
+            Some(_) if requests.h1.load(Ordering::Relaxed) => {
+                return std::future::pending().await;
+            }
+            Some(_) => return,
+        }
+    }
 }
 
 /// Whether a chain's network RBAC filters let the connection through, on

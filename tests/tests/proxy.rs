@@ -2,7 +2,8 @@
 //! readiness, a 90/10 split over 1,000 requests, HTTP/1.1 and h2c on one
 //! port, rewrites, a redirect and a direct response, Envoy's answers when
 //! there is no route (404), no live endpoint (503) or no answer in time
-//! (504), TCP proxying, client and upstream connections kept alive, and a
+//! (504), TCP proxying, client connections kept alive until their idle
+//! timeout (HTTP/1.1 and HTTP/2), upstream connections kept alive, and a
 //! drain.
 //! Upstreams are axum servers on loopback.
 
@@ -294,6 +295,43 @@ async fn a_kept_alive_client_connection_lasts_its_idle_timeout() -> anyhow::Resu
     ensure!(
         ended == Some(Ok(())),
         "closed cleanly after 2 s without a request: {ended:?}"
+    );
+    proxy.stop().await
+}
+
+/// An HTTP/2 client connection is told GOAWAY once no stream has been
+/// open on it for the idle timeout (here 2 s), as Envoy's: a stream open
+/// longer than that keeps it, the idle time counts from the last stream's
+/// end, and a connection that never carries a request goes too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_client_connection_is_closed_once_idle() -> anyhow::Result<()> {
+    let app = upstream("app").await?;
+    let port = free_port()?;
+    let mut bootstrap = in_front_of(port, cluster("app", &[app]));
+    bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+        ["common_http_protocol_options"] = json!({"idle_timeout": "2s"});
+    let proxy = Running::bootstrap(bootstrap, &[]).await?;
+    let address = ([127, 0, 0, 1], port).into();
+    let mut kept = KeptConnection::open_http2(address).await?;
+    ensure!(
+        kept.first_word("app", "/sleep/3000").await? == "app",
+        "a stream open for 3 s is answered"
+    );
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    ensure!(
+        kept.first_word("app", "/").await? == "app",
+        "served a second after the long stream ended"
+    );
+    let ended = kept.ended_within(Duration::from_secs(5)).await;
+    ensure!(
+        ended == Some(Ok(())),
+        "closed cleanly after 2 s without a stream: {ended:?}"
+    );
+    let mut silent = KeptConnection::open_http2(address).await?;
+    let ended = silent.ended_within(Duration::from_secs(5)).await;
+    ensure!(
+        ended == Some(Ok(())),
+        "a connection that never asked is closed too: {ended:?}"
     );
     proxy.stop().await
 }

@@ -108,36 +108,40 @@ pub struct HttpManager {
     /// How long an HTTP/1.1 connection may wait for its next request's
     /// headers to be complete (none: for ever); see [`header_wait`].
     pub header_wait: Option<std::time::Duration>,
+    /// How long an HTTP/2 connection stays open with no stream open on it
+    /// before it is told GOAWAY (none: for ever); see [`idle_timeout`].
+    pub idle_timeout: Option<std::time::Duration>,
 }
 
 /// Envoy's default idle timeout of a downstream connection.
 const IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(3600);
 
-/// How long a connection waits for a request's headers, from the end of
-/// the answer before (or from its start) to the headers' end: the
-/// manager's idle timeout (`common_http_protocol_options.idle_timeout`,
-/// Envoy's 1 h when unset, none when 0) — a kept-alive connection stays
-/// open as long as Envoy's — or its `request_headers_timeout` when that
-/// is set and shorter (it then bounds the wait for the next request
-/// too, which Envoy's does not).
-fn header_wait(manager: &HttpConnectionManager) -> Option<std::time::Duration> {
-    let idle = match manager
+/// How long a connection stays open with no request in flight: the
+/// manager's `common_http_protocol_options.idle_timeout`, Envoy's 1 h when
+/// unset, none when 0.
+fn idle_timeout(manager: &HttpConnectionManager) -> Option<std::time::Duration> {
+    match manager
         .common_http_protocol_options
         .as_ref()
         .and_then(|o| o.idle_timeout.as_ref())
     {
-        Some(d) => Some(super::duration(d)),
+        Some(d) => Some(super::duration(d)).filter(|d| !d.is_zero()),
         None => Some(IDLE_TIMEOUT),
-    };
+    }
+}
+
+/// How long a connection waits for a request's headers, from the end of
+/// the answer before (or from its start) to the headers' end: its idle
+/// timeout — a kept-alive connection stays open as long as Envoy's — or
+/// its `request_headers_timeout` when that is set and shorter (it then
+/// bounds the wait for the next request too, which Envoy's does not).
+fn header_wait(manager: &HttpConnectionManager) -> Option<std::time::Duration> {
     let headers = manager
         .request_headers_timeout
         .as_ref()
-        .map(super::duration);
-    [idle, headers]
-        .into_iter()
-        .flatten()
-        .filter(|d| !d.is_zero())
-        .min()
+        .map(super::duration)
+        .filter(|d| !d.is_zero());
+    [idle_timeout(manager), headers].into_iter().flatten().min()
 }
 
 #[derive(Debug)]
@@ -372,6 +376,7 @@ impl FilterChain {
                     }
                     terminal = Some(Terminal::Http(Arc::new(HttpManager {
                         header_wait: header_wait(&manager),
+                        idle_timeout: idle_timeout(&manager),
                         rbac: rbac.into(),
                         access_logs: logs(&manager.access_log)?,
                         tracing,
@@ -557,7 +562,7 @@ mod tests {
     }
 
     #[test]
-    fn a_connection_waits_for_its_next_request_as_long_as_envoy_keeps_it() {
+    fn a_connection_waits_for_its_next_request_as_long_as_envoy_keeps_it_idle() {
         let wait = |fields: serde_json::Value| {
             let mut manager = json!({"stat_prefix": "http",
                 "rds": {"route_config_name": "r", "config_source": {"ads": {}}}});
@@ -565,26 +570,35 @@ mod tests {
                 .as_object_mut()
                 .unwrap()
                 .extend(fields.as_object().unwrap().clone());
-            header_wait(&from_json(manager).unwrap())
+            let manager = from_json(manager).unwrap();
+            (header_wait(&manager), idle_timeout(&manager))
         };
         let secs = |s| Some(std::time::Duration::from_secs(s));
-        assert_eq!(wait(json!({})), secs(3600), "Envoy's idle timeout, 1 h");
+        assert_eq!(
+            wait(json!({})),
+            (secs(3600), secs(3600)),
+            "Envoy's idle timeout, 1 h"
+        );
         assert_eq!(
             wait(json!({"common_http_protocol_options": {"idle_timeout": "300s"}})),
-            secs(300)
+            (secs(300), secs(300))
         );
         assert_eq!(
             wait(json!({"common_http_protocol_options": {"idle_timeout": "0s"}})),
-            None,
+            (None, None),
             "0 turns it off"
         );
-        assert_eq!(wait(json!({"request_headers_timeout": "10s"})), secs(10));
+        assert_eq!(
+            wait(json!({"request_headers_timeout": "10s"})),
+            (secs(10), secs(3600)),
+            "the wait for headers is shorter; an HTTP/2 connection with no stream stays"
+        );
         assert_eq!(
             wait(
                 json!({"common_http_protocol_options": {"idle_timeout": "0s"},
                         "request_headers_timeout": "10s"})
             ),
-            secs(10)
+            (secs(10), None)
         );
     }
 
