@@ -21,6 +21,7 @@ use backon::{BackoffBuilder, ExponentialBuilder};
 use http_body::Body as _;
 
 use crate::model::Snapshot;
+use crate::model::hash::{Hashed, request_hash};
 use crate::model::listener::{HttpManager, RouteSource};
 use crate::model::rbac::{Asked, Subject, Verdict};
 use crate::model::resilience::{Abort, Attempt, Fault};
@@ -518,6 +519,18 @@ async fn send(
         .ok_or(Flag::NoHealthyUpstream)?;
 
     let (mut parts, body) = request.into_parts();
+    // Hashed only for a cluster that chooses by hash (which may make up a
+    // cookie to set on the answer).
+    let hashed = if forward.hash_policy.is_empty() || !cluster.lb.is_consistent() {
+        Hashed::default()
+    } else {
+        request_hash(
+            &forward.hash_policy,
+            &parts.headers,
+            parts.uri.query(),
+            (connection.peer, connection.local),
+        )
+    };
     let h2 = upgrade.is_none() && upstream.speaks_h2(parts.version == Version::HTTP_2);
     let path_and_query = parts
         .uri
@@ -577,6 +590,7 @@ async fn send(
             forward,
             head,
             h2,
+            hash: hashed.hash,
             announce,
         };
         attempt(plan, &mut body, &mut report.endpoint).await
@@ -590,6 +604,11 @@ async fn send(
             .unwrap_or(Err(Flag::UpstreamTimeout)),
         None => attempts.await,
     }?;
+    if let Some(cookie) = hashed.set_cookie {
+        response
+            .headers_mut()
+            .append(http::header::SET_COOKIE, cookie);
+    }
     if let Some(downstream) = downstream_upgrade
         && response.status() == StatusCode::SWITCHING_PROTOCOLS
     {
@@ -634,6 +653,8 @@ struct Plan<'a> {
     head: Upstream,
     /// HTTP/2 to the endpoint.
     h2: bool,
+    /// The request's hash, for a cluster that chooses by it.
+    hash: Option<u64>,
     /// Tells mesh endpoints who calls.
     announce: Option<&'a Exchange>,
 }
@@ -652,6 +673,7 @@ async fn attempt(
         forward,
         mut head,
         h2,
+        hash,
         announce,
     } = plan;
     // A body that streams once cannot be sent twice.
@@ -674,7 +696,7 @@ async fn attempt(
             &[]
         };
         let target = upstream
-            .choose(reach, avoid)
+            .choose(reach, avoid, hash)
             .ok_or(Flag::NoHealthyUpstream)?;
         *chosen = Some(Arc::clone(&target));
         let admission = upstream.admit(h2).await.map_err(|_| Flag::Overflow)?;

@@ -4,6 +4,7 @@
 //! started with.
 
 pub mod cluster;
+pub mod hash;
 pub mod listener;
 pub mod rbac;
 pub mod resilience;

@@ -722,7 +722,8 @@ async fn tcp<S>(
         tracing::debug!(cluster = %name, "circuit breaker open (UO); closed");
         return;
     };
-    let Some(host) = Reach::of(snapshot, cluster, captured).and_then(|r| state.choose(&r, &[]))
+    let Some(host) =
+        Reach::of(snapshot, cluster, captured).and_then(|r| state.choose(&r, &[], None))
     else {
         tracing::debug!(cluster = %name, "no healthy endpoint (or ORIGINAL_DST for a connection that was not captured); closed");
         return;

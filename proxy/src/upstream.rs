@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use arc_swap::ArcSwap;
@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::model::cluster::Discovery;
 use crate::model::cluster::{LbPolicy, Protocol, Target};
+use crate::model::hash::{MAXIMUM_RING_SIZE, MINIMUM_RING_SIZE, Maglev, Ring};
 use crate::model::{Cluster, Endpoints, Snapshot};
 use crate::pool::{Answer, Dial, Failure, IDLE_SWEEP, Pool};
 use crate::tls::Secrets;
@@ -168,6 +169,15 @@ struct Hosts {
     healthy: Vec<usize>,
     /// Whether those all have the same weight.
     equal: bool,
+    /// The RING_HASH ring or MAGLEV table of the healthy ones, made when
+    /// the first hashed request needs it.
+    consistent: OnceLock<Consistent>,
+}
+
+#[derive(Debug)]
+enum Consistent {
+    Ring(Ring),
+    Maglev(Maglev),
 }
 
 /// One endpoint's state, kept across EDS updates while it stays.
@@ -408,6 +418,7 @@ impl ClusterState {
             states,
             equal: equal_weights(endpoints, &healthy),
             healthy,
+            consistent: OnceLock::new(),
         });
         self.hosts.store(Arc::clone(&fresh));
         fresh
@@ -415,9 +426,19 @@ impl ClusterState {
 
     /// The endpoint for the next attempt or connection: the one `reach`
     /// names, or one of its endpoints by [`Self::pick`].
-    pub fn choose(&self, reach: &Reach, tried: &[Arc<Host>]) -> Option<Arc<Host>> {
+    pub fn choose(
+        &self,
+        reach: &Reach,
+        tried: &[Arc<Host>],
+        hash: Option<u64>,
+    ) -> Option<Arc<Host>> {
         match reach {
-            Reach::Endpoints(endpoints) => self.pick(endpoints, tried),
+            Reach::Endpoints(endpoints) => match hash {
+                Some(hash) if self.config.lb.is_consistent() => {
+                    self.by_hash(endpoints, tried, hash)
+                }
+                _ => self.pick(endpoints, tried),
+            },
             Reach::Original(destination) => Some(self.original(*destination)),
         }
     }
@@ -472,6 +493,43 @@ impl ClusterState {
         }
         let equal = equal_weights(endpoints, &candidates);
         self.by_policy(&hosts, endpoints, &candidates, equal)
+    }
+
+    /// The endpoint a request of `hash` goes to on the cluster's ring or
+    /// table (of the healthy endpoints): the first on from its place that
+    /// is neither ejected nor in `tried` — so a key moves only while its
+    /// own endpoint is out — or its own when all are.
+    fn by_hash(
+        &self,
+        endpoints: &Arc<Endpoints>,
+        tried: &[Arc<Host>],
+        hash: u64,
+    ) -> Option<Arc<Host>> {
+        let hosts = self.hosts(endpoints);
+        let consistent = hosts.consistent.get_or_init(|| {
+            let weighted: Vec<(String, u32)> = endpoints
+                .items
+                .iter()
+                .map(|e| (e.address.to_string(), if e.healthy { e.weight } else { 0 }))
+                .collect();
+            match self.config.lb {
+                LbPolicy::Maglev { size } => Consistent::Maglev(Maglev::new(&weighted, size)),
+                LbPolicy::RingHash { minimum, maximum } => {
+                    Consistent::Ring(Ring::new(&weighted, minimum, maximum))
+                }
+                _ => Consistent::Ring(Ring::new(&weighted, MINIMUM_RING_SIZE, MAXIMUM_RING_SIZE)),
+            }
+        });
+        let now = self.now();
+        let usable = |i: &usize| {
+            let host = &hosts.states[*i];
+            !host.ejected(now) && !tried.iter().any(|t| Arc::ptr_eq(t, host))
+        };
+        let (own, usable) = match consistent {
+            Consistent::Ring(ring) => (ring.walk(hash).next(), ring.walk(hash).find(usable)),
+            Consistent::Maglev(table) => (table.walk(hash).next(), table.walk(hash).find(usable)),
+        };
+        usable.or(own).map(|i| Arc::clone(&hosts.states[i]))
     }
 
     /// One of `candidates` (indices into `hosts`) by the cluster's policy.

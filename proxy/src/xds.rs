@@ -643,16 +643,20 @@ mod tests {
             &[],
         ));
         assert!(errors.is_empty(), "{errors:?}");
-        // MAGLEV (5) is not served: b stays at version 1, c arrives.
+        // CLUSTER_PROVIDED (6) on an EDS cluster is not served: b stays at
+        // version 1, c arrives.
         let errors = held.apply(&response(
             CLUSTER,
             vec![
-                resource(CLUSTER, "b", "2", &cluster("b", 5)),
+                resource(CLUSTER, "b", "2", &cluster("b", 6)),
                 resource(CLUSTER, "c", "1", &cluster("c", 0)),
             ],
             &["a"],
         ));
-        assert_eq!(errors, ["Cluster b: lb_policy: MAGLEV is not supported"]);
+        assert_eq!(
+            errors,
+            ["Cluster b: lb_policy: CLUSTER_PROVIDED is not supported"]
+        );
         let versions = held.versions(CLUSTER);
         assert_eq!(
             versions.into_iter().collect::<BTreeMap<_, _>>(),

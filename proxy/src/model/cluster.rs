@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
 
 use crate::envoy::unpack;
 use crate::error::{Error, Result};
+use crate::model::hash;
 use crate::model::resilience::{Limits, Outlier};
 use crate::telemetry::peer::{Interned, Service};
 use crate::tls::UpstreamTls;
@@ -134,6 +135,24 @@ pub enum LbPolicy {
     RoundRobin,
     LeastRequest,
     Random,
+    /// By the request's hash on a ring of at least `minimum` and at most
+    /// `maximum` entries ([`super::hash::Ring`]).
+    RingHash {
+        minimum: u64,
+        maximum: u64,
+    },
+    /// By the request's hash in a table of `size` slots
+    /// ([`super::hash::Maglev`]).
+    Maglev {
+        size: u64,
+    },
+}
+
+impl LbPolicy {
+    /// Whether endpoints are chosen by the request's hash.
+    pub fn is_consistent(self) -> bool {
+        matches!(self, Self::RingHash { .. } | Self::Maglev { .. })
+    }
 }
 
 /// The HTTP version spoken to the cluster's endpoints.
@@ -222,6 +241,43 @@ impl Cluster {
             Ok(cluster::LbPolicy::RoundRobin) => LbPolicy::RoundRobin,
             Ok(cluster::LbPolicy::LeastRequest) => LbPolicy::LeastRequest,
             Ok(cluster::LbPolicy::Random) => LbPolicy::Random,
+            Ok(cluster::LbPolicy::RingHash) => {
+                let config = match &cluster.lb_config {
+                    Some(cluster::LbConfig::RingHashLbConfig(c)) => Some(c),
+                    _ => None,
+                };
+                let minimum = config
+                    .and_then(|c| c.minimum_ring_size.as_ref())
+                    .map_or(hash::MINIMUM_RING_SIZE, |v| v.value);
+                let maximum = config
+                    .and_then(|c| c.maximum_ring_size.as_ref())
+                    .map_or(hash::MAXIMUM_RING_SIZE, |v| v.value);
+                if minimum == 0 || minimum > maximum || maximum > hash::MAXIMUM_RING_SIZE {
+                    return Err(invalid(
+                        "ring_hash_lb_config",
+                        format!(
+                            "the ring needs 1 <= minimum_ring_size ({minimum}) <= \
+                             maximum_ring_size ({maximum}) <= {}",
+                            hash::MAXIMUM_RING_SIZE
+                        ),
+                    ));
+                }
+                LbPolicy::RingHash { minimum, maximum }
+            }
+            Ok(cluster::LbPolicy::Maglev) => {
+                let size = match &cluster.lb_config {
+                    Some(cluster::LbConfig::MaglevLbConfig(c)) => c.table_size.as_ref(),
+                    _ => None,
+                }
+                .map_or(hash::MAGLEV_TABLE_SIZE, |v| v.value);
+                if !hash::is_prime(size) || size > 5_000_011 {
+                    return Err(invalid(
+                        "maglev_lb_config.table_size",
+                        format!("{size} is not a prime of at most 5000011"),
+                    ));
+                }
+                LbPolicy::Maglev { size }
+            }
             // ORIGINAL_DST clusters carry CLUSTER_PROVIDED: there is one
             // endpoint to choose.
             Ok(cluster::LbPolicy::ClusterProvided)
@@ -542,10 +598,14 @@ mod tests {
 
     #[test]
     fn unsupported_policies_name_the_field() {
-        let error =
-            Cluster::from_envoy(&from_json(json!({"name": "c", "lb_policy": "MAGLEV"})).unwrap())
-                .unwrap_err()
-                .to_string();
-        assert_eq!(error, "Cluster c: lb_policy: MAGLEV is not supported");
+        let error = Cluster::from_envoy(
+            &from_json(json!({"name": "c", "lb_policy": "CLUSTER_PROVIDED"})).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            error,
+            "Cluster c: lb_policy: CLUSTER_PROVIDED is not supported"
+        );
     }
 }

@@ -14,6 +14,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use regex::Regex;
 
 use crate::error::{Error, Result};
+use crate::model::hash::HashPolicy;
 use crate::model::resilience::{Fault, Mirror, RetryPolicy};
 
 const KIND: &str = "RouteConfiguration";
@@ -107,6 +108,8 @@ pub struct Forward {
     pub host_rewrite: Option<HeaderValue>,
     pub retry: Option<RetryPolicy>,
     pub mirrors: Vec<Mirror>,
+    /// How a request is hashed for a RING_HASH or MAGLEV cluster.
+    pub hash_policy: Vec<HashPolicy>,
 }
 
 /// Where a route sends requests: one cluster, or clusters by weight.
@@ -686,10 +689,19 @@ fn forward(action: &envoy::RouteAction) -> std::result::Result<Forward, (String,
         .map(RetryPolicy::from_envoy)
         .transpose()
         .map_err(|(f, e)| (format!("retry_policy.{f}"), e))?;
+    let hash_policy = action
+        .hash_policy
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            HashPolicy::from_envoy(p).map_err(|(f, e)| (format!("hash_policy[{i}].{f}"), e))
+        })
+        .collect::<std::result::Result<Vec<_>, _>>()?;
     Ok(Forward {
         destinations,
         timeout,
         retry,
+        hash_policy,
         mirrors: action
             .request_mirror_policies
             .iter()
