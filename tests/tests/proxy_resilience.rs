@@ -7,7 +7,8 @@
 //! a retry budget, not `max_retries`, decides how many retries go when
 //! a cluster has one; outlier detection stops traffic to a failing
 //! endpoint, which returns after its ejection time; a mirror gets a copy
-//! with `-shadow` in its Host.
+//! with `-shadow` in its Host; a hash policy keeps each key on one
+//! endpoint of a RING_HASH or MAGLEV cluster.
 
 use std::time::{Duration, Instant};
 
@@ -304,4 +305,74 @@ async fn a_mirror_gets_a_shadow_copy() -> anyhow::Result<()> {
     let hosts = seen.lock().expect("hosts").clone();
     ensure!(hosts == ["shop.example-shadow"], "{hosts:?}");
     proxy.stop().await
+}
+
+/// Consistent hashing, RING_HASH and MAGLEV: every request of one user
+/// (one `x-user` header) goes to one endpoint, and the users spread over
+/// all three; a route hashing a cookie with a TTL sets one on an answer
+/// to a request without it, and the requests that send it back stay on
+/// one endpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hash_policy_keeps_each_key_on_one_endpoint() -> anyhow::Result<()> {
+    let endpoints = [
+        upstream("a").await?,
+        upstream("b").await?,
+        upstream("c").await?,
+    ];
+    for (policy, config) in [
+        (
+            "RING_HASH",
+            json!({"ring_hash_lb_config": {"minimum_ring_size": 2048}}),
+        ),
+        ("MAGLEV", json!({"maglev_lb_config": {"table_size": 65537}})),
+    ] {
+        let port = free_port()?;
+        let mut cluster = static_cluster("pool", &endpoints);
+        cluster["lb_policy"] = json!(policy);
+        cluster
+            .as_object_mut()
+            .unwrap()
+            .extend(config.as_object().unwrap().clone());
+        let routes = json!([
+            {"match": {"prefix": "/cookie"}, "route": {"cluster": "pool", "hash_policy": [
+                {"cookie": {"name": "affinity", "ttl": "3600s", "path": "/"}}]}},
+            {"match": {"prefix": "/"}, "route": {"cluster": "pool", "hash_policy": [
+                {"header": {"header_name": "x-user"}}]}},
+        ]);
+        let proxy = Running::bootstrap(http_bootstrap(port, routes, vec![cluster]), &[]).await?;
+
+        let mut seen = std::collections::BTreeSet::new();
+        for user in 0..30 {
+            let header = format!("x-user: user-{user}");
+            let words = first_words(&url(port, "/"), &[&header], 10).await?;
+            ensure!(
+                words.len() == 1 && !words.contains_key(""),
+                "{policy}: user-{user}'s 10 requests all to one endpoint: {words:?}"
+            );
+            seen.extend(words.into_keys());
+        }
+        ensure!(
+            seen.len() == 3,
+            "{policy}: 30 users over all three endpoints: {seen:?}"
+        );
+
+        let (status, answer) = curl(&["-i", &url(port, "/cookie")])?;
+        let cookie = answer
+            .lines()
+            .find_map(|l| l.strip_prefix("set-cookie: "))
+            .and_then(|c| c.split(';').next())
+            .map(str::to_string);
+        let Some(cookie) = cookie else {
+            anyhow::bail!("{policy}: a cookie set on the first answer: {status} {answer}");
+        };
+        ensure!(cookie.starts_with("affinity=\""), "{cookie}");
+        let header = format!("cookie: {cookie}");
+        let words = first_words(&url(port, "/cookie"), &[&header], 10).await?;
+        ensure!(
+            words.len() == 1 && !words.contains_key(""),
+            "{policy}: the cookie's 10 requests to one endpoint: {words:?}"
+        );
+        proxy.stop().await?;
+    }
+    Ok(())
 }
