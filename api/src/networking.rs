@@ -554,8 +554,28 @@ pub struct ConsistentHashLb {
     pub use_source_ip: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_query_parameter_name: Option<String>,
+    /// Deprecated by Istio for `ringHash.minimumRingSize`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimum_ring_size: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ring_hash: Option<RingHash>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maglev: Option<MagLev>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RingHash {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_ring_size: Option<u64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MagLev {
+    /// A prime; 65537 when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub table_size: Option<u64>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -260,15 +260,7 @@ impl<'s> Scope<'s> {
         let sidecar = sidecar_for(snapshot, namespace, labels);
         let services = visible_services(snapshot, namespace, sidecar.map(|s| &s.spec));
         let allow_any = allow_any(snapshot, sidecar.map(|s| &s.spec));
-        let rules = HostIndex::new(
-            snapshot.destination_rules.iter().filter(|r| {
-                r.spec
-                    .workload_selector
-                    .as_ref()
-                    .is_none_or(|w| r.namespace == namespace && selects(&w.match_labels, labels))
-            }),
-            |r| vec![r.spec.host.as_str()],
-        );
+        let rules = rule_index(snapshot, namespace, labels);
         let mesh = [routes::MESH_GATEWAY.to_string()];
         let routes = HostIndex::new(
             snapshot
@@ -295,7 +287,7 @@ impl<'s> Scope<'s> {
     }
 
     fn rule(&self, host: &str) -> Option<&'s DestinationRuleSpec> {
-        pick_rule(self.snapshot, self.namespace, host, self.rules.find(host)).map(|r| &r.spec)
+        rule_of(self.snapshot, &self.rules, self.namespace, host)
     }
 
     /// Every visible service's clusters, and the fixed ones.
@@ -420,6 +412,7 @@ impl<'s> Scope<'s> {
         RouteContext {
             snapshot: self.snapshot,
             virtual_services: Some(&self.routes),
+            rules: &self.rules,
             gateways: vec![routes::MESH_GATEWAY.to_string()],
             port,
             proxy_labels: self.labels,
@@ -584,6 +577,36 @@ fn visible_services<'s>(
                 })
         })
         .collect()
+}
+
+/// The DestinationRules that may apply to a proxy of `namespace` with
+/// `labels`, by host: those without a workload selector, and those of its
+/// namespace selecting it.
+pub(crate) fn rule_index<'s>(
+    snapshot: &'s Snapshot,
+    namespace: &str,
+    labels: &BTreeMap<String, String>,
+) -> HostIndex<'s, DestinationRuleSpec> {
+    HostIndex::new(
+        snapshot.destination_rules.iter().filter(|r| {
+            r.spec
+                .workload_selector
+                .as_ref()
+                .is_none_or(|w| r.namespace == namespace && selects(&w.match_labels, labels))
+        }),
+        |r| vec![r.spec.host.as_str()],
+    )
+}
+
+/// The DestinationRule of `host` for a proxy of `namespace`, among
+/// `rules` ([`rule_index`]).
+pub(crate) fn rule_of<'s>(
+    snapshot: &Snapshot,
+    rules: &HostIndex<'s, DestinationRuleSpec>,
+    namespace: &str,
+    host: &str,
+) -> Option<&'s DestinationRuleSpec> {
+    pick_rule(snapshot, namespace, host, rules.find(host)).map(|r| &r.spec)
 }
 
 /// The DestinationRule for `host` among `candidates` (those naming it):

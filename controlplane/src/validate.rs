@@ -12,8 +12,8 @@ use std::time::Duration;
 use bowline_api::duration::parse as parse_duration;
 use bowline_api::networking::{
     ClientTlsMode, ClientTlsSettings, DestinationRuleSpec, GatewaySpec, HttpMatchRequest,
-    HttpRoute, Location, OutlierDetection, Resolution, ServerTlsMode, ServiceEntrySpec,
-    SidecarSpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
+    HttpRoute, LoadBalancerSettings, Location, OutlierDetection, Resolution, ServerTlsMode,
+    ServiceEntrySpec, SidecarSpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
 };
 use bowline_api::security::{
     Action, AuthorizationPolicySpec, PeerAuthenticationSpec, RequestAuthenticationSpec,
@@ -466,11 +466,6 @@ fn unread_policy(unread: &mut Errors, field: &str, policy: &TrafficPolicy) {
         // Each field: whether it is set, where, and what happens instead.
         let fields = [
             (
-                balancer.is_some_and(|lb| lb.consistent_hash.is_some()),
-                "loadBalancer.consistentHash",
-                "requests are balanced by loadBalancer.simple (ROUND_ROBIN when unset), without affinity",
-            ),
-            (
                 balancer.is_some_and(|lb| lb.locality_lb_setting.is_some()),
                 "loadBalancer.localityLbSetting",
                 "endpoints are chosen regardless of locality",
@@ -563,6 +558,9 @@ fn traffic_policy(errors: &mut Errors, field: &str, policy: &TrafficPolicy) {
             );
         }
     }
+    if let Some(balancer) = &policy.load_balancer {
+        load_balancer(errors, &format!("{field}.loadBalancer"), balancer);
+    }
     if let Some(outlier) = &policy.outlier_detection {
         outlier_detection(errors, &format!("{field}.outlierDetection"), outlier);
     }
@@ -583,6 +581,9 @@ fn traffic_policy(errors: &mut Errors, field: &str, policy: &TrafficPolicy) {
             Some(p) => errors.port(&format!("{at}.port.number"), p.number),
             None => errors.add(&format!("{at}.port"), "name the port the settings are for"),
         }
+        if let Some(balancer) = &port.load_balancer {
+            load_balancer(errors, &format!("{at}.loadBalancer"), balancer);
+        }
         if let Some(outlier) = &port.outlier_detection {
             outlier_detection(errors, &format!("{at}.outlierDetection"), outlier);
         }
@@ -590,6 +591,73 @@ fn traffic_policy(errors: &mut Errors, field: &str, policy: &TrafficPolicy) {
             client_tls(errors, &format!("{at}.tls"), tls);
         }
     }
+}
+
+/// `simple` or `consistentHash`, not both; a consistent hash with one key,
+/// a cookie with a name and a valid TTL, a ring or a MAGLEV table (of a
+/// prime size), not both.
+fn load_balancer(errors: &mut Errors, field: &str, balancer: &LoadBalancerSettings) {
+    let Some(hash) = &balancer.consistent_hash else {
+        return;
+    };
+    let at = format!("{field}.consistentHash");
+    if balancer.simple.is_some() {
+        errors.add(
+            field,
+            "set either simple or consistentHash: consistent hashing is a policy of its own",
+        );
+    }
+    let keys = [
+        hash.http_header_name.is_some(),
+        hash.http_cookie.is_some(),
+        hash.use_source_ip.is_some(),
+        hash.http_query_parameter_name.is_some(),
+    ];
+    if keys.iter().filter(|k| **k).count() != 1 {
+        errors.add(
+            &at,
+            "hash on one key: httpHeaderName, httpCookie, useSourceIp or httpQueryParameterName",
+        );
+    }
+    if let Some(cookie) = &hash.http_cookie {
+        if cookie.name.is_empty() {
+            errors.add(&format!("{at}.httpCookie.name"), "name the cookie to hash");
+        }
+        errors.duration(
+            &format!("{at}.httpCookie.ttl"),
+            cookie.ttl.as_deref(),
+            Duration::ZERO,
+        );
+    }
+    if hash.ring_hash.is_some() && hash.maglev.is_some() {
+        errors.add(&at, "set either ringHash or maglev, not both");
+    }
+    let ring = hash
+        .ring_hash
+        .as_ref()
+        .and_then(|r| r.minimum_ring_size)
+        .or(hash.minimum_ring_size);
+    if ring.is_some_and(|n| n == 0 || n > 8 * 1024 * 1024) {
+        errors.add(
+            &format!("{at}.ringHash.minimumRingSize"),
+            "between 1 and 8388608 entries",
+        );
+    }
+    if let Some(size) = hash.maglev.as_ref().and_then(|m| m.table_size)
+        && !(is_prime(size) && size <= 5_000_011)
+    {
+        errors.add(
+            &format!("{at}.maglev.tableSize"),
+            format!("{size} is not a prime of at most 5000011 (65537 is the default)"),
+        );
+    }
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2
+        && (2..)
+            .take_while(|d| d * d <= n)
+            .all(|d| !n.is_multiple_of(d))
 }
 
 fn outlier_detection(errors: &mut Errors, field: &str, outlier: &OutlierDetection) {
@@ -1119,10 +1187,53 @@ mod tests {
     }
 
     #[test]
+    fn a_consistent_hash_has_one_key_and_one_table() {
+        let errors = |lb: serde_json::Value| -> Vec<String> {
+            let spec: DestinationRuleSpec = serde_json::from_value(
+                json!({"host": "reviews", "trafficPolicy": {"loadBalancer": lb}}),
+            )
+            .unwrap();
+            destination_rule(&spec)
+                .err()
+                .unwrap_or_default()
+                .into_iter()
+                .map(|e| e.to_string())
+                .collect()
+        };
+        assert!(errors(json!({"consistentHash": {"httpHeaderName": "x-user"}})).is_empty());
+        assert!(
+            errors(
+                json!({"consistentHash": {"httpCookie": {"name": "s", "ttl": "0s"},
+                "maglev": {"tableSize": 65537}}})
+            )
+            .is_empty()
+        );
+        let e = errors(json!({"simple": "RANDOM", "consistentHash": {"useSourceIp": true}}));
+        assert!(
+            e[0].starts_with("spec.trafficPolicy.loadBalancer: set either"),
+            "{e:?}"
+        );
+        let e = errors(json!({"consistentHash": {"httpHeaderName": "x", "useSourceIp": true}}));
+        assert!(
+            e[0].starts_with("spec.trafficPolicy.loadBalancer.consistentHash: hash on one key"),
+            "{e:?}"
+        );
+        let e = errors(
+            json!({"consistentHash": {"httpHeaderName": "x", "maglev": {"tableSize": 1000}}}),
+        );
+        assert!(e[0].starts_with("spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize: 1000 is not a prime"), "{e:?}");
+        let e = errors(json!({"consistentHash": {"httpCookie": {"name": ""}}}));
+        assert!(
+            e[0].starts_with("spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn fields_read_but_not_acted_on_are_named() {
         let spec: DestinationRuleSpec = serde_json::from_value(json!({"host": "reviews",
             "trafficPolicy": {
-                "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}},
+                "loadBalancer": {"localityLbSetting": {"enabled": true}},
                 "connectionPool": {"tcp": {"maxConnections": 10, "maxConnectionDuration": "1h"}},
                 "retryBudget": {"percent": 25.0, "budgetInterval": "10s"},
                 "portLevelSettings": [{"port": {"number": 9080},
@@ -1140,7 +1251,7 @@ mod tests {
             fields,
             [
                 "spec.trafficPolicy.retryBudget.budgetInterval",
-                "spec.trafficPolicy.loadBalancer.consistentHash",
+                "spec.trafficPolicy.loadBalancer.localityLbSetting",
                 "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration",
                 "spec.trafficPolicy.portLevelSettings[0].loadBalancer.warmupDurationSecs",
                 "spec.subsets[0].trafficPolicy.outlierDetection.minHealthPercent",

@@ -376,3 +376,87 @@ async fn a_hash_policy_keeps_each_key_on_one_endpoint() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// A DestinationRule's `consistentHash`, translated by the control plane
+/// for a sidecar and served by the proxy: each user's requests to the
+/// service stay on one of its endpoints, and users spread over them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> anyhow::Result<()> {
+    use bowline_controlplane::model::{
+        Config, Endpoint, Protocol, Proxy, ProxyKind, Service, ServicePort, Snapshot,
+    };
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    let mut service = Service::kubernetes(
+        "cart",
+        "shop",
+        vec![ServicePort {
+            name: "http".into(),
+            port: 8080,
+            protocol: Protocol::Http,
+        }],
+    );
+    service.address = Some("10.96.0.80".into());
+    let mut endpoints = Vec::new();
+    for name in ["a", "b", "c"] {
+        let address = upstream(name).await?;
+        endpoints.push(Endpoint {
+            address: address.ip().to_string(),
+            service_port: 8080,
+            port: address.port().into(),
+            labels: BTreeMap::new(),
+            ready: true,
+            sidecar: false,
+            service_account: None,
+        });
+    }
+    let snapshot = Snapshot {
+        endpoints: Arc::new(BTreeMap::from([(service.hostname.clone(), endpoints)])),
+        services: Arc::new(BTreeMap::from([(service.hostname.clone(), service)])),
+        destination_rules: Arc::new(vec![Config::new(
+            "cart",
+            "shop",
+            serde_json::from_value(json!({"host": "cart", "trafficPolicy": {
+                "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}}))?,
+        )]),
+        ..Snapshot::default()
+    };
+    let resources = bowline_controlplane::translate::sidecar(
+        &snapshot,
+        &Proxy {
+            id: "sidecar~10.244.0.9~client-1.shop~shop.svc.cluster.local".into(),
+            kind: ProxyKind::Sidecar,
+            namespace: "shop".into(),
+            labels: BTreeMap::from([("app".into(), "client".into())]),
+            ip: "10.244.0.9".into(),
+            captured: true,
+        },
+    );
+    let port = free_port()?;
+    let proxy = Running::bootstrap(
+        bowline_tests::proxy::bootstrap_of(&resources, &[("0.0.0.0_8080", port)])?,
+        &[],
+    )
+    .await?;
+    let mut seen = std::collections::BTreeSet::new();
+    for user in 0..20 {
+        let user = format!("x-user: user-{user}");
+        let words = first_words(
+            &url(port, "/"),
+            &["Host: cart.shop.svc.cluster.local:8080", &user],
+            8,
+        )
+        .await?;
+        ensure!(
+            words.len() == 1 && !words.contains_key(""),
+            "{user}: every request to one endpoint: {words:?}"
+        );
+        seen.extend(words.into_keys());
+    }
+    ensure!(
+        seen.len() == 3,
+        "20 users over the three endpoints: {seen:?}"
+    );
+    proxy.stop().await
+}

@@ -271,14 +271,14 @@ async fn a_proxy_follows_the_mesh_config() -> anyhow::Result<()> {
             "apiVersion": "networking.istio.io/v1", "kind": "DestinationRule",
             "metadata": {"name": "ratings"},
             "spec": {"host": "ratings", "trafficPolicy": {
-                "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}},
+                "loadBalancer": {"simple": "RANDOM", "warmupDurationSecs": "30s"}}},
         }),
     )
     .await?;
     warned(
         &events,
         ("UnsupportedFields", "DestinationRule", "ratings"),
-        &["spec.trafficPolicy.loadBalancer.consistentHash"],
+        &["spec.trafficPolicy.loadBalancer.warmupDurationSecs"],
     )
     .await?;
     let (_, metrics) = control_plane.get("/metrics").await?;

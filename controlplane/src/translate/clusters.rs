@@ -35,7 +35,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
-use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::pb::google::protobuf::{UInt32Value, UInt64Value};
 
 use super::duration;
 use crate::model::{Endpoint, Protocol, Resolution, Service, selects};
@@ -458,6 +458,9 @@ fn merge(base: Option<&TrafficPolicy>, over: Option<&TrafficPolicy>) -> Option<T
     }
 }
 
+/// Istio's smallest ring when a DestinationRule names none.
+const MINIMUM_RING_SIZE: u64 = 1024;
+
 fn cluster(name: &str, policy: Option<&TrafficPolicy>, port: u32) -> Cluster {
     // Port-level settings replace the policy's for their port.
     let port_level = policy.and_then(|p| {
@@ -482,6 +485,35 @@ fn cluster(name: &str, policy: Option<&TrafficPolicy>, port: u32) -> Cluster {
         Some(SimpleLb::Passthrough) => cluster::LbPolicy::ClusterProvided,
         _ => cluster::LbPolicy::RoundRobin,
     };
+    // Consistent hashing overrides `simple`, as in Istio: MAGLEV when it
+    // asks, else RING_HASH (routes to the cluster carry the hash policy).
+    let (lb_policy, lb_config) = match load_balancer.and_then(|lb| lb.consistent_hash.as_ref()) {
+        Some(hash) if !passthrough => match &hash.maglev {
+            Some(maglev) => (
+                cluster::LbPolicy::Maglev,
+                Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
+                    table_size: maglev.table_size.map(|value| UInt64Value { value }),
+                })),
+            ),
+            None => (
+                cluster::LbPolicy::RingHash,
+                Some(cluster::LbConfig::RingHashLbConfig(
+                    cluster::RingHashLbConfig {
+                        minimum_ring_size: Some(UInt64Value {
+                            value: hash
+                                .ring_hash
+                                .as_ref()
+                                .and_then(|r| r.minimum_ring_size)
+                                .or(hash.minimum_ring_size)
+                                .unwrap_or(MINIMUM_RING_SIZE),
+                        }),
+                        ..Default::default()
+                    },
+                )),
+            ),
+        },
+        _ => (lb_policy, None),
+    };
     let connect_timeout = pool
         .and_then(|p| p.tcp.as_ref())
         .and_then(|t| t.connect_timeout.as_deref())
@@ -505,6 +537,7 @@ fn cluster(name: &str, policy: Option<&TrafficPolicy>, port: u32) -> Cluster {
             service_name: name.to_string(),
         }),
         lb_policy: lb_policy as i32,
+        lb_config,
         connect_timeout: Some(duration(connect_timeout)),
         circuit_breakers: Some(circuit_breakers(
             pool,

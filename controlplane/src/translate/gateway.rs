@@ -236,10 +236,12 @@ fn route_configuration(
     servers: &[&Bound<'_>],
 ) -> RouteConfiguration {
     let mut virtual_hosts: Vec<VirtualHost> = Vec::new();
+    let rules = super::rule_index(snapshot, &proxy.namespace, &proxy.labels);
     for server in servers {
         let ctx = RouteContext {
             snapshot,
             virtual_services: None,
+            rules: &rules,
             gateways: vec![server.gateway_name()],
             port,
             proxy_labels: &proxy.labels,

@@ -9,8 +9,9 @@
 use std::collections::HashMap;
 
 use bowline_api::networking::{
-    Destination, HeaderOperations, Headers, HttpFaultInjection, HttpMatchRequest, HttpRedirect,
-    HttpRetry, HttpRoute, Percent, StringMatch, VirtualServiceSpec,
+    ConsistentHashLb, Destination, DestinationRuleSpec, HeaderOperations, Headers,
+    HttpFaultInjection, HttpMatchRequest, HttpRedirect, HttpRetry, HttpRoute, HttpRouteDestination,
+    Percent, StringMatch, VirtualServiceSpec,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, HeaderValue, HeaderValueOption, RuntimeFractionalPercent, data_source,
@@ -58,6 +59,9 @@ pub struct RouteContext<'a> {
     /// The VirtualServices bound here, by host, when the caller built the
     /// index (else the snapshot's are searched).
     pub virtual_services: Option<&'a HostIndex<'a, VirtualServiceSpec>>,
+    /// The DestinationRules that may apply to the proxy, by host
+    /// ([`super::rule_index`]): consistent hashing is a route's too.
+    pub rules: &'a HostIndex<'a, DestinationRuleSpec>,
     pub gateways: Vec<String>,
     pub port: u32,
     pub proxy_labels: &'a std::collections::BTreeMap<String, String>,
@@ -91,11 +95,22 @@ pub fn outbound_route_configuration(
         .map(|service| {
             let routes = match virtual_service_for(ctx, &service.hostname) {
                 Some(vs) => http_routes(ctx, vs),
-                None => vec![default_route(&cluster_name(
-                    ctx.port,
-                    "",
-                    &service.hostname,
-                ))],
+                None => {
+                    let mut route = default_route(&cluster_name(ctx.port, "", &service.hostname));
+                    // The service's DestinationRule may hash requests.
+                    let destination = Destination {
+                        host: service.hostname.clone(),
+                        port: None,
+                        subset: None,
+                    };
+                    if let Some(route::Action::Route(action)) = &mut route.action {
+                        action.hash_policy = consistent_hash(ctx, &destination, &service.namespace)
+                            .and_then(hash_policy_of)
+                            .into_iter()
+                            .collect();
+                    }
+                    vec![route]
+                }
             };
             VirtualHost {
                 name: format!("{}:{}", service.hostname, ctx.port),
@@ -467,6 +482,9 @@ fn route_action(
         )),
         retry_policy: retry_policy(rule.retries.as_ref()),
         request_mirror_policies: mirror_policies(ctx, vs, rule),
+        hash_policy: hash_policy(ctx, &rule.route, &vs.namespace)
+            .into_iter()
+            .collect(),
         ..Default::default()
     };
     if let Some(rewrite) = &rule.rewrite {
@@ -499,6 +517,82 @@ fn route_action(
     action
 }
 
+/// The hash policy of a rule's destinations: the consistent hash their
+/// DestinationRules ask (a subset's, a port's, or the rule's own), when
+/// those that ask one agree — Envoy hashes a request once, whichever
+/// cluster it goes to.
+fn hash_policy(
+    ctx: &RouteContext<'_>,
+    destinations: &[HttpRouteDestination],
+    namespace: &str,
+) -> Option<route_action::HashPolicy> {
+    let mut asked = destinations
+        .iter()
+        .filter_map(|d| consistent_hash(ctx, &d.destination, namespace));
+    let first = asked.next()?;
+    asked
+        .all(|other| other == first)
+        .then(|| hash_policy_of(first))?
+}
+
+/// The consistent hash a destination's DestinationRule asks for it.
+fn consistent_hash<'a>(
+    ctx: &RouteContext<'a>,
+    destination: &Destination,
+    namespace: &str,
+) -> Option<&'a ConsistentHashLb> {
+    let host = resolve_host(&destination.host, namespace);
+    let rule = super::rule_of(ctx.snapshot, ctx.rules, ctx.proxy_namespace, &host)?;
+    let port = destination_port(ctx, destination, &host);
+    let subset = destination
+        .subset
+        .as_deref()
+        .and_then(|name| rule.subsets.iter().find(|s| s.name == name))
+        .and_then(|s| s.traffic_policy.as_ref());
+    [subset, rule.traffic_policy.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|policy| {
+            policy
+                .port_level_settings
+                .iter()
+                .find(|p| p.port.as_ref().is_some_and(|sel| sel.number == port))
+                .and_then(|p| p.load_balancer.as_ref())
+                .or(policy.load_balancer.as_ref())
+        })
+        .and_then(|lb| lb.consistent_hash.as_ref())
+}
+
+/// Istio's translation of a consistent hash's key.
+fn hash_policy_of(hash: &ConsistentHashLb) -> Option<route_action::HashPolicy> {
+    use route_action::hash_policy::{
+        ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter,
+    };
+    let specifier = if let Some(name) = &hash.http_header_name {
+        PolicySpecifier::Header(Header {
+            header_name: name.clone(),
+            ..Default::default()
+        })
+    } else if let Some(cookie) = &hash.http_cookie {
+        PolicySpecifier::Cookie(Cookie {
+            name: cookie.name.clone(),
+            path: cookie.path.clone().unwrap_or_default(),
+            ttl: cookie.ttl.as_deref().and_then(parse_duration).map(duration),
+            ..Default::default()
+        })
+    } else if hash.use_source_ip == Some(true) {
+        PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true })
+    } else if let Some(name) = &hash.http_query_parameter_name {
+        PolicySpecifier::QueryParameter(QueryParameter { name: name.clone() })
+    } else {
+        return None;
+    };
+    Some(route_action::HashPolicy {
+        policy_specifier: Some(specifier),
+        terminal: false,
+    })
+}
+
 /// The cluster of a destination: its host resolved in the config's
 /// namespace, its port (or the service's only port, or the listener's).
 pub fn destination_cluster(
@@ -507,17 +601,23 @@ pub fn destination_cluster(
     namespace: &str,
 ) -> String {
     let host = resolve_host(&destination.host, namespace);
-    let port = destination
+    let port = destination_port(ctx, destination, &host);
+    cluster_name(port, destination.subset.as_deref().unwrap_or(""), &host)
+}
+
+/// A destination's port: its own, or the service's only port, or the
+/// listener's.
+fn destination_port(ctx: &RouteContext<'_>, destination: &Destination, host: &str) -> u32 {
+    destination
         .port
         .as_ref()
         .map(|p| p.number)
         .unwrap_or_else(
-            || match ctx.snapshot.services.get(&host).map(|s| s.ports.as_slice()) {
+            || match ctx.snapshot.services.get(host).map(|s| s.ports.as_slice()) {
                 Some([only]) => only.port,
                 _ => ctx.port,
             },
-        );
-    cluster_name(port, destination.subset.as_deref().unwrap_or(""), &host)
+        )
 }
 
 /// Istio's retries: none when attempts is 0; its defaults when unset.
