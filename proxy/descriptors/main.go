@@ -27,6 +27,7 @@ import (
 	hcm "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/http_connection_manager/v3"
 	netrbac "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/rbac/v3"
 	tcpproxy "github.com/envoyproxy/go-control-plane/envoy/extensions/filters/network/tcp_proxy/v3"
+	previoushosts "github.com/envoyproxy/go-control-plane/envoy/extensions/retry/host/previous_hosts/v3"
 	tls "github.com/envoyproxy/go-control-plane/envoy/extensions/transport_sockets/tls/v3"
 	upstreamhttp "github.com/envoyproxy/go-control-plane/envoy/extensions/upstreams/http/v3"
 	"google.golang.org/protobuf/proto"
@@ -58,6 +59,7 @@ func main() {
 		&upstreamhttp.HttpProtocolOptions{},
 		&fileaccesslog.FileAccessLog{},
 		&trace.OpenTelemetryConfig{},
+		&previoushosts.PreviousHostsPredicate{},
 	}
 	set := &descriptorpb.FileDescriptorSet{}
 	seen := map[string]bool{}

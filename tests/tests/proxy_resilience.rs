@@ -37,7 +37,9 @@ async fn retries_and_per_try_timeouts_hide_failures() -> anyhow::Result<()> {
                 {"match": {"prefix": "/flaky"}, "route": {"cluster": "flaky"}},
                 {"match": {"prefix": "/sleep"}, "route": {"cluster": "both",
                     "retry_policy": {"retry_on": "gateway-error", "num_retries": 3, "per_try_timeout": "0.2s",
-                                     "host_selection_retry_max_attempts": 5}}},
+                                     "host_selection_retry_max_attempts": 5,
+                                     "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                                         "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}]}}},
             ]),
             vec![
                 static_cluster("flaky", &[flaky]),

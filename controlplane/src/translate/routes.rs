@@ -20,13 +20,14 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::route::v3::{
     Decorator, DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction,
     RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
-    header_matcher, query_parameter_matcher, redirect_action, route, route_action, route_match,
-    weighted_cluster,
+    header_matcher, query_parameter_matcher, redirect_action, retry_policy, route, route_action,
+    route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
     FaultAbort, HttpFault, fault_abort,
 };
+use envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
 };
@@ -103,11 +104,14 @@ pub fn outbound_route_configuration(
                         port: None,
                         subset: None,
                     };
-                    if let Some(route::Action::Route(action)) = &mut route.action {
-                        action.hash_policy = consistent_hash(ctx, &destination, &service.namespace)
-                            .and_then(hash_policy_of)
-                            .into_iter()
-                            .collect();
+                    let hash = consistent_hash(ctx, &destination, &service.namespace)
+                        .and_then(hash_policy_of);
+                    if let Some(route::Action::Route(action)) = &mut route.action
+                        && let Some(hash) = hash
+                    {
+                        // Retries keep to the key's endpoint.
+                        action.retry_policy = retry_policy(None, true);
+                        action.hash_policy = vec![hash];
                     }
                     vec![route]
                 }
@@ -471,6 +475,7 @@ fn route_action(
             })
         }
     };
+    let hash_policy = hash_policy(ctx, &rule.route, &vs.namespace);
     let mut action = RouteAction {
         cluster_specifier: Some(cluster_specifier),
         // Istio disables Envoy's 15 s default: no timeout unless asked.
@@ -480,11 +485,9 @@ fn route_action(
                 .and_then(parse_duration)
                 .unwrap_or_default(),
         )),
-        retry_policy: retry_policy(rule.retries.as_ref()),
+        retry_policy: retry_policy(rule.retries.as_ref(), hash_policy.is_some()),
         request_mirror_policies: mirror_policies(ctx, vs, rule),
-        hash_policy: hash_policy(ctx, &rule.route, &vs.namespace)
-            .into_iter()
-            .collect(),
+        hash_policy: hash_policy.into_iter().collect(),
         ..Default::default()
     };
     if let Some(rewrite) = &rule.rewrite {
@@ -620,8 +623,14 @@ fn destination_port(ctx: &RouteContext<'_>, destination: &Destination, host: &st
         )
 }
 
-/// Istio's retries: none when attempts is 0; its defaults when unset.
-fn retry_policy(retries: Option<&HttpRetry>) -> Option<RetryPolicy> {
+/// Istio's retries: none when attempts is 0; its defaults when unset. A
+/// retry goes to another endpoint than those tried (Envoy's previous_hosts
+/// predicate) unless the route hashes requests (`hashed`), whose key keeps
+/// to its endpoint — or as `retryIgnorePreviousHosts` says.
+fn retry_policy(retries: Option<&HttpRetry>, hashed: bool) -> Option<RetryPolicy> {
+    let other_hosts = retries
+        .and_then(|r| r.retry_ignore_previous_hosts)
+        .unwrap_or(!hashed);
     let (attempts, retry_on, per_try) = match retries {
         None => (DEFAULT_ATTEMPTS, DEFAULT_RETRY_ON.to_string(), None),
         Some(r) if r.attempts <= 0 => return None,
@@ -648,6 +657,16 @@ fn retry_policy(retries: Option<&HttpRetry>) -> Option<RetryPolicy> {
         num_retries: Some(UInt32Value { value: attempts }),
         per_try_timeout: per_try.map(duration),
         retriable_status_codes: codes.iter().filter_map(|c| c.parse().ok()).collect(),
+        retry_host_predicate: if other_hosts {
+            vec![retry_policy::RetryHostPredicate {
+                name: "envoy.retry_host_predicates.previous_hosts".into(),
+                config_type: Some(retry_policy::retry_host_predicate::ConfigType::TypedConfig(
+                    pack_any(PreviousHostsPredicate::default()),
+                )),
+            }]
+        } else {
+            Vec::new()
+        },
         host_selection_retry_max_attempts: 5,
         ..Default::default()
     })
@@ -657,7 +676,7 @@ fn default_route(cluster: &str) -> Route {
     let action = RouteAction {
         cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
         timeout: Some(duration(std::time::Duration::ZERO)),
-        retry_policy: retry_policy(None),
+        retry_policy: retry_policy(None, false),
         ..Default::default()
     };
     Route {
@@ -866,4 +885,31 @@ fn header_operations(headers: Option<&Headers>) -> HeaderChanges {
     let (request_add, request_remove) = options(headers.and_then(|h| h.request.as_ref()));
     let (response_add, response_remove) = options(headers.and_then(|h| h.response.as_ref()));
     (request_add, request_remove, response_add, response_remove)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_go_to_other_endpoints_unless_requests_are_hashed() {
+        let other_hosts = |retries: Option<HttpRetry>, hashed: bool| {
+            !retry_policy(retries.as_ref(), hashed)
+                .unwrap()
+                .retry_host_predicate
+                .is_empty()
+        };
+        assert!(other_hosts(None, false), "Istio's default");
+        assert!(
+            !other_hosts(None, true),
+            "a hashed key keeps to its endpoint"
+        );
+        let asked = |ignore: bool| HttpRetry {
+            attempts: 2,
+            retry_ignore_previous_hosts: Some(ignore),
+            ..HttpRetry::default()
+        };
+        assert!(other_hosts(Some(asked(true)), true));
+        assert!(!other_hosts(Some(asked(false)), false));
+    }
 }

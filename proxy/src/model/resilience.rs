@@ -142,11 +142,12 @@ impl RetryPolicy {
                 .as_ref()
                 .map(duration)
                 .filter(|d| !d.is_zero()),
-            other_hosts: policy.host_selection_retry_max_attempts > 0
-                || policy
-                    .retry_host_predicate
-                    .iter()
-                    .any(|p| p.name.contains("previous_hosts")),
+            // Envoy's previous_hosts predicate; host_selection_retry_max_attempts
+            // alone selects nothing.
+            other_hosts: policy
+                .retry_host_predicate
+                .iter()
+                .any(|p| p.name.contains("previous_hosts")),
             base_interval,
             max_interval,
         })
@@ -398,10 +399,17 @@ mod tests {
             "retry_on": "gateway-error,connect-failure,retriable-status-codes,unavailable",
             "num_retries": 3, "per_try_timeout": "0.5s", "retriable_status_codes": [418],
             "host_selection_retry_max_attempts": 5,
+            "retry_host_predicate": [{"name": "envoy.retry_host_predicates.previous_hosts",
+                "typed_config": {"@type": "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"}}],
         }));
         assert_eq!(policy.retries, 3);
         assert_eq!(policy.per_try_timeout, Some(Duration::from_millis(500)));
         assert!(policy.other_hosts);
+        assert!(
+            !retry(serde_json::json!({"retry_on": "5xx", "host_selection_retry_max_attempts": 5}))
+                .other_hosts,
+            "without the previous_hosts predicate a retry may go to any endpoint"
+        );
         let answered =
             |code: u16, grpc| Attempt::Answered(StatusCode::from_u16(code).unwrap(), grpc);
         assert!(policy.retries_on(answered(503, None)));
