@@ -496,8 +496,44 @@ impl<'s> Scope<'s> {
                 .iter()
                 .map(|b| listeners::bound(b, self.allow_any)),
         );
+        self.hash_tcp_by_source_ip(&mut listeners);
         observe(&mut listeners, &self.snapshot.mesh);
         listeners
+    }
+
+    /// TCP to a service port whose DestinationRule hashes by the client's
+    /// address: the tcp_proxy filters to its cluster hash so too, as
+    /// Istio's (other keys are HTTP's).
+    fn hash_tcp_by_source_ip(&self, listeners: &mut [Listener]) {
+        let hashed: BTreeSet<String> = self
+            .services
+            .iter()
+            .flat_map(|s| {
+                let rule = self.rule(&s.hostname);
+                s.ports
+                    .iter()
+                    .filter(move |p| {
+                        rule.and_then(|r| r.traffic_policy.as_ref())
+                            .and_then(|policy| {
+                                policy
+                                    .port_level_settings
+                                    .iter()
+                                    .find(|l| {
+                                        l.port.as_ref().is_some_and(|sel| sel.number == p.port)
+                                    })
+                                    .and_then(|l| l.load_balancer.as_ref())
+                                    .or(policy.load_balancer.as_ref())
+                            })
+                            .and_then(|lb| lb.consistent_hash.as_ref())
+                            .is_some_and(|h| h.use_source_ip == Some(true))
+                    })
+                    .map(|p| clusters::cluster_name(p.port, "", &s.hostname))
+            })
+            .collect();
+        if hashed.is_empty() {
+            return;
+        }
+        listeners::hash_tcp_by_source_ip(listeners, &hashed);
     }
 }
 

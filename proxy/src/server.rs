@@ -718,12 +718,15 @@ async fn tcp<S>(
         return;
     };
     let state = upstreams.get(cluster);
+    let hash = route
+        .hash_source_ip
+        .then(|| crate::model::hash::source_ip(peer.ip()));
     let Ok(_admission) = state.admit(false).await else {
         tracing::debug!(cluster = %name, "circuit breaker open (UO); closed");
         return;
     };
     let Some(host) =
-        Reach::of(snapshot, cluster, captured).and_then(|r| state.choose(&r, &[], None))
+        Reach::of(snapshot, cluster, captured).and_then(|r| state.choose(&r, &[], hash))
     else {
         tracing::debug!(cluster = %name, "no healthy endpoint (or ORIGINAL_DST for a connection that was not captured); closed");
         return;

@@ -8,7 +8,9 @@
 //! a cluster has one; outlier detection stops traffic to a failing
 //! endpoint, which returns after its ejection time; a mirror gets a copy
 //! with `-shadow` in its Host; a hash policy keeps each key on one
-//! endpoint of a RING_HASH or MAGLEV cluster.
+//! endpoint of a RING_HASH or MAGLEV cluster, for HTTP (a header, a cookie)
+//! and TCP (the client's address), also as a DestinationRule's
+//! `consistentHash` translated by the control plane.
 
 use std::time::{Duration, Instant};
 
@@ -459,6 +461,106 @@ async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> 
     ensure!(
         seen.len() == 3,
         "20 users over the three endpoints: {seen:?}"
+    );
+    proxy.stop().await
+}
+
+/// A TCP service whose DestinationRule hashes by source IP: the control
+/// plane's tcp_proxy carries the hash policy, and the proxy sends every
+/// connection from one client address to one endpoint, clients spread
+/// over all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_connections_keep_to_their_clients_endpoint_by_source_ip() -> anyhow::Result<()> {
+    use bowline_controlplane::model::{
+        Config, Endpoint, Protocol, Proxy, ProxyKind, Service, ServicePort, Snapshot,
+    };
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let mut service = Service::kubernetes(
+        "db",
+        "shop",
+        vec![ServicePort {
+            name: "tcp".into(),
+            port: 5432,
+            protocol: Protocol::Tcp,
+        }],
+    );
+    service.address = Some("10.96.0.81".into());
+    // Each endpoint says its name to whoever connects.
+    let mut endpoints = Vec::new();
+    for name in ["a", "b", "c"] {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let address = listener.local_addr()?;
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let _ = stream.write_all(name.as_bytes()).await;
+            }
+        });
+        endpoints.push(Endpoint {
+            address: address.ip().to_string(),
+            service_port: 5432,
+            port: address.port().into(),
+            labels: BTreeMap::new(),
+            ready: true,
+            sidecar: false,
+            service_account: None,
+        });
+    }
+    let snapshot = Snapshot {
+        endpoints: Arc::new(BTreeMap::from([(service.hostname.clone(), endpoints)])),
+        services: Arc::new(BTreeMap::from([(service.hostname.clone(), service)])),
+        destination_rules: Arc::new(vec![Config::new(
+            "db",
+            "shop",
+            serde_json::from_value(json!({"host": "db", "trafficPolicy": {
+                "loadBalancer": {"consistentHash": {"useSourceIp": true}}}}))?,
+        )]),
+        ..Snapshot::default()
+    };
+    let resources = bowline_controlplane::translate::sidecar(
+        &snapshot,
+        &Proxy {
+            id: "sidecar~10.244.0.9~client-1.shop~shop.svc.cluster.local".into(),
+            kind: ProxyKind::Sidecar,
+            namespace: "shop".into(),
+            labels: BTreeMap::from([("app".into(), "client".into())]),
+            ip: "10.244.0.9".into(),
+            captured: true,
+        },
+    );
+    let port = free_port()?;
+    let proxy = Running::bootstrap(
+        bowline_tests::proxy::bootstrap_of(&resources, &[("10.96.0.81_5432", port)])?,
+        &[],
+    )
+    .await?;
+    // Who answers a connection from 127.0.0.<client>.
+    let answer = |client: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(([127, 0, 0, client], 0).into())?;
+        let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await?;
+        let mut name = String::new();
+        tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            stream.read_to_string(&mut name),
+        )
+        .await??;
+        anyhow::Ok(name)
+    };
+    let mut seen = std::collections::BTreeSet::new();
+    for client in 2..22u8 {
+        let first = answer(client).await?;
+        for _ in 0..4 {
+            let again = answer(client).await?;
+            ensure!(again == first, "127.0.0.{client}: {first}, then {again}");
+        }
+        seen.insert(first);
+    }
+    ensure!(
+        seen.len() == 3,
+        "20 clients over the three endpoints: {seen:?}"
     );
     proxy.stop().await
 }

@@ -11,6 +11,8 @@
 //!   serves, mutual TLS as its PeerAuthentication says, then the inbound
 //!   cluster.
 
+use std::collections::BTreeSet;
+
 use bowline_api::security::MtlsMode;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, SocketAddress, TrafficDirection,
@@ -37,8 +39,12 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpPro
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CommonTlsContext, DownstreamTlsContext, SdsSecretConfig, common_tls_context,
 };
+use envoy_types::pb::envoy::r#type::v3::{
+    HashPolicy as TypeHashPolicy, hash_policy as type_hash_policy,
+};
 use envoy_types::pb::google::protobuf::{BoolValue, UInt32Value};
 use envoy_types::util::pack_any;
+use prost::Message;
 
 use super::duration;
 use super::routes::{BLACKHOLE_CLUSTER, FAULT_FILTER, PASSTHROUGH_CLUSTER};
@@ -560,6 +566,35 @@ fn http_connection_manager(
             ..Default::default()
         }),
     )
+}
+
+/// Gives the tcp_proxy filters to `clusters` a source IP hash policy.
+pub fn hash_tcp_by_source_ip(listeners: &mut [Listener], clusters: &BTreeSet<String>) {
+    let filters = listeners
+        .iter_mut()
+        .flat_map(|l| l.filter_chains.iter_mut())
+        .flat_map(|c| c.filters.iter_mut())
+        .filter(|f| f.name == "envoy.filters.network.tcp_proxy");
+    for filter in filters {
+        let Some(filter::ConfigType::TypedConfig(any)) = &mut filter.config_type else {
+            continue;
+        };
+        let Ok(mut proxy) = TcpProxy::decode(any.value.as_slice()) else {
+            continue;
+        };
+        let to = match &proxy.cluster_specifier {
+            Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => c,
+            _ => continue,
+        };
+        if clusters.contains(to) {
+            proxy.hash_policy = vec![TypeHashPolicy {
+                policy_specifier: Some(type_hash_policy::PolicySpecifier::SourceIp(
+                    type_hash_policy::SourceIp {},
+                )),
+            }];
+            *any = pack_any(proxy);
+        }
+    }
 }
 
 fn tcp_proxy_filter(cluster: &str, stat_prefix: &str) -> Filter {

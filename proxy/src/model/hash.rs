@@ -99,7 +99,7 @@ pub fn request_hash(
     for policy in policies {
         let found = match &policy.key {
             Key::Header(name) => headers.get(name).map(|v| xxh64(v.as_bytes(), 0)),
-            Key::SourceIp => Some(xxh64(peer.ip().to_string().as_bytes(), 0)),
+            Key::SourceIp => Some(source_ip(peer.ip())),
             Key::QueryParameter(name) => query
                 .and_then(|q| {
                     form_urlencoded::parse(q.as_bytes()).find(|(key, _)| key == name.as_str())
@@ -128,6 +128,12 @@ pub fn request_hash(
         }
     }
     hashed
+}
+
+/// The hash of a client's address (Envoy's source IP policy, for HTTP
+/// routes and TCP proxies alike).
+pub fn source_ip(ip: std::net::IpAddr) -> u64 {
+    xxh64(ip.to_string().as_bytes(), 0)
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.

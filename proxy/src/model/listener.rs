@@ -10,6 +10,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     HttpConnectionManager, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
+use envoy_types::pb::envoy::r#type::v3::hash_policy as type_hash_policy;
 
 use super::cluster::socket_address;
 use super::rbac::{NETWORK_RBAC_FILTER, RBAC_FILTER, Rbac};
@@ -155,6 +156,9 @@ pub enum RouteSource {
 pub struct TcpRoute {
     pub stat_prefix: String,
     pub destinations: Destinations,
+    /// A `hash_policy` of the client's address, for a RING_HASH or MAGLEV
+    /// cluster.
+    pub hash_source_ip: bool,
     /// Where each connection is logged, if anywhere.
     pub access_logs: Arc<[AccessLog]>,
 }
@@ -404,7 +408,25 @@ impl FilterChain {
                             ));
                         }
                     };
+                    let hash_source_ip = match proxy.hash_policy.as_slice() {
+                        [] => false,
+                        [policy]
+                            if matches!(
+                                policy.policy_specifier,
+                                Some(type_hash_policy::PolicySpecifier::SourceIp(_))
+                            ) =>
+                        {
+                            true
+                        }
+                        _ => {
+                            return Err(invalid(
+                                &at(".hash_policy"),
+                                "only one source_ip hash policy is supported".into(),
+                            ));
+                        }
+                    };
                     terminal = Some(Terminal::Tcp(Arc::new(TcpRoute {
+                        hash_source_ip,
                         access_logs: logs(&proxy.access_log)?,
                         stat_prefix: proxy.stat_prefix,
                         destinations,
