@@ -32,7 +32,7 @@ async fn istio_examples_apply_and_every_version_is_served() -> anyhow::Result<()
     );
     let applied = String::from_utf8(output.stdout)?;
     ensure!(
-        applied.lines().count() == 17,
+        applied.lines().count() == 18,
         "every example applied:\n{applied}"
     );
 
@@ -47,7 +47,7 @@ async fn istio_examples_apply_and_every_version_is_served() -> anyhow::Result<()
         ])
         .output()?;
     let listed = String::from_utf8(output.stdout)?;
-    ensure!(listed.lines().count() == 17, "{listed}");
+    ensure!(listed.lines().count() == 18, "{listed}");
 
     // The same object through each served version.
     for (group, versions, kind, name) in [
