@@ -513,17 +513,8 @@ impl<'s> Scope<'s> {
                 s.ports
                     .iter()
                     .filter(move |p| {
-                        rule.and_then(|r| r.traffic_policy.as_ref())
-                            .and_then(|policy| {
-                                policy
-                                    .port_level_settings
-                                    .iter()
-                                    .find(|l| {
-                                        l.port.as_ref().is_some_and(|sel| sel.number == p.port)
-                                    })
-                                    .and_then(|l| l.load_balancer.as_ref())
-                                    .or(policy.load_balancer.as_ref())
-                            })
+                        let policy = rule.and_then(|r| r.traffic_policy.as_ref());
+                        clusters::load_balancer_at(policy, p.port)
                             .and_then(|lb| lb.consistent_hash.as_ref())
                             .is_some_and(|h| h.use_source_ip == Some(true))
                     })

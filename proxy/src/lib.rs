@@ -124,3 +124,22 @@ pub async fn run(
     server::manage(shared, stopping, config.drain).await;
     Ok(())
 }
+
+/// What unit tests of several modules build their input with.
+#[cfg(test)]
+pub(crate) mod testing {
+    use http::{HeaderMap, HeaderName, HeaderValue};
+
+    /// A header map of `pairs`, in order.
+    pub fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| {
+                (
+                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    HeaderValue::from_str(v).unwrap(),
+                )
+            })
+            .collect()
+    }
+}

@@ -556,6 +556,44 @@ pub fn http_manager(virtual_hosts: serde_json::Value) -> serde_json::Value {
         "stat_prefix": "http", "route_config": {"name": "local", "virtual_hosts": virtual_hosts}}})
 }
 
+/// The control plane's translation of `snapshot` for the captured sidecar
+/// of a `client` pod in namespace `shop` (10.244.0.9), as a bootstrap with
+/// `listeners` on loopback ([`bootstrap_of`]).
+pub fn client_sidecar_bootstrap(
+    snapshot: &bowline_controlplane::model::Snapshot,
+    listeners: &[(&str, u16)],
+) -> anyhow::Result<serde_json::Value> {
+    use bowline_controlplane::model::{Proxy, ProxyKind};
+    let resources = bowline_controlplane::translate::sidecar(
+        snapshot,
+        &Proxy {
+            id: "sidecar~10.244.0.9~client-1.shop~shop.svc.cluster.local".into(),
+            kind: ProxyKind::Sidecar,
+            namespace: "shop".into(),
+            labels: BTreeMap::from([("app".into(), "client".into())]),
+            ip: "10.244.0.9".into(),
+            captured: true,
+        },
+    );
+    bootstrap_of(&resources, listeners)
+}
+
+/// A ready endpoint without a sidecar at `address`, serving `service_port`.
+pub fn plain_endpoint(
+    address: SocketAddr,
+    service_port: u32,
+) -> bowline_controlplane::model::Endpoint {
+    bowline_controlplane::model::Endpoint {
+        address: address.ip().to_string(),
+        service_port,
+        port: address.port().into(),
+        labels: BTreeMap::new(),
+        ready: true,
+        sidecar: false,
+        service_account: None,
+    }
+}
+
 /// The control plane's translation for one proxy as a bootstrap the proxy
 /// runs without ADS: the listeners named in `listeners` moved to
 /// 127.0.0.1 on the port given and bound (a captured proxy's listeners

@@ -163,9 +163,7 @@ async fn a_sniffing_listener_tells_http_from_tcp() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_planes_sniffing_listener_routes_http_and_passes_the_rest() -> anyhow::Result<()>
 {
-    use bowline_controlplane::model::{
-        Config, Endpoint, Protocol, Proxy, ProxyKind, Service, ServicePort, Snapshot,
-    };
+    use bowline_controlplane::model::{Config, Protocol, Service, ServicePort, Snapshot};
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
@@ -184,16 +182,10 @@ async fn the_control_planes_sniffing_listener_routes_http_and_passes_the_rest() 
             }],
         );
         service.address = Some(vip.into());
-        let endpoint = Endpoint {
-            address: endpoint.ip().to_string(),
-            service_port: port,
-            port: endpoint.port().into(),
-            labels: BTreeMap::new(),
-            ready: true,
-            sidecar: false,
-            service_account: None,
-        };
-        (service, endpoint)
+        (
+            service,
+            bowline_tests::proxy::plain_endpoint(endpoint, port),
+        )
     };
     let (legacy, legacy_endpoint) = unnamed("legacy", "10.96.0.70", 7070, app);
     let (db, db_endpoint) = unnamed("db", "10.96.0.71", 7071, echo);
@@ -221,21 +213,10 @@ async fn the_control_planes_sniffing_listener_routes_http_and_passes_the_rest() 
         virtual_services,
         ..Snapshot::default()
     };
-    let resources = bowline_controlplane::translate::sidecar(
-        &snapshot,
-        &Proxy {
-            id: "sidecar~10.244.0.9~client-1.shop~shop.svc.cluster.local".into(),
-            kind: ProxyKind::Sidecar,
-            namespace: "shop".into(),
-            labels: BTreeMap::from([("app".into(), "client".into())]),
-            ip: "10.244.0.9".into(),
-            captured: true,
-        },
-    );
     let (web_port, db_port) = (free_port()?, free_port()?);
     let proxy = Running::bootstrap(
-        bowline_tests::proxy::bootstrap_of(
-            &resources,
+        bowline_tests::proxy::client_sidecar_bootstrap(
+            &snapshot,
             &[("10.96.0.70_7070", web_port), ("10.96.0.71_7071", db_port)],
         )?,
         &[],

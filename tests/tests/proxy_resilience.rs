@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use anyhow::ensure;
 use bowline_tests::cluster::free_port;
 use bowline_tests::proxy::{
-    Running, curl, failing, first_words, http_bootstrap, in_front_of, recorder, static_cluster,
-    upstream,
+    Running, client_sidecar_bootstrap, curl, failing, first_words, http_bootstrap, in_front_of,
+    plain_endpoint, recorder, static_cluster, upstream,
 };
 use serde_json::json;
 
@@ -386,9 +386,7 @@ async fn a_hash_policy_keeps_each_key_on_one_endpoint() -> anyhow::Result<()> {
 /// service stay on one of its endpoints, and users spread over them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> anyhow::Result<()> {
-    use bowline_controlplane::model::{
-        Config, Endpoint, Protocol, Proxy, ProxyKind, Service, ServicePort, Snapshot,
-    };
+    use bowline_controlplane::model::{Config, Protocol, Service, ServicePort, Snapshot};
     use std::collections::BTreeMap;
     use std::sync::Arc;
 
@@ -404,16 +402,7 @@ async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> 
     service.address = Some("10.96.0.80".into());
     let mut endpoints = Vec::new();
     for name in ["a", "b", "c"] {
-        let address = upstream(name).await?;
-        endpoints.push(Endpoint {
-            address: address.ip().to_string(),
-            service_port: 8080,
-            port: address.port().into(),
-            labels: BTreeMap::new(),
-            ready: true,
-            sidecar: false,
-            service_account: None,
-        });
+        endpoints.push(plain_endpoint(upstream(name).await?, 8080));
     }
     let snapshot = Snapshot {
         endpoints: Arc::new(BTreeMap::from([(service.hostname.clone(), endpoints)])),
@@ -426,20 +415,9 @@ async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> 
         )]),
         ..Snapshot::default()
     };
-    let resources = bowline_controlplane::translate::sidecar(
-        &snapshot,
-        &Proxy {
-            id: "sidecar~10.244.0.9~client-1.shop~shop.svc.cluster.local".into(),
-            kind: ProxyKind::Sidecar,
-            namespace: "shop".into(),
-            labels: BTreeMap::from([("app".into(), "client".into())]),
-            ip: "10.244.0.9".into(),
-            captured: true,
-        },
-    );
     let port = free_port()?;
     let proxy = Running::bootstrap(
-        bowline_tests::proxy::bootstrap_of(&resources, &[("0.0.0.0_8080", port)])?,
+        client_sidecar_bootstrap(&snapshot, &[("0.0.0.0_8080", port)])?,
         &[],
     )
     .await?;
@@ -471,9 +449,7 @@ async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> 
 /// over all of them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_connections_keep_to_their_clients_endpoint_by_source_ip() -> anyhow::Result<()> {
-    use bowline_controlplane::model::{
-        Config, Endpoint, Protocol, Proxy, ProxyKind, Service, ServicePort, Snapshot,
-    };
+    use bowline_controlplane::model::{Config, Protocol, Service, ServicePort, Snapshot};
     use std::collections::BTreeMap;
     use std::sync::Arc;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -498,15 +474,7 @@ async fn tcp_connections_keep_to_their_clients_endpoint_by_source_ip() -> anyhow
                 let _ = stream.write_all(name.as_bytes()).await;
             }
         });
-        endpoints.push(Endpoint {
-            address: address.ip().to_string(),
-            service_port: 5432,
-            port: address.port().into(),
-            labels: BTreeMap::new(),
-            ready: true,
-            sidecar: false,
-            service_account: None,
-        });
+        endpoints.push(plain_endpoint(address, 5432));
     }
     let snapshot = Snapshot {
         endpoints: Arc::new(BTreeMap::from([(service.hostname.clone(), endpoints)])),
@@ -519,20 +487,9 @@ async fn tcp_connections_keep_to_their_clients_endpoint_by_source_ip() -> anyhow
         )]),
         ..Snapshot::default()
     };
-    let resources = bowline_controlplane::translate::sidecar(
-        &snapshot,
-        &Proxy {
-            id: "sidecar~10.244.0.9~client-1.shop~shop.svc.cluster.local".into(),
-            kind: ProxyKind::Sidecar,
-            namespace: "shop".into(),
-            labels: BTreeMap::from([("app".into(), "client".into())]),
-            ip: "10.244.0.9".into(),
-            captured: true,
-        },
-    );
     let port = free_port()?;
     let proxy = Running::bootstrap(
-        bowline_tests::proxy::bootstrap_of(&resources, &[("10.96.0.81_5432", port)])?,
+        client_sidecar_bootstrap(&snapshot, &[("10.96.0.81_5432", port)])?,
         &[],
     )
     .await?;

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 
 use bowline_api::networking::{
     ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, DestinationRuleSpec, H2UpgradePolicy,
-    OutlierDetection, PortTrafficPolicy, RetryBudget, SimpleLb, TcpKeepalive, TrafficPolicy,
+    LoadBalancerSettings, OutlierDetection, PortTrafficPolicy, RetryBudget, SimpleLb, TcpKeepalive,
+    TrafficPolicy,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, HttpProtocolOptions as CoreHttpOptions, Metadata, data_source,
@@ -458,6 +459,20 @@ fn merge(base: Option<&TrafficPolicy>, over: Option<&TrafficPolicy>) -> Option<T
     }
 }
 
+/// The load balancer settings of `policy` for `port`: its port-level ones
+/// for the port, else its own.
+pub(crate) fn load_balancer_at(
+    policy: Option<&TrafficPolicy>,
+    port: u32,
+) -> Option<&LoadBalancerSettings> {
+    port_setting(
+        policy,
+        port,
+        |p| p.load_balancer.as_ref(),
+        |p| p.load_balancer.as_ref(),
+    )
+}
+
 /// Istio's smallest ring when a DestinationRule names none.
 const MINIMUM_RING_SIZE: u64 = 1024;
 
@@ -468,9 +483,7 @@ fn cluster(name: &str, policy: Option<&TrafficPolicy>, port: u32) -> Cluster {
             .iter()
             .find(|s| s.port.as_ref().is_some_and(|sel| sel.number == port))
     });
-    let load_balancer = port_level
-        .and_then(|p| p.load_balancer.as_ref())
-        .or_else(|| policy.and_then(|p| p.load_balancer.as_ref()));
+    let load_balancer = load_balancer_at(policy, port);
     let pool = port_level
         .and_then(|p| p.connection_pool.as_ref())
         .or_else(|| policy.and_then(|p| p.connection_pool.as_ref()));

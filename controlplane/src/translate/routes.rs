@@ -555,14 +555,7 @@ fn consistent_hash<'a>(
     [subset, rule.traffic_policy.as_ref()]
         .into_iter()
         .flatten()
-        .find_map(|policy| {
-            policy
-                .port_level_settings
-                .iter()
-                .find(|p| p.port.as_ref().is_some_and(|sel| sel.number == port))
-                .and_then(|p| p.load_balancer.as_ref())
-                .or(policy.load_balancer.as_ref())
-        })
+        .find_map(|policy| super::clusters::load_balancer_at(Some(policy), port))
         .and_then(|lb| lb.consistent_hash.as_ref())
 }
 

@@ -299,6 +299,7 @@ impl Maglev {
 mod tests {
     use super::*;
     use crate::envoy::from_json;
+    use crate::testing::headers;
     use serde_json::json;
 
     fn policies(value: serde_json::Value) -> Vec<HashPolicy> {
@@ -312,18 +313,6 @@ mod tests {
 
     fn ends(peer: &str) -> (SocketAddr, SocketAddr) {
         (peer.parse().unwrap(), "10.0.0.9:8080".parse().unwrap())
-    }
-
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
-        pairs
-            .iter()
-            .map(|(k, v)| {
-                (
-                    HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    HeaderValue::from_str(v).unwrap(),
-                )
-            })
-            .collect()
     }
 
     #[test]
