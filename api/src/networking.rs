@@ -589,6 +589,18 @@ pub struct HttpCookie {
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<String>,
+    /// More attributes for a cookie the proxy makes up (`SameSite`,
+    /// `Secure`, `Partitioned`, …), in this order after its path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<CookieAttribute>,
+}
+
+/// A cookie attribute: a name, and a value unless it is a flag (`Secure`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct CookieAttribute {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -11,9 +11,9 @@ use std::time::Duration;
 
 use bowline_api::duration::parse as parse_duration;
 use bowline_api::networking::{
-    ClientTlsMode, ClientTlsSettings, DestinationRuleSpec, GatewaySpec, HttpMatchRequest,
-    HttpRoute, LoadBalancerSettings, Location, OutlierDetection, Resolution, ServerTlsMode,
-    ServiceEntrySpec, SidecarSpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
+    ClientTlsMode, ClientTlsSettings, CookieAttribute, DestinationRuleSpec, GatewaySpec,
+    HttpMatchRequest, HttpRoute, LoadBalancerSettings, Location, OutlierDetection, Resolution,
+    ServerTlsMode, ServiceEntrySpec, SidecarSpec, StringMatch, TrafficPolicy, VirtualServiceSpec,
 };
 use bowline_api::security::{
     Action, AuthorizationPolicySpec, PeerAuthenticationSpec, RequestAuthenticationSpec,
@@ -628,6 +628,13 @@ fn load_balancer(errors: &mut Errors, field: &str, balancer: &LoadBalancerSettin
             cookie.ttl.as_deref(),
             Duration::ZERO,
         );
+        for (i, attribute) in cookie.attributes.iter().enumerate() {
+            cookie_attribute(
+                errors,
+                &format!("{at}.httpCookie.attributes[{i}]"),
+                attribute,
+            );
+        }
     }
     if hash.ring_hash.is_some() && hash.maglev.is_some() {
         errors.add(&at, "set either ringHash or maglev, not both");
@@ -649,6 +656,30 @@ fn load_balancer(errors: &mut Errors, field: &str, balancer: &LoadBalancerSettin
         errors.add(
             &format!("{at}.maglev.tableSize"),
             format!("{size} is not a prime of at most 5000011 (65537 is the default)"),
+        );
+    }
+}
+
+/// A cookie attribute as RFC 6265 has them: a name, and a value, of
+/// visible characters other than `;` (which would end the attribute).
+fn cookie_attribute(errors: &mut Errors, field: &str, attribute: &CookieAttribute) {
+    let visible = |text: &str| text.chars().all(|c| c != ';' && !c.is_control());
+    let name = &attribute.name;
+    if name.is_empty() || name.contains(|c: char| c == '=' || c.is_whitespace()) || !visible(name) {
+        errors.add(
+            &format!("{field}.name"),
+            format!(
+                "{:?} is not a cookie attribute's name: give one word such as SameSite or Secure",
+                attribute.name
+            ),
+        );
+    }
+    if let Some(value) = &attribute.value
+        && !visible(value)
+    {
+        errors.add(
+            &format!("{field}.value"),
+            format!("{value:?} may not hold ';' or control characters"),
         );
     }
 }
@@ -1225,6 +1256,27 @@ mod tests {
         let e = errors(json!({"consistentHash": {"httpCookie": {"name": ""}}}));
         assert!(
             e[0].starts_with("spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name"),
+            "{e:?}"
+        );
+        let cookie = |attributes| json!({"consistentHash": {"httpCookie": {"name": "s", "ttl": "0s", "attributes": attributes}}});
+        assert!(
+            errors(cookie(
+                json!([{"name": "SameSite", "value": "None"}, {"name": "Secure"}])
+            ))
+            .is_empty()
+        );
+        let e = errors(cookie(
+            json!([{"name": "Secure"}, {"name": "SameSite=None"}]),
+        ));
+        assert!(
+            e[0].starts_with("spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes[1].name: \"SameSite=None\" is not"),
+            "{e:?}"
+        );
+        let e = errors(cookie(json!([{"name": "Domain", "value": "a; Secure"}])));
+        assert!(
+            e[0].starts_with(
+                "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes[0].value"
+            ),
             "{e:?}"
         );
     }

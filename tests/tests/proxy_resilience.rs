@@ -383,9 +383,53 @@ async fn a_hash_policy_keeps_each_key_on_one_endpoint() -> anyhow::Result<()> {
 
 /// A DestinationRule's `consistentHash`, translated by the control plane
 /// for a sidecar and served by the proxy: each user's requests to the
-/// service stay on one of its endpoints, and users spread over them.
+/// service stay on one of its endpoints, and users spread over them; a
+/// hashed cookie the proxy makes up carries the rule's attributes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> anyhow::Result<()> {
+    let host = "Host: cart.shop.svc.cluster.local:8080";
+    let (proxy, port) = cart_hashing(json!({"httpHeaderName": "x-user"})).await?;
+    let mut seen = std::collections::BTreeSet::new();
+    for user in 0..20 {
+        let user = format!("x-user: user-{user}");
+        let words = first_words(&url(port, "/"), &[host, &user], 8).await?;
+        ensure!(
+            words.len() == 1 && !words.contains_key(""),
+            "{user}: every request to one endpoint: {words:?}"
+        );
+        seen.extend(words.into_keys());
+    }
+    ensure!(
+        seen.len() == 3,
+        "20 users over the three endpoints: {seen:?}"
+    );
+    proxy.stop().await?;
+
+    let (proxy, port) = cart_hashing(json!({"httpCookie": {"name": "cart", "path": "/",
+        "ttl": "0s", "attributes": [{"name": "SameSite", "value": "Strict"}, {"name": "Secure"}]}}))
+    .await?;
+    let (status, answer) = curl(&["-i", "-H", host, &url(port, "/")])?;
+    let Some(set) = answer.lines().find_map(|l| l.strip_prefix("set-cookie: ")) else {
+        anyhow::bail!("a cookie set on the first answer: {status} {answer}");
+    };
+    ensure!(
+        set.starts_with("cart=\"")
+            && set.ends_with("\"; Path=/; SameSite=Strict; Secure; HttpOnly"),
+        "a session cookie with the rule's attributes: {set}"
+    );
+    let cookie = format!("cookie: {}", set.split(';').next().unwrap_or_default());
+    let words = first_words(&url(port, "/"), &[host, &cookie], 10).await?;
+    ensure!(
+        words.len() == 1 && !words.contains_key(""),
+        "the cookie's 10 requests to one endpoint: {words:?}"
+    );
+    proxy.stop().await
+}
+
+/// A client sidecar, configured by the control plane's translation, in
+/// front of `cart` (three endpoints) whose DestinationRule hashes as
+/// `consistent_hash` says; and the port it listens on for `cart`.
+async fn cart_hashing(consistent_hash: serde_json::Value) -> anyhow::Result<(Running, u16)> {
     use bowline_controlplane::model::{Config, Protocol, Service, ServicePort, Snapshot};
     use std::collections::BTreeMap;
     use std::sync::Arc;
@@ -411,7 +455,7 @@ async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> 
             "cart",
             "shop",
             serde_json::from_value(json!({"host": "cart", "trafficPolicy": {
-                "loadBalancer": {"consistentHash": {"httpHeaderName": "x-user"}}}}))?,
+                "loadBalancer": {"consistentHash": consistent_hash}}}))?,
         )]),
         ..Snapshot::default()
     };
@@ -421,26 +465,7 @@ async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> 
         &[],
     )
     .await?;
-    let mut seen = std::collections::BTreeSet::new();
-    for user in 0..20 {
-        let user = format!("x-user: user-{user}");
-        let words = first_words(
-            &url(port, "/"),
-            &["Host: cart.shop.svc.cluster.local:8080", &user],
-            8,
-        )
-        .await?;
-        ensure!(
-            words.len() == 1 && !words.contains_key(""),
-            "{user}: every request to one endpoint: {words:?}"
-        );
-        seen.extend(words.into_keys());
-    }
-    ensure!(
-        seen.len() == 3,
-        "20 users over the three endpoints: {seen:?}"
-    );
-    proxy.stop().await
+    Ok((proxy, port))
 }
 
 /// A TCP service whose DestinationRule hashes by source IP: the control

@@ -562,7 +562,7 @@ fn consistent_hash<'a>(
 /// Istio's translation of a consistent hash's key.
 fn hash_policy_of(hash: &ConsistentHashLb) -> Option<route_action::HashPolicy> {
     use route_action::hash_policy::{
-        ConnectionProperties, Cookie, Header, PolicySpecifier, QueryParameter,
+        ConnectionProperties, Cookie, CookieAttribute, Header, PolicySpecifier, QueryParameter,
     };
     let specifier = if let Some(name) = &hash.http_header_name {
         PolicySpecifier::Header(Header {
@@ -574,7 +574,14 @@ fn hash_policy_of(hash: &ConsistentHashLb) -> Option<route_action::HashPolicy> {
             name: cookie.name.clone(),
             path: cookie.path.clone().unwrap_or_default(),
             ttl: cookie.ttl.as_deref().and_then(parse_duration).map(duration),
-            ..Default::default()
+            attributes: cookie
+                .attributes
+                .iter()
+                .map(|a| CookieAttribute {
+                    name: a.name.clone(),
+                    value: a.value.clone().unwrap_or_default(),
+                })
+                .collect(),
         })
     } else if hash.use_source_ip == Some(true) {
         PolicySpecifier::ConnectionProperties(ConnectionProperties { source_ip: true })

@@ -35,6 +35,9 @@ pub struct Cookie {
     path: String,
     /// None: never made up. Zero: a session cookie.
     ttl: Option<Duration>,
+    /// The attributes a made-up cookie carries after its path, written
+    /// out: `; SameSite=None; Secure`.
+    attributes: String,
 }
 
 /// A request's hash, and the cookie to set on its answer when a policy
@@ -61,6 +64,7 @@ impl HashPolicy {
                     name: c.name.clone(),
                     path: c.path.clone(),
                     ttl: c.ttl.as_ref().map(super::duration),
+                    attributes: cookie_attributes(&c.attributes)?,
                 })
             }
             Some(hash_policy::PolicySpecifier::ConnectionProperties(p)) if p.source_ip => {
@@ -148,8 +152,8 @@ fn cookie_value<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .map(|(_, value)| value.trim_matches('"'))
 }
 
-/// The `Set-Cookie` for a made-up cookie: quoted, its path, HttpOnly, and
-/// `Max-Age` unless it is a session cookie.
+/// The `Set-Cookie` for a made-up cookie: quoted, `Max-Age` unless it is
+/// a session cookie, its path, its attributes, HttpOnly.
 fn set_cookie(cookie: &Cookie, value: &str, ttl: Duration) -> String {
     let mut header = format!("{}=\"{value}\"", cookie.name);
     if !ttl.is_zero() {
@@ -158,7 +162,41 @@ fn set_cookie(cookie: &Cookie, value: &str, ttl: Duration) -> String {
     if !cookie.path.is_empty() {
         header += &format!("; Path={}", cookie.path);
     }
-    header + "; HttpOnly"
+    header + &cookie.attributes + "; HttpOnly"
+}
+
+/// A cookie's attributes written out (`; name` or `; name=value` each),
+/// or the one that could not be: an empty name, or `;` or a character a
+/// header cannot carry in either part.
+fn cookie_attributes(
+    attributes: &[hash_policy::CookieAttribute],
+) -> Result<String, (String, String)> {
+    let mut written = String::new();
+    for (i, attribute) in attributes.iter().enumerate() {
+        let allowed = |text: &str| !text.contains(';') && HeaderValue::from_str(text).is_ok();
+        if attribute.name.is_empty() || attribute.name.contains('=') || !allowed(&attribute.name) {
+            return Err((
+                format!("cookie.attributes[{i}].name"),
+                format!("{:?} is not a cookie attribute's name", attribute.name),
+            ));
+        }
+        if !allowed(&attribute.value) {
+            return Err((
+                format!("cookie.attributes[{i}].value"),
+                format!(
+                    "{:?} may not hold ';' or control characters",
+                    attribute.value
+                ),
+            ));
+        }
+        written += "; ";
+        written += &attribute.name;
+        if !attribute.value.is_empty() {
+            written += "=";
+            written += &attribute.value;
+        }
+    }
+    Ok(written)
 }
 
 /// Envoy's smallest ring: 1,024 entries (Istio's `minimumRingSize`).
@@ -400,6 +438,41 @@ mod tests {
         );
         assert_eq!(back.hash, first.hash);
         assert_eq!(back.set_cookie, None);
+
+        let with_attributes = policies(json!([{"cookie": {"name": "session", "ttl": "0s",
+            "attributes": [{"name": "SameSite", "value": "None"}, {"name": "Secure"}]}}]));
+        let made = request_hash(
+            &with_attributes,
+            &HeaderMap::new(),
+            None,
+            ends("10.0.0.1:1"),
+        );
+        let set = made.set_cookie.unwrap();
+        assert!(
+            set.to_str()
+                .unwrap()
+                .ends_with("\"; SameSite=None; Secure; HttpOnly"),
+            "{set:?}"
+        );
+    }
+
+    #[test]
+    fn a_cookie_attribute_that_would_break_the_header_is_refused() {
+        let refused = |attribute: serde_json::Value| {
+            let policy =
+                from_json(json!({"cookie": {"name": "s", "ttl": "0s", "attributes": [attribute]}}))
+                    .unwrap();
+            HashPolicy::from_envoy(&policy).unwrap_err().0
+        };
+        assert_eq!(refused(json!({"name": ""})), "cookie.attributes[0].name");
+        assert_eq!(
+            refused(json!({"name": "Secure; Domain"})),
+            "cookie.attributes[0].name"
+        );
+        assert_eq!(
+            refused(json!({"name": "Domain", "value": "a\nb"})),
+            "cookie.attributes[0].value"
+        );
     }
 
     fn addresses(n: usize) -> Vec<(String, u32)> {
