@@ -496,36 +496,65 @@ impl<'s> Scope<'s> {
                 .iter()
                 .map(|b| listeners::bound(b, self.allow_any)),
         );
-        self.hash_tcp_by_source_ip(&mut listeners);
+        hash_tcp_by_source_ip(self.snapshot, &self.rules, self.namespace, &mut listeners);
         observe(&mut listeners, &self.snapshot.mesh);
         listeners
     }
+}
 
-    /// TCP to a service port whose DestinationRule hashes by the client's
-    /// address: the tcp_proxy filters to its cluster hash so too, as
-    /// Istio's (other keys are HTTP's).
-    fn hash_tcp_by_source_ip(&self, listeners: &mut [Listener]) {
-        let hashed: BTreeSet<String> = self
-            .services
-            .iter()
-            .flat_map(|s| {
-                let rule = self.rule(&s.hostname);
-                s.ports
-                    .iter()
-                    .filter(move |p| {
-                        let policy = rule.and_then(|r| r.traffic_policy.as_ref());
-                        clusters::load_balancer_at(policy, p.port)
-                            .and_then(|lb| lb.consistent_hash.as_ref())
-                            .is_some_and(|h| h.use_source_ip == Some(true))
-                    })
-                    .map(|p| clusters::cluster_name(p.port, "", &s.hostname))
-            })
-            .collect();
-        if hashed.is_empty() {
-            return;
-        }
-        listeners::hash_tcp_by_source_ip(listeners, &hashed);
+/// Gives the tcp_proxy filters in `listeners` to a cluster whose
+/// DestinationRule (as a proxy of `namespace` sees it, subsets and ports
+/// included) hashes by `useSourceIp` a source IP hash policy, as Istio
+/// does for sidecars and gateways alike; other keys are HTTP's.
+pub(crate) fn hash_tcp_by_source_ip(
+    snapshot: &Snapshot,
+    rules: &HostIndex<'_, DestinationRuleSpec>,
+    namespace: &str,
+    listeners: &mut [Listener],
+) {
+    // Most meshes ask for none: then no filter is decoded.
+    if !snapshot
+        .destination_rules
+        .iter()
+        .any(|r| asks_source_ip_hash(&r.spec))
+    {
+        return;
     }
+    listeners::hash_tcp_by_source_ip(listeners, |cluster| {
+        let ["outbound", port, subset, host] = cluster.split('|').collect::<Vec<_>>()[..] else {
+            return false;
+        };
+        let (Ok(port), Some(rule)) = (port.parse(), rule_of(snapshot, rules, namespace, host))
+        else {
+            return false;
+        };
+        clusters::consistent_hash_at(rule, Some(subset).filter(|s| !s.is_empty()), port)
+            .is_some_and(|h| h.use_source_ip == Some(true))
+    });
+}
+
+/// Whether any policy of `rule` (its own, a port's, a subset's) hashes by
+/// the client's address.
+fn asks_source_ip_hash(rule: &DestinationRuleSpec) -> bool {
+    rule.traffic_policy
+        .iter()
+        .chain(
+            rule.subsets
+                .iter()
+                .filter_map(|s| s.traffic_policy.as_ref()),
+        )
+        .flat_map(|p| {
+            p.load_balancer.iter().chain(
+                p.port_level_settings
+                    .iter()
+                    .filter_map(|s| s.load_balancer.as_ref()),
+            )
+        })
+        .any(|lb| {
+            lb.consistent_hash
+                .as_ref()
+                .is_some_and(|h| h.use_source_ip == Some(true))
+        })
 }
 
 /// What is the proxy's own: for a captured proxy, `virtualOutbound`, and

@@ -1164,3 +1164,94 @@ fn bound_egress_listeners_carry_their_ports_protocol() {
             .any(|l| l.name == "127.0.0.1_5432")
     );
 }
+
+/// A DestinationRule hashing by `useSourceIp` — at one port, or for one
+/// subset — gives the tcp_proxy filters to just those clusters a source
+/// IP hash policy, in a sidecar's listeners and a gateway's TLS
+/// passthrough alike.
+#[test]
+fn tcp_to_a_rule_hashing_by_source_ip_is_hashed_so() {
+    use serde_json::json;
+    let mut snapshot = snapshot(&[]);
+    add_legacy(
+        &mut snapshot,
+        &[
+            ("tcp-db", 5432, Protocol::Tcp),
+            ("tls", 8443, Protocol::Tls),
+        ],
+    );
+    fn config<T: serde::de::DeserializeOwned>(name: &str, spec: Value) -> Config<T> {
+        Config::new(name, NS, serde_json::from_value(spec).expect("a spec"))
+    }
+    let by_source_ip = json!({"consistentHash": {"useSourceIp": true}});
+    snapshot.destination_rules = Arc::new(vec![config(
+        "legacy",
+        json!({"host": "legacy",
+            "trafficPolicy": {"portLevelSettings": [
+                {"port": {"number": 5432}, "loadBalancer": by_source_ip}]},
+            "subsets": [{"name": "sticky", "labels": {"version": "v1"},
+                "trafficPolicy": {"loadBalancer": by_source_ip}}]}),
+    )]);
+    snapshot.gateways = Arc::new(vec![config(
+        "tls-in",
+        json!({"selector": {"istio": "ingressgateway"}, "servers": [{
+            "port": {"number": 443, "name": "tls", "protocol": "TLS"},
+            "hosts": ["*"], "tls": {"mode": "PASSTHROUGH"}}]}),
+    )]);
+    let to = |sni: &str, subset: Option<&str>| {
+        json!({"match": [{"sniHosts": [sni]}], "route": [{"destination":
+            {"host": "legacy", "subset": subset, "port": {"number": 8443}}}]})
+    };
+    snapshot.virtual_services = Arc::new(vec![config(
+        "legacy-tls",
+        json!({"hosts": ["*.example.com"], "gateways": ["tls-in"], "tls": [
+            to("sticky.example.com", Some("sticky")), to("plain.example.com", None)]}),
+    )]);
+    let hashed = |chain: &FilterChain| {
+        let proxy: TcpProxy = typed(&chain.filters.last().expect("a filter").config_type);
+        !proxy.hash_policy.is_empty()
+    };
+
+    let resources = translate::sidecar(&snapshot, &sidecar("productpage", "10.244.0.10"));
+    let db = listener(&resources, "10.96.0.70_5432");
+    assert_eq!(
+        tcp_cluster(&db.filter_chains[0]),
+        format!("outbound|5432||{}", host("legacy"))
+    );
+    assert!(hashed(&db.filter_chains[0]), "the port's policy hashes");
+    let tls = listener(&resources, "10.96.0.70_8443");
+    assert!(!hashed(&tls.filter_chains[0]), "no policy at 8443");
+
+    let gateway = Proxy {
+        id: "router~10.244.0.30~ingress-1.istio-system~istio-system.svc.cluster.local".into(),
+        kind: ProxyKind::Gateway,
+        namespace: "istio-system".into(),
+        labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
+        ip: "10.244.0.30".into(),
+        captured: false,
+    };
+    let (listeners, _) = translate::gateway::gateway(&snapshot, &gateway);
+    let chains = &listeners
+        .iter()
+        .find(|l| l.name == "0.0.0.0_443")
+        .expect("the passthrough listener")
+        .filter_chains;
+    let chain = |sni: &str| {
+        chains
+            .iter()
+            .find(|c| {
+                c.filter_chain_match
+                    .as_ref()
+                    .is_some_and(|m| m.server_names == [sni])
+            })
+            .unwrap_or_else(|| panic!("a chain for {sni}: {chains:?}"))
+    };
+    assert!(
+        hashed(chain("sticky.example.com")),
+        "the subset's policy hashes"
+    );
+    assert!(
+        !hashed(chain("plain.example.com")),
+        "the rule's own does not"
+    );
+}

@@ -4,9 +4,9 @@
 use std::collections::BTreeMap;
 
 use bowline_api::networking::{
-    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, DestinationRuleSpec, H2UpgradePolicy,
-    LoadBalancerSettings, OutlierDetection, PortTrafficPolicy, RetryBudget, SimpleLb, TcpKeepalive,
-    TrafficPolicy,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, ConsistentHashLb,
+    DestinationRuleSpec, H2UpgradePolicy, LoadBalancerSettings, OutlierDetection,
+    PortTrafficPolicy, RetryBudget, SimpleLb, TcpKeepalive, TrafficPolicy,
 };
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, HttpProtocolOptions as CoreHttpOptions, Metadata, data_source,
@@ -471,6 +471,23 @@ pub(crate) fn load_balancer_at(
         |p| p.load_balancer.as_ref(),
         |p| p.load_balancer.as_ref(),
     )
+}
+
+/// The consistent hash `rule` asks for its host's `port`: the policy of
+/// `subset` (when one is named) decides, else the rule's own.
+pub(crate) fn consistent_hash_at<'r>(
+    rule: &'r DestinationRuleSpec,
+    subset: Option<&str>,
+    port: u32,
+) -> Option<&'r ConsistentHashLb> {
+    let subset = subset
+        .and_then(|name| rule.subsets.iter().find(|s| s.name == name))
+        .and_then(|s| s.traffic_policy.as_ref());
+    [subset, rule.traffic_policy.as_ref()]
+        .into_iter()
+        .flatten()
+        .find_map(|policy| load_balancer_at(Some(policy), port))
+        .and_then(|lb| lb.consistent_hash.as_ref())
 }
 
 /// Istio's smallest ring when a DestinationRule names none.

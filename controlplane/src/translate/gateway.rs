@@ -176,6 +176,8 @@ pub fn gateway(snapshot: &Snapshot, proxy: &Proxy) -> (Vec<Listener>, Vec<RouteC
             ..Default::default()
         });
     }
+    let rules = super::rule_index(snapshot, &proxy.namespace, &proxy.labels);
+    super::hash_tcp_by_source_ip(snapshot, &rules, &proxy.namespace, &mut listeners);
     super::observe(&mut listeners, &snapshot.mesh);
     (listeners, routes)
 }

@@ -11,8 +11,6 @@
 //!   serves, mutual TLS as its PeerAuthentication says, then the inbound
 //!   cluster.
 
-use std::collections::BTreeSet;
-
 use bowline_api::security::MtlsMode;
 use envoy_types::pb::envoy::config::core::v3::{
     Address, AggregatedConfigSource, ApiVersion, ConfigSource, SocketAddress, TrafficDirection,
@@ -568,8 +566,9 @@ fn http_connection_manager(
     )
 }
 
-/// Gives the tcp_proxy filters to `clusters` a source IP hash policy.
-pub fn hash_tcp_by_source_ip(listeners: &mut [Listener], clusters: &BTreeSet<String>) {
+/// Gives the tcp_proxy filters to the clusters `hashed` says a source IP
+/// hash policy.
+pub fn hash_tcp_by_source_ip(listeners: &mut [Listener], hashed: impl Fn(&str) -> bool) {
     let filters = listeners
         .iter_mut()
         .flat_map(|l| l.filter_chains.iter_mut())
@@ -586,7 +585,7 @@ pub fn hash_tcp_by_source_ip(listeners: &mut [Listener], clusters: &BTreeSet<Str
             Some(tcp_proxy::ClusterSpecifier::Cluster(c)) => c,
             _ => continue,
         };
-        if clusters.contains(to) {
+        if hashed(to) {
             proxy.hash_policy = vec![TypeHashPolicy {
                 policy_specifier: Some(type_hash_policy::PolicySpecifier::SourceIp(
                     type_hash_policy::SourceIp {},

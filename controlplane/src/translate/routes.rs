@@ -547,16 +547,7 @@ fn consistent_hash<'a>(
     let host = resolve_host(&destination.host, namespace);
     let rule = super::rule_of(ctx.snapshot, ctx.rules, ctx.proxy_namespace, &host)?;
     let port = destination_port(ctx, destination, &host);
-    let subset = destination
-        .subset
-        .as_deref()
-        .and_then(|name| rule.subsets.iter().find(|s| s.name == name))
-        .and_then(|s| s.traffic_policy.as_ref());
-    [subset, rule.traffic_policy.as_ref()]
-        .into_iter()
-        .flatten()
-        .find_map(|policy| super::clusters::load_balancer_at(Some(policy), port))
-        .and_then(|lb| lb.consistent_hash.as_ref())
+    super::clusters::consistent_hash_at(rule, destination.subset.as_deref(), port)
 }
 
 /// Istio's translation of a consistent hash's key.
