@@ -8,7 +8,7 @@ export BOWLINE_CACHE CARGO_TARGET_DIR
 
 CARGO ?= cargo
 
-.PHONY: demo cluster test lint k8s envoy kstatus helm prometheus jaeger olm-validate olm descriptors deps bench-operator bench-controlplane bench-proxy bench-mtls bench-instructions
+.PHONY: demo cluster test lint k8s envoy kstatus helm prometheus jaeger olm-validate olm descriptors deps proxy-pgo bench-operator bench-controlplane bench-proxy bench-mtls bench-instructions
 
 ## demo: the local cluster with the node agent (pods really run; needs
 ## root), the operator from its Helm chart, the demo mesh, the sample app
@@ -40,24 +40,43 @@ bench-operator: k8s
 bench-controlplane: deps
 	$(CARGO) run --locked --release -q -p bowline-tests --bin bench-controlplane
 
-## bench-proxy: bowline-proxy beside Envoy, nginx and HAProxy on loopback
-## (wrk, h2load; apt-get install wrk nghttp2-client nginx-light haproxy).
-bench-proxy: envoy
-	$(CARGO) build --locked --release -p bowline-proxy -p bowline-tests --bin bowline-proxy --bin bench-proxy
-	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(CARGO_TARGET_DIR)/release/bowline-proxy $(BENCH_ARGS)
+## proxy-pgo: bowline-proxy as released, optimised by its profile: an
+## instrumented build serves the benchmarks' loads (`bench-proxy --suite
+## train`: HTTP/1.1, HTTP/2, mutual TLS between sidecars), LLVM merges what
+## it recorded, and the release build is laid out by it. The binary is
+## $(PROXY) (apt-get install wrk nghttp2-client nginx-light).
+HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
+PGO_DIR = $(CARGO_TARGET_DIR)/pgo
+PROXY = $(CARGO_TARGET_DIR)/$(HOST_TRIPLE)/release/bowline-proxy
+proxy-pgo:
+	@rustup component list --installed | grep -q '^llvm-tools' || rustup component add llvm-tools
+	$(CARGO) build --locked --release -p bowline-tests --bin bench-proxy
+	rm -rf $(PGO_DIR)/profiles
+	RUSTFLAGS="-Cprofile-generate=$(PGO_DIR)/profiles" $(CARGO) build --locked --release \
+		-p bowline-proxy --bin bowline-proxy --target $(HOST_TRIPLE) --target-dir $(PGO_DIR)/target
+	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --suite train --seconds 2 \
+		--proxy $(PGO_DIR)/target/$(HOST_TRIPLE)/release/bowline-proxy
+	"$$(rustc --print sysroot)/lib/rustlib/$(HOST_TRIPLE)/bin/llvm-profdata" merge \
+		-o $(PGO_DIR)/bowline-proxy.profdata $(PGO_DIR)/profiles
+	RUSTFLAGS="-Cprofile-use=$(PGO_DIR)/bowline-proxy.profdata" $(CARGO) build --locked --release \
+		-p bowline-proxy --bin bowline-proxy --target $(HOST_TRIPLE)
+
+## bench-proxy: bowline-proxy as released (proxy-pgo) beside Envoy, nginx
+## and HAProxy on loopback (apt-get install wrk nghttp2-client nginx-light
+## haproxy).
+bench-proxy: envoy proxy-pgo
+	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(PROXY) $(BENCH_ARGS)
 
 ## bench-mtls: two bowline-proxy sidecars in a row, plaintext and then
 ## mutual TLS between them: added latency, CPU, handshakes per second.
-bench-mtls:
-	$(CARGO) build --locked --release -p bowline-proxy -p bowline-tests --bin bowline-proxy --bin bench-proxy
-	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(CARGO_TARGET_DIR)/release/bowline-proxy --suite mtls $(BENCH_ARGS)
+bench-mtls: proxy-pgo
+	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(PROXY) --suite mtls $(BENCH_ARGS)
 
 ## bench-instructions: instructions per HTTP/1.1 request of bowline-proxy
 ## and of nginx as the same proxy, counted by valgrind's callgrind
 ## (apt-get install valgrind nghttp2-client nginx-light).
-bench-instructions:
-	$(CARGO) build --locked --release -p bowline-proxy -p bowline-tests --bin bowline-proxy --bin bench-proxy
-	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(CARGO_TARGET_DIR)/release/bowline-proxy --suite instructions $(BENCH_ARGS)
+bench-instructions: proxy-pgo
+	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --proxy $(PROXY) --suite instructions $(BENCH_ARGS)
 
 ## k8s: build (or find, when up to date) the local cluster's binaries.
 k8s: deps

@@ -1,7 +1,8 @@
 //! The component images' Dockerfiles (operator/, controlplane/, proxy/),
 //! read as a builder reads them — no container engine runs here — and held
 //! to what runs them: each builds its crate with `cargo build --release
-//! --locked` in a separate stage, starts the binary that crate makes, runs as
+//! --locked` in a separate stage (the proxy's with its profile, `make
+//! proxy-pgo`), starts the binary that crate makes, runs as
 //! the non-root UID the operator's Deployments (and the chart's) run it as,
 //! exposes every port they declare, and carries the OCI labels.
 
@@ -34,7 +35,12 @@ fn image(component: &str) -> anyhow::Result<Image> {
         stages.len() >= 2,
         "{component}: a build stage and a runtime stage"
     );
-    let build = format!("cargo build --release --locked -p bowline-{component}");
+    // The proxy's release build is the profile-guided one, which builds
+    // it with `cargo build --locked --release -p bowline-proxy` twice.
+    let build = match component {
+        "proxy" => "make proxy-pgo".to_string(),
+        _ => format!("cargo build --release --locked -p bowline-{component}"),
+    };
     let builds = stages[..stages.len() - 1].iter().any(|stage| {
         stage.instructions.iter().any(|i| match i {
             Instruction::Run(run) => run
@@ -44,6 +50,21 @@ fn image(component: &str) -> anyhow::Result<Image> {
         })
     });
     ensure!(builds, "{component}: a build stage runs `{build}`");
+    if component == "proxy" {
+        let makefile = std::fs::read_to_string(repo().join("Makefile"))?;
+        let recipe: String = makefile
+            .split("\nproxy-pgo:")
+            .nth(1)
+            .context("the Makefile's proxy-pgo target")?
+            .lines()
+            .skip(1)
+            .take_while(|l| l.starts_with('\t'))
+            .collect();
+        ensure!(
+            recipe.contains("-Cprofile-use=") && recipe.contains("-p bowline-proxy"),
+            "proxy-pgo builds bowline-proxy with its profile: {recipe}"
+        );
+    }
 
     let last = stages.last().context("a stage")?;
     let mut image = Image {

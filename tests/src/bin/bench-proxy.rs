@@ -22,6 +22,11 @@
 //! second between the sidecars — with TLS sessions resumed (the default)
 //! and with resumption off (`max_session_keys: 0`, full handshakes).
 //!
+//! `--suite train` runs the loads of the other two suites on bowline-proxy
+//! alone and measures nothing: what an instrumented build is run with to
+//! record the profile its release build is optimised by (`make
+//! proxy-pgo`).
+//!
 //! `--suite instructions` counts the instructions bowline-proxy and nginx
 //! (as the same proxy) execute per request, each run under valgrind's
 //! callgrind for a fixed number of HTTP/1.1 requests: a figure that does
@@ -74,8 +79,9 @@ struct Args {
     #[arg(long, default_value_t = 1)]
     proxy_core: usize,
 
-    /// What to measure: bowline-proxy beside the other proxies, or two
-    /// sidecars with mutual TLS beside the same two in plaintext.
+    /// What to measure: bowline-proxy beside the other proxies, two
+    /// sidecars with mutual TLS beside the same two in plaintext, the
+    /// instructions of a request; or, to train a profile, the loads alone.
     #[arg(long, value_enum, default_value_t = Suite::Proxies)]
     suite: Suite,
 }
@@ -85,6 +91,7 @@ enum Suite {
     Proxies,
     Mtls,
     Instructions,
+    Train,
 }
 
 /// One thing measured: its process (and descendants) in a group of its
@@ -424,7 +431,10 @@ fn bowline_arguments(command: &mut Command, file: &Path) -> anyhow::Result<()> {
         .args(["gateway", "--bootstrap"])
         .arg(file)
         .env("BOWLINE_PROXY_CONCURRENCY", "1")
-        .env("RUST_LOG", "warn");
+        .env("RUST_LOG", "warn")
+        // Stopped without a drain period, so that what it writes on its
+        // way out (callgrind's count, a profile) is written at once.
+        .env("TERMINATION_DRAIN_DURATION_SECONDS", "0");
     for variable in [
         "BOWLINE_PROXY_STATUS_ADDRESS",
         "BOWLINE_PROXY_STATS_ADDRESS",
@@ -446,8 +456,6 @@ fn instructions_suite(args: &Args, upstream: u16, root: &Path) -> anyhow::Result
         let mut command = callgrind(args, out);
         command.arg(&args.proxy);
         bowline_arguments(&mut command, &file)?;
-        // Stopped without a drain period, so its count is written at once.
-        command.env("TERMINATION_DRAIN_DURATION_SECONDS", "0");
         Ok(command)
     })?;
     let (nginx_port, h2) = (free_port()?, free_port()?);
@@ -786,8 +794,25 @@ fn main() -> anyhow::Result<()> {
             direct.wait_serving(upstream)?;
             instructions_suite(&args, upstream, root)
         }
+        Suite::Train => {
+            direct.wait_serving(upstream)?;
+            train_suite(&args, upstream, root)
+        }
         Suite::Proxies => proxies_suite(&args, &mut direct, (upstream, upstream_h2), root),
     }
+}
+
+/// The train suite: a gateway under the proxies suite's loads (HTTP/1.1
+/// and HTTP/2 at saturation, HTTP/1.1 at the fixed rate), then two sidecars
+/// under the mTLS suite's (plaintext, mutual TLS, new connections with and
+/// without resumption). Each proxy is stopped with SIGTERM, so that an
+/// instrumented one writes its profile.
+fn train_suite(args: &Args, upstream: u16, root: &Path) -> anyhow::Result<()> {
+    {
+        let (mut gateway, port, h2) = start_proxy("bowline", args, upstream, root)?;
+        measure(args, &mut gateway, port, h2, root)?;
+    }
+    mtls_suite(args, upstream, root)
 }
 
 /// The proxies the proxies suite compares, in the order each round
