@@ -184,6 +184,18 @@ fn sidecar(app: &str, ip: &str) -> Proxy {
     }
 }
 
+/// The ingress gateway's pod (`istio: ingressgateway` in istio-system).
+fn ingress_gateway() -> Proxy {
+    Proxy {
+        id: "router~10.244.0.30~ingress-1.istio-system~istio-system.svc.cluster.local".into(),
+        kind: ProxyKind::Gateway,
+        namespace: "istio-system".into(),
+        labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
+        ip: "10.244.0.30".into(),
+        captured: false,
+    }
+}
+
 fn route_config<'r>(resources: &'r Resources, name: &str) -> &'r RouteConfiguration {
     resources
         .routes
@@ -647,14 +659,7 @@ fn gateway_listeners_bind_the_services_target_ports() {
 #[test]
 fn a_gateway_for_api_myapp_com() {
     let snapshot = snapshot(&["gateway-api"]);
-    let gateway = Proxy {
-        id: "router~10.244.0.30~ingress-1.istio-system~istio-system.svc.cluster.local".into(),
-        kind: ProxyKind::Gateway,
-        namespace: "istio-system".into(),
-        labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
-        ip: "10.244.0.30".into(),
-        captured: false,
-    };
+    let gateway = ingress_gateway();
     let (listeners, routes) = translate::gateway::gateway(&snapshot, &gateway);
     let names: Vec<&str> = listeners.iter().map(|l| l.name.as_str()).collect();
     assert_eq!(names, ["0.0.0.0_80", "0.0.0.0_443"]);
@@ -1222,14 +1227,7 @@ fn tcp_to_a_rule_hashing_by_source_ip_is_hashed_so() {
     let tls = listener(&resources, "10.96.0.70_8443");
     assert!(!hashed(&tls.filter_chains[0]), "no policy at 8443");
 
-    let gateway = Proxy {
-        id: "router~10.244.0.30~ingress-1.istio-system~istio-system.svc.cluster.local".into(),
-        kind: ProxyKind::Gateway,
-        namespace: "istio-system".into(),
-        labels: BTreeMap::from([("istio".to_string(), "ingressgateway".to_string())]),
-        ip: "10.244.0.30".into(),
-        captured: false,
-    };
+    let gateway = ingress_gateway();
     let (listeners, _) = translate::gateway::gateway(&snapshot, &gateway);
     let chains = &listeners
         .iter()
