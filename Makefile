@@ -47,19 +47,23 @@ bench-controlplane: deps
 ## $(PROXY) (apt-get install wrk nghttp2-client nginx-light).
 HOST_TRIPLE := $(shell rustc -vV 2>/dev/null | sed -n 's/^host: //p')
 PGO_DIR = $(CARGO_TARGET_DIR)/pgo
+PGO_TRAINEE = $(PGO_DIR)/target/$(HOST_TRIPLE)/release/bowline-proxy
 PROXY = $(CARGO_TARGET_DIR)/$(HOST_TRIPLE)/release/bowline-proxy
 proxy-pgo:
 	@rustup component list --installed | grep -q '^llvm-tools' || rustup component add llvm-tools
 	$(CARGO) build --locked --release -p bowline-tests --bin bench-proxy
-	rm -rf $(PGO_DIR)/profiles
 	RUSTFLAGS="-Cprofile-generate=$(PGO_DIR)/profiles" $(CARGO) build --locked --release \
 		-p bowline-proxy --bin bowline-proxy --target $(HOST_TRIPLE) --target-dir $(PGO_DIR)/target
-	taskset -c 0 $(CARGO_TARGET_DIR)/release/bench-proxy --suite train --seconds 2 \
-		--proxy $(PGO_DIR)/target/$(HOST_TRIPLE)/release/bowline-proxy
-	"$$(rustc --print sysroot)/lib/rustlib/$(HOST_TRIPLE)/bin/llvm-profdata" merge \
-		-o $(PGO_DIR)/bowline-proxy.profdata $(PGO_DIR)/profiles
+	$(MAKE) --no-print-directory $(PGO_DIR)/bowline-proxy.profdata
 	RUSTFLAGS="-Cprofile-use=$(PGO_DIR)/bowline-proxy.profdata" $(CARGO) build --locked --release \
 		-p bowline-proxy --bin bowline-proxy --target $(HOST_TRIPLE)
+
+# The profile: recorded again only when the instrumented build changed.
+$(PGO_DIR)/bowline-proxy.profdata: $(PGO_TRAINEE)
+	rm -rf $(PGO_DIR)/profiles
+	$(CARGO_TARGET_DIR)/release/bench-proxy --suite train --seconds 2 --proxy-core $$(($$(nproc) - 1)) \
+		--proxy $(PGO_TRAINEE)
+	"$$(rustc --print sysroot)/lib/rustlib/$(HOST_TRIPLE)/bin/llvm-profdata" merge -o $@ $(PGO_DIR)/profiles
 
 ## bench-proxy: bowline-proxy as released (proxy-pgo) beside Envoy, nginx
 ## and HAProxy on loopback (apt-get install wrk nghttp2-client nginx-light
