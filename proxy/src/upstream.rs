@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::model::cluster::Discovery;
 use crate::model::cluster::{LbPolicy, Protocol, Target};
-use crate::model::hash::{MAXIMUM_RING_SIZE, MINIMUM_RING_SIZE, Maglev, Ring};
+use crate::model::hash::{Maglev, Ring};
 use crate::model::{Cluster, Endpoints, Snapshot};
 use crate::pool::{Answer, Dial, Failure, IDLE_SWEEP, Pool};
 use crate::tls::Secrets;
@@ -170,14 +170,35 @@ struct Hosts {
     /// Whether those all have the same weight.
     equal: bool,
     /// The RING_HASH ring or MAGLEV table of the healthy ones, made when
-    /// the first hashed request needs it.
-    consistent: OnceLock<Consistent>,
+    /// the first hashed request needs it (none for the other policies).
+    consistent: OnceLock<Option<Consistent>>,
 }
 
 #[derive(Debug)]
 enum Consistent {
     Ring(Ring),
     Maglev(Maglev),
+}
+
+impl Consistent {
+    /// The ring or table of `endpoints` (their healthy ones) for a cluster
+    /// balancing by `policy`, if it balances by hash.
+    fn of(policy: LbPolicy, endpoints: &Endpoints) -> Option<Self> {
+        let weighted = || -> Vec<(String, u32)> {
+            endpoints
+                .items
+                .iter()
+                .map(|e| (e.address.to_string(), if e.healthy { e.weight } else { 0 }))
+                .collect()
+        };
+        match policy {
+            LbPolicy::Maglev { size } => Some(Self::Maglev(Maglev::new(&weighted(), size))),
+            LbPolicy::RingHash { minimum, maximum } => {
+                Some(Self::Ring(Ring::new(&weighted(), minimum, maximum)))
+            }
+            _ => None,
+        }
+    }
 }
 
 /// One endpoint's state, kept across EDS updates while it stays.
@@ -434,10 +455,8 @@ impl ClusterState {
     ) -> Option<Arc<Host>> {
         match reach {
             Reach::Endpoints(endpoints) => match hash {
-                Some(hash) if self.config.lb.is_consistent() => {
-                    self.by_hash(endpoints, tried, hash)
-                }
-                _ => self.pick(endpoints, tried),
+                Some(hash) => self.by_hash(endpoints, tried, hash),
+                None => self.pick(endpoints, tried),
             },
             Reach::Original(destination) => Some(self.original(*destination)),
         }
@@ -498,7 +517,8 @@ impl ClusterState {
     /// The endpoint a request of `hash` goes to on the cluster's ring or
     /// table (of the healthy endpoints): the first on from its place that
     /// is neither ejected nor in `tried` — so a key moves only while its
-    /// own endpoint is out — or its own when all are.
+    /// own endpoint is out — or its own when all are. A cluster that does
+    /// not balance by hash picks as it does.
     fn by_hash(
         &self,
         endpoints: &Arc<Endpoints>,
@@ -506,20 +526,12 @@ impl ClusterState {
         hash: u64,
     ) -> Option<Arc<Host>> {
         let hosts = self.hosts(endpoints);
-        let consistent = hosts.consistent.get_or_init(|| {
-            let weighted: Vec<(String, u32)> = endpoints
-                .items
-                .iter()
-                .map(|e| (e.address.to_string(), if e.healthy { e.weight } else { 0 }))
-                .collect();
-            match self.config.lb {
-                LbPolicy::Maglev { size } => Consistent::Maglev(Maglev::new(&weighted, size)),
-                LbPolicy::RingHash { minimum, maximum } => {
-                    Consistent::Ring(Ring::new(&weighted, minimum, maximum))
-                }
-                _ => Consistent::Ring(Ring::new(&weighted, MINIMUM_RING_SIZE, MAXIMUM_RING_SIZE)),
-            }
-        });
+        let Some(consistent) = hosts
+            .consistent
+            .get_or_init(|| Consistent::of(self.config.lb, endpoints))
+        else {
+            return self.pick(endpoints, tried);
+        };
         let now = self.now();
         let usable = |i: &usize| {
             let host = &hosts.states[*i];

@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use anyhow::ensure;
+use anyhow::{Context, ensure};
 use bowline_tests::cluster::free_port;
 use bowline_tests::proxy::{
     Running, client_sidecar_bootstrap, curl, failing, first_words, http_bootstrap, in_front_of,
@@ -345,37 +345,20 @@ async fn a_hash_policy_keeps_each_key_on_one_endpoint() -> anyhow::Result<()> {
         ]);
         let proxy = Running::bootstrap(http_bootstrap(port, routes, vec![cluster]), &[]).await?;
 
-        let mut seen = std::collections::BTreeSet::new();
-        for user in 0..30 {
-            let header = format!("x-user: user-{user}");
-            let words = first_words(&url(port, "/"), &[&header], 10).await?;
-            ensure!(
-                words.len() == 1 && !words.contains_key(""),
-                "{policy}: user-{user}'s 10 requests all to one endpoint: {words:?}"
-            );
-            seen.extend(words.into_keys());
-        }
+        let seen = users_endpoints(&url(port, "/"), &[], 30)
+            .await
+            .with_context(|| policy)?;
         ensure!(
             seen.len() == 3,
             "{policy}: 30 users over all three endpoints: {seen:?}"
         );
 
-        let (status, answer) = curl(&["-i", &url(port, "/cookie")])?;
-        let cookie = answer
-            .lines()
-            .find_map(|l| l.strip_prefix("set-cookie: "))
-            .and_then(|c| c.split(';').next())
-            .map(str::to_string);
-        let Some(cookie) = cookie else {
-            anyhow::bail!("{policy}: a cookie set on the first answer: {status} {answer}");
-        };
-        ensure!(cookie.starts_with("affinity=\""), "{cookie}");
-        let header = format!("cookie: {cookie}");
-        let words = first_words(&url(port, "/cookie"), &[&header], 10).await?;
-        ensure!(
-            words.len() == 1 && !words.contains_key(""),
-            "{policy}: the cookie's 10 requests to one endpoint: {words:?}"
-        );
+        let set = set_cookie(&url(port, "/cookie"), &[]).with_context(|| policy)?;
+        ensure!(set.starts_with("affinity=\""), "{set}");
+        let sent_back = format!("cookie: {}", set.split(';').next().unwrap_or_default());
+        one_endpoint(&url(port, "/cookie"), &[&sent_back])
+            .await
+            .with_context(|| format!("{policy}: the cookie's requests"))?;
         proxy.stop().await?;
     }
     Ok(())
@@ -389,16 +372,7 @@ async fn a_hash_policy_keeps_each_key_on_one_endpoint() -> anyhow::Result<()> {
 async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> anyhow::Result<()> {
     let host = "Host: cart.shop.svc.cluster.local:8080";
     let (proxy, port) = cart_hashing(json!({"httpHeaderName": "x-user"})).await?;
-    let mut seen = std::collections::BTreeSet::new();
-    for user in 0..20 {
-        let user = format!("x-user: user-{user}");
-        let words = first_words(&url(port, "/"), &[host, &user], 8).await?;
-        ensure!(
-            words.len() == 1 && !words.contains_key(""),
-            "{user}: every request to one endpoint: {words:?}"
-        );
-        seen.extend(words.into_keys());
-    }
+    let seen = users_endpoints(&url(port, "/"), &[host], 20).await?;
     ensure!(
         seen.len() == 3,
         "20 users over the three endpoints: {seen:?}"
@@ -408,22 +382,58 @@ async fn a_destination_rules_consistent_hash_keeps_users_on_their_endpoint() -> 
     let (proxy, port) = cart_hashing(json!({"httpCookie": {"name": "cart", "path": "/",
         "ttl": "0s", "attributes": [{"name": "SameSite", "value": "Strict"}, {"name": "Secure"}]}}))
     .await?;
-    let (status, answer) = curl(&["-i", "-H", host, &url(port, "/")])?;
-    let Some(set) = answer.lines().find_map(|l| l.strip_prefix("set-cookie: ")) else {
-        anyhow::bail!("a cookie set on the first answer: {status} {answer}");
-    };
+    let set = set_cookie(&url(port, "/"), &[host])?;
     ensure!(
         set.starts_with("cart=\"")
             && set.ends_with("\"; Path=/; SameSite=Strict; Secure; HttpOnly"),
         "a session cookie with the rule's attributes: {set}"
     );
-    let cookie = format!("cookie: {}", set.split(';').next().unwrap_or_default());
-    let words = first_words(&url(port, "/"), &[host, &cookie], 10).await?;
-    ensure!(
-        words.len() == 1 && !words.contains_key(""),
-        "the cookie's 10 requests to one endpoint: {words:?}"
-    );
+    let sent_back = format!("cookie: {}", set.split(';').next().unwrap_or_default());
+    one_endpoint(&url(port, "/"), &[host, &sent_back])
+        .await
+        .context("the cookie's requests")?;
     proxy.stop().await
+}
+
+/// The endpoint 10 requests to `url` with `headers` all went to (each
+/// upstream answers its name first).
+async fn one_endpoint(url: &str, headers: &[&str]) -> anyhow::Result<String> {
+    let words = first_words(url, headers, 10).await?;
+    match words.into_keys().collect::<Vec<_>>().as_slice() {
+        [one] if !one.is_empty() => Ok(one.clone()),
+        several => anyhow::bail!("10 requests, not all to one endpoint: {several:?}"),
+    }
+}
+
+/// The endpoints `users` users (an `x-user` header each, beside
+/// `headers`) went to, each user's requests all to one.
+async fn users_endpoints(
+    url: &str,
+    headers: &[&str],
+    users: usize,
+) -> anyhow::Result<std::collections::BTreeSet<String>> {
+    let mut seen = std::collections::BTreeSet::new();
+    for user in 0..users {
+        let header = format!("x-user: user-{user}");
+        let all: Vec<&str> = headers.iter().copied().chain([header.as_str()]).collect();
+        seen.insert(one_endpoint(url, &all).await.context(header)?);
+    }
+    Ok(seen)
+}
+
+/// The `Set-Cookie` on the answer to a request to `url` with `headers`.
+fn set_cookie(url: &str, headers: &[&str]) -> anyhow::Result<String> {
+    let mut args = vec!["-i"];
+    for header in headers {
+        args.extend(["-H", header]);
+    }
+    args.push(url);
+    let (status, answer) = curl(&args)?;
+    answer
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .map(str::to_string)
+        .with_context(|| format!("a cookie set on the answer: {status} {answer}"))
 }
 
 /// A client sidecar, configured by the control plane's translation, in

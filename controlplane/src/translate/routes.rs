@@ -97,7 +97,6 @@ pub fn outbound_route_configuration(
             let routes = match virtual_service_for(ctx, &service.hostname) {
                 Some(vs) => http_routes(ctx, vs),
                 None => {
-                    let mut route = default_route(&cluster_name(ctx.port, "", &service.hostname));
                     // The service's DestinationRule may hash requests.
                     let destination = Destination {
                         host: service.hostname.clone(),
@@ -106,14 +105,10 @@ pub fn outbound_route_configuration(
                     };
                     let hash = consistent_hash(ctx, &destination, &service.namespace)
                         .and_then(hash_policy_of);
-                    if let Some(route::Action::Route(action)) = &mut route.action
-                        && let Some(hash) = hash
-                    {
-                        // Retries keep to the key's endpoint.
-                        action.retry_policy = retry_policy(None, true);
-                        action.hash_policy = vec![hash];
-                    }
-                    vec![route]
+                    vec![default_route(
+                        &cluster_name(ctx.port, "", &service.hostname),
+                        hash,
+                    )]
                 }
             };
             VirtualHost {
@@ -140,7 +135,7 @@ pub fn outbound_route_configuration(
         VirtualHost {
             name: "allow_any".into(),
             domains: vec!["*".into()],
-            routes: vec![default_route(PASSTHROUGH_CLUSTER)],
+            routes: vec![default_route(PASSTHROUGH_CLUSTER, None)],
             ..Default::default()
         }
     } else {
@@ -663,11 +658,14 @@ fn retry_policy(retries: Option<&HttpRetry>, hashed: bool) -> Option<RetryPolicy
     })
 }
 
-fn default_route(cluster: &str) -> Route {
+/// Every request to `cluster`, with Istio's default retries (which keep
+/// to the key's endpoint when `hash` hashes requests).
+fn default_route(cluster: &str, hash: Option<route_action::HashPolicy>) -> Route {
     let action = RouteAction {
         cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.to_string())),
         timeout: Some(duration(std::time::Duration::ZERO)),
-        retry_policy: retry_policy(None, false),
+        retry_policy: retry_policy(None, hash.is_some()),
+        hash_policy: hash.into_iter().collect(),
         ..Default::default()
     };
     Route {

@@ -259,7 +259,7 @@ impl Ring {
     /// first entry at or after it, then on round the ring.
     pub fn walk(&self, hash: u64) -> impl Iterator<Item = usize> + '_ {
         let start = self.entries.partition_point(|(h, _)| *h < hash);
-        let (before, after) = self.entries.split_at(start.min(self.entries.len()));
+        let (before, after) = self.entries.split_at(start);
         after.iter().chain(before).map(|(_, index)| *index)
     }
 }
@@ -486,22 +486,27 @@ mod tests {
             .collect()
     }
 
+    /// How many of the `placed` keys landed on each of `endpoints`.
+    fn shares(placed: &[usize], endpoints: usize) -> Vec<usize> {
+        (0..endpoints)
+            .map(|e| placed.iter().filter(|p| **p == e).count())
+            .collect()
+    }
+
     #[test]
     fn a_ring_spreads_keys_by_weight_and_moves_few_when_an_endpoint_goes() {
         let ring = Ring::new(&addresses(4), MINIMUM_RING_SIZE, MAXIMUM_RING_SIZE);
         assert!(ring.entries.len() >= 1024);
         let before = placed(|h| ring.walk(h).next().unwrap(), 10_000);
-        for endpoint in 0..4 {
-            let share = before.iter().filter(|e| **e == endpoint).count();
-            assert!(
-                (1_500..3_500).contains(&share),
-                "endpoint {endpoint}: {share} of 10,000"
-            );
-        }
+        let spread = shares(&before, 4);
+        assert!(
+            spread.iter().all(|s| (1_500..3_500).contains(s)),
+            "of 10,000: {spread:?}"
+        );
         // Endpoint 3 out (ejected: the walk passes it): only its keys move.
         let skipping = placed(|h| ring.walk(h).find(|e| *e != 3).unwrap(), 10_000);
         let moved = before.iter().zip(&skipping).filter(|(b, a)| b != a).count();
-        let had = before.iter().filter(|e| **e == 3).count();
+        let had = spread[3];
         assert_eq!(moved, had, "only endpoint 3's keys moved");
         // Endpoint 3 gone from EDS: the others' entries grow to keep the
         // ring's size, so a few of theirs move too, as in Envoy.
@@ -517,10 +522,7 @@ mod tests {
         let mut weighted = addresses(2);
         weighted[0].1 = 3;
         let ring = Ring::new(&weighted, MINIMUM_RING_SIZE, MAXIMUM_RING_SIZE);
-        let heavy = placed(|h| ring.walk(h).next().unwrap(), 10_000)
-            .iter()
-            .filter(|e| **e == 0)
-            .count();
+        let heavy = shares(&placed(|h| ring.walk(h).next().unwrap(), 10_000), 2)[0];
         assert!(
             (6_500..8_500).contains(&heavy),
             "{heavy} of 10,000 for weight 3 of 4"
@@ -532,13 +534,11 @@ mod tests {
         let table = Maglev::new(&addresses(4), MAGLEV_TABLE_SIZE);
         assert_eq!(table.table.len(), 65537);
         let before = placed(|h| table.walk(h).next().unwrap(), 10_000);
-        for endpoint in 0..4 {
-            let share = before.iter().filter(|e| **e == endpoint).count();
-            assert!(
-                (2_000..3_000).contains(&share),
-                "endpoint {endpoint}: {share} of 10,000"
-            );
-        }
+        let spread = shares(&before, 4);
+        assert!(
+            spread.iter().all(|s| (2_000..3_000).contains(s)),
+            "of 10,000: {spread:?}"
+        );
         let three = Maglev::new(&addresses(3), MAGLEV_TABLE_SIZE);
         let after = placed(|h| three.walk(h).next().unwrap(), 10_000);
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();

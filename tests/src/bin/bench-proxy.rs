@@ -23,9 +23,9 @@
 //! and with resumption off (`max_session_keys: 0`, full handshakes).
 //!
 //! `--suite train` runs the loads of the other two suites on bowline-proxy
-//! alone and measures nothing: what an instrumented build is run with to
-//! record the profile its release build is optimised by (`make
-//! proxy-pgo`).
+//! alone: what an instrumented build is run with to record the profile its
+//! release build is optimised by (`make proxy-pgo`). The figures it prints
+//! are the instrumented build's, not to be compared.
 //!
 //! `--suite instructions` counts the instructions bowline-proxy and nginx
 //! (as the same proxy) execute per request, each run under valgrind's
